@@ -1,0 +1,231 @@
+"""Hugging Face checkpoint import: safetensors (one file or shards) and GGUF → Decoder.
+
+Names are derived, not tabulated: a jaxft parameter path joined by "." is the HF module path, and
+its leaf maps `kernel` → `weight` (transposed: [in, out] ↔ [out, in]), `embedding` / `scale` →
+`weight`, `bias` → `bias`. Stacked layer parameters [L, ...] gather `model.layers.{i}.…` for each i.
+
+Streaming: the model is built abstractly (no weights), then every parameter is materialised with
+`jax.make_array_from_callback`, which asks for each device shard in turn; the callback slices the
+memory-mapped file, so host memory holds at most one parameter's shard at a time, never a second
+copy of the model. Only safetensors and GGUF are read — no pickle, no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxft.errors import JaxftError
+from jaxft.models.config import DecoderConfig
+from jaxft.models.decoder import Decoder
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
+
+
+class TensorSource(Protocol):
+    """What the loader needs from a checkpoint: HF names → arrays in HF layout (read lazily)."""
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """A model directory's safetensors, memory-mapped; headers validated up front.
+
+    Truncated files, shard indexes that point outside the directory and unknown dtypes are
+    refused here, before anything is loaded, with the file and the cause in one line.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise JaxftError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+            files = {f: self._inside(f, index) for f in sorted(set(weight_map.values()))}
+        elif single.is_file():
+            weight_map, files = None, {"model.safetensors": single}
+        else:
+            pickles = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt*"))
+            hint = f" (found {', '.join(pickles)}: pickle files are never read; convert them to safetensors)" if pickles else ""
+            raise JaxftError(f"{self.dir}: no model.safetensors or model.safetensors.index.json{hint}")
+        self._entries: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
+        for fname, fpath in files.items():
+            for name, entry in _read_header(fpath).items():
+                if weight_map is None or weight_map.get(name) == fname:
+                    self._entries[name] = (fpath, *entry)
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._entries))
+            if missing:
+                raise JaxftError(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}")
+        self._maps: dict[Path, np.memmap] = {}
+
+    def _inside(self, fname: str, index: Path) -> Path:
+        p = (self.dir / fname).resolve()
+        if not p.is_relative_to(self.dir.resolve()):
+            raise JaxftError(f"{index}: shard {fname!r} points outside the model directory; refused")
+        if not p.is_file():
+            raise JaxftError(f"{index}: shard {fname!r} does not exist")
+        return p
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][2]
+
+    def get(self, name: str) -> np.ndarray:
+        """A zero-copy view of the tensor (slicing it reads only what is sliced)."""
+        fpath, dtype, shape, offset = self._entries[name]
+        if fpath not in self._maps:
+            self._maps[fpath] = np.memmap(fpath, dtype=np.uint8, mode="r")
+        dt = np.dtype(_ST_DTYPES[dtype])
+        n = int(np.prod(shape)) * dt.itemsize
+        return self._maps[fpath][offset:offset + n].view(dt).reshape(shape)
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """name → (dtype, shape, absolute byte offset); checks the file holds every tensor's bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise JaxftError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise JaxftError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise JaxftError(f"{path}: not a safetensors file (header is not JSON)") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, e in header.items():
+        begin, end = e["data_offsets"]
+        if e["dtype"] not in _ST_DTYPES:
+            raise JaxftError(f"{path}: tensor {name} has dtype {e['dtype']}; jaxft reads {', '.join(_ST_DTYPES)}")
+        want = int(np.prod(e["shape"])) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize
+        if end - begin != want:
+            raise JaxftError(f"{path}: tensor {name} has {end - begin} bytes for shape {e['shape']} ({want} expected)")
+        if 8 + n + end > size:
+            raise JaxftError(f"{path}: truncated safetensors file (tensor {name} ends at byte {8 + n + end}, "
+                             f"file has {size})")
+        out[name] = (e["dtype"], tuple(e["shape"]), 8 + n + begin)
+    return out
+
+
+def open_checkpoint(path) -> tuple[TensorSource, DecoderConfig]:
+    """A checkpoint (HF directory or .gguf file) → its tensor source and decoder config."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise JaxftError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        from jaxft.gguf import GGUFSource
+
+        src = GGUFSource(path)
+        return src, DecoderConfig.from_hf(src.hf_config)
+    if not path.is_dir():
+        raise JaxftError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    cfg = DecoderConfig.from_hf(path)
+    return SafetensorsSource(path), cfg
+
+
+def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
+    """jaxft parameter path → HF tensor names (one per layer when stacked) and whether to transpose."""
+    *mods, leaf = path
+    hf_leaf, transpose = {"kernel": ("weight", True), "embedding": ("weight", False),
+                          "scale": ("weight", False), "bias": ("bias", False)}[leaf]
+    if mods[:2] == ["model", "layers"]:
+        rest = ".".join(mods[2:] + [hf_leaf])
+        return [f"model.layers.{i}.{rest}" for i in range(num_layers)], transpose
+    return [".".join(mods + [hf_leaf])], transpose
+
+
+def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "none",
+                    sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None
+                    ) -> Decoder:
+    """Load a causal LM from a local HF directory or a .gguf file.
+
+    dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
+    sharding(path, shape) → the parameter's Sharding; default: the first device.
+
+    >>> model = load_pretrained("~/.cache/jaxft/SmolLM2-135M-Instruct.Q4_1.gguf")
+    >>> logits, _ = model(jnp.array([[1, 2, 3]]))
+    """
+    src, cfg = open_checkpoint(path)
+    compute_dtype = compute_dtype or dtype
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=compute_dtype, param_dtype=dtype, remat=remat,
+                                              rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    available = set(src.keys())
+    used: set[str] = set()
+    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    flat = nnx.to_flat_state(state)
+    for p, var in flat:
+        p = tuple(str(k) for k in p)
+        names, transpose = hf_names(p, cfg.num_layers)
+        for n in names:
+            if n not in available:
+                raise JaxftError(f"{path}: tensor {n} is missing from the checkpoint")
+        used.update(names)
+        shape, pdtype = var.get_value().shape, var.get_value().dtype
+        stacked = len(names) > 1 or p[:2] == ("model", "layers")
+        cb = _reader(src, names, transpose, stacked, shape, pdtype, str(path))
+        var.set_value(jax.make_array_from_callback(shape, sharding(p, shape) if sharding else first, cb))
+    extra = sorted(n for n in available - used
+                   if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise JaxftError(f"{path}: checkpoint tensor {extra[0]} is not used by the {cfg.model_type} config "
+                         f"({len(extra)} unused); the config and the weights disagree")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _reader(src: TensorSource, names, transpose, stacked, shape, dtype, where):
+    """The callback that reads one shard (a tuple of slices of the jaxft shape) from the source."""
+
+    def one(name, idx):
+        t = src.get(name)
+        want = shape[1:] if stacked else shape
+        want = want[::-1] if transpose else want
+        if tuple(t.shape) != tuple(want):
+            raise JaxftError(f"{where}: tensor {name} has shape {list(t.shape)}, the config implies {list(want)}")
+        t = t[tuple(reversed(idx))].T if transpose else t[idx]
+        return np.asarray(t, dtype=np.float32).astype(dtype) if t.dtype != dtype else np.array(t)
+
+    def read(index):
+        if not stacked:
+            return one(names[0], index)
+        layers = range(len(names))[index[0]]
+        return np.stack([one(names[i], index[1:]) for i in layers])
+
+    return read
+
+
+def load_tokenizer(path):
+    """The tokenizer (with its chat template) of a local HF directory or a .gguf file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise JaxftError(f"{path}: no such file or directory")
+    if path.suffix == ".gguf":
+        from jaxft.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise JaxftError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None

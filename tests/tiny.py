@@ -1,0 +1,63 @@
+"""Tiny random transformers models, one per supported family, saved with save_pretrained.
+
+Weights are redrawn with a large spread (norm scales included) so that every switch of the decoder
+(offsets, soft-caps, biases, windows) moves the logits far more than the test tolerances.
+"""
+
+import torch
+import transformers as tf
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+ARCHS = {
+    "llama": (tf.LlamaConfig, {}),
+    "llama_mqa_tied_bias_headdim": (tf.LlamaConfig, dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                                         head_dim=32, attention_bias=True, mlp_bias=True)),
+    "llama3_rope": (tf.LlamaConfig, dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_linear_rope": (tf.LlamaConfig, dict(rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=4.0))),
+    "mistral": (tf.MistralConfig, dict(sliding_window=5)),
+    "qwen2": (tf.Qwen2Config, {}),
+    "qwen2_sliding": (tf.Qwen2Config, dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen3": (tf.Qwen3Config, dict(head_dim=32)),
+    "gemma": (tf.GemmaConfig, dict(head_dim=32, tie_word_embeddings=True, num_key_value_heads=1)),
+    "gemma2": (tf.Gemma2Config, dict(head_dim=16, sliding_window=5, attn_logit_softcapping=2.0,
+                                     final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+                                     tie_word_embeddings=True)),
+    "gemma3_text": (tf.Gemma3TextConfig, dict(head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                              rope_parameters=dict(
+                                                  full_attention=dict(rope_type="linear", rope_theta=20000.0, factor=2.0),
+                                                  sliding_attention=dict(rope_type="default", rope_theta=100.0)))),
+}
+
+
+def make_config(arch: str, **overrides):
+    cls, extra = ARCHS[arch]
+    kw = {**BASE, **extra, **overrides}
+    if cls in (tf.Gemma2Config, tf.Gemma3TextConfig):
+        kw["hidden_activation"] = "gelu_pytorch_tanh"
+    cfg = cls(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def make_model(arch: str, seed: int = 0, **overrides):
+    """A random HF causal LM of the family, in eval mode, fp32."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(make_config(arch, **overrides), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_((1.0 if "gemma" not in arch else 0.0) + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def save_model(arch: str, path, seed: int = 0, **save_kw):
+    model = make_model(arch, seed)
+    model.save_pretrained(path, **save_kw)
+    return model
