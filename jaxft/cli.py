@@ -1,0 +1,159 @@
+"""`jaxft` command line: generate | chat | example-model.
+
+Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jaxft.errors import JaxftError
+
+EXAMPLE = "example"
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("model", nargs="?", default=EXAMPLE,
+                   help="HF model directory or .gguf file (default: the embedded example, SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute dtype")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune pretrained decoder LLMs in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer prompts (chat template applied) and print the answers")
+    _add_model_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    c = sub.add_parser("chat", help="interactive chat (reads lines from stdin when it is not a terminal)")
+    _add_model_args(c)
+    sub.add_parser("example-model", help="fetch the embedded example model once and print its path")
+    return parser
+
+
+def _sampling(args):
+    from jaxft.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        raise JaxftError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise JaxftError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def _load(args):
+    """(generator, tokenizer, eos ids) for the model argument, with the load time on stderr."""
+    import jax.numpy as jnp
+
+    from jaxft.generate import Generator, eos_token_ids
+    from jaxft.hf import load_pretrained, load_tokenizer
+
+    path = args.model
+    if path == EXAMPLE:
+        from jaxft.example import example_model
+
+        path = example_model()
+    t0 = time.perf_counter()
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    model = load_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
+
+
+def _messages(system, history):
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def cmd_generate(args):
+    from jaxft.generate import chat_prompt
+
+    sampling = _sampling(args)
+    gen, tok, eos = _load(args)
+    prompts = [tok(p, add_special_tokens=True)["input_ids"] if args.raw
+               else chat_prompt(tok, _messages(args.system, [{"role": "user", "content": p}]))
+               for p in args.prompt]
+    t0 = time.perf_counter()
+    answers = gen(prompts, eos_ids=eos, sampling=sampling)
+    n = sum(map(len, answers))
+    for i, ids in enumerate(answers):
+        if len(answers) > 1:
+            print(f"--- [{i}] {args.prompt[i]}")
+        print(tok.decode(ids, skip_special_tokens=True).strip())
+    print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+def cmd_chat(args):
+    from jaxft.generate import chat_prompt
+
+    sampling = _sampling(args)
+    gen, tok, eos = _load(args)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    if interactive:
+        print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            if interactive:
+                break
+            continue
+        if line == "/reset":
+            history = []
+            continue
+        if not interactive:
+            print(f"you> {line}")
+        history.append({"role": "user", "content": line})
+        ids: list[int] = []
+        shown = 0
+        print("model> ", end="", flush=True)
+
+        def stream(tok_ids):
+            nonlocal shown
+            if int(tok_ids[0]) in eos:
+                return
+            ids.append(int(tok_ids[0]))
+            text = tok.decode(ids, skip_special_tokens=True)
+            print(text[shown:], end="", flush=True)
+            shown = len(text)
+
+        answer = gen([chat_prompt(tok, _messages(args.system, history))], eos_ids=eos, sampling=sampling,
+                     on_token=stream)[0]
+        print()
+        history.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
+
+
+def cmd_example_model(args):
+    from jaxft.example import example_model
+
+    print(example_model())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model}[args.command](args)
+    except JaxftError as e:
+        print(f"jaxft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
