@@ -1,0 +1,252 @@
+"""Run configuration: frozen dataclasses, YAML files, `key=value` overrides, validation up front.
+
+    run = load_config("configs/sft_lora.yaml", ["train.steps=10", "lora.r=8"])
+
+The whole config is checked before any model is loaded: an unknown key, a wrong type or an
+impossible value is a one-line JaxftError naming the key (and the file). Architecture never appears
+here: it comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = "example"  # HF directory, .gguf file, or "example" (the embedded SmolLM2-135M-Instruct)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # parameter storage and compute dtype
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = True  # false = full fine-tuning (everything trainable)
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    target_modules: tuple[str, ...] = ("all-linear",)  # HF module names (q_proj, ...) or all-linear
+    modules_to_save: tuple[str, ...] = ()  # trained in full next to LoRA, e.g. (embed_tokens, lm_head)
+    init_adapter: str | None = None  # a PEFT adapter directory to start from (export issue)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # JSONL / JSON / Parquet / CSV file or a datasets save_to_disk directory
+    validation: str | None = None  # same kinds; None = split validation_fraction off train
+    validation_fraction: float = 0.0
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = "auto"
+    max_length: int = 1024  # tokens per example / packed row
+    overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+    train_on_prompt: bool = False  # loss on prompt / user tokens too
+    system_prompt: str | None = None  # added to chat examples that have none
+    strict: bool = False  # a bad row stops the run instead of being skipped and counted
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.0  # applied to matrices only (not norms, biases)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global-norm clipping; None = off
+    lora_b_lr_ratio: float = 1.0  # LoRA+: lr of the B matrices = lr * ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4  # sequences (packed rows) per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    eval_every: int = 0  # validation loss every N steps (0 = only at the end)
+    eval_batches: int = 8  # validation micro-batches per evaluation (0 = whole split)
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep: int = 3  # checkpoints kept
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+    out_dir: str = "runs/default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    file: str | None = None  # held-out examples for the generation metric (default: data.validation)
+    metric: Literal["exact_match", "json_fields", "none"] = "exact_match"
+    max_examples: int = 64
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """value (from YAML or a key=value string) → type tp, or a JaxftError naming the key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise JaxftError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise JaxftError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise JaxftError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise JaxftError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JaxftError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise JaxftError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JaxftError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise JaxftError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unhandled config type {tp}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise JaxftError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise JaxftError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: str):
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise JaxftError(f"{dotted}: {p} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:  # not YAML: keep the text as a string
+        node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) + `section.key=value` overrides → a validated RunConfig."""
+    tree: dict = {}
+    where = ""
+    if path is not None:
+        p = Path(path)
+        where = f"{p}: "
+        if not p.is_file():
+            raise JaxftError(f"{p}: no such config file")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise JaxftError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    for o in overrides:
+        if "=" not in o:
+            raise JaxftError(f"override {o!r}: expected section.key=value")
+        k, v = o.split("=", 1)
+        _set(tree, k.strip(), v)
+    try:
+        run = _build(RunConfig, tree, "")
+        validate(run)
+    except JaxftError as e:
+        raise JaxftError(f"{where}{e}") from None
+    return run
+
+
+def validate(run: RunConfig) -> None:
+    """Impossible values, each a one-line error naming the key."""
+    checks = [
+        (run.lora.r >= 1, "lora.r", "must be >= 1"),
+        (run.lora.alpha > 0, "lora.alpha", "must be > 0"),
+        (0 <= run.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (bool(run.lora.target_modules) or not run.lora.enabled, "lora.target_modules", "is empty"),
+        (run.data.max_length >= 8, "data.max_length", "must be >= 8"),
+        (0 <= run.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)"),
+        (run.optim.lr > 0, "optim.lr", "must be > 0"),
+        (run.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (0 <= run.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
+        (run.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (run.optim.clip_norm is None or run.optim.clip_norm > 0, "optim.clip_norm", "must be > 0 or null"),
+        (run.optim.lora_b_lr_ratio > 0, "optim.lora_b_lr_ratio", "must be > 0"),
+        (0 <= run.optim.b1 < 1 and 0 <= run.optim.b2 < 1, "optim.b1/b2", "must be in [0, 1)"),
+        (run.train.steps >= 1, "train.steps", "must be >= 1"),
+        (run.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (run.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (run.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (run.train.save_every >= 0, "train.save_every", "must be >= 0"),
+        (run.train.keep >= 1, "train.keep", "must be >= 1"),
+        (run.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
+        (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
+        (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise JaxftError(f"{key}: {msg}")
