@@ -238,3 +238,31 @@ def test_rope_scaling_is_refused(tmp_path):
     raises_one_line(r"rope_freqs\.weight", GGUFSource, write_gguf(tmp_path / "a.gguf", tensors))
     path = write_gguf(tmp_path / "b.gguf", tiny_tensors()[1], extra={"rope_scaling_type": RopeScalingType.LINEAR})
     raises_one_line(r"rope scaling 'linear'", GGUFSource, path)
+
+
+def test_example_logits_and_greedy_answer_match_transformers(example, example_path):
+    """The embedded model: jaxft's logits within 1e-3 of transformers' and the same greedy chat answer."""
+    import jax.numpy as jnp
+    import torch
+
+    import jaxft
+    from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
+
+    _, hf = example
+    tok = jaxft.load_tokenizer(example_path)
+    model = jaxft.load_pretrained(example_path)
+    ids = chat_prompt(tok, [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    out, _ = model(jnp.asarray([ids]))
+    assert np.abs(ref).max() > 5  # real logits, not a flat model
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-3, rtol=0)
+
+    eos = eos_token_ids(tok, example_path)
+    answer = Generator(model)([ids], eos_ids=eos, sampling=Sampling(max_new_tokens=40))[0]
+    with torch.no_grad():
+        hf_ids = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=sorted(eos),
+                             pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    hf_answer = [t for t in hf_ids[:next((i for i, t in enumerate(hf_ids) if t in eos), len(hf_ids))]]
+    assert answer == hf_answer
+    assert "Paris" in tok.decode(answer)
