@@ -47,7 +47,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_init(rngs, (d_in, d_out), param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
         self.dtype = dtype
-        self.lora = None
+        self.lora = nnx.data(None)  # jaxft.lora.attach puts a LoRA module here
 
     def __call__(self, x):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -207,9 +207,9 @@ class Decoder(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, dropout_key=None):
         """tokens [B, S] → (logits [B, S, V], cache). See `hidden` for the arguments."""
-        h, cache = self.hidden(tokens, positions, segment_ids, cache)
+        h, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)
         return self.logits(h), cache
 
     def logits(self, h):
@@ -220,12 +220,13 @@ class Decoder(nnx.Module):
             out = self.lm_head(h)
         return _softcap(out, self.config.final_softcap)
 
-    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, dropout_key=None):
         """Run the layers; returns (final-normed hidden [B, S, D], updated cache or None).
 
         tokens, positions, segment_ids: [B, S] int. positions default to 0..S-1; segment_ids to all 1
         (0 marks padding, equal ids are one document of a packed row). With `cache` (see `init_cache`)
         the S new tokens are written at slot cache["index"] and attend to everything cached before.
+        dropout_key: turns on LoRA dropout (training); each layer and module gets its own fold of it.
         """
         cfg = self.config
         B, S = tokens.shape
@@ -257,8 +258,10 @@ class Decoder(nnx.Module):
         sliding = jnp.asarray(cfg.is_sliding)
 
         def body(h, xs):
-            state, is_sliding, kv = xs
+            state, is_sliding, kv, key = xs
             layer = nnx.merge(graphdef, state)
+            if key is not None:
+                _seed_dropout(layer, key)
             m = jnp.where(is_sliding, mask_local, mask)
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
             h, kv = layer(h, c, s, m, kv, index)
@@ -267,7 +270,8 @@ class Decoder(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         kv_in = None if cache is None else (cache["k"], cache["v"])
-        h, kv_out = jax.lax.scan(body, h, (layer_state, sliding, kv_in))
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        h, kv_out = jax.lax.scan(body, h, (layer_state, sliding, kv_in, keys))
         h = self.model.norm(h)
         if cache is not None:
             cache = dict(k=kv_out[0], v=kv_out[1], segment_ids=kv_seg, index=index + S)
@@ -280,6 +284,13 @@ class Decoder(nnx.Module):
         dtype = dtype or self.dtype
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def _seed_dropout(layer: nnx.Module, key: jax.Array):
+    """Give every module with dropout (LoRA) its own key, on this traced copy of the layer only."""
+    for i, (_, m) in enumerate(nnx.iter_modules(layer)):
+        if getattr(m, "dropout", 0.0):
+            m.dropout_key = jax.random.fold_in(key, i)
 
 
 def num_params(tree: Any) -> int:

@@ -1,0 +1,57 @@
+"""Orbax checkpoints of a run: trainable params, optimizer state, step counters, data position, config.
+
+    <out_dir>/checkpoints/<step>/state   the train state pytree (never the frozen base weights)
+    <out_dir>/checkpoints/<step>/meta    JSON: step, data position, the resolved run config
+
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed while
+saving leaves no half checkpoint under a final name. A checkpoint that exists but does not restore
+(damaged files) is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxft.errors import JaxftError
+
+
+class Checkpoints:
+    def __init__(self, out_dir: str | Path, keep: int):
+        self.dir = Path(out_dir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Asynchronous: returns once the arrays are copied off the devices."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state) -> tuple[object, dict] | None:
+        """The newest checkpoint that restores, or None when there is none; damaged ones are skipped."""
+        for step in reversed(self.steps()):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                jax.block_until_ready(out.state)
+                return out.state, dict(out.meta)
+            except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
+                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"jaxft: checkpoint {self.dir / str(step)} is damaged ({type(e).__name__}: {cause[:200]}); "
+                      f"trying the previous one", file=sys.stderr)
+        if self.steps():
+            raise JaxftError(f"{self.dir}: no checkpoint restores (all {len(self.steps())} damaged)")
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

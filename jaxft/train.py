@@ -1,0 +1,376 @@
+"""Optimizer, the pure train step, and the plain training loop.
+
+    state, metrics = step(state, frozen, batch)      # jax.jit, state donated
+
+`state` holds only what trains (LoRA factors / modules_to_save / every weight for full fine-tuning),
+the optimizer state and counters; `frozen` holds the base weights and is never differentiated.
+A step takes `grad_accum` micro-batches [A, B, S]: (loss sum, target count) and gradient sums are
+carried across them and divided once, so every target token weighs the same whatever the split.
+A step whose loss or gradients are not finite changes nothing and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxft import lora
+from jaxft.config import OptimConfig, RunConfig
+from jaxft.errors import JaxftError
+from jaxft.losses import sft_loss
+
+NO_DECAY_LEAVES = ("scale", "bias")  # norms and biases: no weight decay
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to cfg.lr, then cosine / linear decay to lr * min_lr_ratio (or constant)."""
+    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    end = cfg.lr * cfg.min_lr_ratio
+    decay_steps = max(total_steps - warm, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(cfg.lr / warm, cfg.lr, warm - 1), decay], [warm])
+
+
+def _leaf_names(params) -> object:
+    """A tree like params whose leaves are the parameter's name (kernel, embedding, scale, bias, a, b)."""
+    def name(path, _):
+        return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+
+    return jax.tree_util.tree_map_with_path(name, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, params) -> optax.GradientTransformation:
+    """AdamW with warmup + decay, global-norm clipping, decay masked to matrices, LoRA+ lr for B."""
+    sched = schedule(cfg, total_steps)
+    names = _leaf_names(params)
+    decay_mask = jax.tree.map(lambda n: n not in NO_DECAY_LEAVES, names)
+
+    def adamw(mult: float):
+        return optax.adamw(lambda s: sched(s) * mult, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask)
+
+    tx = adamw(1.0)
+    if cfg.lora_b_lr_ratio != 1.0:
+        labels = jax.tree.map(lambda n: "lora_b" if n == "b" else "rest", names)
+        tx = optax.multi_transform({"rest": adamw(1.0), "lora_b": adamw(cfg.lora_b_lr_ratio)}, labels)
+    if cfg.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx
+
+
+def init_state(params, tx) -> dict:
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 — distinct buffers: the state is donated
+    return dict(params=params, opt_state=tx.init(params), step=zero(), bad_steps=zero(), skipped=zero())
+
+
+def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0, dropout: bool = False,
+                    lr_schedule: optax.Schedule | None = None):
+    """The jitted, donated step: (state, frozen, batch [A, B, S]) → (state, metrics)."""
+    base_key = jax.random.key(seed)
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        key = jax.random.fold_in(base_key, state["step"])
+
+        def micro(carry, xs):
+            mb, i = xs
+            k = jax.random.fold_in(key, i) if dropout else None
+
+            def f(p):
+                s, c = loss_fn(nnx.merge(graphdef, p, frozen), mb, k)
+                return s, c
+
+            (s, c), g = jax.value_and_grad(f, has_aux=True)(params)
+            tot_s, tot_c, tot_g = carry
+            return (tot_s + s, tot_c + c, jax.tree.map(jnp.add, tot_g, g)), None
+
+        A = jax.tree.leaves(batch)[0].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (s, c, g), _ = jax.lax.scan(micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(A)))
+        denom = jnp.maximum(c, 1.0)
+        loss = s / denom
+        grads = jax.tree.map(lambda x: x / denom, g)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 — a bad step changes nothing
+        new_state = dict(
+            params=jax.tree.map(keep, new_params, params),
+            opt_state=jax.tree.map(keep, opt_state, state["opt_state"]),
+            step=state["step"] + 1,
+            bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
+            skipped=state["skipped"] + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(loss=loss, tokens=c, grad_norm=grad_norm, finite=finite, bad_steps=new_state["bad_steps"])
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state["step"])
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, loss_fn: Callable = sft_loss):
+    """(params, frozen, batch [B, S]) → (loss sum, target count)."""
+    return jax.jit(lambda params, frozen, batch: loss_fn(nnx.merge(graphdef, params, frozen), batch, None))
+
+
+def evaluate_loss(eval_step, params, frozen, batches, n: int) -> dict:
+    """Mean loss and perplexity over the first n batches of a deterministic batch stream (n=0: all)."""
+    n = len(batches) if n == 0 else min(n, len(batches))
+    s = c = 0.0
+    for i in range(n):
+        bs, bc = eval_step(params, frozen, batches.batch(i))
+        s, c = s + float(bs), c + float(bc)
+    loss = s / max(c, 1.0)
+    return dict(eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)), eval_tokens=int(c))
+
+
+class Prefetch:
+    """Stacks the micro-batches of steps start, start+1, ... on a background thread."""
+
+    def __init__(self, batches, start: int, accum: int, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = False
+
+        def work():
+            step = start
+            while not self.stop:
+                mbs = [batches.batch(step * accum + j) for j in range(accum)]
+                self.q.put({k: np.stack([m[k] for m in mbs]) for k in mbs[0]})
+                step += 1
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def next(self):
+        return self.q.get()
+
+    def close(self):
+        self.stop = True
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard event files) in the run directory."""
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step and self.path.exists():  # drop what the interrupted run logged after its checkpoint
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            _atomic_write(self.path, "".join(r + "\n" for r in rows))
+        elif self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics_path: Path, out_png: Path):
+    """Training loss (and validation loss) against step, written to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds before its first step (also used by eval and export)."""
+
+    run: RunConfig
+    model_path: Path
+    tokenizer: object
+    graphdef: object
+    params: object
+    frozen: object
+
+
+def resolve_model_path(path: str) -> Path:
+    if path == "example":
+        from jaxft.example import example_model
+
+        return example_model()
+    return Path(path).expanduser()
+
+
+def build_model(run: RunConfig) -> Setup:
+    """Load the base model (+ tokenizer), attach LoRA, split trainable / frozen."""
+    from jaxft.hf import load_pretrained, load_tokenizer
+
+    path = resolve_model_path(run.model.path)
+    compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
+    param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat)
+    tokenizer = load_tokenizer(path)
+    if run.lora.enabled:
+        lora.attach(model, run.lora, jax.random.key(run.train.seed))
+    graphdef, params, frozen = lora.split(model, run.lora)
+    return Setup(run, path, tokenizer, graphdef, params, frozen)
+
+
+def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """The whole SFT run; returns the final metrics. See README 'Training' for the run directory."""
+    from tqdm import tqdm
+
+    from jaxft.checkpoint import Checkpoints
+    from jaxft.data import Batches, load_examples
+
+    out = Path(run.train.out_dir)
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
+        raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue or choose another "
+                         f"train.out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    setup = build_model(run)
+    say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
+
+    train_ex, report = load_examples(run.data, setup.tokenizer, "train")
+    say(f"train data: {report.summary()}")
+    has_val = run.data.validation is not None or run.data.validation_fraction > 0
+    val_batches = None
+    if has_val:
+        val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
+        say(f"validation data: {vreport.summary()}")
+        val_batches = Batches(val_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+    batches = Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+
+    tx = make_optimizer(run.optim, run.train.steps, setup.params)
+    state = init_state(setup.params, tx)
+    ckpts = Checkpoints(out, run.train.keep)
+    start = 0
+    if resume:
+        restored = ckpts.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+        if restored is not None:
+            state, meta = restored
+            start = int(meta["step"])
+            say(f"resumed from {ckpts.dir / str(start)} (step {start})")
+    sched = schedule(run.optim, run.train.steps)
+    step_fn = make_train_step(setup.graphdef, tx, seed=run.train.seed, dropout=run.lora.enabled and run.lora.dropout > 0,
+                              lr_schedule=sched)
+    eval_step = make_eval_step(setup.graphdef)
+    log = MetricsLog(out, start)
+    meta = lambda step: dict(step=step, data_position=step * run.train.grad_accum,  # noqa: E731
+                             micro_batches_per_epoch=len(batches), config=run.to_dict())
+    (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+
+    frozen = setup.frozen
+    prefetch = Prefetch(batches, start, run.train.grad_accum)
+    bar = tqdm(total=run.train.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    t0, tokens_seen, pending, last = time.perf_counter(), 0, None, {}
+
+    def flush(pending):  # read the previous step's metrics: the device is already busy with the next
+        step, m, t = pending
+        m = {k: v.item() for k, v in jax.device_get(m).items()}
+        nonlocal tokens_seen
+        tokens_seen += int(m["tokens"])
+        elapsed = t - t0
+        row = dict(step=step, loss=m["loss"], lr=m.get("lr"), grad_norm=m["grad_norm"], tokens=int(m["tokens"]),
+                   tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed=elapsed, skipped=not m["finite"])
+        if step % run.train.log_every == 0 or step == run.train.steps:
+            log.write(row)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if m["bad_steps"] >= run.train.max_bad_steps:
+            raise JaxftError(f"stopped at step {step}: loss or gradients were NaN/Inf for {m['bad_steps']} steps "
+                             f"in a row (updates skipped; no checkpoint written). Lower optim.lr or check the data.")
+        if not m["finite"]:
+            say(f"\nstep {step}: non-finite loss/gradients, update skipped")
+        return row
+
+    try:
+        for step in range(start + 1, run.train.steps + 1):
+            state, metrics = step_fn(state, frozen, prefetch.next())
+            if pending is not None:
+                last = flush(pending)
+            pending = (step, metrics, time.perf_counter())
+            bar.update(1)
+            end = step == run.train.steps
+            if (run.train.eval_every and step % run.train.eval_every == 0) or (end and val_batches is not None):
+                if val_batches is not None:
+                    last = flush(pending) or last
+                    pending = None
+                    ev = evaluate_loss(eval_step, state["params"], frozen, val_batches, run.train.eval_batches)
+                    log.write(dict(step=step, **ev))
+                    last.update(ev)
+                    say(f"\nstep {step}: validation loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+            if (run.train.save_every and step % run.train.save_every == 0) or end:
+                if pending is not None:
+                    last = flush(pending) or last
+                    pending = None
+                ckpts.save(step, state, meta(step))
+        if pending is not None:
+            last = flush(pending)
+    finally:
+        prefetch.close()
+        bar.close()
+        log.close()
+        ckpts.close()
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
+    return last

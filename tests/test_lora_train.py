@@ -1,0 +1,222 @@
+"""LoRA and the train step on tiny random models: freezing, exact gradients, accumulation, NaN skipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxft
+from jaxft import lora
+from jaxft.config import LoraConfig, OptimConfig
+from jaxft.losses import sft_loss, token_logprobs
+from jaxft.train import init_state, make_optimizer, make_train_step
+from tiny import save_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_model("qwen3", d)
+    return d
+
+
+def _batch(B=2, S=16, seed=0, vocab=96):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, vocab, (B, S)).astype(np.int32)
+    return dict(tokens=tokens, positions=np.tile(np.arange(S, dtype=np.int32), (B, 1)),
+                segment_ids=np.ones((B, S), np.int32),
+                targets=np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], 1),
+                loss_mask=np.concatenate([np.ones((B, S - 1)), np.zeros((B, 1))], 1).astype(np.float32) *
+                (rng.rand(B, S) > 0.3))
+
+
+def _lora_model(tiny_dir, **kw):
+    model = jaxft.load_pretrained(tiny_dir)
+    cfg = LoraConfig(r=4, alpha=8, **kw)
+    lora.attach(model, cfg, jax.random.key(0))
+    return model, cfg
+
+
+def test_fresh_adapter_leaves_logits_unchanged(tiny_dir):
+    base = jaxft.load_pretrained(tiny_dir)
+    model, _ = _lora_model(tiny_dir)
+    toks = jnp.asarray(_batch()["tokens"])
+    np.testing.assert_array_equal(np.asarray(model(toks)[0]), np.asarray(base(toks)[0]))
+    assert model.model.layers.self_attn.q_proj.lora.a.shape == (3, 64, 4)
+    assert model.model.layers.mlp.down_proj.lora.b.shape == (3, 4, 64)
+    # base paths unchanged
+    assert model.model.layers.self_attn.q_proj.kernel.shape == base.model.layers.self_attn.q_proj.kernel.shape
+
+
+def test_target_modules_and_scaling(tiny_dir):
+    model, cfg = _lora_model(tiny_dir, target_modules=("q_proj", "v_proj"))
+    assert model.model.layers.self_attn.q_proj.lora is not None
+    assert model.model.layers.self_attn.k_proj.lora is None and model.model.layers.mlp.up_proj.lora is None
+    assert model.model.layers.self_attn.q_proj.lora.scale == 2.0
+    assert lora.scale(LoraConfig(r=16, alpha=8, rslora=True)) == 2.0
+    with pytest.raises(jaxft.JaxftError, match="'qkv' is not a linear layer"):
+        lora.attach(jaxft.load_pretrained(tiny_dir), LoraConfig(target_modules=("qkv",)), jax.random.key(0))
+
+
+def test_lora_forward_is_peft_formula(tiny_dir):
+    """y = x W + s x A B on one layer's projection, checked against the explicit matmuls."""
+    model, _ = _lora_model(tiny_dir)
+    q = model.model.layers.self_attn.q_proj
+    q.lora.b[...] = jax.random.normal(jax.random.key(1), q.lora.b.shape)
+    x = jax.random.normal(jax.random.key(2), (5, 64))
+    layer0 = nnx.merge(*nnx.split(model.model.layers))  # stacked; take layer 0 by hand
+    W, A, B = q.kernel[0], q.lora.a[0], q.lora.b[0]
+    want = x @ W + 2.0 * (x @ A) @ B
+    got = x @ W + q.lora.scale * (x @ A) @ B
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    del layer0
+    merged = lora.merged_kernel(q)
+    np.testing.assert_allclose(np.asarray(merged[0]), np.asarray(W + 2.0 * A @ B), rtol=1e-5, atol=1e-6)
+
+
+def test_split_trains_only_the_adapter(tiny_dir):
+    model, cfg = _lora_model(tiny_dir)
+    graphdef, params, frozen = lora.split(model, cfg)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    assert leaves and all(str(p[-2].key) in ("a", "b") for p, _ in leaves)
+    full = LoraConfig(enabled=False)
+    g2, p2, f2 = lora.split(jaxft.load_pretrained(tiny_dir), full)
+    assert len(jax.tree.leaves(f2)) == 0
+    g3, p3, f3 = lora.split(_lora_model(tiny_dir, modules_to_save=("lm_head",))[0],
+                            LoraConfig(modules_to_save=("lm_head",)))
+    assert any("lm_head" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(p3))
+
+
+def test_step_changes_only_trainable_leaves(tiny_dir):
+    model, cfg = _lora_model(tiny_dir)
+    graphdef, params, frozen = lora.split(model, cfg)
+    frozen_before = jax.tree.map(np.array, frozen)
+    params_before = jax.tree.map(np.array, params)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)
+    step = make_train_step(graphdef, tx)
+    batch = jax.tree.map(lambda x: x[None], _batch())
+    state, m = step(init_state(params, tx), frozen, batch)
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(np.asarray(a), b)  # frozen: bit-identical
+    names = [str(p[-2].key) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    moved = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state["params"]),
+                                                                   jax.tree.leaves(params_before))]
+    # step 1: B = 0, so A has no gradient yet; every B moves
+    assert [n for n, m_ in zip(names, moved) if m_] == [n for n in names if n == "b"]
+    assert int(state["step"]) == 1 and bool(m["finite"])
+    state, m = step(state, frozen, batch)
+    moved = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state["params"]),
+                                                                   jax.tree.leaves(params_before))]
+    assert all(moved)
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_lora_gradients_equal_full_model_gradients(tiny_dir):
+    """Gradient through the split equals the whole-model gradient restricted to the adapter, and finite differences."""
+    model, cfg = _lora_model(tiny_dir)
+    for _, lin in lora.targets(model, ("all-linear",)):
+        lin.lora.b[...] = 0.05 * jax.random.normal(jax.random.key(3), lin.lora.b.shape)
+    batch = _batch()
+    graphdef, params, frozen = lora.split(model, cfg)
+
+    def loss_split(p):
+        s, c = sft_loss(nnx.merge(graphdef, p, frozen), batch)
+        return s / c
+
+    g_split = jax.grad(loss_split)(params)
+    g_full = nnx.grad(lambda m: (lambda s, c: s / c)(*sft_loss(m, batch)), argnums=nnx.DiffState(0, nnx.Param))(model)
+    g_full_lora = nnx.state(g_full, nnx.LoRAParam)
+    for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_full_lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # central finite differences on a few entries of one B
+    flat, unflatten = jax.flatten_util.ravel_pytree(params)
+    gflat, _ = jax.flatten_util.ravel_pytree(g_split)
+    f = jax.jit(lambda v: loss_split(unflatten(v)))
+    idx = np.argsort(-np.abs(np.asarray(gflat)))[:5]
+    for i in idx:
+        e = jnp.zeros_like(flat).at[i].set(1e-2)
+        fd = (f(flat + e) - f(flat - e)) / 2e-2
+        np.testing.assert_allclose(float(fd), float(gflat[i]), rtol=2e-2)
+
+
+def test_accumulation_4x1_equals_1x4(tiny_dir):
+    model, cfg = _lora_model(tiny_dir)
+    graphdef, params, frozen = lora.split(model, cfg)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, clip_norm=None), 10, params)
+    step = make_train_step(graphdef, tx)
+    big = _batch(B=4, seed=5)
+    one = jax.tree.map(lambda x: x[None], big)  # [1, 4, S]
+    four = jax.tree.map(lambda x: x[:, None], big)  # [4, 1, S]
+    s1, m1 = step(init_state(jax.tree.map(jnp.copy, params), tx), frozen, one)
+    s4, m4 = step(init_state(params, tx), frozen, four)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    assert float(m1["tokens"]) == float(m4["tokens"]) == big["loss_mask"].sum()
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_step_is_skipped(tiny_dir):
+    model, cfg = _lora_model(tiny_dir)
+    graphdef, params, frozen = lora.split(model, cfg)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)
+
+    def poisoned(m, batch, key):
+        s, c = sft_loss(m, batch, key)
+        return s * jnp.where(batch["tokens"][0, 0] == 0, jnp.nan, 1.0), c
+
+    step = make_train_step(graphdef, tx, loss_fn=poisoned)
+    good = jax.tree.map(lambda x: x[None], _batch())
+    bad = jax.tree.map(lambda x: x.copy(), good)
+    bad["tokens"][0, 0, 0] = 0
+    state = init_state(params, tx)
+    before = jax.tree.map(np.array, state["params"])
+    state, m = step(state, frozen, bad)
+    assert not bool(m["finite"]) and int(state["bad_steps"]) == 1 and int(state["skipped"]) == 1
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    state, m = step(state, frozen, good)
+    assert bool(m["finite"]) and int(state["bad_steps"]) == 0 and int(state["skipped"]) == 1
+
+
+def test_loss_falls_when_memorizing(tiny_dir):
+    for enabled in (True, False):
+        model = jaxft.load_pretrained(tiny_dir)
+        cfg = LoraConfig(r=8, alpha=16, enabled=enabled)
+        if enabled:
+            lora.attach(model, cfg, jax.random.key(0))
+        graphdef, params, frozen = lora.split(model, cfg)
+        tx = make_optimizer(OptimConfig(lr=3e-3 if not enabled else 2e-2, warmup_steps=0), 30, params)
+        step = make_train_step(graphdef, tx)
+        batch = jax.tree.map(lambda x: x[None], _batch())
+        state = init_state(params, tx)
+        losses = []
+        for _ in range(30):
+            state, m = step(state, frozen, batch)
+            losses.append(float(m["loss"]))
+        assert losses[-1] < 0.3 * losses[0], (enabled, losses)
+
+
+def test_chunked_logprobs_equal_full_logits(tiny_dir):
+    model = jaxft.load_pretrained(tiny_dir)
+    b = _batch(S=40)
+    h, _ = model.hidden(jnp.asarray(b["tokens"]))
+    full = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), -1)
+    want = jnp.take_along_axis(full, jnp.asarray(b["targets"])[..., None], -1)[..., 0]
+    for chunk in (7, 16, 64):
+        np.testing.assert_allclose(np.asarray(token_logprobs(model, h, jnp.asarray(b["targets"]), chunk)),
+                                   np.asarray(want), atol=1e-5)
+
+
+def test_lora_dropout_is_seeded_and_active(tiny_dir):
+    model, cfg = _lora_model(tiny_dir, dropout=0.5)
+    for _, lin in lora.targets(model, ("all-linear",)):
+        lin.lora.b[...] = 0.1 * jax.random.normal(jax.random.key(3), lin.lora.b.shape)
+    b = _batch()
+    l0 = sft_loss(model, b)[0]
+    l1 = sft_loss(model, b, jax.random.key(1))[0]
+    l1b = sft_loss(model, b, jax.random.key(1))[0]
+    l2 = sft_loss(model, b, jax.random.key(2))[0]
+    assert float(l1) == float(l1b) and float(l1) != float(l2) and float(l0) != float(l1)
