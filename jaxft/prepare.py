@@ -1,0 +1,513 @@
+"""Rows before the tokenizer: read data files, recognise SFT formats, clean, deduplicate, split.
+
+Everything here works on plain rows (dicts) and needs no tokenizer; `jaxft.data` turns the parsed
+rows into token ids and loss masks.
+
+    records = read_rows("train.jsonl")           # [Record(where="train.jsonl:1", row={...}), ...]
+    parse_row(records[0].row, "messages")        # Chat(messages=(...), trained=(2,)) or RowError
+    prepare(["raw.jsonl"], "data/", validation_fraction=0.05, seed=0, near_dup_threshold=0.8)
+
+Files: `.jsonl` / `.ndjson` are read line by line (an invalid line is one bad row, numbered from 1);
+`.json` holds a top-level array (or JSON Lines); `.parquet` and `.csv` are read with Hugging Face
+`datasets`, as are `save_to_disk` directories. Rows of those are numbered from 0 (`row N`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant"}
+_SUFFIXES = ".jsonl, .ndjson, .json, .parquet, .csv or a datasets save_to_disk directory"
+
+# ---------------------------------------------------------------- rows and their parsed forms
+
+
+class RowError(Exception):
+    """A bad row. `reason` is the category counted in reports ("missing field"); str(self) the detail."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row as read: where it came from ("train.jsonl:17", "train.parquet row 3") and its value.
+
+    `row` is a RowError when the row could not even be decoded (an invalid JSON line).
+    """
+
+    where: str
+    row: Any
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation: messages {"role", "content"} (system/user/assistant) and the indices of the
+    assistant messages that are training targets."""
+
+    messages: tuple[dict, ...]
+    trained: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A plain prompt/completion pair of strings; the completion is the target."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """Plain text, every token a target."""
+
+    text: str
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_rows(path: str, split: str | None = None) -> list[Record]:
+    """Every row of a data file or `save_to_disk` directory, in order.
+
+    `split` picks a split of a saved DatasetDict. A missing file, an unknown extension or a file that
+    cannot be read at all is a one-line JaxftError; bad single rows come back as RowError records.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise JaxftError(f"{path}: no such file or directory")
+    if p.is_dir():
+        return _read_saved(p, path, split)
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _first_char(p) != "["):
+        return _read_jsonl(p, path)
+    if suffix == ".json":
+        return _read_json_array(p, path)
+    if suffix in (".parquet", ".csv"):
+        return _read_with_datasets(p, path, suffix[1:])
+    raise JaxftError(f"{path}: unknown data file type {suffix or '(no extension)'!r} (expected {_SUFFIXES})")
+
+
+def _first_char(p: Path) -> str:
+    """The first non-whitespace character of a file ('' when empty)."""
+    with open(p, "rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return chr(stripped[0])
+    return ""
+
+
+def _read_jsonl(p: Path, name: str) -> list[Record]:
+    """JSON Lines, one Record per non-blank line; an undecodable line becomes a RowError record."""
+    records = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                row = RowError("invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                row = RowError("invalid JSON", f"invalid JSON ({e})")
+            records.append(Record(f"{name}:{lineno}", row))
+    return records
+
+
+def _read_json_array(p: Path, name: str) -> list[Record]:
+    """A top-level JSON array of rows (read with `json`, so one row of the wrong type is one bad row)."""
+    try:
+        rows = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxftError(f"{name}: invalid JSON ({e})") from None
+    if not isinstance(rows, list):
+        raise JaxftError(f"{name}: expected a JSON array of rows or JSON Lines, got a {type(rows).__name__}")
+    return [Record(f"{name} row {i}", row) for i, row in enumerate(rows)]
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` without its progress bars, restoring the caller's setting afterwards."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _read_with_datasets(p: Path, name: str, kind: str) -> list[Record]:
+    """Parquet or CSV through `datasets`, with a throw-away cache so nothing is left behind."""
+    import datasets
+
+    reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_csv
+    with tempfile.TemporaryDirectory(prefix="jaxft-data-") as cache, _quiet_datasets():
+        try:
+            rows = reader(str(p), cache_dir=cache, keep_in_memory=True).to_list()
+        except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types; report one line
+            raise JaxftError(f"{name}: cannot read as {kind} ({_one_line(e)})") from None
+    return [Record(f"{name} row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_saved(p: Path, name: str, split: str | None) -> list[Record]:
+    """A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory."""
+    import datasets
+
+    try:
+        with _quiet_datasets():
+            ds = datasets.load_from_disk(str(p), keep_in_memory=True)
+    except Exception as e:  # noqa: BLE001
+        raise JaxftError(f"{name}: not a datasets save_to_disk directory ({_one_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split in ds:
+            ds = ds[split]
+        elif len(names) == 1:
+            ds = ds[names[0]]
+        else:
+            raise JaxftError(f"{name}: holds splits {', '.join(names)}; none is named {split!r}")
+    return [Record(f"{name} row {i}", row) for i, row in enumerate(ds.to_list())]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- recognising and parsing rows
+
+
+def detect_format(row: Any) -> str | None:
+    """The SFT format a row's columns indicate, or None."""
+    if not isinstance(row, dict):
+        return None
+    keys = {k for k, v in row.items() if v is not None}
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def parse_row(row: Any, fmt: str) -> Chat | Pair | Text:
+    """A row of format `fmt` → Chat / Pair / Text, or RowError naming the problem.
+
+    Strings are taken as they are (no stripping); "empty" means nothing but whitespace.
+    """
+    if not isinstance(row, dict):
+        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+    if fmt == "messages":
+        return _chat(_messages(_field(row, "messages"), "messages", ROLES), ())
+    if fmt == "sharegpt":
+        return _chat(_messages(_field(row, "conversations"), "conversations", SHAREGPT_ROLES), ())
+    if fmt == "prompt_completion":
+        return _prompt_completion(_field(row, "prompt"), _field(row, "completion"))
+    if fmt == "alpaca":
+        return _alpaca(row)
+    if fmt == "text":
+        text = _string(row, "text")
+        if not text.strip():
+            raise RowError("empty text", "'text' is empty")
+        return Text(text)
+    raise JaxftError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def _field(row: dict, name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise RowError("missing field", f"missing field {name!r}")
+    return value
+
+
+def _string(row: dict, name: str) -> str:
+    value = _field(row, name)
+    if not isinstance(value, str):
+        raise RowError("wrong type", f"{name!r} is a {_typename(value)}, expected a string")
+    return value
+
+
+def _typename(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), type(value).__name__)
+
+
+def _messages(value: Any, name: str, roles: dict[str, str]) -> list[dict]:
+    """A list of {role, content} (or sharegpt's {from, value}) → [{"role", "content"}] with known roles."""
+    if not isinstance(value, list):
+        raise RowError("wrong type", f"{name!r} is a {_typename(value)}, expected a list of messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise RowError("wrong type", f"{where} is a {_typename(m)}, expected an object")
+        role_key, content_key = ("from", "value") if "from" in m or "value" in m else ("role", "content")
+        role, content = m.get(role_key), m.get(content_key)
+        for key, v in ((role_key, role), (content_key, content)):
+            if v is None:
+                raise RowError("missing field", f"missing field '{where}.{key}'")
+            if not isinstance(v, str):
+                raise RowError("wrong type", f"'{where}.{key}' is a {_typename(v)}, expected a string")
+        if role not in roles:
+            raise RowError("unknown role", f"unknown role {role!r} in {where}")
+        out.append({"role": roles[role], "content": content})
+    return out
+
+
+def _chat(messages: list[dict], context: tuple[int, ...]) -> Chat:
+    """Check a conversation; every assistant message not listed in `context` is trained."""
+    roles = [m["role"] for m in messages]
+    trained = tuple(i for i, r in enumerate(roles) if r == "assistant" and i not in context)
+    if not trained:
+        raise RowError("no assistant turn", "conversation has no assistant turn to train on")
+    first = next(i for i, r in enumerate(roles) if r != "system")
+    if roles[first] == "assistant":
+        raise RowError("assistant before user", f"message {first} is an assistant turn before any user turn")
+    for i in trained:
+        if not messages[i]["content"].strip():
+            raise RowError("empty assistant content", f"message {i}: empty assistant content")
+    return Chat(tuple(messages), trained)
+
+
+def _prompt_completion(prompt: Any, completion: Any) -> Chat | Pair:
+    """Strings → Pair; chat-style lists (TRL's conversational prompt-completion) → Chat."""
+    for name, v in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(v, (str, list)):
+            raise RowError("wrong type", f"{name!r} is a {_typename(v)}, expected a string or a list of messages")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            raise RowError("empty completion", "'completion' is empty")
+        return Pair(prompt, completion)
+    p = _messages(prompt, "prompt", ROLES) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    c = (_messages(completion, "completion", ROLES) if isinstance(completion, list)
+         else [{"role": "assistant", "content": completion}])
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in c):
+        raise RowError("empty completion", "'completion' has no non-empty assistant message")
+    return _chat(p + c, context=tuple(range(len(p))))
+
+
+def _alpaca(row: dict) -> Chat:
+    """instruction (+ "\\n\\n" + input when non-empty) as the user turn, output as the assistant turn."""
+    instruction, output = _string(row, "instruction"), _string(row, "output")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise RowError("wrong type", f"'input' is a {_typename(extra)}, expected a string")
+    if not output.strip():
+        raise RowError("empty completion", "'output' is empty")
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return Chat(({"role": "user", "content": user}, {"role": "assistant", "content": output}), (1,))
+
+
+def rows_format(records: list[Record], fmt: str = "auto") -> str | None:
+    """`fmt`, or for "auto" the format of the first row whose columns indicate one (None if none does)."""
+    if fmt != "auto":
+        return fmt
+    return next((f for r in records if (f := detect_format(r.row)) is not None), None)
+
+
+def unknown_format_error(records: list[Record]) -> RowError:
+    """The error for a row when no row's columns match a format."""
+    first = next((r.row for r in records if isinstance(r.row, dict)), None)
+    cols = ", ".join(first) if first else "none"
+    return RowError("unknown format", f"columns ({cols}) match no format: messages, prompt/completion, "
+                                      "instruction/output, conversations or text")
+
+
+# ---------------------------------------------------------------- prepare: clean, dedupe, split
+
+
+def map_strings(value: Any, fn) -> Any:
+    """`value` with fn applied to every string inside it (lists and dicts rebuilt, the rest kept)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
+def clean(row: Any) -> Any:
+    """Strip every string's surrounding whitespace, normalise newlines, collapse 3+ newlines to 2."""
+    return map_strings(row, lambda s: re.sub(r"\n{3,}", "\n\n", s.replace("\r\n", "\n").replace("\r", "\n")).strip())
+
+
+def row_key(row: Any) -> str:
+    """A hash of the normalised row (whitespace runs as one space, canonical JSON): equal ⇔ exact dup."""
+    canonical = json.dumps(map_strings(row, lambda s: " ".join(s.split())), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(canonical.encode()).hexdigest()
+
+
+def drop_exact_duplicates(rows: list[Any]) -> list[Any]:
+    """The rows without repeats of an earlier row's `row_key`, in order."""
+    seen: set[str] = set()
+    return [row for row in rows if not ((key := row_key(row)) in seen or seen.add(key))]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string of a row's content, dict keys in sorted order (role names left out)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for k in sorted(value) if k not in ("role", "from") for s in _strings(value[k])]
+    return []
+
+
+class MinHasher:
+    """MinHash signatures over word 5-shingles (128 permutations) and LSH banding (32 bands × 4 rows).
+
+    A permutation is h(x) = (a·x + b) mod p with p = 2³¹ − 1 and x a shingle's 32-bit BLAKE2 hash,
+    so every product fits in uint64. Two rows' estimated Jaccard similarity is the fraction of equal
+    signature entries.
+    """
+
+    P = (1 << 31) - 1
+
+    def __init__(self, num_perm: int = 128, bands: int = 32, shingle: int = 5, seed: int = 1):
+        assert num_perm % bands == 0
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, self.P, num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, self.P, num_perm, dtype=np.uint64)
+        self.bands, self.shingle = bands, shingle
+
+    def shingles(self, text: str) -> set[str]:
+        """Lower-cased word k-shingles (the whole text as one shingle when shorter than k words)."""
+        words = re.findall(r"\w+", text.lower())
+        k = min(self.shingle, len(words))
+        return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)} if words else set()
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """uint64 [num_perm], or None for a text without words."""
+        sh = self.shingles(text)
+        if not sh:
+            return None
+        x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
+                      for s in sh], dtype=np.uint64) % np.uint64(self.P)
+        return ((self.a[:, None] * x[None, :] + self.b[:, None]) % np.uint64(self.P)).min(axis=1)
+
+    def band_keys(self, sig: np.ndarray) -> list[bytes]:
+        """One bucket key per band."""
+        return [bytes([i]) + band.tobytes() for i, band in enumerate(sig.reshape(self.bands, -1))]
+
+
+def drop_near_duplicates(rows: list[Any], threshold: float) -> tuple[list[Any], int]:
+    """Keep the first of every group of rows whose estimated Jaccard similarity is ≥ threshold."""
+    mh, buckets, sigs, kept = MinHasher(), {}, [], []
+    for row in rows:
+        sig = mh.signature(" ".join(_strings(row)))
+        if sig is not None:
+            keys = mh.band_keys(sig)
+            candidates = {j for key in keys for j in buckets.get(key, ())}
+            if any(np.mean(sig == sigs[j]) >= threshold for j in sorted(candidates)):
+                continue
+            for key in keys:
+                buckets.setdefault(key, []).append(len(sigs))
+            sigs.append(sig)
+        kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the seeded validation part of n rows (at least 1 and at most n-1 when
+    fraction > 0 and n ≥ 2)."""
+    if fraction <= 0 or n < 2:
+        return np.zeros(0, dtype=np.int64)
+    k = min(max(round(n * fraction), 1), n - 1)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def write_jsonl_atomic(path: Path, rows: list[Any]) -> None:
+    """Write rows as JSON Lines to a temp file beside `path`, fsync, then os.replace onto `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean_rows(inputs: list[str], fmt: str, counts: dict) -> list[Any]:
+    """Read, clean and check every row; count the bad and empty ones."""
+    records = [r for path in inputs for r in read_rows(path)]
+    counts["read"] = len(records)
+    cleaned = [Record(r.where, r.row if isinstance(r.row, RowError) else clean(r.row)) for r in records]
+    fmt = rows_format(cleaned, fmt)
+    good = []
+    for r in cleaned:
+        try:
+            if isinstance(r.row, RowError):
+                raise r.row
+            if not any(s for s in _strings(r.row)):
+                raise RowError("empty row")
+            if fmt is None:
+                raise unknown_format_error(cleaned)
+            parse_row(r.row, fmt)
+        except RowError as e:
+            counts["empty" if e.reason.startswith("empty") else "bad"] += 1
+            continue
+        good.append(r.row)
+    return good
+
+
+def prepare(inputs: list[str], out_dir: str, *, validation_fraction: float, seed: int,
+            near_dup_threshold: float | None = None, fmt: str = "auto") -> dict:
+    """Clean, deduplicate and split SFT rows into `out_dir`/train.jsonl and validation.jsonl.
+
+    Rows keep their own columns (cleaned). Returns (and prints) the counts: read, bad, empty,
+    exact_dups, near_dups, train, validation. Both files are always written (validation may be empty),
+    each atomically.
+    """
+    if not inputs:
+        raise JaxftError("prepare: no input files")
+    if not 0 <= validation_fraction < 1:
+        raise JaxftError(f"validation_fraction: {validation_fraction} must be in [0, 1)")
+    if near_dup_threshold is not None and not 0 < near_dup_threshold <= 1:
+        raise JaxftError(f"near_dup_threshold: {near_dup_threshold} must be in (0, 1]")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise JaxftError(f"format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    counts = dict.fromkeys(("read", "bad", "empty", "exact_dups", "near_dups", "train", "validation"), 0)
+    rows = _clean_rows(inputs, fmt, counts)
+    unique = drop_exact_duplicates(rows)
+    counts["exact_dups"] = len(rows) - len(unique)
+    if near_dup_threshold is not None:
+        unique, counts["near_dups"] = drop_near_duplicates(unique, near_dup_threshold)
+    val = set(holdout(len(unique), validation_fraction, seed).tolist())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "train.jsonl", [r for i, r in enumerate(unique) if i not in val])
+    write_jsonl_atomic(out / "validation.jsonl", [r for i, r in enumerate(unique) if i in val])
+    counts["train"], counts["validation"] = len(unique) - len(val), len(val)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
