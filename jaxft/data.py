@@ -37,8 +37,7 @@ from jinja2 import TemplateError
 from jaxft.config import DataConfig
 from jaxft.errors import JaxftError
 from jaxft.prepare import (  # noqa: F401  (prepare is re-exported)
-    Chat, Pair, Record, RowError, Text, holdout, parse_row, prepare, read_rows, rows_format,
-    unknown_format_error)
+    Chat, Pair, Record, RowError, Text, holdout, parse_row, prepare, read_rows, rows_format)
 
 MAX_ERRORS = 5  # first bad rows kept in a report
 TOKENIZE_CHUNK = 1024  # rendered rows per tokenizer call
@@ -218,13 +217,12 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
     if source is None:
         return [], report
     fmt = rows_format(records, cfg.format)
-    no_format = unknown_format_error(records) if fmt is None else None
     encoder = Encoder(tokenizer, cfg.train_on_prompt, cfg.system_prompt)
     rendered = []
     for rec in records:
         try:
-            if isinstance(rec.row, RowError) or no_format is not None:
-                raise rec.row if isinstance(rec.row, RowError) else no_format
+            if isinstance(rec.row, RowError):
+                raise rec.row
             rendered.append(encoder.render(parse_row(rec.row, fmt), rec.where))
         except RowError as e:
             if cfg.strict:

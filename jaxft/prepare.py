@@ -215,13 +215,17 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
-def parse_row(row: Any, fmt: str) -> Chat | Pair | Text:
+def parse_row(row: Any, fmt: str | None) -> Chat | Pair | Text:
     """A row of format `fmt` → Chat / Pair / Text, or RowError naming the problem.
 
-    Strings are taken as they are (no stripping); "empty" means nothing but whitespace.
+    Strings are taken as they are (no stripping); "empty" means nothing but whitespace. fmt None
+    (no row's columns matched a format, see `rows_format`) makes every row bad.
     """
     if not isinstance(row, dict):
         raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+    if fmt is None:
+        raise RowError("unknown format", f"columns ({', '.join(row) or 'none'}) match no format: messages, "
+                                         "prompt/completion, instruction/output, conversations or text")
     if fmt == "messages":
         return _chat(_messages(_field(row, "messages"), "messages", ROLES), ())
     if fmt == "sharegpt":
@@ -328,14 +332,6 @@ def rows_format(records: list[Record], fmt: str = "auto") -> str | None:
     if fmt != "auto":
         return fmt
     return next((f for r in records if (f := detect_format(r.row)) is not None), None)
-
-
-def unknown_format_error(records: list[Record]) -> RowError:
-    """The error for a row when no row's columns match a format."""
-    first = next((r.row for r in records if isinstance(r.row, dict)), None)
-    cols = ", ".join(first) if first else "none"
-    return RowError("unknown format", f"columns ({cols}) match no format: messages, prompt/completion, "
-                                      "instruction/output, conversations or text")
 
 
 # ---------------------------------------------------------------- prepare: clean, dedupe, split
@@ -471,8 +467,6 @@ def _clean_rows(inputs: list[str], fmt: str, counts: dict) -> list[Any]:
                 raise r.row
             if not any(s for s in _strings(r.row)):
                 raise RowError("empty row")
-            if fmt is None:
-                raise unknown_format_error(cleaned)
             parse_row(r.row, fmt)
         except RowError as e:
             counts["empty" if e.reason.startswith("empty") else "bad"] += 1
