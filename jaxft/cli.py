@@ -1,4 +1,4 @@
-"""`jaxft` command line: generate | chat | example-model.
+"""`jaxft` command line: train | eval | prepare | task-data | generate | chat | example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -6,6 +6,7 @@ Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, ne
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -36,6 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat (reads lines from stdin when it is not a terminal)")
     _add_model_args(c)
     sub.add_parser("example-model", help="fetch the embedded example model once and print its path")
+
+    t = sub.add_parser("train", help="fine-tune: jaxft train configs/sft_lora.yaml train.steps=10")
+    t.add_argument("config", help="YAML run config")
+    t.add_argument("overrides", nargs="*", help="section.key=value")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+    e = sub.add_parser("eval", help="validation loss + generation metric, base and fine-tuned side by side")
+    e.add_argument("config", help="YAML run config, or a run directory (its config.json)")
+    e.add_argument("overrides", nargs="*", help="section.key=value")
+    e.add_argument("--base-only", action="store_true", help="evaluate the base model only (no run needed)")
+    pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
+    pr.add_argument("inputs", nargs="+")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--validation-fraction", type=float, default=0.0)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--near-dup-threshold", type=float, default=None,
+                    help="also drop near-duplicates (MinHash Jaccard >= this, e.g. 0.8)")
+    pr.add_argument("--format", default="auto")
+    td = sub.add_parser("task-data", help="write the quickstart's task dataset (train/validation/test JSONL)")
+    td.add_argument("out")
+    td.add_argument("--train", type=int, default=800)
+    td.add_argument("--validation", type=int, default=64)
+    td.add_argument("--test", type=int, default=64)
+    td.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -142,10 +166,59 @@ def cmd_example_model(args):
     print(example_model())
 
 
+def _run_config(path: str, overrides: list[str]):
+    from pathlib import Path
+
+    from jaxft.config import load_config
+
+    p = Path(path)
+    if p.is_dir():  # a run directory: its resolved config, written as JSON (which YAML reads)
+        if not (p / "config.json").is_file():
+            raise JaxftError(f"{p}: not a run directory (no config.json)")
+        p = p / "config.json"
+    return load_config(p, overrides)
+
+
+def cmd_train(args):
+    from jaxft.train import train
+
+    run = _run_config(args.config, args.overrides)
+    last = train(run, resume=args.resume)
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    print(json.dumps(dict(step=last.get("step"), **shown)))
+
+
+def cmd_eval(args):
+    from jaxft.evaluate import evaluate, format_table
+
+    run = _run_config(args.config, args.overrides)
+    results = evaluate(run, base_only=args.base_only)
+    print(format_table(results))
+    print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl)")
+
+
+def cmd_prepare(args):
+    from jaxft.prepare import prepare
+
+    prepare(args.inputs, args.out, validation_fraction=args.validation_fraction, seed=args.seed,
+            near_dup_threshold=args.near_dup_threshold, fmt=args.format)
+
+
+def cmd_task_data(args):
+    from jaxft.task import write_task_files
+
+    paths = write_task_files(args.out, args.train, args.validation, args.test, seed=args.seed)
+    print(" ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
+            "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model}[args.command](args)
+        COMMANDS[args.command](args)
     except JaxftError as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
         return 2

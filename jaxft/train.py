@@ -123,7 +123,8 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
             bad_steps=jnp.where(finite, 0, state["bad_steps"] + 1),
             skipped=state["skipped"] + (~finite).astype(jnp.int32),
         )
-        metrics = dict(loss=loss, tokens=c, grad_norm=grad_norm, finite=finite, bad_steps=new_state["bad_steps"])
+        metrics = dict(loss=loss, targets=c, tokens=jnp.sum(batch["segment_ids"] > 0), grad_norm=grad_norm,
+                       finite=finite, bad_steps=new_state["bad_steps"])
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
         return new_state, metrics
@@ -324,15 +325,20 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     prefetch = Prefetch(batches, start, run.train.grad_accum)
     bar = tqdm(total=run.train.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr)
     t0, tokens_seen, pending, last = time.perf_counter(), 0, None, {}
+    rate_from = None  # (time, tokens) after the first step: throughput excludes compilation
 
     def flush(pending):  # read the previous step's metrics: the device is already busy with the next
         step, m, t = pending
         m = {k: v.item() for k, v in jax.device_get(m).items()}
-        nonlocal tokens_seen
+        nonlocal tokens_seen, rate_from
         tokens_seen += int(m["tokens"])
         elapsed = t - t0
+        if rate_from is None:
+            rate_from = (t, tokens_seen)
+        rate = (tokens_seen - rate_from[1]) / (t - rate_from[0]) if t > rate_from[0] else 0.0
         row = dict(step=step, loss=m["loss"], lr=m.get("lr"), grad_norm=m["grad_norm"], tokens=int(m["tokens"]),
-                   tokens_per_s=tokens_seen / max(elapsed, 1e-9), elapsed=elapsed, skipped=not m["finite"])
+                   targets=int(m["targets"]), tokens_per_s=rate, elapsed=elapsed,
+                   skipped=not m["finite"])
         if step % run.train.log_every == 0 or step == run.train.steps:
             log.write(row)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -153,7 +153,7 @@ def test_accumulation_4x1_equals_1x4(tiny_dir):
     s1, m1 = step(init_state(jax.tree.map(jnp.copy, params), tx), frozen, one)
     s4, m4 = step(init_state(params, tx), frozen, four)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
-    assert float(m1["tokens"]) == float(m4["tokens"]) == big["loss_mask"].sum()
+    assert float(m1["targets"]) == float(m4["targets"]) == big["loss_mask"].sum()
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
