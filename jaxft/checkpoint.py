@@ -11,6 +11,7 @@ saving leaves no half checkpoint under a final name. A checkpoint that exists bu
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -46,8 +47,11 @@ class Checkpoints:
                 return out.state, dict(out.meta)
             except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
                 cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+                aside = self.dir / f"{step}.damaged-{int(time.time())}"
                 print(f"jaxft: checkpoint {self.dir / str(step)} is damaged ({type(e).__name__}: {cause[:200]}); "
-                      f"trying the previous one", file=sys.stderr)
+                      f"moved to {aside.name}, trying the previous one", file=sys.stderr)
+                (self.dir / str(step)).rename(aside)  # kept for inspection, out of the way of new saves
+                self.manager.reload()
         if self.steps():
             raise JaxftError(f"{self.dir}: no checkpoint restores (all {len(self.steps())} damaged)")
         return None

@@ -61,3 +61,28 @@ def save_model(arch: str, path, seed: int = 0, **save_kw):
     model = make_model(arch, seed)
     model.save_pretrained(path, **save_kw)
     return model
+
+
+_TOKENIZER = []
+
+
+def example_tokenizer():
+    """The SmolLM2 tokenizer (ChatML template), converted from the example GGUF once per session."""
+    if not _TOKENIZER:
+        from jaxft.example import example_model
+        from jaxft.hf import load_tokenizer
+
+        _TOKENIZER.append(load_tokenizer(example_model()))
+    return _TOKENIZER[0]
+
+
+def save_chat_model(path, arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random model with SmolLM2's vocabulary and tokenizer files: trainable on real chat data."""
+    kw = dict(vocab_size=49152, num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    kw.update(overrides)
+    cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(make_config(arch, **kw), dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    example_tokenizer().save_pretrained(path)
+    return model

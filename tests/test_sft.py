@@ -1,0 +1,179 @@
+"""SFT end to end on a tiny model with a real tokenizer: packing, resume after SIGKILL, damaged
+checkpoints, NaN stops, and a smoke run of every config in configs/."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jaxft
+from jaxft.config import DataConfig, load_config
+from jaxft.data import Batches, load_examples
+from jaxft.losses import token_logprobs
+from jaxft.task import make_examples
+from tiny import example_tokenizer, save_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat_model")
+    save_chat_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    rows = make_examples(48, seed=3)
+    for name, part in (("train.jsonl", rows[:40]), ("validation.jsonl", rows[40:])):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return d
+
+
+def _overrides(chat_model, task_data, out, **extra):
+    o = {"model.path": chat_model, "data.train": task_data / "train.jsonl",
+         "data.validation": task_data / "validation.jsonl", "data.max_length": 256, "train.batch_size": 2,
+         "train.out_dir": out, "lora.r": 4, "lora.alpha": 8, "eval.max_new_tokens": 8, "eval.max_examples": 4}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _losses(out):
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_packed_equals_unpacked_per_document(chat_model, task_data):
+    tok = example_tokenizer()
+    examples, _ = load_examples(DataConfig(train=str(task_data / "train.jsonl"), max_length=256), tok)
+    examples = examples[:6]
+    model = jaxft.load_pretrained(chat_model)
+
+    def per_doc(batch):
+        h, _ = model.hidden(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
+                            jnp.asarray(batch["segment_ids"]))
+        lp = np.asarray(token_logprobs(model, h, jnp.asarray(batch["targets"]))) * batch["loss_mask"]
+        docs = []
+        for b in range(lp.shape[0]):
+            for s in sorted(set(batch["segment_ids"][b]) - {0}):
+                docs.append((round(float(batch["loss_mask"][b][batch["segment_ids"][b] == s].sum())),
+                             float(lp[b][batch["segment_ids"][b] == s].sum())))
+        return sorted(docs)
+
+    packed = Batches(examples, batch_size=6, seq_len=512, packing=True, seed=0).batch(0)
+    unpacked = Batches(examples, batch_size=6, seq_len=512, packing=False, seed=0).batch(0)
+    assert (packed["segment_ids"].max(axis=1) > 1).any()  # something really was packed
+    a, b = per_doc(packed), per_doc(unpacked)
+    assert len(a) == len(b) == 6
+    for (na, la), (nb, lb) in zip(a, b):
+        assert na == nb
+        assert abs(la - lb) < 1e-3 * max(1.0, abs(lb))
+
+
+def _train_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_and_resume_reproduces_losses(chat_model, task_data, tmp_path):
+    cfg = str(ROOT / "configs" / "sft_lora.yaml")
+    common = dict(**{"train.steps": 8, "train.save_every": 2, "lora.dropout": 0.1})
+    ref = _train_cli([cfg, *_overrides(chat_model, task_data, tmp_path / "ref", **common)])
+    out, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err
+    expected = _losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 9))
+
+    run = tmp_path / "killed"
+    p = _train_cli([cfg, *_overrides(chat_model, task_data, run, **common)])
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it once it has logged step 5 (checkpoints at 2 and 4)
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    r = _train_cli([cfg, *_overrides(chat_model, task_data, run, **common), "--resume"])
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "resumed from" in err
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # bit-exact on CPU
+
+
+def test_damaged_checkpoint_falls_back(chat_model, task_data, tmp_path):
+    cfg = str(ROOT / "configs" / "sft_lora.yaml")
+    o = _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 4, "train.save_every": 2})
+    r = _train_cli([cfg, *o])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    latest = tmp_path / "run" / "checkpoints" / "4"
+    files = [f for f in (latest / "state").rglob("*") if f.is_file() and f.stat().st_size > 0]
+    for f in files:  # damage every data file of the newest checkpoint
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    r = _train_cli([cfg, *o, "train.steps=6", "--resume"])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "checkpoints/4 is damaged" in err and "resumed from" in err and "(step 2)" in err
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, 7))
+
+
+def test_nan_weights_stop_the_run_without_checkpoint(tmp_path, task_data):
+    d = tmp_path / "nan_model"
+    model = save_chat_model(d)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(d / "model.safetensors")
+    w["model.norm.weight"][:] = float("nan")
+    save_file(w, d / "model.safetensors", metadata={"format": "pt"})
+    r = _train_cli([str(ROOT / "configs" / "sft_lora.yaml"),
+                    *_overrides(d, task_data, tmp_path / "run", **{"train.steps": 10, "train.max_bad_steps": 3})])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 2
+    assert "NaN/Inf for 3 steps in a row" in err and "Traceback" not in err
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_runs(config, chat_model, task_data, tmp_path):
+    """Each shipped config, pointed at the tiny model, trains 2 steps and evaluates."""
+    from jaxft.evaluate import evaluate
+    from jaxft.train import train
+
+    run = load_config(ROOT / "configs" / config,
+                      _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 2, "train.eval_every": 1,
+                                                                             "eval.file": task_data / "validation.jsonl"}))
+    last = train(run, progress=False)
+    assert np.isfinite(last["loss"]) and "eval_loss" in last
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    res = evaluate(run, progress=False)
+    assert set(res) == {"base", "tuned"} and "eval_loss" in res["tuned"]
+
+
+def test_config_errors_before_loading(tmp_path):
+    from jaxft.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(bad)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "train.stepz: unknown key" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "sft_lora.yaml"),
+                        "optim.lr=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "optim.lr: must be > 0" in r.stderr
