@@ -13,12 +13,15 @@ line of JSON with four keys in this fixed order:
 - date: ISO 8601 whatever the record's format ("Sunday, March 3rd, 2024", "3 Mar 2024" → "2024-03-03"),
 - amount: a JSON number, no currency or thousands separator ("$1,234.50" → 1234.5, "€40.00" → 40).
 
-The base SmolLM2-135M-Instruct gets it almost always wrong (dates, number types, extra prose or
-keys); a LoRA learns it from a few hundred examples. Answers are ~30 tokens, so generation-based
-evaluation is cheap.
+The base SmolLM2-135M-Instruct never gets it exactly right (it keeps the record's date and currency
+formats, quotes amounts, adds keys, code fences and prose); a LoRA learns it in a few dozen steps.
+Measured on 48 test rows of seed 0, greedy, max 64 new tokens (json_fields exact / field_accuracy):
+base 0.00 / 0.10; LoRA r=16 all-linear, lr 1e-3, batch 8: 5 steps 0.52 / 0.84, 10 steps
+0.54 / 0.68, 20 steps 0.92 / 0.97. Rows are 133-184 tokens with the chat template (max_length 192
+fits them all), answers 35-48 tokens (max_new_tokens 64 is enough).
 
     rows = make_examples(4, seed=0)        # [{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}]
-    paths = write_task_files("data/extract", n_train=800, n_validation=64, n_test=64, seed=0)
+    paths = write_task_files("data/extract", n_train=400, n_validation=32, n_test=48, seed=0)
 
 `make_examples(n, seed)` is a prefix of `make_examples(m, seed)` for n < m, and its user messages
 are all different; the splits written by `write_task_files` are consecutive slices of one such list,
@@ -197,7 +200,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def write_task_files(out_dir, n_train: int = 800, n_validation: int = 64, n_test: int = 64,
+def write_task_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test: int = 48,
                      seed: int = 0) -> dict[str, Path]:
     """Write train.jsonl / validation.jsonl / test.jsonl under out_dir; returns {split: path}.
 
