@@ -56,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="auto")
     td = sub.add_parser("task-data", help="write the quickstart's task dataset (train/validation/test JSONL)")
     td.add_argument("out")
-    td.add_argument("--train", type=int, default=800)
-    td.add_argument("--validation", type=int, default=64)
-    td.add_argument("--test", type=int, default=64)
+    td.add_argument("--train", type=int, default=400)
+    td.add_argument("--validation", type=int, default=32)
+    td.add_argument("--test", type=int, default=48)
     td.add_argument("--seed", type=int, default=0)
     return parser
 

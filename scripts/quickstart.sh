@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: fetch SmolLM2-135M-Instruct (once) and chat with it.
-# Non-interactive: `echo "Name three primary colors." | bash scripts/quickstart.sh`
+# The main job on the embedded default: LoRA SFT of SmolLM2-135M-Instruct on the shipped
+# JSON-extraction task, then base vs tuned on held-out examples. Re-running it resumes / re-evaluates.
+# Extra arguments are config overrides, e.g. `bash scripts/quickstart.sh train.steps=20`.
 . "$(dirname "$0")/_venv.sh"
-exec jaxft chat example --max-new-tokens 128 "$@"
+set -x
+jaxft task-data runs/quickstart/data
+jaxft train configs/quickstart.yaml "$@" --resume
+jaxft eval configs/quickstart.yaml "$@"
