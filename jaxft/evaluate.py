@@ -17,7 +17,7 @@ from jaxft.config import RunConfig
 from jaxft.errors import JaxftError
 from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
 from jaxft.metrics import score
-from jaxft.prepare import Chat, Pair, RowError, parse_row, read_rows, rows_format
+from jaxft.prepare import Chat, Pair, RowError, parse_row, read_rows, rows_format, write_jsonl_atomic
 
 
 def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dict], str]]:
@@ -124,16 +124,10 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
         eval_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
                 for i, (p, r) in enumerate(items)]
-        _write_jsonl(eval_dir / "predictions.jsonl", rows)
+        write_jsonl_atomic(eval_dir / "predictions.jsonl", rows)
     (out_dir / "eval").mkdir(parents=True, exist_ok=True)
     (out_dir / "eval" / "summary.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def _write_jsonl(path: Path, rows: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
 
 
 def format_table(results: dict) -> str:

@@ -33,10 +33,10 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from jaxft.prepare import write_jsonl_atomic
 
 KEYS = ("name", "city", "date", "amount")
 
@@ -187,19 +187,6 @@ def prompt_and_answer(row: dict) -> tuple[list[dict], str]:
     return msgs[:-1], msgs[-1]["content"]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_task_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test: int = 48,
                      seed: int = 0) -> dict[str, Path]:
     """Write train.jsonl / validation.jsonl / test.jsonl under out_dir; returns {split: path}.
@@ -214,7 +201,7 @@ def write_task_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test
     paths, start = {}, 0
     for split, size in sizes.items():
         paths[split] = out / f"{split}.jsonl"
-        _write_jsonl(paths[split], rows[start:start + size])
+        write_jsonl_atomic(paths[split], rows[start:start + size])
         start += size
     return paths
 
