@@ -220,3 +220,23 @@ def test_lora_dropout_is_seeded_and_active(tiny_dir):
     l1b = sft_loss(model, b, jax.random.key(1))[0]
     l2 = sft_loss(model, b, jax.random.key(2))[0]
     assert float(l1) == float(l1b) and float(l1) != float(l2) and float(l0) != float(l1)
+
+
+def test_bf16_compute_keeps_fp32_adapter_and_optimizer_state(tiny_dir):
+    model = jaxft.load_pretrained(tiny_dir, dtype=jnp.bfloat16)
+    cfg = LoraConfig(r=4, alpha=8)
+    lora.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = lora.split(model, cfg)
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)
+    state = init_state(params, tx)
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    step = make_train_step(graphdef, tx)
+    batch = jax.tree.map(lambda x: x[None], _batch())
+    losses = []
+    for _ in range(5):
+        state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
