@@ -11,8 +11,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 

@@ -2,19 +2,15 @@
 checkpoints, NaN stops, and a smoke run of every config in configs/."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
 
 import jaxft
 from jaxft.config import DataConfig, load_config
@@ -134,7 +130,7 @@ def test_damaged_checkpoint_falls_back(chat_model, task_data, tmp_path):
 
 def test_nan_weights_stop_the_run_without_checkpoint(tmp_path, task_data):
     d = tmp_path / "nan_model"
-    model = save_chat_model(d)
+    save_chat_model(d)
     from safetensors.torch import load_file, save_file
 
     w = load_file(d / "model.safetensors")
@@ -167,7 +163,6 @@ def test_every_config_runs(config, chat_model, task_data, tmp_path):
 
 
 def test_config_errors_before_loading(tmp_path):
-    from jaxft.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
