@@ -266,3 +266,20 @@ def test_example_logits_and_greedy_answer_match_transformers(example, example_pa
     hf_answer = [t for t in hf_ids[:next((i for i, t in enumerate(hf_ids) if t in eos), len(hf_ids))]]
     assert answer == hf_answer
     assert "Paris" in tok.decode(answer)
+
+
+def test_cli_generate_and_piped_chat_on_the_example(example_path):
+    """`jaxft generate` and `jaxft chat` (stdin not a terminal) answer with the embedded model."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "generate", "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "24"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "chat", str(example_path), "--max-new-tokens", "24"],
+                       input="What is the capital of France?\nAnd of Italy?\n", capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    answers = [l for l in r.stdout.splitlines() if l.startswith("model> ")]
+    assert len(answers) == 2 and "Paris" in answers[0] and "Rome" in answers[1]
