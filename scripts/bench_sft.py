@@ -1,0 +1,351 @@
+"""SFT training throughput and peak memory: jaxft next to transformers + PEFT, same settings, one run.
+
+    python scripts/bench_sft.py [--mode lora|full] [--dtype fp32|bf16] [--batch 4] [--seq 256]
+                                [--steps 5] [--warmup 2] [--rank 16] [--alpha 32] [--lr 1e-4]
+                                [--remat none|full|dots] [--json OUT]
+
+Model: the embedded example SmolLM2-135M-Instruct GGUF, loaded to fp32 by both. Batch: --batch rows
+of --seq real tokens (seeded random ids, no padding, one document per row), loss on every next
+token (S-1 targets per row), grad accumulation 1. Optimizer: AdamW, constant lr, no weight decay,
+no clipping. LoRA (default): r, alpha, dropout 0 on q,k,v,o,gate,up,down of every layer; full: every
+weight trainable (PyTorch without PEFT). bf16: jaxft computes in bf16 (LoRA: bf16 base weights,
+fp32 factors; full: fp32 master weights) next to PyTorch fp32 weights under bf16 autocast.
+
+jaxft runs its real training path (lora.attach → lora.split → make_optimizer → init_state →
+make_train_step, the jitted donated step) on [1, B, S] batches; PyTorch runs a plain
+`loss = model(ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad()` loop.
+Each framework runs in its own fresh subprocess (this file with --worker), one after the other,
+so its peak RSS (ru_maxrss) is its own. --warmup untimed steps come first (jaxft's first one
+compiles: reported as "first step"), then --steps timed steps; tokens/s = B*S / step time
+(median and mean over the timed steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the workers
+
+
+def rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+class RssSampler:
+    """Highest RSS seen by a background thread (every `every` s) while active: the training-phase peak."""
+
+    def __init__(self, every: float = 0.02):
+        self.peak, self.every, self._stop = 0.0, every, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_gb())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_gb())
+
+
+def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int):
+    """n [B, S] int arrays of seeded random token ids (the same for both frameworks)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=(batch, seq), dtype=np.int64) for _ in range(n)]
+
+
+def run_steps(step, batches, warmup: int) -> tuple[list[float], list[float]]:
+    """Call step(batch) → loss (a float, so the step has finished) for every batch; (times, losses)."""
+    times, losses = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        loss = step(b)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        print(f"  step {len(times)}{' (warmup)' if len(times) <= warmup else ''}: {times[-1]:.2f} s  "
+              f"loss {loss:.4f}", file=sys.stderr, flush=True)
+    return times, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# the jaxft worker
+
+
+def worker_jaxft(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxft
+    from jaxft import lora
+    from jaxft.config import LoraConfig, OptimConfig
+    from jaxft.example import example_model
+    from jaxft.train import init_state, make_optimizer, make_train_step
+
+    path = example_model()
+    t0 = time.perf_counter()
+    # as jaxft.train.build_model does: LoRA stores the base in the compute dtype, full FT keeps fp32 masters
+    compute = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    param_dtype = compute if args.mode == "lora" else jnp.float32
+    model = jaxft.load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat)
+    lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
+                      target_modules=tuple(LORA_TARGETS))
+    if lcfg.enabled:
+        lora.attach(model, lcfg, jax.random.key(args.seed))
+    graphdef, params, frozen = lora.split(model, lcfg)
+    del model
+    jax.block_until_ready((params, frozen))
+    t_load = time.perf_counter() - t0
+    rss_load = rss_gb()
+
+    total = args.warmup + args.steps
+    ocfg = OptimConfig(lr=args.lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None)
+    tx = make_optimizer(ocfg, total, params)
+    state = init_state(params, tx)
+    del params  # donated with the state on the first step
+    step_fn = make_train_step(graphdef, tx, seed=args.seed, dropout=False)
+    n_trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
+
+    B, S = args.batch, args.seq
+    positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
+    loss_mask = np.ones((B, S), np.float32)
+    loss_mask[:, -1] = 0.0  # the last token has no target
+
+    def to_batch(ids):  # [B, S] → the [A=1, B, S] micro-batch dict of jaxft.data.Batches
+        tokens = ids.astype(np.int32)
+        targets = np.zeros_like(tokens)
+        targets[:, :-1] = tokens[:, 1:]
+        b = dict(tokens=tokens, positions=positions, segment_ids=np.ones_like(tokens), targets=targets,
+                 loss_mask=loss_mask)
+        return {k: np.ascontiguousarray(v)[None] for k, v in b.items()}
+
+    batches = [to_batch(ids) for ids in token_batches(total, B, S, args.vocab, args.seed)]
+
+    def step(batch):
+        nonlocal state
+        state, metrics = step_fn(state, frozen, batch)
+        metrics = jax.block_until_ready(metrics)
+        assert int(metrics["targets"]) == B * (S - 1) and bool(metrics["finite"])
+        return float(metrics["loss"])
+
+    with RssSampler() as sampler:
+        times, losses = run_steps(step, batches, args.warmup)
+    return dict(framework="jaxft", version=f"jax {jax.__version__} ({jax.default_backend()})",
+                threads=os.cpu_count(), n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load,
+                times=times, losses=losses, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+
+
+# ----------------------------------------------------------------------------------------------
+# the transformers (+ PEFT) worker
+
+
+def worker_torch(args) -> dict:
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.example import example_model
+
+    path = example_model()
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, bias="none",
+                                                 task_type="CAUSAL_LM"))
+    model.train()
+    t_load = time.perf_counter() - t0
+    rss_load = rss_gb()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" \
+        else contextlib.nullcontext
+
+    total = args.warmup + args.steps
+    batches = [torch.from_numpy(ids) for ids in token_batches(total, args.batch, args.seq, args.vocab, args.seed)]
+
+    def step(ids):
+        with autocast():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    with RssSampler() as sampler:
+        times, losses = run_steps(step, batches, args.warmup)
+    return dict(framework="PyTorch" + ("+PEFT" if args.mode == "lora" else ""),
+                version=f"torch {torch.__version__}", threads=torch.get_num_threads(),
+                n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load, times=times,
+                losses=losses, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def summarize(r: dict, args) -> dict:
+    timed = r["times"][args.warmup:]
+    tps = [args.batch * args.seq / t for t in timed]
+    return dict(r, first_step_s=r["times"][0], step_s_median=statistics.median(timed),
+                tokens_per_s_median=statistics.median(tps), tokens_per_s_mean=statistics.mean(tps))
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, all processes) since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def run_worker(name: str, argv: list[str]) -> dict:
+    """Run one side in a fresh subprocess; also how much CPU other processes took meanwhile."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        print(f"[{name}] fresh subprocess ...", file=sys.stderr, flush=True)
+        ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", name,
+                               "--worker-out", str(out)], check=False)
+        ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
+        if proc.returncode != 0 or not out.exists():
+            sys.exit(f"bench_sft: the {name} worker failed (exit code {proc.returncode})")
+        own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        others = max(busy1 - busy0 - own, 0.0)
+        return dict(json.loads(out.read_text()), wall_s=wall, own_cpu_s=own, others_cpu_s=others)
+
+
+def busy_processes() -> list[str]:
+    """Other processes using CPU right now (a noisy machine skews the figures): 'pid name %cpu'."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["pid", "name"]) if p.pid != os.getpid()]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(1.0)
+    busy = []
+    for p in procs:
+        try:
+            c = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if c >= 20:
+            busy.append(f"{p.pid} {p.info['name']} {c:.0f}%")
+    return busy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (jaxft's first compiles)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="jaxft only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
+    ap.add_argument("--only", choices=["jaxft", "torch"], help="run one side only")
+    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    ap.add_argument("--worker", choices=["jaxft", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be >= 1")
+
+    if args.worker:
+        result = (worker_jaxft if args.worker == "jaxft" else worker_torch)(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+
+    busy = busy_processes()
+    if busy:
+        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
+    argv = [a for a in sys.argv[1:]]
+    if "--json" in argv:
+        i = argv.index("--json")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--json=")]
+    sides = [s for s in ("jaxft", "torch") if args.only in (None, s)]
+    results = [summarize(run_worker(s, argv), args) for s in sides]
+
+    from jaxft.example import example_model
+
+    lora_s = f"LoRA r={args.rank} alpha={args.alpha:g} on q,k,v,o,gate,up,down" if args.mode == "lora" else "full FT"
+    setting = (f"{lora_s} "
+               f"{args.dtype}, batch {args.batch} x seq {args.seq} (all real tokens), AdamW lr {args.lr:g}, "
+               f"{args.warmup} warmup + {args.steps} timed steps")
+    print(f"\nSFT training, {example_model().name}: {setting}")
+    print(f"cores: {os.cpu_count()}  " + "  ".join(f"{r['version']} (threads {r['threads']})" for r in results))
+    head = (f"{'framework':<13} | {'tokens/s med':>12} | {'tokens/s mean':>13} | {'step s med':>10} | "
+            f"{'peak RSS GB':>11} | {'train RSS GB':>12} | {'RSS after load':>14} | {'first step s':>12} | "
+            f"{'trainable':>11} | {'loss 1st':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['framework']:<13} | {r['tokens_per_s_median']:>12.1f} | {r['tokens_per_s_mean']:>13.1f} | "
+              f"{r['step_s_median']:>10.2f} | {r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | "
+              f"{r['rss_load_gb']:>14.2f} | {r['first_step_s']:>12.2f} | {r['n_trainable']:>11,} | "
+              f"{r['losses'][0]:>8.4f}")
+    print("(jaxft first step = compile + first step; train RSS = highest RSS sampled during the steps; "
+          "loss 1st = the first step's loss, before any update)")
+    for r in results:  # the machine is shared: say how much CPU everything else took meanwhile
+        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
+        print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall, {r['own_cpu_s']:.0f} CPU s; other processes "
+              f"{r['others_cpu_s']:.0f} CPU s ({100 * share:.0f}% of the machine)"
+              + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    ratios = {}
+    if len(results) == 2:
+        j, t = results
+        ratios = dict(throughput=j["tokens_per_s_median"] / t["tokens_per_s_median"],
+                      peak_rss=j["peak_rss_gb"] / t["peak_rss_gb"],
+                      train_rss=j["train_peak_rss_gb"] / t["train_peak_rss_gb"])
+        print(f"jaxft / {t['framework']}: throughput {ratios['throughput']:.2f}x (median tokens/s), "
+              f"peak RSS {ratios['peak_rss']:.2f}x, train-phase RSS {ratios['train_rss']:.2f}x")
+    if busy:
+        print(f"note: other busy processes at start: {'; '.join(busy)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(settings=vars(args), cores=os.cpu_count(), busy=busy,
+                                                   results=results, ratios=ratios), indent=1))
+
+
+if __name__ == "__main__":
+    main()
