@@ -247,6 +247,25 @@ def validate(run: RunConfig) -> None:
         (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
         (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
     ]
+    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
+    checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")
+               for m in run.lora.target_modules]
+    checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{m!r} is not embed_tokens or lm_head")
+               for m in run.lora.modules_to_save]
     for ok, key, msg in checks:
         if not ok:
             raise JaxftError(f"{key}: {msg}")
+
+
+def check_files(run: RunConfig, training: bool = True) -> None:
+    """The data files a run needs exist — checked before the (slow) model load."""
+    from pathlib import Path as P
+
+    needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file)]
+    if training:
+        needed.insert(0, ("data.train", run.data.train or None))
+        if not run.data.train:
+            raise JaxftError("data.train: no training file given")
+    for key, path in needed:
+        if path and not P(path).expanduser().exists():
+            raise JaxftError(f"{key}: {path}: no such file or directory")

@@ -91,6 +91,9 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
     from jaxft.data import Batches, load_examples
     from jaxft.train import build_model, evaluate_loss, make_eval_step
 
+    from jaxft.config import check_files
+
+    check_files(run, training=False)
     out_dir = Path(run.train.out_dir)
     setup = build_model(run)
     variants = {"base": setup.params}

@@ -283,6 +283,9 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     from jaxft.checkpoint import Checkpoints
     from jaxft.data import Batches, load_examples
 
+    from jaxft.config import check_files
+
+    check_files(run)
     out = Path(run.train.out_dir)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:

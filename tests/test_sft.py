@@ -172,3 +172,9 @@ def test_config_errors_before_loading(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "sft_lora.yaml"),
                         "optim.lr=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "optim.lr: must be > 0" in r.stderr
+    for override, msg in (("lora.target_modules=[qkv]", "lora.target_modules: 'qkv' is not one of"),
+                          ("data.train=/nonexistent.jsonl", "data.train: /nonexistent.jsonl: no such file")):
+        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "sft_lora.yaml"),
+                            override, "model.path=/nonexistent-model"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
