@@ -38,8 +38,8 @@ class LoRA(nnx.Module):
         if self.dropout and self.dropout_key is not None:
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        y = jnp.dot(jnp.dot(x, self.a[...].astype(x.dtype)), self.b[...].astype(x.dtype))
-        return y * jnp.asarray(self.scale, x.dtype)
+        xa = jnp.dot(x, self.a[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)  # scale the [.., r] side
+        return jnp.dot(xa, self.b[...].astype(x.dtype))
 
 
 def scale(cfg: LoraConfig) -> float:
