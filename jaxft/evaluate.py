@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from jaxft.config import RunConfig
+from jaxft.config import RunConfig, check_files
 from jaxft.errors import JaxftError
 from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
 from jaxft.metrics import score
@@ -90,8 +90,6 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
     """Returns {"base": {...}, "tuned": {...}} with eval_loss / eval_ppl and the metric's scores."""
     from jaxft.data import Batches, load_examples
     from jaxft.train import build_model, evaluate_loss, make_eval_step
-
-    from jaxft.config import check_files
 
     check_files(run, training=False)
     out_dir = Path(run.train.out_dir)

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from jaxft import lora
-from jaxft.config import OptimConfig, RunConfig
+from jaxft.config import OptimConfig, RunConfig, check_files
 from jaxft.errors import JaxftError
 from jaxft.losses import sft_loss
 
@@ -158,15 +158,22 @@ class Prefetch:
         def work():
             step = start
             while not self.stop:
-                mbs = [batches.batch(step * accum + j) for j in range(accum)]
-                self.q.put({k: np.stack([m[k] for m in mbs]) for k in mbs[0]})
+                try:
+                    mbs = [batches.batch(step * accum + j) for j in range(accum)]
+                    self.q.put({k: np.stack([m[k] for m in mbs]) for k in mbs[0]})
+                except BaseException as e:  # hand it to the loop instead of leaving it waiting forever
+                    self.q.put(e)
+                    return
                 step += 1
 
         self.thread = threading.Thread(target=work, daemon=True)
         self.thread.start()
 
     def next(self):
-        return self.q.get()
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def close(self):
         self.stop = True
@@ -273,6 +280,7 @@ def build_model(run: RunConfig) -> Setup:
     if run.lora.enabled:
         lora.attach(model, run.lora, jax.random.key(run.train.seed))
     graphdef, params, frozen = lora.split(model, run.lora)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights + optimizer state
     return Setup(run, path, tokenizer, graphdef, params, frozen)
 
 
@@ -282,8 +290,6 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
 
     from jaxft.checkpoint import Checkpoints
     from jaxft.data import Batches, load_examples
-
-    from jaxft.config import check_files
 
     check_files(run)
     out = Path(run.train.out_dir)
