@@ -139,24 +139,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise JaxftError(f"{key}: expected true or false, got {value!r}")
         return value
-    if tp is int:
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = tp(value)
             except ValueError:
-                raise JaxftError(f"{key}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise JaxftError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise JaxftError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JaxftError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+                raise JaxftError(f"{key}: expected {what}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int if tp is int else (int, float)):
+            raise JaxftError(f"{key}: expected {what}, got {value!r}")
+        return tp(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise JaxftError(f"{key}: expected a string, got {value!r}")
