@@ -1,0 +1,142 @@
+"""PEFT LoRA adapter directories: export from and import into a jaxft model (FORMATS.md).
+
+    adapter_model.safetensors   base_model.model.<HF module>.lora_A.weight [r, in] = a[i].T
+                                base_model.model.<HF module>.lora_B.weight [out, r] = b[i].T
+    adapter_config.json         only long-standing keys, so older PEFT releases load it too
+
+Written to a temporary directory and renamed into place; an existing directory is only replaced
+with overwrite=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.config import LoraConfig
+from jaxft.errors import JaxftError
+from jaxft.lora import LoRA, targets
+from jaxft.models.decoder import Decoder
+
+PREFIX = "base_model.model."
+
+
+def _layer_modules(model: Decoder):
+    """(HF module path template with {i}, Linear) for every adapted layer projection."""
+    for path, lin in targets(model, ("all-linear",)):
+        if lin.lora is not None:
+            yield "model.layers.{i}." + ".".join(str(p) for p in path[2:]), lin
+
+
+def adapter_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """PEFT tensor name → fp32 array, unstacked per layer and transposed to PyTorch layout."""
+    out = {}
+    for template, lin in _layer_modules(model):
+        a, b = np.asarray(lin.lora.a[...], np.float32), np.asarray(lin.lora.b[...], np.float32)
+        for i in range(a.shape[0]):
+            name = PREFIX + template.format(i=i)
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    return out
+
+
+def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dict:
+    if cfg.modules_to_save:
+        raise JaxftError("lora.modules_to_save: PEFT export of modules_to_save is not supported yet")
+    modules = sorted({t.rsplit(".", 1)[-1] for t, _ in _layer_modules(model)})
+    if not modules:
+        raise JaxftError("the model has no LoRA adapter to export")
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "target_modules": modules, "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": cfg.rslora, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+            "base_model_name_or_path": base_model, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str = "", overwrite: bool = False) -> Path:
+    """Write a PEFT adapter directory atomically; returns its path."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass overwrite to replace it)")
+    config = adapter_config(model, cfg, base_model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_file(adapter_tensors(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """A PEFT LoRA directory → (jaxft LoraConfig, tensors); unsupported settings are one-line errors."""
+    from safetensors.numpy import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, st = d / "adapter_config.json", d / "adapter_model.safetensors"
+    for p in (cfg_path, st):
+        if not p.is_file():
+            raise JaxftError(f"{p}: no such file (expected a PEFT LoRA adapter directory)")
+    c = json.loads(cfg_path.read_text())
+    if c.get("peft_type", "LORA") != "LORA":
+        raise JaxftError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", not c.get("use_dora")), ("bias", c.get("bias", "none") == "none"),
+                    ("rank_pattern", not c.get("rank_pattern")), ("alpha_pattern", not c.get("alpha_pattern")),
+                    ("modules_to_save", not c.get("modules_to_save")), ("fan_in_fan_out", not c.get("fan_in_fan_out"))):
+        if not ok:
+            raise JaxftError(f"{cfg_path}: {key}={c.get(key)!r} is not supported")
+    tm = c["target_modules"]
+    cfg = LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
+                     rslora=bool(c.get("use_rslora")), target_modules=tuple([tm] if isinstance(tm, str) else tm))
+    return cfg, load_file(str(st))
+
+
+def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
+    """Attach the adapter of a PEFT directory to `model` (in place); returns its LoraConfig.
+
+    Every adapted projection of every layer must be present with the right shapes; a tensor that
+    maps to nothing in the model is an error naming it.
+    """
+    cfg, tensors = read_adapter(adapter_dir)
+    s = cfg.alpha / np.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
+    used = set()
+    for path, lin in targets(model, cfg.target_modules):
+        template = "model.layers.{i}." + ".".join(str(p) for p in path[2:])
+        L, d_in, d_out = lin.kernel.shape
+        a_list, b_list = [], []
+        for i in range(L):
+            name = PREFIX + template.format(i=i)
+            for suffix, want in ((".lora_A.weight", (cfg.r, d_in)), (".lora_B.weight", (d_out, cfg.r))):
+                key = name + suffix
+                if key not in tensors:
+                    raise JaxftError(f"{adapter_dir}: tensor {key} is missing")
+                if tuple(tensors[key].shape) != want:
+                    raise JaxftError(f"{adapter_dir}: tensor {key} has shape {list(tensors[key].shape)}, "
+                                     f"the model needs {list(want)}")
+                used.add(key)
+            a_list.append(tensors[name + ".lora_A.weight"].T)
+            b_list.append(tensors[name + ".lora_B.weight"].T)
+        lin.lora = LoRA(jnp.asarray(np.stack(a_list), jnp.float32), jnp.asarray(np.stack(b_list), jnp.float32),
+                        float(s), cfg.dropout)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise JaxftError(f"{adapter_dir}: tensor {extra[0]} does not match any LoRA module of the model")
+    jax.block_until_ready([x for _, lin in _layer_modules(model) for x in (lin.lora.a[...], lin.lora.b[...])])
+    return cfg
