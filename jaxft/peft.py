@@ -140,3 +140,82 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
         raise JaxftError(f"{adapter_dir}: tensor {extra[0]} does not match any LoRA module of the model")
     jax.block_until_ready([x for _, lin in _layer_modules(model) for x in (lin.lora.a[...], lin.lora.b[...])])
     return cfg
+
+
+def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
+    """HF tensor name → array of the model with every adapter merged in (W' = W + s·A·B, in fp32, then cast)."""
+    from flax import nnx
+
+    from jaxft.hf import hf_names
+    from jaxft.lora import merged_kernel
+
+    kernels = {tuple(str(p) for p in path): lin for path, lin in targets(model, ("all-linear",))}
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = tuple(str(p) for p in path)
+        if isinstance(var, nnx.LoRAParam):
+            continue
+        names, transpose = hf_names(path, model.config.num_layers)
+        value = var.get_value()
+        if path[-1] == "kernel" and path[:-1] in kernels:
+            value = merged_kernel(kernels[path[:-1]])
+        value = np.asarray(value.astype(jnp.float32)).astype(dtype)
+        stacked = path[:2] == ("model", "layers")
+        for i, name in enumerate(names):
+            t = value[i] if stacked else value
+            out[name] = np.ascontiguousarray(t.T if transpose else t)
+    return out
+
+
+def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16", overwrite: bool = False,
+                  max_shard_bytes: int = 2 << 30) -> Path:
+    """A Hugging Face model directory of the merged model: config.json, generation_config.json,
+    safetensors (sharded with an index above max_shard_bytes), tokenizer files with the chat template."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass overwrite to replace it)")
+    np_dtype = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}[dtype]
+    tensors = merged_tensors(model, np_dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        shards, size = [[]], 0
+        for name, t in tensors.items():
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += t.nbytes
+        if len(shards) == 1:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for k, names in enumerate(shards):
+                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in names})
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = hf_config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+        config["architectures"] = config.get("architectures") or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -102,3 +102,27 @@ def test_import_mismatch_names_the_tensor(tmp_path):
     save_file(t, f)
     with pytest.raises(JaxftError, match=r"layers\.1\.self_attn\.q_proj\.lora_A\.weight has shape \[2, 10\]"):
         load_adapter(jaxft.load_pretrained(tmp_path / "other"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("arch", ["llama_mqa_tied_bias_headdim", "qwen2", "gemma2", "gemma3_text"])
+def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jaxft.peft import export_merged
+    from tiny import example_tokenizer
+
+    save_model(arch, tmp_path / "base")
+    cfg = LoraConfig(r=4, alpha=8)
+    model = _random_adapter(jaxft.load_pretrained(tmp_path / "base"), cfg)
+    hf_config = AutoConfig.from_pretrained(tmp_path / "base")
+    export_merged(model, example_tokenizer(), hf_config, tmp_path / "merged", dtype="fp32", max_shard_bytes=200_000)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    toks = np.random.RandomState(0).randint(0, 96, (2, 20))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(toks)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
+    # and jaxft reads its own export back
+    again = jaxft.load_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(np.asarray(again(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
