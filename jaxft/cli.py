@@ -1,4 +1,4 @@
-"""`jaxft` command line: train | eval | prepare | task-data | generate | chat | example-model.
+"""`jaxft` command line: train | eval | export | prepare | task-data | generate | chat | example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 import time
 
 from jaxft.errors import JaxftError
@@ -54,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--near-dup-threshold", type=float, default=None,
                     help="also drop near-duplicates (MinHash Jaccard >= this, e.g. 0.8)")
     pr.add_argument("--format", default="auto")
+    x = sub.add_parser("export", help="write a run's PEFT adapter or merged Hugging Face model")
+    x.add_argument("run", help="run directory (train.out_dir)")
+    x.add_argument("--format", choices=["peft", "merged"], default="peft")
+    x.add_argument("--out", required=True)
+    x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
     td = sub.add_parser("task-data", help="write the quickstart's task dataset (train/validation/test JSONL)")
     td.add_argument("out")
     td.add_argument("--train", type=int, default=400)
@@ -167,8 +175,6 @@ def cmd_example_model(args):
 
 
 def _run_config(path: str, overrides: list[str]):
-    from pathlib import Path
-
     from jaxft.config import load_config
 
     p = Path(path)
@@ -204,6 +210,39 @@ def cmd_prepare(args):
             near_dup_threshold=args.near_dup_threshold, fmt=args.format)
 
 
+def cmd_export(args):
+    from flax import nnx
+
+    from jaxft.evaluate import restore_params
+    from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, vllm_problems
+    from jaxft.train import build_model
+
+    run = _run_config(args.run, [])
+    setup = build_model(run)
+    params, meta = restore_params(run, setup, Path(run.train.out_dir))
+    model = nnx.merge(setup.graphdef, params, setup.frozen)
+    if args.format == "peft":
+        if not run.lora.enabled:
+            raise JaxftError(f"{args.run}: a full fine-tuning run has no adapter; use --format merged")
+        problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
+        for p in problems:
+            print(f"jaxft: vLLM: {p}", file=sys.stderr)
+        if problems and args.strict:
+            raise JaxftError(f"the adapter breaks {len(problems)} vLLM rule(s) (see above); nothing written")
+        out = export_adapter(model, run.lora, args.out, base_model=str(setup.model_path), overwrite=args.overwrite)
+    else:
+        if setup.model_path.suffix == ".gguf":
+            from jaxft.gguf import GGUFSource
+
+            hf_config = GGUFSource(setup.model_path).hf_config
+        else:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(setup.model_path)
+        out = export_merged(model, setup.tokenizer, hf_config, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported step {meta['step']} of {args.run} to {out} ({args.format})")
+
+
 def cmd_task_data(args):
     from jaxft.task import write_task_files
 
@@ -212,7 +251,7 @@ def cmd_task_data(args):
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
-            "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data}
+            "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ class LoraConfig:
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     target_modules: tuple[str, ...] = ("all-linear",)  # HF module names (q_proj, ...) or all-linear
     modules_to_save: tuple[str, ...] = ()  # trained in full next to LoRA, e.g. (embed_tokens, lm_head)
-    init_adapter: str | None = None  # a PEFT adapter directory to start from (export issue)
+    init_adapter: str | None = None  # a PEFT LoRA directory to start from (its target modules are used)
 
 
 @dataclasses.dataclass(frozen=True)

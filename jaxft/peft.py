@@ -219,3 +219,33 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_RANK = 16
+VLLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
+
+
+def vllm_problems(config: dict, tensor_names) -> list[str]:
+    """Each rule of vLLM's LoRA loader that an adapter (its adapter_config.json and tensor names) breaks."""
+    r = config.get("r")
+    out = []
+    if r not in VLLM_RANKS:
+        out.append(f"rank r={r} is not one of the ranks vLLM supports ({', '.join(map(str, VLLM_RANKS))})")
+    elif r > VLLM_DEFAULT_MAX_RANK:
+        out.append(f"rank r={r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} "
+                   f"(start vLLM with --max-lora-rank {r})")
+    if config.get("use_dora"):
+        out.append("use_dora=true: vLLM does not load DoRA adapters")
+    if config.get("modules_to_save"):
+        out.append(f"modules_to_save={config['modules_to_save']}: vLLM refuses adapters with full-weight modules")
+    if config.get("bias", "none") != "none":
+        out.append(f"bias={config['bias']!r}: vLLM needs bias='none' unless bias support is enabled")
+    tm = config.get("target_modules") or []
+    unknown = sorted(set([tm] if isinstance(tm, str) else tm) - set(VLLM_MODULES))
+    if unknown:
+        out.append(f"target_modules {unknown} are not modules vLLM knows")
+    odd = sorted(n for n in tensor_names if not n.endswith((".lora_A.weight", ".lora_B.weight")))
+    if odd:
+        out.append(f"tensor {odd[0]} is not a .lora_A.weight / .lora_B.weight tensor ({len(odd)} such)")
+    return out

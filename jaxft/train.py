@@ -277,7 +277,14 @@ def build_model(run: RunConfig) -> Setup:
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
     model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat)
     tokenizer = load_tokenizer(path)
-    if run.lora.enabled:
+    if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
+        from jaxft.peft import load_adapter
+
+        got = load_adapter(model, run.lora.init_adapter)
+        if (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
+            raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
+                             f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
+    elif run.lora.enabled:
         lora.attach(model, run.lora, jax.random.key(run.train.seed))
     graphdef, params, frozen = lora.split(model, run.lora)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights + optimizer state

@@ -126,3 +126,19 @@ def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
     # and jaxft reads its own export back
     again = jaxft.load_pretrained(tmp_path / "merged")
     np.testing.assert_allclose(np.asarray(again(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
+
+
+def test_vllm_check_flags_each_rule():
+    from jaxft.peft import vllm_problems
+
+    good = {"r": 16, "use_dora": False, "modules_to_save": None, "bias": "none", "target_modules": ["q_proj", "v_proj"]}
+    names = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert vllm_problems(good, names) == []
+    cases = [({"r": 12}, "not one of the ranks vLLM supports"), ({"r": 64}, "above vLLM's default --max-lora-rank 16"),
+             ({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+             ({"bias": "all"}, "bias='all'"), ({"target_modules": ["q_proj", "fc_in"]}, "['fc_in'] are not modules")]
+    for change, msg in cases:
+        problems = vllm_problems({**good, **change}, names)
+        assert len(problems) == 1 and msg in problems[0], (change, problems)
+    problems = vllm_problems(good, names + ["base_model.model.lm_head.weight"])
+    assert len(problems) == 1 and "lm_head.weight is not a .lora_A.weight" in problems[0]

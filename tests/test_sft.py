@@ -11,6 +11,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import nnx
 
 import jaxft
 from jaxft.config import DataConfig, load_config
@@ -178,3 +180,48 @@ def test_config_errors_before_loading(tmp_path):
                             override, "model.path=/nonexistent-model"], capture_output=True, text=True, cwd=ROOT,
                            timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_export_a_run_as_peft_and_merged(chat_model, task_data, tmp_path):
+    """`jaxft export` of a trained run: PEFT and transformers reproduce the tuned model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.evaluate import restore_params
+    from jaxft.train import build_model, train
+
+    run = load_config(ROOT / "configs" / "sft_lora.yaml",
+                      _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 3, "optim.lr": 1e-2,
+                                                                             "lora.r": 8}))
+    train(run, progress=False)
+    for fmt in ("peft", "merged"):
+        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--format", fmt,
+                            "--out", str(tmp_path / fmt), "--dtype", "fp32"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "peft"), "--strict"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 2 and "vLLM: rank r=8" not in r.stderr and "already exists" in r.stderr
+    setup = build_model(run)
+    params, _ = restore_params(run, setup, tmp_path / "run")
+    tuned = nnx.merge(setup.graphdef, params, setup.frozen)
+    toks = np.random.RandomState(0).randint(0, 49152, (1, 24))
+    ours = np.asarray(tuned(jnp.asarray(toks))[0])
+    base = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(torch.tensor(toks)).logits.numpy()
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(torch.tensor(toks)).logits.numpy()
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        merged_logits = merged(torch.tensor(toks)).logits.numpy()
+    assert np.abs(ours - base_logits).max() > 1e-3  # training moved the model
+    np.testing.assert_allclose(peft_logits, ours, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged_logits, ours, atol=1e-4, rtol=0)
+    # lora.init_adapter: a new run starts from the exported adapter
+    run2 = load_config(ROOT / "configs" / "sft_lora.yaml", _overrides(
+        chat_model, task_data, tmp_path / "run2", **{"lora.r": 8, "lora.init_adapter": tmp_path / "peft"}))
+    s2 = build_model(run2)
+    np.testing.assert_allclose(np.asarray(nnx.merge(s2.graphdef, s2.params, s2.frozen)(jnp.asarray(toks))[0]), ours,
+                               atol=1e-5, rtol=0)
+    with pytest.raises(jaxft.JaxftError, match="has r=8, alpha=8.0"):
+        build_model(load_config(ROOT / "configs" / "sft_lora.yaml", _overrides(
+            chat_model, task_data, tmp_path / "run3", **{"lora.r": 4, "lora.init_adapter": tmp_path / "peft"})))
