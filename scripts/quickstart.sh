@@ -7,3 +7,5 @@ set -x
 jaxft task-data runs/quickstart/data
 jaxft train configs/quickstart.yaml "$@" --resume
 jaxft eval configs/quickstart.yaml "$@"
+jaxft export runs/quickstart --format peft --out runs/quickstart/adapter --overwrite
+python scripts/check_peft_export.py runs/quickstart

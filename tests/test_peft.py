@@ -104,7 +104,7 @@ def test_import_mismatch_names_the_tensor(tmp_path):
         load_adapter(jaxft.load_pretrained(tmp_path / "other"), tmp_path / "a")
 
 
-@pytest.mark.parametrize("arch", ["llama_mqa_tied_bias_headdim", "qwen2", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
