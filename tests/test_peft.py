@@ -42,11 +42,12 @@ def test_jaxft_adapter_loads_in_peft_with_equal_logits(arch, tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_peft_trained_adapter_imports_and_round_trips(tmp_path):
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_peft_trained_adapter_imports_and_round_trips(arch, tmp_path):
     """An adapter made and trained a few steps in PyTorch: same logits in jaxft, identical tensors back."""
-    save_model("llama", tmp_path / "base")
+    save_model(arch, tmp_path / "base")
     torch.manual_seed(0)
-    pm = get_peft_model(make_model("llama"), PeftLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
+    pm = get_peft_model(make_model(arch), PeftLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
                                                                                                 "up_proj", "o_proj"]))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     toks = torch.tensor(np.random.RandomState(1).randint(0, 96, (2, 16)))
@@ -142,3 +143,25 @@ def test_vllm_check_flags_each_rule():
         assert len(problems) == 1 and msg in problems[0], (change, problems)
     problems = vllm_problems(good, names + ["base_model.model.lm_head.weight"])
     assert len(problems) == 1 and "lm_head.weight is not a .lora_A.weight" in problems[0]
+
+
+def test_full_finetune_merged_export_is_the_weights(tmp_path):
+    """Without LoRA the merged export writes the (trained) weights themselves."""
+    from flax import nnx
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jaxft.peft import export_merged
+    from tiny import example_tokenizer
+
+    save_model("gemma2", tmp_path / "base")
+    model = jaxft.load_pretrained(tmp_path / "base")
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x * 1.01, state)  # stands in for a full fine-tuning update
+    model = nnx.merge(graphdef, state)
+    export_merged(model, example_tokenizer(), AutoConfig.from_pretrained(tmp_path / "base"), tmp_path / "m",
+                  dtype="fp32")
+    toks = np.random.RandomState(0).randint(0, 96, (2, 20))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()(
+            torch.tensor(toks)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
