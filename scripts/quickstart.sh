@@ -2,7 +2,7 @@
 # The main job on the embedded default: LoRA SFT of SmolLM2-135M-Instruct on the shipped
 # JSON-extraction task, then base vs tuned on held-out examples. Re-running it resumes / re-evaluates.
 # Extra arguments are config overrides, e.g. `bash scripts/quickstart.sh train.steps=20`.
-. "$(dirname "$0")/_venv.sh"
+. "$(dirname "$0")/_venv.sh" test   # torch + peft for the final PyTorch check
 set -x
 jaxft task-data runs/quickstart/data
 jaxft train configs/quickstart.yaml "$@" --resume
