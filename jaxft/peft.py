@@ -59,6 +59,17 @@ def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dic
             "base_model_name_or_path": base_model, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place (replacing `out` only after it is complete)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
 def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str = "", overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory atomically; returns its path."""
     from safetensors.numpy import save_file
@@ -72,13 +83,7 @@ def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str 
     try:
         save_file(adapter_tensors(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,13 +213,7 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
 
         GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
