@@ -1,0 +1,62 @@
+"""Where a LoRA SFT step's time goes: forward vs backward of a SmolLM2-135M-shaped model (random weights).
+
+    python scripts/profile_step.py [--batch 4] [--seq 256]
+
+Prints medians of 3 (after a compile call) for the layer stack forward, the loss forward, and their
+gradients with respect to the LoRA factors, and the backward/forward ratio (~2 is the LoRA ideal:
+one input-gradient matmul per forward matmul, no weight gradients for the frozen base).
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import jaxft
+from jaxft import lora
+from jaxft.config import LoraConfig
+from jaxft.losses import sft_loss
+from jaxft.models import DecoderConfig, RopeConfig
+
+SMOLLM2 = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                        num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope=RopeConfig(theta=100000.0))
+
+
+def median_time(fn, *args, repeats=3):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    a = ap.parse_args()
+    model = jaxft.Decoder(SMOLLM2, rngs=nnx.Rngs(0))
+    cfg = LoraConfig(r=16, alpha=32)
+    lora.attach(model, cfg, jax.random.key(0))
+    g, p, f = lora.split(model, cfg)
+    toks = np.random.RandomState(0).randint(0, SMOLLM2.vocab_size, (a.batch, a.seq)).astype(np.int32)
+    batch = dict(tokens=toks, positions=np.tile(np.arange(a.seq, dtype=np.int32), (a.batch, 1)),
+                 segment_ids=np.ones_like(toks), targets=toks, loss_mask=np.ones(toks.shape, np.float32))
+    hidden = lambda p, f: nnx.merge(g, p, f).hidden(batch["tokens"])[0]  # noqa: E731
+    loss = lambda p, f: sft_loss(nnx.merge(g, p, f), batch)[0]  # noqa: E731
+    rows = [("layers forward", median_time(hidden, p, f)),
+            ("layers forward+backward", median_time(jax.grad(lambda p, f: hidden(p, f).sum()), p, f)),
+            ("loss forward", median_time(loss, p, f)),
+            ("loss forward+backward", median_time(jax.grad(loss), p, f))]
+    for name, t in rows:
+        print(f"{name:26s} {t:7.3f} s")
+    print(f"(forward+backward) / forward: layers {rows[1][1] / rows[0][1]:.2f}x, loss {rows[3][1] / rows[2][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
