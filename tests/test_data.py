@@ -352,7 +352,7 @@ def test_batches_layout_and_nothing_lost(tmp_path, tok, packing):
             assert not batch[k][pad].any(), f"{k} is not zero at padding"
         for r in range(3):  # padding only at the end of a row
             assert np.array_equal(pad[r], np.sort(pad[r]))
-        for r, tokens, targets, mask, positions in docs_of(batch):
+        for _, tokens, targets, mask, positions in docs_of(batch):
             ex = by_tokens[tuple(tokens)]
             np.testing.assert_array_equal(positions, np.arange(len(tokens)))
             np.testing.assert_array_equal(targets[:-1], tokens[1:])  # shifted within the document

@@ -1,0 +1,154 @@
+"""The performance benchmark: jaxft next to transformers + PEFT on this machine, with MFU, in one run.
+
+    python scripts/bench.py [--settings lora,full,bf16] [--steps 5] [--warmup 2] [--batch 4] [--seq 256]
+
+1. Measures this machine's matmul ceiling with XLA (fp32, and bf16 inputs with fp32 accumulation):
+   the best GFLOP/s over a few large GEMM shapes, in a fresh subprocess.
+2. Runs scripts/bench_sft.py (each framework in its own fresh subprocess) for every setting:
+   lora = LoRA r=16 on q,k,v,o,gate,up,down, fp32; full = full fine-tuning, fp32; bf16 = LoRA with
+   bf16 compute (PyTorch: bf16 autocast). Model: the example SmolLM2-135M-Instruct, batch 4 x 256.
+3. Prints tokens/s of both, their ratio, jaxft's MFU, peak host RSS of both and their ratio, and
+   jaxft's first-step compile time, next to the issue's targets.
+
+MFU = model FLOPs per token x jaxft tokens/s / ceiling (same dtype, same run). Model FLOPs per token
+(printed with the figures): P = matmul weights (every q,k,v,o,gate,up,down of every layer, plus
+the LM head), A = 12 · L · S · N · H (attention scores and values, forward + backward, full S x S);
+full fine-tuning: 6 · P + A; LoRA: 4 · P (forward + input gradients; no weight gradients for the
+frozen base) + 6 · P_lora + A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_sft  # noqa: E402 — the workers and their process helpers
+
+SETTINGS = {  # name → (bench_sft.py arguments, dtype of the ceiling that applies)
+    "lora": (["--mode", "lora", "--dtype", "fp32"], "fp32"),
+    "full": (["--mode", "full", "--dtype", "fp32"], "fp32"),
+    "bf16": (["--mode", "lora", "--dtype", "bf16"], "bf16"),
+}
+TARGETS = "fp32 LoRA targets: >= 2.0x PyTorch tokens/s, MFU >= 55%, peak RSS <= 0.75x PyTorch, compile <= 30 s"
+GEMMS = [(2048, 2048, 2048), (4096, 1024, 4096), (1024, 576, 1536)]  # (M, K, N); the last = a SmolLM2 MLP GEMM
+
+
+def ceiling() -> dict:
+    """Best GFLOP/s of an XLA GEMM, fp32 and bf16 x bf16 → fp32, over GEMMS (median of 7 per shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        best = {}
+        for m, k, n in GEMMS:
+            a = jax.random.normal(jax.random.key(0), (m, k)).astype(dt)
+            b = jax.random.normal(jax.random.key(1), (k, n)).astype(dt)
+            f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+            jax.block_until_ready(f(a, b))
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(a, b))
+                ts.append(time.perf_counter() - t0)
+            best[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(ts) / 1e9
+        out[name] = dict(gflops=max(best.values()), shapes=best)
+    return out
+
+
+def flops_per_token(mode: str, seq: int, rank: int) -> tuple[float, str]:
+    """Model FLOPs per trained token for the example model, and the formula with its numbers."""
+    from jaxft.hf import open_checkpoint
+    from jaxft.example import example_model
+
+    _, c = open_checkpoint(example_model())
+    D, F, L, N, K, H = c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim
+    shapes = [(D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F), (F, D)]
+    P = L * sum(i * o for i, o in shapes) + D * c.vocab_size  # + LM head
+    P_lora = L * sum(rank * (i + o) for i, o in shapes)
+    A = 12 * L * seq * N * H
+    if mode == "full":
+        return 6 * P + A, f"6*P + A = 6*{P / 1e6:.1f}M + {A / 1e6:.1f}M"
+    return 4 * P + 6 * P_lora + A, f"4*P + 6*P_lora + A = 4*{P / 1e6:.1f}M + 6*{P_lora / 1e6:.2f}M + {A / 1e6:.1f}M"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", default="lora,full,bf16", help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    ap.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.ceiling_worker:
+        Path(args.ceiling_worker).write_text(json.dumps(ceiling()))
+        return
+    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        ap.error(f"--settings: unknown {unknown[0]!r} (known: {', '.join(SETTINGS)})")
+
+    busy = bench_sft.busy_processes()
+    if busy:
+        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ceiling.json"
+        print("[ceiling] fresh subprocess ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--ceiling-worker", str(out)], check=True)
+        ceil = json.loads(out.read_text())
+
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+              "--seq", str(args.seq), "--rank", str(args.rank)]
+    sub_args = argparse.Namespace(warmup=args.warmup, batch=args.batch, seq=args.seq)
+    rows = []
+    for name in names:
+        extra, dt = SETTINGS[name]
+        j, t = (bench_sft.summarize(bench_sft.run_worker(side, extra + common), sub_args) for side in ("jaxft", "torch"))
+        mode = "full" if "full" in extra else "lora"
+        fpt, formula = flops_per_token(mode, args.seq, args.rank)
+        mfu = fpt * j["tokens_per_s_median"] / (ceil[dt]["gflops"] * 1e9)
+        rows.append(dict(setting=name, jaxft=j, torch=t, flops_per_token=fpt, formula=formula, mfu=mfu,
+                         ceiling_dtype=dt))
+
+    print(f"\nmatmul ceiling (XLA, best of {', '.join(ceil['fp32']['shapes'])}): fp32 {ceil['fp32']['gflops']:.0f} "
+          f"GFLOP/s, bf16 x bf16 -> fp32 {ceil['bf16']['gflops']:.0f} GFLOP/s")
+    for dt in ("fp32", "bf16"):
+        print(f"  {dt}: " + ", ".join(f"{s} {g:.0f}" for s, g in ceil[dt]["shapes"].items()))
+    print(f"example SmolLM2-135M, batch {args.batch} x seq {args.seq}, AdamW, {args.warmup} warmup + "
+          f"{args.steps} timed steps, medians; cores: {os.cpu_count()}")
+    head = (f"{'setting':<8} | {'jaxft tok/s':>11} | {'PyTorch tok/s':>13} | {'ratio':>6} | {'MFU':>6} | "
+            f"{'jaxft RSS GB':>12} | {'PyTorch RSS GB':>14} | {'RSS ratio':>9} | {'compile s':>9}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        j, t = r["jaxft"], r["torch"]
+        print(f"{r['setting']:<8} | {j['tokens_per_s_median']:>11.1f} | {t['tokens_per_s_median']:>13.1f} | "
+              f"{j['tokens_per_s_median'] / t['tokens_per_s_median']:>5.2f}x | {100 * r['mfu']:>5.1f}% | "
+              f"{j['peak_rss_gb']:>12.2f} | {t['peak_rss_gb']:>14.2f} | {j['peak_rss_gb'] / t['peak_rss_gb']:>8.2f}x | "
+              f"{j['compile_s']:>9.1f}")
+    for r in rows:
+        print(f"{r['setting']}: model FLOPs/token {r['formula']} = {r['flops_per_token'] / 1e6:.1f} MFLOP; "
+              f"MFU against the {r['ceiling_dtype']} ceiling")
+    print(TARGETS)
+    for r in rows:
+        for side in ("jaxft", "torch"):
+            w = r[side]
+            share = w["others_cpu_s"] / (w["wall_s"] * os.cpu_count())
+            if share > 0.1:
+                print(f"NOISY: {r['setting']} {side}: other processes took {100 * share:.0f}% of the machine")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(settings=vars(args), ceiling=ceil, rows=rows, busy=busy), indent=1))
+
+
+if __name__ == "__main__":
+    main()
