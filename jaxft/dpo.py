@@ -237,7 +237,7 @@ def evaluate_variants(run: RunConfig, setup, variants: dict) -> dict:
     """`jaxft eval` of a DPO run: eval_loss and eval_rewards/... on the validation pairs, per variant."""
     from jaxft.train import make_eval_step
 
-    val = pair_batches(run, setup, "validation", run.eval.batch_size)
+    val = pair_batches(run, setup, "validation", run.train.batch_size)  # the cache's batch shapes
     if val is None:
         return {k: {} for k in variants}
     eval_step = make_eval_step(setup.graphdef, make_loss(run.dpo))

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import jaxft
+import jaxft.lora
+import jaxft.losses
 from jaxft.config import DataConfig, DpoConfig, LoraConfig, load_config
 from jaxft.dpo import METRICS, make_loss, pair_losses, reference_logps
 from jaxft.errors import JaxftError
@@ -350,8 +352,8 @@ def test_cli_train_resume_eval(chat_model, pair_data, tmp_path):
     cli("train", cfg, *o, "train.steps=2")
     r = cli("train", cfg, *o, "train.steps=4", "--resume")
     assert "resumed from" in r.stderr and "(cached)" in r.stderr  # no second reference pass
-    rows = _rows(out)
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(k in rows[-1] for k in METRICS)
     r = cli("eval", str(out))
     assert "eval_rewards/accuracies" in r.stdout and "field_accuracy" in r.stdout
