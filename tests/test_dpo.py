@@ -303,6 +303,28 @@ def test_chosen_logprob_rises_after_a_step(chat_model, batch):
     assert float(m1["rewards/margins"]) > 0 and float(m1["loss"]) < math.log(2)
 
 
+def test_grad_accum_keeps_loss_and_metrics(chat_model, pair_data, tok):
+    """2 micro-batches of 1 pair give the loss, metrics and gradient norm of 1 micro-batch of 2 pairs."""
+    from jaxft.train import init_state, make_optimizer, make_train_step
+
+    pairs, _ = load_pairs(DataConfig(train=str(pair_data / "train.jsonl"), max_length=192), DpoConfig(), tok)
+    lcfg = LoraConfig(r=4, alpha=8)
+    model = _lora_model(chat_model)
+    for _, lin in jaxft.lora.targets(model, ("all-linear",)):  # rewards away from 0
+        lin.lora.b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora.b.shape)
+    graphdef, params, frozen = jaxft.lora.split(model, lcfg)
+    tx = make_optimizer(load_config(None, ["optim.warmup_steps=0"]).optim, 10, params)
+    step = make_train_step(graphdef, tx, make_loss(DpoConfig(loss_type="ipo")))
+    one = PairBatches(pairs[:2], 2, 192, seed=0).in_order(0)
+    halves = [PairBatches(pairs[:2], 1, 192, seed=0).in_order(i) for i in range(2)]
+    fresh = lambda: init_state(jax.tree.map(jnp.copy, params), tx)  # noqa: E731 — the state is donated
+    _, m1 = step(fresh(), frozen, {k: v[None] for k, v in one.items()})
+    _, m2 = step(fresh(), frozen, {k: np.stack([h[k] for h in halves]) for k in one})
+    assert float(m1["targets"]) == float(m2["targets"]) == 2
+    for k in ("loss", "grad_norm", *METRICS):
+        assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-6), k
+
+
 # ---------------------------------------------------------------- training runs
 
 
