@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--validation", type=int, default=32)
     td.add_argument("--test", type=int, default=48)
     td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--pairs", action="store_true",
+                    help="also write train_pairs.jsonl / validation_pairs.jsonl (chosen = correct, rejected = wrong)")
     return parser
 
 
@@ -244,9 +246,10 @@ def cmd_export(args):
 
 
 def cmd_task_data(args):
-    from jaxft.task import write_task_files
+    from jaxft.task import write_pair_files, write_task_files
 
-    paths = write_task_files(args.out, args.train, args.validation, args.test, seed=args.seed)
+    write = write_pair_files if args.pairs else write_task_files
+    paths = write(args.out, args.train, args.validation, args.test, seed=args.seed)
     print(" ".join(f"{k}={v}" for k, v in paths.items()))
 
 

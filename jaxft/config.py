@@ -93,13 +93,30 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """Preference optimization (objective: dpo); see jaxft/dpo.py for the losses (TRL's definitions)."""
+
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO (sigmoid), robust, SimPO
+    simpo_gamma: float = 0.5  # SimPO target margin
+    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term
+    reference: Literal["lora_base", "cache"] = "lora_base"  # the adapter switched off, or cached log-probs
+    cache_dir: str | None = None  # reference log-prob cache (default <train.out_dir>/reference)
+    max_prompt_length: int | None = None  # prompts longer than this keep their last tokens
+    truncate_prompt: bool = True  # over-length pairs cut the prompt first (else they are dropped)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
+    objective: Literal["sft", "dpo"] = "sft"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    dpo: DpoConfig = DpoConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -238,6 +255,14 @@ def validate(run: RunConfig) -> None:
         (run.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
         (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
         (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+        (run.dpo.beta > 0, "dpo.beta", "must be > 0"),
+        (0 <= run.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
+        (run.dpo.orpo_lambda >= 0, "dpo.orpo_lambda", "must be >= 0"),
+        (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
+         "must be >= 1 or null"),
+        (run.objective != "dpo" or run.dpo.reference != "lora_base" or run.dpo.loss_type in ("simpo", "orpo")
+         or (run.lora.enabled and not run.lora.modules_to_save), "dpo.reference",
+         "lora_base needs LoRA without modules_to_save (their base weights are trained); use dpo.reference=cache"),
     ]
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
     checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")

@@ -297,12 +297,12 @@ class Batches:
             raise ValueError("Batches: no examples")
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"Batches: batch_size={batch_size} and seq_len={seq_len} must be ≥ 1 and ≥ 2")
-        longest = max(len(e.tokens) for e in examples)
+        longest = max(len(e) for e in examples)
         if longest > seq_len:
             raise ValueError(f"Batches: an example has {longest} tokens, more than seq_len={seq_len}")
         self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
         self.seed = seed % 2**32
-        lengths = [len(e.tokens) for e in examples]
+        lengths = [len(e) for e in examples]
         self.rows = pack(lengths, seq_len, self.seed) if packing else [[i] for i in range(len(examples))]
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -328,22 +328,28 @@ class Batches:
         return cached[1]
 
     def _assemble(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        """Lay the rows' documents out left to right; unused rows and positions stay 0 (padding)."""
-        shape = (self.batch_size, self.seq_len)
-        out = {k: np.zeros(shape, np.int32) for k in ("tokens", "positions", "segment_ids", "targets")}
-        out["loss_mask"] = np.zeros(shape, np.float32)
-        for r, doc_ids in enumerate(rows):
-            offset = 0
-            for seg, d in enumerate(doc_ids, 1):
-                ex = self.examples[d]
-                n, end = len(ex.tokens), offset + len(ex.tokens)
-                out["tokens"][r, offset:end] = ex.tokens
-                out["positions"][r, offset:end] = np.arange(n)
-                out["segment_ids"][r, offset:end] = seg
-                out["targets"][r, offset:end - 1] = ex.tokens[1:]  # the last token has no target
-                out["loss_mask"][r, offset:end - 1] = ex.loss_mask[1:]
-                offset = end
-        return out
+        return layout([[self.examples[d] for d in doc_ids] for doc_ids in rows], self.batch_size, self.seq_len)
+
+
+def layout(rows: list[list[Example]], n_rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Lay each row's documents out left to right; unused rows and positions stay 0 (padding).
+
+    Returns tokens, positions, segment_ids, targets (int32) and loss_mask (float32), each [n_rows, seq_len].
+    """
+    shape = (n_rows, seq_len)
+    out = {k: np.zeros(shape, np.int32) for k in ("tokens", "positions", "segment_ids", "targets")}
+    out["loss_mask"] = np.zeros(shape, np.float32)
+    for r, docs in enumerate(rows):
+        offset = 0
+        for seg, ex in enumerate(docs, 1):
+            n, end = len(ex.tokens), offset + len(ex.tokens)
+            out["tokens"][r, offset:end] = ex.tokens
+            out["positions"][r, offset:end] = np.arange(n)
+            out["segment_ids"][r, offset:end] = seg
+            out["targets"][r, offset:end - 1] = ex.tokens[1:]  # the last token has no target
+            out["loss_mask"][r, offset:end - 1] = ex.loss_mask[1:]
+            offset = end
+    return out
 
 
 def pack(lengths: list[int], seq_len: int, seed: int) -> list[list[int]]:

@@ -101,14 +101,19 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
     results: dict[str, dict] = {k: {} for k in variants}
 
     has_val = run.data.validation is not None or run.data.validation_fraction > 0
-    if has_val:
+    if has_val and run.objective == "dpo":  # validation pairs: eval_loss and eval_rewards/...
+        from jaxft.dpo import evaluate_variants
+
+        for k, r in evaluate_variants(run, setup, variants).items():
+            results[k].update(r)
+    elif has_val:
         val, _ = load_examples(run.data, setup.tokenizer, "validation")
         batches = Batches(val, run.eval.batch_size, run.data.max_length, run.data.packing, run.data.seed)
         eval_step = make_eval_step(setup.graphdef)
         for k, params in variants.items():
             results[k].update(evaluate_loss(eval_step, params, setup.frozen, batches, 0))
 
-    file = run.eval.file or run.data.validation
+    file = run.eval.file or (run.data.validation if run.objective == "sft" else None)  # not preference pairs
     predictions = {}
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)

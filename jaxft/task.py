@@ -210,3 +210,46 @@ def read_jsonl(path) -> list[dict]:
     """The rows of a .jsonl file written by write_task_files."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: the correct JSON with one mistake of the kinds the base model makes
+    (date or amount in the record's style, a quoted amount, a title, an extra key, prose around it)."""
+    obj = json.loads(answer)
+    date = dt.date.fromisoformat(obj["date"])
+    kind = rng.randrange(6)
+    if kind == 0:
+        obj["date"] = rng.choice([f"{date.month:02d}/{date.day:02d}/{date.year}", f"{date.day} {calendar.month_name[date.month]} {date.year}"])
+    elif kind == 1:
+        obj["amount"] = rng.choice([f"${obj['amount']}", str(obj["amount"]), f"{obj['amount']} EUR"])
+    elif kind == 2:
+        obj["name"] = f"{rng.choice(TITLES)} {obj['name']}" if rng.random() < 0.5 else obj["name"].split()[0]
+    elif kind == 3:
+        obj["currency"] = rng.choice(CURRENCIES)[1]
+    elif kind == 4:
+        obj["date"] = (date + dt.timedelta(days=rng.choice([-1, 1, 30]))).isoformat()
+    else:
+        return f"Here is the JSON object:\n```json\n{json.dumps(obj, ensure_ascii=False)}\n```"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def make_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Preference rows (explicit prompt, chat messages) from task rows: chosen = the correct answer,
+    rejected = `wrong_answer` of it."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        prompt, answer = prompt_and_answer(row)
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": wrong_answer(answer, rng)}]})
+    return out
+
+
+def write_pair_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test: int = 48,
+                     seed: int = 0) -> dict[str, Path]:
+    """write_task_files, plus train_pairs.jsonl / validation_pairs.jsonl: the same rows as preference pairs."""
+    paths = write_task_files(out_dir, n_train, n_validation, n_test, seed)
+    for split in ("train", "validation"):
+        paths[f"{split}_pairs"] = Path(out_dir) / f"{split}_pairs.jsonl"
+        write_jsonl_atomic(paths[f"{split}_pairs"], make_pairs(read_jsonl(paths[split]), seed + 1))
+    return paths

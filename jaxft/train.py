@@ -93,21 +93,21 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         params = state["params"]
         key = jax.random.fold_in(base_key, state["step"])
 
+        def f(p, mb, k):  # loss_fn returns (sum, count) or (sum, count, {metric: sum})
+            s, c, *aux = loss_fn(nnx.merge(graphdef, p, frozen), mb, k)
+            return s, (c, aux[0] if aux else {})
+
         def micro(carry, xs):
             mb, i = xs
             k = jax.random.fold_in(key, i) if dropout else None
-
-            def f(p):
-                s, c = loss_fn(nnx.merge(graphdef, p, frozen), mb, k)
-                return s, c
-
-            (s, c), g = jax.value_and_grad(f, has_aux=True)(params)
-            tot_s, tot_c, tot_g = carry
-            return (tot_s + s, tot_c + c, jax.tree.map(jnp.add, tot_g, g)), None
+            (s, (c, aux)), g = jax.value_and_grad(f, has_aux=True)(params, mb, k)
+            return jax.tree.map(jnp.add, carry, (s, c, aux, g)), None
 
         A = jax.tree.leaves(batch)[0].shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (s, c, g), _ = jax.lax.scan(micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(A)))
+        aux_shape = jax.eval_shape(f, params, jax.tree.map(lambda x: x[0], batch), None)[1][1]
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shape),
+                 jax.tree.map(jnp.zeros_like, params))
+        (s, c, aux, g), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(A)))
         denom = jnp.maximum(c, 1.0)
         loss = s / denom
         grads = jax.tree.map(lambda x: x / denom, g)
@@ -124,7 +124,7 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
             skipped=state["skipped"] + (~finite).astype(jnp.int32),
         )
         metrics = dict(loss=loss, targets=c, tokens=jnp.sum(batch["segment_ids"] > 0), grad_norm=grad_norm,
-                       finite=finite, bad_steps=new_state["bad_steps"])
+                       finite=finite, bad_steps=new_state["bad_steps"], **{k: v / denom for k, v in aux.items()})
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
         return new_state, metrics
@@ -133,7 +133,7 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
 
 
 def make_eval_step(graphdef, loss_fn: Callable = sft_loss):
-    """(params, frozen, batch [B, S]) → (loss sum, target count)."""
+    """(params, frozen, batch [B, S]) → loss_fn's (loss sum, target count[, metric sums])."""
     return jax.jit(lambda params, frozen, batch: loss_fn(nnx.merge(graphdef, params, frozen), batch, None))
 
 
@@ -249,6 +249,35 @@ def plot_losses(metrics_path: Path, out_png: Path):
 
 
 @dataclasses.dataclass
+class Objective:
+    """What a run trains on: batches, loss_fn(model, batch, key) → (sum, count[, metric sums]), and
+    evaluate(params, frozen) → {eval_loss, ...} (None without a validation split)."""
+
+    batches: object
+    val_batches: object
+    loss_fn: Callable
+    evaluate: Callable | None
+
+
+def sft_objective(run: RunConfig, setup, say) -> Objective:
+    from jaxft.data import Batches, load_examples
+
+    train_ex, report = load_examples(run.data, setup.tokenizer, "train")
+    say(f"train data: {report.summary()}")
+    has_val = run.data.validation is not None or run.data.validation_fraction > 0
+    if not has_val:
+        return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing,
+                                 run.data.seed), None, sft_loss, None)
+    val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
+    say(f"validation data: {vreport.summary()}")
+    val_batches = Batches(val_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+    eval_step = make_eval_step(setup.graphdef)
+    return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed),
+                     val_batches, sft_loss,
+                     lambda p, f: evaluate_loss(eval_step, p, f, val_batches, run.train.eval_batches))
+
+
+@dataclasses.dataclass
 class Setup:
     """Everything a run builds before its first step (also used by eval and export)."""
 
@@ -296,7 +325,6 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     from tqdm import tqdm
 
     from jaxft.checkpoint import Checkpoints
-    from jaxft.data import Batches, load_examples
 
     check_files(run)
     out = Path(run.train.out_dir)
@@ -308,15 +336,12 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     setup = build_model(run)
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
 
-    train_ex, report = load_examples(run.data, setup.tokenizer, "train")
-    say(f"train data: {report.summary()}")
-    has_val = run.data.validation is not None or run.data.validation_fraction > 0
-    val_batches = None
-    if has_val:
-        val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
-        say(f"validation data: {vreport.summary()}")
-        val_batches = Batches(val_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
-    batches = Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+    if run.objective == "dpo":
+        from jaxft.dpo import objective
+    else:
+        objective = sft_objective
+    obj = objective(run, setup, say)
+    batches, val_batches = obj.batches, obj.val_batches
 
     tx = make_optimizer(run.optim, run.train.steps, setup.params)
     state = init_state(setup.params, tx)
@@ -329,9 +354,8 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             start = int(meta["step"])
             say(f"resumed from {ckpts.dir / str(start)} (step {start})")
     sched = schedule(run.optim, run.train.steps)
-    step_fn = make_train_step(setup.graphdef, tx, seed=run.train.seed, dropout=run.lora.enabled and run.lora.dropout > 0,
-                              lr_schedule=sched)
-    eval_step = make_eval_step(setup.graphdef)
+    step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
+                              dropout=run.lora.enabled and run.lora.dropout > 0, lr_schedule=sched)
     log = MetricsLog(out, start)
     meta = lambda step: dict(step=step, data_position=step * run.train.grad_accum,  # noqa: E731
                              micro_batches_per_epoch=len(batches), config=run.to_dict())
@@ -354,7 +378,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         rate = (tokens_seen - rate_from[1]) / (t - rate_from[0]) if t > rate_from[0] else 0.0
         row = dict(step=step, loss=m["loss"], lr=m.get("lr"), grad_norm=m["grad_norm"], tokens=int(m["tokens"]),
                    targets=int(m["targets"]), tokens_per_s=rate, elapsed=elapsed,
-                   skipped=not m["finite"])
+                   skipped=not m["finite"], **{k: v for k, v in m.items() if "/" in k})
         if step % run.train.log_every == 0 or step == run.train.steps:
             log.write(row)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -377,10 +401,12 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                 if val_batches is not None:
                     last = flush(pending) or last
                     pending = None
-                    ev = evaluate_loss(eval_step, state["params"], frozen, val_batches, run.train.eval_batches)
+                    ev = obj.evaluate(state["params"], frozen)
                     log.write(dict(step=step, **ev))
                     last.update(ev)
-                    say(f"\nstep {step}: validation loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+                    extra = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items()
+                                      if k in ("eval_ppl", "eval_rewards/accuracies", "eval_rewards/margins"))
+                    say(f"\nstep {step}: validation loss {ev['eval_loss']:.4f} ({extra})")
             if (run.train.save_every and step % run.train.save_every == 0) or end:
                 if pending is not None:
                     last = flush(pending) or last

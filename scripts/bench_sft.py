@@ -236,17 +236,17 @@ def busy_cpu_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def run_worker(name: str, argv: list[str]) -> dict:
-    """Run one side in a fresh subprocess; also how much CPU other processes took meanwhile."""
+def run_worker(name: str, argv: list[str], script: str = __file__) -> dict:
+    """Run one side (`script --worker name`) in a fresh subprocess; also how much CPU other processes took."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         print(f"[{name}] fresh subprocess ...", file=sys.stderr, flush=True)
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", name,
+        proc = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", name,
                                "--worker-out", str(out)], check=False)
         ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
         if proc.returncode != 0 or not out.exists():
-            sys.exit(f"bench_sft: the {name} worker failed (exit code {proc.returncode})")
+            sys.exit(f"{Path(script).name}: the {name} worker failed (exit code {proc.returncode})")
         own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         others = max(busy1 - busy0 - own, 0.0)
         return dict(json.loads(out.read_text()), wall_s=wall, own_cpu_s=own, others_cpu_s=others)

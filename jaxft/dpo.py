@@ -1,0 +1,244 @@
+"""Preference optimization: the DPO family (TRL's definitions), the reference without a second copy of
+the weights, and cached reference log-probs.
+
+    loss_fn = make_loss(run.dpo)           # (model, batch, dropout_key) → (sum, pairs, metric sums)
+    obj = objective(run, setup, say)       # batches, validation batches, loss_fn, evaluate (jaxft.train)
+
+A sequence's log-prob is the sum of its completion tokens' log-probs (fp32, `losses.token_logprobs`);
+chosen and rejected run in one forward pass (concatenated along the batch). With Δ = (logπ(c) − logπ_ref(c))
+− (logπ(r) − logπ_ref(r)), β, label smoothing ε, lengths |c|, |r| (completion tokens):
+
+    sigmoid  −(1−ε) log σ(βΔ) − ε log σ(−βΔ)                      (ε > 0: cDPO)
+    robust   (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)
+    hinge    relu(1 − βΔ)
+    ipo      ((ratio_c/|c| − ratio_r/|r|) − 1/(2β))²
+    simpo    −(1−ε) log σ(z) − ε log σ(−z),  z = β (logπ(c)/|c| − logπ(r)/|r|) − γ       (no reference)
+    orpo     NLL(chosen prompt + completion) + λ · −log σ(log odds(c) − log odds(r))    (no reference)
+
+Metrics (means over pairs): rewards/chosen = β(logπ(c) − logπ_ref(c)), rewards/rejected, rewards/accuracies
+(chosen > rejected, strict), rewards/margins, logps/chosen, logps/rejected. SimPO and ORPO report, as TRL's
+CPO/ORPO trainers do, length-normalized log-probs and rewards β·logπ/|y| (λ·logπ/|y| for ORPO).
+
+Reference: `dpo.reference=lora_base` is the same weights with every LoRA update switched off (a view of
+the merged model, under stop_gradient: no copy, no backward); `cache` computes those log-probs once per
+dataset (full fine-tuning: the initial weights) and stores them in `<cache_dir>/<fingerprint>.npy`, keyed
+by the model files, dtype, the reference kind and the exact token ids of every pair, so training runs no
+reference forward at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.config import DpoConfig, RunConfig
+from jaxft.losses import token_logprobs
+from jaxft.models.decoder import Linear
+from jaxft.preference import PairBatches, load_pairs
+
+REFERENCE_FREE = ("simpo", "orpo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 − exp(x)) for x < 0, accurate at both ends."""
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _smoothed(z, eps):
+    return -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_r=None):
+    """Per-pair losses [B] and per-pair metrics {name: [B]} from summed completion log-probs [B]
+    (policy and, unless reference-free, reference) and completion lengths [B]. ORPO's NLL term is
+    added by the caller."""
+    b, eps = cfg.beta, cfg.label_smoothing
+    if cfg.loss_type in REFERENCE_FREE:
+        avg_c, avg_r = chosen / len_c, rejected / len_r
+        if cfg.loss_type == "simpo":
+            loss, scale = _smoothed(b * (avg_c - avg_r) - cfg.simpo_gamma, eps), b
+        else:
+            log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+            loss, scale = -cfg.orpo_lambda * jax.nn.log_sigmoid(log_odds), cfg.orpo_lambda
+        rc, rr, lc, lr = scale * avg_c, scale * avg_r, avg_c, avg_r
+    else:
+        ratio_c, ratio_r = chosen - ref_c, rejected - ref_r
+        z = b * (ratio_c - ratio_r)
+        loss = {
+            "sigmoid": lambda: _smoothed(z, eps),
+            "robust": lambda: (-(1 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1 - 2 * eps),
+            "hinge": lambda: jax.nn.relu(1 - z),
+            "ipo": lambda: (ratio_c / len_c - ratio_r / len_r - 1 / (2 * b)) ** 2,
+        }[cfg.loss_type]()
+        rc, rr, lc, lr = b * ratio_c, b * ratio_r, chosen, rejected
+    metrics = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).astype(rc.dtype),
+               "rewards/margins": rc - rr, "logps/chosen": lc, "logps/rejected": lr}
+    return loss, metrics
+
+
+def _token_logprobs(model, batch: dict, dropout_key=None) -> jax.Array:
+    """log p(target) [2B, S] fp32 of every position of a pair batch."""
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+    return token_logprobs(model, h, batch["targets"])
+
+
+def reference_view(model):
+    """The same weights with every LoRA update switched off, under stop_gradient (no copy of the weights)."""
+    graphdef, state = nnx.split(model)
+    ref = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
+    for _, m in nnx.iter_modules(ref):
+        if isinstance(m, Linear):
+            m.lora = None
+    return ref
+
+
+def reference_logps(model, batch: dict) -> jax.Array:
+    """Summed completion log-probs [2B] of the reference (LoRA off) for a pair batch."""
+    lp = _token_logprobs(reference_view(model), batch)
+    return jnp.sum(lp * batch["loss_mask"], axis=-1)
+
+
+def make_loss(cfg: DpoConfig):
+    """loss_fn(model, batch, dropout_key) → (sum of pair losses, number of pairs, {metric: sum over pairs}).
+
+    The reference log-probs come from batch["ref_logps"] (a cache) when present, else from `reference_view`.
+    """
+
+    def loss_fn(model, batch, dropout_key=None):
+        m = batch["pair_mask"]  # [B]
+        B = m.shape[0]
+        real = jnp.concatenate([m, m]) > 0  # [2B]
+        lp = _token_logprobs(model, batch, dropout_key)  # [2B, S]
+        mask = batch["loss_mask"]
+        logps = jnp.where(real, jnp.sum(lp * mask, axis=-1), -1.0)  # empty rows: harmless finite values
+        lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        ref = ()
+        if cfg.loss_type not in REFERENCE_FREE:
+            r = batch["ref_logps"] if "ref_logps" in batch else reference_logps(model, batch)
+            r = jnp.where(real, r, -1.0)
+            ref = (r[:B], r[B:])
+        losses, metrics = pair_losses(cfg, logps[:B], logps[B:], lengths[:B], lengths[B:], *ref)
+        total, pairs = jnp.sum(losses * m), jnp.sum(m)
+        if cfg.loss_type == "orpo":  # TRL: mean NLL over the chosen sequences' prompt and completion tokens
+            seg = batch["segment_ids"][:B]
+            has_target = (seg > 0) & (jnp.pad(seg[:, 1:], ((0, 0), (0, 1))) > 0)
+            nll = -jnp.sum(lp[:B] * has_target) / jnp.maximum(jnp.sum(has_target), 1)
+            total = total + pairs * nll
+        return total, pairs, {k: jnp.sum(v * m) for k, v in metrics.items()}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- reference log-prob cache
+
+
+def fingerprint(run: RunConfig, model_path: Path, pairs) -> str:
+    """sha256 of what the reference log-probs depend on: model files, dtype, reference kind, token ids."""
+    h = hashlib.sha256(json.dumps(dict(dtype=run.model.dtype, reference="initial weights, LoRA off",
+                                       version=1)).encode())
+    files = [model_path] if model_path.is_file() else sorted(
+        p for p in model_path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf"))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 23):
+                h.update(chunk)
+    for p in pairs:
+        for ex in (p.chosen, p.rejected):
+            h.update(np.int64(len(ex.tokens)).tobytes() + ex.tokens.tobytes() + ex.loss_mask.tobytes())
+    return h.hexdigest()[:24]
+
+
+def compute_reference_logps(graphdef, params, frozen, pairs, batch_size: int, seq_len: int) -> np.ndarray:
+    """The reference's (chosen, rejected) log-probs [N, 2] of every pair, in the order of `pairs`."""
+    batches = PairBatches(pairs, batch_size, seq_len, seed=0)
+    fn = jax.jit(lambda p, f, b: reference_logps(nnx.merge(graphdef, p, f), b))
+    out = np.zeros((len(pairs), 2), np.float32)
+    for i in range(len(batches)):
+        b = batches.in_order(i)
+        lp = np.asarray(fn(params, frozen, b))
+        idx = b["pair_index"]
+        ok = idx >= 0
+        out[idx[ok], 0], out[idx[ok], 1] = lp[:batch_size][ok], lp[batch_size:][ok]
+    return out
+
+
+def cached_reference(run: RunConfig, setup, pairs, say=lambda *a: None) -> np.ndarray:
+    """The reference log-probs of `pairs`, from the cache or computed once and stored (atomically)."""
+    cache_dir = Path(run.dpo.cache_dir or Path(run.train.out_dir) / "reference")
+    path = cache_dir / f"{fingerprint(run, setup.model_path, pairs)}.npy"
+    if path.is_file():
+        ref = np.load(path)
+        if ref.shape == (len(pairs), 2):
+            say(f"reference log-probs: {path} (cached)")
+            return ref
+    say(f"reference log-probs: computing for {len(pairs)} pairs → {path}")
+    ref = compute_reference_logps(setup.graphdef, setup.params, setup.frozen, pairs, run.train.batch_size,
+                                  run.data.max_length)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, ref)
+    os.replace(tmp, path)
+    return ref
+
+
+# ---------------------------------------------------------------- batches, objective, evaluation
+
+
+def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None) -> PairBatches | None:
+    """The split's PairBatches (None for an unconfigured validation split), with cached reference
+    log-probs when dpo.reference=cache and the loss needs a reference."""
+    pairs, report = load_pairs(run.data, run.dpo, setup.tokenizer, split)
+    if not pairs:
+        return None
+    say(f"{split} pairs: {report.summary()}")
+    ref = None
+    if run.dpo.reference == "cache" and run.dpo.loss_type not in REFERENCE_FREE:
+        ref = cached_reference(run, setup, pairs, say)
+    return PairBatches(pairs, batch_size, run.data.max_length, run.data.seed, ref)
+
+
+def evaluate_pairs(eval_step, params, frozen, batches: PairBatches, n: int) -> dict:
+    """eval_loss and eval_<metric> means over the first n batches (0: all) of a pair batch stream."""
+    n = len(batches) if n == 0 else min(n, len(batches))
+    s = c = 0.0
+    sums = dict.fromkeys(METRICS, 0.0)
+    for i in range(n):
+        bs, bc, aux = jax.device_get(eval_step(params, frozen, batches.batch(i)))
+        s, c = s + float(bs), c + float(bc)
+        sums = {k: sums[k] + float(aux[k]) for k in sums}
+    c1 = max(c, 1.0)
+    return dict(eval_loss=s / c1, **{f"eval_{k}": v / c1 for k, v in sums.items()}, eval_pairs=int(c))
+
+
+def objective(run: RunConfig, setup, say):
+    """The DPO objective for `jaxft.train.train`: pair batches, the loss, validation metrics."""
+    from jaxft.train import Objective, make_eval_step
+
+    loss_fn = make_loss(run.dpo)
+    batches = pair_batches(run, setup, "train", run.train.batch_size, say)
+    val = pair_batches(run, setup, "validation", run.train.batch_size, say)
+    eval_step = make_eval_step(setup.graphdef, loss_fn)
+    evaluate = None if val is None else (
+        lambda params, frozen: evaluate_pairs(eval_step, params, frozen, val, run.train.eval_batches))
+    return Objective(batches, val, loss_fn, evaluate)
+
+
+def evaluate_variants(run: RunConfig, setup, variants: dict) -> dict:
+    """`jaxft eval` of a DPO run: eval_loss and eval_rewards/... on the validation pairs, per variant."""
+    from jaxft.train import make_eval_step
+
+    val = pair_batches(run, setup, "validation", run.train.batch_size)  # the cache's batch shapes
+    if val is None:
+        return {k: {} for k in variants}
+    eval_step = make_eval_step(setup.graphdef, make_loss(run.dpo))
+    return {k: evaluate_pairs(eval_step, p, setup.frozen, val, 0) for k, p in variants.items()}

@@ -1,0 +1,150 @@
+"""Preference pairs: rows → chat template → (chosen, rejected) token ids and completion masks → batches.
+
+    pairs, report = load_pairs(run.data, run.dpo, tokenizer, "train")   # list[PairExample], DataReport
+    batches = PairBatches(pairs, batch_size=4, seq_len=run.data.max_length, seed=0)
+    batch = batches.batch(step)   # tokens ... loss_mask [2B, S] (chosen rows, then rejected rows),
+                                  # pair_mask, pair_index [B]; ref_logps [2B] with a reference cache
+
+Rows (TRL's preference formats): `prompt` / `chosen` / `rejected`, each a string or a list of chat
+messages (explicit prompt), or `chosen` / `rejected` message lists whose shared leading turns are the
+prompt (implicit prompt). Each side is encoded like an SFT prompt/completion row (`jaxft.data.Encoder`):
+chat template applied, the completion's tokens (content + end of turn) are the targets, EOS appended.
+
+Length: a pair longer than data.max_length (its longer side) keeps the last tokens of its prompt
+(`dpo.truncate_prompt`, TRL's keep_end) so that both sides fit; a pair whose completion alone does
+not fit, or any over-length pair with truncate_prompt=false, is dropped and counted. `dpo.max_prompt_length`
+also cuts longer prompts. Bad rows are skipped and counted as in SFT, or fatal under data.strict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxft.config import DataConfig, DpoConfig
+from jaxft.data import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, layout
+from jaxft.errors import JaxftError
+from jaxft.prepare import ROLES, Chat, Pair, RowError, _field, _messages, _prompt_completion, _typename
+
+
+@dataclass(eq=False)
+class PairExample:
+    """One preference pair: chosen and rejected sequences (prompt + completion, see `Example`)."""
+
+    chosen: Example
+    rejected: Example
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def parse_pair(row) -> tuple[Chat | Pair, Chat | Pair]:
+    """A preference row → (prompt + chosen, prompt + rejected) as SFT prompt/completion rows, or RowError."""
+    if not isinstance(row, dict):
+        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+    chosen, rejected, prompt = _field(row, "chosen"), _field(row, "rejected"), row.get("prompt")
+    if prompt is None:  # implicit prompt: the shared leading turns
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise RowError("missing field", "missing field 'prompt' (without one, 'chosen' and 'rejected' must be "
+                                            "message lists sharing their leading turns)")
+        c, r = _messages(chosen, "chosen", ROLES), _messages(rejected, "rejected", ROLES)
+        n = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        if n == 0:
+            raise RowError("no shared prompt", "'chosen' and 'rejected' share no leading turns (no implicit prompt)")
+        prompt, chosen, rejected = c[:n], c[n:], r[n:]
+    return _side(prompt, chosen, "chosen"), _side(prompt, rejected, "rejected")
+
+
+def _side(prompt, completion, name: str) -> Chat | Pair:
+    try:
+        return _prompt_completion(prompt, completion)
+    except RowError as e:
+        raise RowError(e.reason, f"{name}: {e}".replace("'completion'", f"'{name}'")) from None
+
+
+def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train") -> tuple[list[PairExample],
+                                                                                           DataReport]:
+    """The tokenized pairs of a split (like `jaxft.data.load_examples`: same splits, report, strictness)."""
+    source, records = _split_records(cfg, split)
+    report = DataReport(rows=len(records))
+    if source is None:
+        return [], report
+    encoder = Encoder(tokenizer, False, cfg.system_prompt)
+    rendered = []
+    for rec in records:
+        try:
+            if isinstance(rec.row, RowError):
+                raise rec.row
+            rendered += [encoder.render(side, rec.where) for side in parse_pair(rec.row)]
+        except RowError as e:
+            if cfg.strict:
+                raise JaxftError(f"{rec.where}: {e}") from None
+            report.add_bad(rec.where, e)
+    pairs = []
+    for i in range(0, len(rendered), TOKENIZE_CHUNK):  # TOKENIZE_CHUNK is even: pairs stay together
+        encoded = encoder.tokenize(rendered[i:i + TOKENIZE_CHUNK])
+        for c, r in zip(encoded[::2], encoded[1::2]):
+            if (pair := fit_pair(c, r, cfg.max_length, dpo, report)) is not None:
+                pairs.append(pair)
+    report.examples = len(pairs)
+    report.tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    report.target_tokens = int(sum(p.chosen.loss_mask.sum() + p.rejected.loss_mask.sum() for p in pairs))
+    if not pairs:
+        raise JaxftError(f"{source}: no usable preference pairs ({report.rows} rows, {report.skipped} bad, "
+                         f"{report.dropped} longer than data.max_length={cfg.max_length})"
+                         + (f"; first bad row: {report.first_errors[0]}" if report.first_errors else ""))
+    return pairs, report
+
+
+def fit_pair(chosen, rejected, max_length: int, dpo: DpoConfig, report: DataReport) -> PairExample | None:
+    """Cut the prompts (keeping their last tokens) to max_prompt_length and so that both sides fit
+    max_length; None (counted as dropped) when that is impossible or not allowed."""
+    sides = []
+    for ids, mask in (chosen, rejected):
+        start = int(np.argmax(mask))  # the first target: where the completion starts
+        sides.append((ids[:start], ids[start:], mask[start:]))
+    longest_completion = max(len(c) for _, c, _ in sides)
+    keep = max_length - longest_completion
+    if dpo.max_prompt_length is not None:
+        keep = min(keep, dpo.max_prompt_length)
+    overlong = any(len(p) + len(c) > max_length for p, c, _ in sides)
+    if keep < 1 or (overlong and not dpo.truncate_prompt):
+        report.dropped += 1
+        return None
+    cut = any(len(p) > keep for p, _, _ in sides)
+    report.truncated += cut
+    out = [Example(np.concatenate([p[-keep:], c]), np.concatenate([np.zeros(len(p[-keep:]), bool), m]))
+           for p, c, m in sides]
+    return PairExample(*out)
+
+
+class PairBatches(Batches):
+    """Deterministic batches of pairs (see `jaxft.data.Batches`; never packed): batch(i) is
+    tokens, positions, segment_ids, targets, loss_mask [2B, S] with the B chosen sequences first and
+    their rejected ones in the same order after them; pair_mask [B] (0 for the empty rows that top up
+    an epoch's last batch) and pair_index [B] (-1 there). With `ref_logps` [N, 2] (the reference's
+    chosen / rejected log-probs of every pair), also ref_logps [2B]."""
+
+    def __init__(self, pairs: list[PairExample], batch_size: int, seq_len: int, seed: int,
+                 ref_logps: np.ndarray | None = None):
+        super().__init__(pairs, batch_size, seq_len, packing=False, seed=seed)
+        self.ref_logps = ref_logps
+
+    def in_order(self, i: int) -> dict[str, np.ndarray]:
+        """Batch i of the pairs in file order (i < len(self)): for computing per-pair values once."""
+        return self._assemble([[j] for j in range(i * self.batch_size, min((i + 1) * self.batch_size,
+                                                                            len(self.examples)))])
+
+    def _assemble(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        B = self.batch_size
+        idx = np.full(B, -1, np.int32)
+        idx[:len(rows)] = [r[0] for r in rows]
+        pairs = [self.examples[i] if i >= 0 else None for i in idx]
+        out = layout([[p.chosen] if p else [] for p in pairs] + [[p.rejected] if p else [] for p in pairs],
+                     2 * B, self.seq_len)
+        out["pair_mask"], out["pair_index"] = (idx >= 0).astype(np.float32), idx
+        if self.ref_logps is not None:
+            ref = np.where(idx[:, None] >= 0, self.ref_logps[np.maximum(idx, 0)], 0.0)  # [B, 2]
+            out["ref_logps"] = np.concatenate([ref[:, 0], ref[:, 1]]).astype(np.float32)
+        return out
