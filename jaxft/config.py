@@ -93,6 +93,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
+    fsdp: int = 1
+    tensor: int = 1
+    strategy: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"  # which logical axes shard (jaxft.sharding.RULES)
+    distributed: bool = False  # multi-host: jax.distributed.initialize before anything else
+    coordinator_address: str | None = None  # host:port of process 0; None = environment / auto (Cloud TPU)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
@@ -100,6 +112,7 @@ class RunConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -239,6 +252,9 @@ def validate(run: RunConfig) -> None:
         (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
         (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
     ]
+    sizes = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    checks += [(all(n >= 1 or n == -1 for n in sizes), "mesh", "data / fsdp / tensor must be >= 1 or -1"),
+               (sizes.count(-1) <= 1, "mesh", "only one of data / fsdp / tensor may be -1")]
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
     checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")
                for m in run.lora.target_modules]
