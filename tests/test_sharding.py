@@ -41,7 +41,8 @@ def task_data(tmp_path_factory):
 
 def _overrides(chat_model, task_data, out, **extra):
     o = {"model.path": chat_model, "data.train": task_data / "train.jsonl", "data.max_length": 128,
-         "train.batch_size": 4, "train.out_dir": out, "lora.r": 4, "lora.alpha": 8, "optim.lr": 1e-2,
+         "train.batch_size": 4, "train.out_dir": out, "data.validation": "null", "train.grad_accum": 1,
+         "lora.dropout": 0, "train.eval_every": 0, "lora.r": 4, "lora.alpha": 8, "optim.lr": 1e-2,
          "optim.schedule": "constant", "optim.warmup_steps": 0}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
