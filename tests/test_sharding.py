@@ -179,7 +179,8 @@ def test_sharded_step_equals_one_device(chat_model, lora):
 
 def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
     """Saved on 8 devices under fsdp, resumed on 4 under dp: the losses continue as if uninterrupted."""
-    common = {"train.steps": 4, "mesh.fsdp": 8, "mesh.strategy": "fsdp", "train.save_every": 2}
+    common = {"train.steps": 4, "mesh.fsdp": 8, "mesh.strategy": "fsdp", "train.save_every": 2,
+              "train.batch_size": 8, "train.grad_accum": 2}
     train(load_config(CFG, _overrides(chat_model, task_data, tmp_path / "ref", **common)), progress=False)
     expected = _losses(tmp_path / "ref")
     half = {**common, "train.steps": 2}
