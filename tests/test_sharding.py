@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxft import sharding
 from jaxft.config import load_config
+from jaxft.evaluate import restore_params
 from jaxft.task import make_examples
 from jaxft.train import build_model, init_state, make_optimizer, make_train_step, train
 from tiny import save_chat_model
@@ -190,6 +190,10 @@ def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
           progress=False)
     got = _losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3, 4]
+    run = load_config(CFG, _overrides(chat_model, task_data, tmp_path / "run"))  # eval / export: one device
+    params, meta = restore_params(run, build_model(run), tmp_path / "run")
+    b = params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["b"][...]
+    assert meta["step"] == 4 and len(b.sharding.device_set) == 1 and float(abs(b).max()) > 0
     np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [expected[s] for s in (1, 2, 3, 4)], atol=1e-5, rtol=0)
 
 
