@@ -188,10 +188,13 @@ def _run_config(path: str, overrides: list[str]):
 
 
 def cmd_train(args):
+    from jaxft.sharding import is_primary
     from jaxft.train import train
 
     run = _run_config(args.config, args.overrides)
     last = train(run, resume=args.resume)
+    if not is_primary():  # a multi-host run reports from process 0 only
+        return
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
     print(json.dumps(dict(step=last.get("step"), **shown)))
 

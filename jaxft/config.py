@@ -108,6 +108,18 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
+    fsdp: int = 1
+    tensor: int = 1
+    strategy: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"  # which logical axes shard (jaxft.sharding.RULES)
+    distributed: bool = False  # multi-host: jax.distributed.initialize before anything else
+    coordinator_address: str | None = None  # host:port of process 0; None = environment / auto (Cloud TPU)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     objective: Literal["sft", "dpo"] = "sft"
     model: ModelConfig = ModelConfig()
@@ -117,6 +129,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     dpo: DpoConfig = DpoConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -264,6 +277,9 @@ def validate(run: RunConfig) -> None:
          or (run.lora.enabled and not run.lora.modules_to_save), "dpo.reference",
          "lora_base needs LoRA without modules_to_save (their base weights are trained); use dpo.reference=cache"),
     ]
+    sizes = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    checks += [(all(n >= 1 or n == -1 for n in sizes), "mesh", "data / fsdp / tensor must be >= 1 or -1"),
+               (sizes.count(-1) <= 1, "mesh", "only one of data / fsdp / tensor may be -1")]
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
     checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")
                for m in run.lora.target_modules]

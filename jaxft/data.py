@@ -310,14 +310,16 @@ class Batches:
         """Batches per epoch."""
         return math.ceil(len(self.rows) / self.batch_size)
 
-    def batch(self, i: int) -> dict[str, np.ndarray]:
+    def batch(self, i: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """Global step i → {tokens, positions, segment_ids, targets (int32), loss_mask (float32)}, each
-        [batch_size, seq_len]. Epoch i // len(self), position i % len(self) in that epoch's order."""
+        [batch_size, seq_len]. Epoch i // len(self), position i % len(self) in that epoch's order.
+        rows: only these rows of the batch (a process's share of a global batch) are assembled."""
         if i < 0:
             raise ValueError(f"Batches.batch: step {i} < 0")
         epoch, j = divmod(i, len(self))
-        order = self._epoch_order(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
-        return self._assemble([self.rows[r] for r in order])
+        order = list(self._epoch_order(epoch)[j * self.batch_size:(j + 1) * self.batch_size])
+        order += [None] * (self.batch_size - len(order))  # the epoch's last batch: topped up with empty rows
+        return self._assemble([[] if r is None else self.rows[r] for r in order[rows]])
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's row order (the last one is cached; safe to call from a prefetch thread)."""
@@ -328,7 +330,7 @@ class Batches:
         return cached[1]
 
     def _assemble(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        return layout([[self.examples[d] for d in doc_ids] for doc_ids in rows], self.batch_size, self.seq_len)
+        return layout([[self.examples[d] for d in doc_ids] for doc_ids in rows], len(rows), self.seq_len)
 
 
 def layout(rows: list[list[Example]], n_rows: int, seq_len: int) -> dict[str, np.ndarray]:

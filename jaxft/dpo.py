@@ -220,13 +220,15 @@ def evaluate_pairs(eval_step, params, frozen, batches: PairBatches, n: int) -> d
     return dict(eval_loss=s / c1, **{f"eval_{k}": v / c1 for k, v in sums.items()}, eval_pairs=int(c))
 
 
-def objective(run: RunConfig, setup, say):
-    """The DPO objective for `jaxft.train.train`: pair batches, the loss, validation metrics."""
+def objective(run: RunConfig, setup, say, wrap=lambda b: b):
+    """The DPO objective for `jaxft.train.train`: pair batches (each wrapped by `wrap`, e.g. into sharded
+    global batches), the loss, validation metrics."""
     from jaxft.train import Objective, make_eval_step
 
     loss_fn = make_loss(run.dpo)
-    batches = pair_batches(run, setup, "train", run.train.batch_size, say)
+    batches = wrap(pair_batches(run, setup, "train", run.train.batch_size, say))
     val = pair_batches(run, setup, "validation", run.train.batch_size, say)
+    val = None if val is None else wrap(val)
     eval_step = make_eval_step(setup.graphdef, loss_fn)
     evaluate = None if val is None else (
         lambda params, frozen: evaluate_pairs(eval_step, params, frozen, val, run.train.eval_batches))

@@ -74,7 +74,9 @@ def restore_params(run: RunConfig, setup, out_dir: Path):
     from jaxft.train import init_state, make_optimizer
 
     tx = make_optimizer(run.optim, run.train.steps, setup.params)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx), setup.params)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh or hosts trained it
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                            jax.eval_shape(lambda p: init_state(p, tx), setup.params))
     ckpts = Checkpoints(out_dir, run.train.keep)
     try:
         restored = ckpts.restore_latest(abstract)

@@ -126,6 +126,8 @@ class PairBatches(Batches):
     an epoch's last batch) and pair_index [B] (-1 there). With `ref_logps` [N, 2] (the reference's
     chosen / rejected log-probs of every pair), also ref_logps [2B]."""
 
+    row_subsets = False  # batch(i) is always whole: jaxft.sharding.ShardedBatches slices it per device
+
     def __init__(self, pairs: list[PairExample], batch_size: int, seq_len: int, seed: int,
                  ref_logps: np.ndarray | None = None):
         super().__init__(pairs, batch_size, seq_len, packing=False, seed=seed)
@@ -139,7 +141,7 @@ class PairBatches(Batches):
     def _assemble(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         B = self.batch_size
         idx = np.full(B, -1, np.int32)
-        idx[:len(rows)] = [r[0] for r in rows]
+        idx[:len(rows)] = [r[0] if r else -1 for r in rows]  # [] tops up an epoch's last batch
         pairs = [self.examples[i] if i >= 0 else None for i in idx]
         out = layout([[p.chosen] if p else [] for p in pairs] + [[p.rejected] if p else [] for p in pairs],
                      2 * B, self.seq_len)

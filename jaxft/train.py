@@ -85,8 +85,10 @@ def init_state(params, tx) -> dict:
 
 
 def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0, dropout: bool = False,
-                    lr_schedule: optax.Schedule | None = None):
-    """The jitted, donated step: (state, frozen, batch [A, B, S]) → (state, metrics)."""
+                    lr_schedule: optax.Schedule | None = None, out_shardings=None):
+    """The jitted, donated step: (state, frozen, batch [A, B, S]) → (state, metrics).
+
+    out_shardings: (state shardings, metrics sharding) keep a sharded state in place step to step."""
     base_key = jax.random.key(seed)
 
     def step(state, frozen, batch):
@@ -129,7 +131,7 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
             metrics["lr"] = lr_schedule(state["step"])
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, **({} if out_shardings is None else dict(out_shardings=out_shardings)))
 
 
 def make_eval_step(graphdef, loss_fn: Callable = sft_loss):
@@ -149,9 +151,11 @@ def evaluate_loss(eval_step, params, frozen, batches, n: int) -> dict:
 
 
 class Prefetch:
-    """Stacks the micro-batches of steps start, start+1, ... on a background thread."""
+    """Stacks the micro-batches of steps start, start+1, ... on a background thread.
 
-    def __init__(self, batches, start: int, accum: int, depth: int = 2):
+    fetch(step) → the step's batch [A, B, S] replaces the stacking (jaxft.sharding.ShardedBatches.step)."""
+
+    def __init__(self, batches, start: int, accum: int, depth: int = 2, fetch: Callable | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = False
 
@@ -159,6 +163,10 @@ class Prefetch:
             step = start
             while not self.stop:
                 try:
+                    if fetch is not None:
+                        self.q.put(fetch(step))
+                        step += 1
+                        continue
                     mbs = [batches.batch(step * accum + j) for j in range(accum)]
                     self.q.put({k: np.stack([m[k] for m in mbs]) for k in mbs[0]})
                 except BaseException as e:  # hand it to the loop instead of leaving it waiting forever
@@ -187,8 +195,11 @@ class Prefetch:
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard event files) in the run directory."""
 
-    def __init__(self, out_dir: Path, resume_step: int):
+    def __init__(self, out_dir: Path, resume_step: int, enabled: bool = True):
         self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled  # only process 0 of a multi-host run writes
+        if not enabled:
+            return
         if resume_step and self.path.exists():  # drop what the interrupted run logged after its checkpoint
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
             _atomic_write(self.path, "".join(r + "\n" for r in rows))
@@ -203,6 +214,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, row: dict):
+        if not self.enabled:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -211,6 +224,8 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, row["step"])
 
     def close(self):
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -259,21 +274,23 @@ class Objective:
     evaluate: Callable | None
 
 
-def sft_objective(run: RunConfig, setup, say) -> Objective:
+def sft_objective(run: RunConfig, setup, say, wrap: Callable = lambda b: b) -> Objective:
+    """SFT batches (each wrapped by `wrap`, e.g. into sharded global batches), loss and validation."""
     from jaxft.data import Batches, load_examples
+
+    def batches(examples):
+        return wrap(Batches(examples, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed))
 
     train_ex, report = load_examples(run.data, setup.tokenizer, "train")
     say(f"train data: {report.summary()}")
     has_val = run.data.validation is not None or run.data.validation_fraction > 0
     if not has_val:
-        return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing,
-                                 run.data.seed), None, sft_loss, None)
+        return Objective(batches(train_ex), None, sft_loss, None)
     val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
     say(f"validation data: {vreport.summary()}")
-    val_batches = Batches(val_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+    val_batches = batches(val_ex)
     eval_step = make_eval_step(setup.graphdef)
-    return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed),
-                     val_batches, sft_loss,
+    return Objective(batches(train_ex), val_batches, sft_loss,
                      lambda p, f: evaluate_loss(eval_step, p, f, val_batches, run.train.eval_batches))
 
 
@@ -297,14 +314,19 @@ def resolve_model_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def build_model(run: RunConfig) -> Setup:
-    """Load the base model (+ tokenizer), attach LoRA, split trainable / frozen."""
+def build_model(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Load the base model (+ tokenizer), attach LoRA, split trainable / frozen; with a mesh, every
+    parameter is read straight into its shards (run.mesh.strategy) and activations are constrained."""
+    from jaxft import sharding
     from jaxft.hf import load_pretrained, load_tokenizer
 
     path = resolve_model_path(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
-    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat)
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat,
+                            sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy))
+    if mesh is not None and mesh.size > 1:
+        model.constrain = sharding.activation_constraint(mesh)
     tokenizer = load_tokenizer(path)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
         from jaxft.peft import load_adapter
@@ -317,6 +339,9 @@ def build_model(run: RunConfig) -> Setup:
         lora.attach(model, run.lora, jax.random.key(run.train.seed))
     graphdef, params, frozen = lora.split(model, run.lora)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights + optimizer state
+    if mesh is not None:  # LoRA factors are made on one device: move them to their shards
+        params = sharding.place(params, sharding.tree_shardings(params, mesh, run.mesh.strategy))
+        frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, run.mesh.strategy))
     return Setup(run, path, tokenizer, graphdef, params, frozen)
 
 
@@ -324,45 +349,53 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     """The whole SFT run; returns the final metrics. See README 'Training' for the run directory."""
     from tqdm import tqdm
 
+    from jaxft import sharding
     from jaxft.checkpoint import Checkpoints
 
     check_files(run)
+    sharding.init_distributed(run.mesh)
+    mesh, primary = sharding.make_mesh(run.mesh), sharding.is_primary()
+    progress = progress and primary
     out = Path(run.train.out_dir)
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not resume:
         raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue or choose another "
                          f"train.out_dir")
     out.mkdir(parents=True, exist_ok=True)
-    setup = build_model(run)
+    setup = build_model(run, mesh)
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
 
     if run.objective == "dpo":
         from jaxft.dpo import objective
     else:
         objective = sft_objective
-    obj = objective(run, setup, say)
+    obj = objective(run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
     batches, val_batches = obj.batches, obj.val_batches
 
     tx = make_optimizer(run.optim, run.train.steps, setup.params)
-    state = init_state(setup.params, tx)
+    state, state_sh = sharding.sharded_init(lambda p: init_state(p, tx), setup.params, mesh, run.mesh.strategy)
     ckpts = Checkpoints(out, run.train.keep)
     start = 0
     if resume:
-        restored = ckpts.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+        restored = ckpts.restore_latest(jax.tree.map(  # onto this run's mesh, whatever mesh saved it
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh))
         if restored is not None:
             state, meta = restored
             start = int(meta["step"])
             say(f"resumed from {ckpts.dir / str(start)} (step {start})")
     sched = schedule(run.optim, run.train.steps)
     step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
-                              dropout=run.lora.enabled and run.lora.dropout > 0, lr_schedule=sched)
-    log = MetricsLog(out, start)
+                              dropout=run.lora.enabled and run.lora.dropout > 0, lr_schedule=sched,
+                              out_shardings=(state_sh, sharding.replicated(mesh)))
+    log = MetricsLog(out, start, enabled=primary)
     meta = lambda step: dict(step=step, data_position=step * run.train.grad_accum,  # noqa: E731
                              micro_batches_per_epoch=len(batches), config=run.to_dict())
-    (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    if primary:
+        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
 
     frozen = setup.frozen
-    prefetch = Prefetch(batches, start, run.train.grad_accum)
+    prefetch = Prefetch(batches, start, run.train.grad_accum,
+                        fetch=lambda s: batches.step(s, run.train.grad_accum))
     bar = tqdm(total=run.train.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr)
     t0, tokens_seen, pending, last = time.perf_counter(), 0, None, {}
     rate_from = None  # (time, tokens) after the first step: throughput excludes compilation
@@ -389,6 +422,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             say(f"\nstep {step}: non-finite loss/gradients, update skipped")
         return row
 
+    preempted = sharding.Preemption()  # SIGTERM → checkpoint at the next step boundary, then a clean exit
     try:
         for step in range(start + 1, run.train.steps + 1):
             state, metrics = step_fn(state, frozen, prefetch.next())
@@ -407,18 +441,24 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                     extra = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items()
                                       if k in ("eval_ppl", "eval_rewards/accuracies", "eval_rewards/margins"))
                     say(f"\nstep {step}: validation loss {ev['eval_loss']:.4f} ({extra})")
-            if (run.train.save_every and step % run.train.save_every == 0) or end:
+            stop = preempted(step) and not end
+            if (run.train.save_every and step % run.train.save_every == 0) or end or stop:
                 if pending is not None:
                     last = flush(pending) or last
                     pending = None
                 ckpts.save(step, state, meta(step))
+            if stop:
+                say(f"\nstopped at step {step} (SIGTERM / preemption notice): checkpoint saved, continue with --resume")
+                break
         if pending is not None:
             last = flush(pending)
     finally:
+        preempted.close()
         prefetch.close()
         bar.close()
         log.close()
         ckpts.close()
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if primary:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
     say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
     return last

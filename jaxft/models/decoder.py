@@ -207,6 +207,7 @@ class Decoder(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.constrain = None  # h [B, S, D] → h with a sharding constraint, at block boundaries (jaxft.sharding)
         self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -258,6 +259,8 @@ class Decoder(nnx.Module):
         h = self.model.embed_tokens(tokens).astype(self.dtype)
         if cfg.embed_scale:
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)
+        constrain = self.constrain or (lambda x: x)
+        h = constrain(h)
 
         graphdef, layer_state = nnx.split(self.model.layers)
         sliding = jnp.asarray(cfg.is_sliding)
@@ -270,7 +273,7 @@ class Decoder(nnx.Module):
             m = jnp.where(is_sliding, bias_local, bias) if cfg.sliding_window else bias
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
             h, kv = layer(h, c, s, m, kv, index)
-            return h, kv
+            return constrain(h), kv
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

@@ -1,0 +1,279 @@
+"""Device mesh, logical axis names and the rules that map them onto the mesh; multi-host setup.
+
+    mesh = make_mesh(run.mesh)                      # axes (data, fsdp, tensor); -1 fills the rest
+    shardings = tree_shardings(state, mesh, run.mesh.strategy)
+
+Every parameter gets logical axis names from its path (no table per model): stacked layer
+parameters lead with `layers`; a Linear kernel [in, out] is named after its module (q_proj:
+embed → heads, down_proj: mlp → embed, ...); LoRA `a` [L, in, r] takes its base's input name,
+`b` [L, r, out] its output name, the rank is never sharded. A strategy is a few lines mapping
+logical names to mesh axes. Optimizer moments are found by the same path suffix, so they shard
+like their parameter. A dimension that its mesh axes do not divide is replicated, with a warning.
+
+The batch [B, S] (and [A, B, S] for accumulation) is split over (data, fsdp); activations are
+constrained to that layout at the block boundaries (`Decoder.constrain`).
+"""
+
+from __future__ import annotations
+
+import signal
+import warnings
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxft.config import MeshConfig
+from jaxft.errors import JaxftError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # mesh axes the batch is split over
+
+# logical name → mesh axis (absent: replicated)
+RULES = {
+    "dp": {},
+    "fsdp": {"embed": "fsdp"},
+    "fsdp_tp": {"embed": "fsdp", "heads": "tensor", "kv": "tensor", "mlp": "tensor", "vocab": "tensor"},
+}
+
+# a Linear's kernel [in, out], by module name
+LINEAR_AXES = {
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv"), "v_proj": ("embed", "kv"), "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def logical_axes(names: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of the parameter at path `names` (e.g. model/layers/self_attn/q_proj/kernel).
+
+    kernel [L?, in, out] · bias [L?, out] · LoRA a [L, in, r], b [L, r, out] · embedding [V, D] ·
+    norm scale [L?, D] (q_norm / k_norm: [L, H], never sharded). Anything else: replicated."""
+    stacked = ("layers",) if "layers" in names[:-1] else ()
+    leaf, module = names[-1], names[-2] if len(names) > 1 else ""
+    if leaf in ("a", "b") and module == "lora":
+        d_in, d_out = LINEAR_AXES[names[-3]]
+        axes = (d_in, "rank") if leaf == "a" else ("rank", d_out)
+    elif leaf == "kernel" and module in LINEAR_AXES:
+        axes = LINEAR_AXES[module]
+    elif leaf == "bias" and module in LINEAR_AXES:
+        axes = LINEAR_AXES[module][1:]
+    elif leaf == "embedding":
+        axes = ("vocab", "embed")
+    elif leaf == "scale" and module not in ("q_norm", "k_norm"):
+        axes = ("norm",)
+    else:
+        axes = (None,) * (ndim - len(stacked))
+    axes = stacked + axes
+    if len(axes) != ndim:
+        raise ValueError(f"{'/'.join(names)}: {ndim} dims but logical axes {axes}")
+    return axes
+
+
+def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh, strategy: str,
+         where: str = "") -> P:
+    """PartitionSpec for logical `axes` under `strategy`; a dimension its mesh axis does not divide is
+    replicated (warned once per parameter)."""
+    rules = RULES[strategy]
+    out = []
+    for name, n in zip(axes, shape):
+        axis = rules.get(name)
+        if axis is not None and n % mesh.shape[axis]:
+            warnings.warn(f"jaxft: {where or name}: dimension {name}={n} does not divide mesh axis "
+                          f"{axis}={mesh.shape[axis]}; replicated", stacklevel=2)
+            axis = None
+        out.append(axis)
+    return P(*out)
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, strategy: str):
+    """NamedSharding for every array leaf of a params / frozen / train-state tree (or its eval_shape).
+
+    Leaves are found by the dict keys on their path, so optimizer moments (…/mu/model/…/kernel)
+    shard like their parameter; counters and other leaves are replicated."""
+
+    def one(path, x):
+        names = _names(path)
+        if not names or not hasattr(x, "shape"):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec(logical_axes(names, len(x.shape)), x.shape, mesh, strategy,
+                                        "/".join(names)))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def param_sharding(mesh: jax.sharding.Mesh, strategy: str):
+    """The `sharding(path, shape)` callback of `jaxft.hf.load_pretrained`: each shard is read by its owner."""
+    return lambda path, shape: NamedSharding(mesh, spec(logical_axes(tuple(path), len(shape)), shape, mesh,
+                                                        strategy, "/".join(path)))
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 filled from the device count; a JaxftError when they do not fit."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n_devices % known:
+            raise JaxftError(f"mesh: {n_devices} devices do not divide into data/fsdp/tensor = {sizes}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) > n_devices:
+        raise JaxftError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} is more than the {n_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh; with several processes it must span every device."""
+    n = jax.device_count()
+    shape = mesh_shape(cfg, n)
+    used = int(np.prod(shape))
+    if jax.process_count() > 1 and used != n:
+        raise JaxftError(f"mesh: data*fsdp*tensor = {used}, but a multi-host run must use all {n} devices "
+                         f"(set one of mesh.data / mesh.fsdp / mesh.tensor to -1)")
+    return jax.make_mesh(shape, AXES, devices=jax.devices()[:used],
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def batch_spec(mesh: jax.sharding.Mesh, rows: int, lead: int = 0) -> P:
+    """[lead dims..., B, ...]: B split over (data, fsdp), or replicated (warned) when they do not divide it."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % n:
+        warnings.warn(f"jaxft: batch of {rows} rows does not divide data*fsdp = {n}; replicated", stacklevel=2)
+        return P(*([None] * lead))
+    return P(*([None] * lead), BATCH)
+
+
+def activation_constraint(mesh: jax.sharding.Mesh):
+    """Decoder.constrain: hidden states [B, S, D] split over (data, fsdp) on B, whole on each device."""
+
+    def constrain(h):
+        return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, batch_spec(mesh, h.shape[0])))
+
+    return constrain
+
+
+def place(tree, shardings):
+    """Put every leaf on its sharding. Host values must be equal on every process (seeded init)."""
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable and s.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+class ShardedBatches:
+    """Global batches from a deterministic `jaxft.data.Batches`: each process assembles only the rows of
+    the devices it owns (`Batches.batch(i, rows)`), then the pieces form one global jax.Array."""
+
+    def __init__(self, batches, mesh: jax.sharding.Mesh):
+        self.batches, self.mesh = batches, mesh
+        self.rows = batch_spec(mesh, batches.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def batch(self, i: int) -> dict[str, jax.Array]:
+        """Micro-batch i: each [B, S]."""
+        if not getattr(self.batches, "row_subsets", True):
+            return self._whole(self.batches.batch(i), lead=0)
+        return self._global((self.batches.batch_size, self.batches.seq_len), self.rows,
+                            lambda idx: self.batches.batch(i, idx[0]))
+
+    def step(self, step: int, accum: int) -> dict[str, jax.Array]:
+        """The `accum` micro-batches of optimizer step `step`: each [A, B, S]."""
+
+        def read(idx):
+            mbs = [self.batches.batch(step * accum + j, idx[1]) for j in range(accum)[idx[0]]]
+            return {k: np.stack([m[k] for m in mbs]) for k in mbs[0]}
+
+        if not getattr(self.batches, "row_subsets", True):
+            return self._whole(read((slice(None), slice(None))), lead=1)
+        return self._global((accum, self.batches.batch_size, self.batches.seq_len), P(None, *self.rows), read)
+
+    def _whole(self, full: dict[str, np.ndarray], lead: int) -> dict[str, jax.Array]:
+        """Batches that cannot assemble a subset of their rows (preference pairs: chosen and rejected
+        rows, per-pair arrays): every process assembles the whole batch, each device takes its rows."""
+        out = {}
+        for k, v in full.items():
+            sharding = NamedSharding(self.mesh, batch_spec(self.mesh, v.shape[lead], lead))
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
+        return out
+
+    def _global(self, shape, pspec: P, read) -> dict[str, jax.Array]:
+        sharding = NamedSharding(self.mesh, pspec)
+        idx = sharding.addressable_devices_indices_map(shape)
+        pieces = {}  # each distinct index is read once, whatever the number of devices holding it
+        for i in idx.values():
+            key = tuple((s.start, s.stop) for s in i)
+            if key not in pieces:
+                pieces[key] = read(i)
+        keys = next(iter(pieces.values())).keys()
+        return {k: jax.make_array_from_callback(
+            shape, sharding, lambda i, k=k: pieces[tuple((s.start, s.stop) for s in i)][k]) for k in keys}
+
+
+def init_distributed(cfg: MeshConfig) -> None:
+    """jax.distributed.initialize from mesh.coordinator_address / num_processes / process_id; unset
+    ones come from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI) or, on Cloud TPU, are
+    detected. Call before anything touches a device."""
+    if not cfg.distributed or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    except (ValueError, RuntimeError) as e:
+        raise JaxftError(f"mesh.distributed: jax.distributed.initialize failed ({str(e).splitlines()[0]})") from None
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, progress, plots and exports."""
+    return jax.process_index() == 0
+
+
+class Preemption:
+    """SIGTERM (a TPU preemption notice is one) → stop at a step boundary that every process agrees on.
+
+    One process: a signal handler sets a flag. Several: JAX's preemption sync service (it catches
+    SIGTERM itself) names the same step on every host. `close()` restores the previous handler."""
+
+    def __init__(self):
+        self.requested = False
+        self.multi = jax.process_count() > 1
+        self._old = None
+        if not self.multi:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: leave SIGTERM alone
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        """True at the step where the run should save and stop (call it at every step, on every process)."""
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+def sharded_init(init, params, mesh: jax.sharding.Mesh, strategy: str):
+    """(state, its shardings): init(params) (e.g. params + optimizer state) computed straight into place."""
+    shardings = tree_shardings(jax.eval_shape(init, params), mesh, strategy)
+    return jax.jit(init, out_shardings=shardings)(params), shardings
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

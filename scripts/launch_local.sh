@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# N local processes of one training run, as a multi-host run would start them: coordinator on
+# 127.0.0.1, gloo collectives between the CPU processes, each process with its own simulated devices.
+#
+#   scripts/launch_local.sh N CONFIG [section.key=value ...] [--resume]
+#
+# Environment: DEVICES_PER_PROCESS (default 2), PORT (default: a free one), PYTHON (default: python).
+# Process 0 logs and writes metrics; if any process fails the others are stopped and the script fails.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 N CONFIG [section.key=value ...] [--resume]" >&2
+  exit 2
+fi
+N=$1
+CONFIG=$2
+shift 2
+PY=${PYTHON:-python}
+PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
+export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-2}"
+
+pids=()
+for ((i = 0; i < N; i++)); do
+  "$PY" -m jaxft.cli train "$CONFIG" mesh.distributed=true "mesh.coordinator_address=127.0.0.1:$PORT" \
+    "mesh.num_processes=$N" "mesh.process_id=$i" "$@" &
+  pids+=($!)
+done
+status=0
+for ((k = 0; k < N; k++)); do
+  if ! wait -n; then  # one failed: the others would wait for it in a collective forever
+    status=1
+    kill "${pids[@]}" 2>/dev/null || true
+  fi
+done
+exit $status
