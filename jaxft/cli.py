@@ -218,6 +218,10 @@ def cmd_export(args):
     from jaxft.train import build_model
 
     run = _run_config(args.run, [])
+    if args.format == "merged":  # a QLoRA run merges into the original weights, never the quantized ones
+        from jaxft.quant import original_base_run
+
+        run = original_base_run(run)
     setup = build_model(run)
     params, meta = restore_params(run, setup, Path(run.train.out_dir))
     model = nnx.merge(setup.graphdef, params, setup.frozen)

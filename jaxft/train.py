@@ -275,7 +275,7 @@ def build_model(run: RunConfig) -> Setup:
     path = resolve_model_path(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
-    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat)
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat, quant=run.quant)
     tokenizer = load_tokenizer(path)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
         from jaxft.peft import load_adapter

@@ -50,7 +50,10 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)  # jaxft.lora.attach puts a LoRA module here
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if isinstance(self.kernel, nnx.Variable):
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        else:  # a quantized frozen kernel (jaxft.quant.QuantKernel) dequantizes itself inside the step
+            y = self.kernel.dot(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
