@@ -224,3 +224,50 @@ def test_skip_modules_and_lm_head(tiny128):
     assert isinstance(m.lm_head.kernel, quant.QuantKernel) and m.lm_head.kernel.shape == (64, 96)
     assert isinstance(m.model.embed_tokens.embedding, nnx.Param)
     assert _rel(_logits(m), _logits(jaxft.load_pretrained(tiny128))) < 0.05  # int8: about 1% here
+
+
+def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path):
+    """A QLoRA run (NF4 base) exported merged = PEFT's merge_and_unload of the exported adapter into the
+    ORIGINAL weights (transformers loading both, logits ≤ 1e-4); merging into the 4-bit weights would not be."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from jaxft.config import load_config
+    from jaxft.task import make_examples
+    from jaxft.train import train
+    from tiny import save_chat_model
+
+    root = Path(__file__).resolve().parents[1]
+    save_chat_model(tmp_path / "base")
+    rows = make_examples(12, seed=3)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = load_config(root / "configs" / "qlora.yaml", [
+        f"model.path={tmp_path / 'base'}", f"data.train={tmp_path / 'train.jsonl'}", "data.validation=null",
+        "data.max_length=128", "train.batch_size=2", "train.grad_accum=1", "train.steps=3", "train.eval_every=0",
+        "train.save_every=0", "optim.lr=1e-2", "optim.warmup_steps=0", "lora.r=8", "lora.alpha=16",
+        f"train.out_dir={tmp_path / 'run'}"])
+    assert run.quant.base == "nf4"
+    train(run, progress=False)
+    for fmt in ("peft", "merged"):
+        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--format", fmt,
+                            "--out", str(tmp_path / fmt), "--dtype", "fp32"], capture_output=True, text=True,
+                           cwd=root, timeout=600)
+        assert r.returncode == 0, r.stderr
+    toks = torch.tensor(np.random.RandomState(0).randint(0, 49152, (1, 24)))
+    with torch.no_grad():
+        original = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        base_logits = original(toks).logits.numpy()
+        ref = PeftModel.from_pretrained(original, tmp_path / "peft").merge_and_unload().eval()
+        ref_logits = ref(toks).logits.numpy()
+        merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        np.testing.assert_allclose(merged(toks).logits.numpy(), ref_logits, atol=1e-4, rtol=0)
+        assert np.abs(ref_logits - base_logits).max() > 1e-3  # the adapter moved the model
+        # the merged weights are W (not its 4-bit version) + s·B·A
+        w = original.model.layers[1].mlp.down_proj.weight.numpy()
+        got = merged.model.layers[1].mlp.down_proj.weight.numpy()
+        np.testing.assert_allclose(got, ref.model.layers[1].mlp.down_proj.weight.numpy(), atol=1e-6, rtol=0)
+        assert np.abs(got - w).max() < 0.1 * np.abs(_nf4_round_trip(w.T, True).T - w).max()
