@@ -14,7 +14,7 @@ import jaxft
 from jaxft import lora, quant
 from jaxft.config import LoraConfig, OptimConfig, QuantConfig
 from jaxft.train import init_state, make_optimizer, make_train_step
-from tiny import make_model
+from tiny import example_tokenizer, make_model
 
 HALF_GAP_NF4 = float(np.max(np.diff(quant.NF4)) / 2)  # worst rounding error of a normalised weight (0.152)
 HALF_GAP_CODE8 = float(np.max(np.diff(quant.CODE8)) / 2)
@@ -271,3 +271,26 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
         got = merged.model.layers[1].mlp.down_proj.weight.numpy()
         np.testing.assert_allclose(got, ref.model.layers[1].mlp.down_proj.weight.numpy(), atol=1e-6, rtol=0)
         assert np.abs(got - w).max() < 0.1 * np.abs(_nf4_round_trip(w.T, True).T - w).max()
+
+
+@pytest.mark.parametrize("overrides", [["quant.base=nf4"], ["quant.base=nf4", "quant.double_quant=false"],
+                                       ["quant.base=int8", "quant.lm_head=true", "quant.skip_modules=down_proj"],
+                                       ["model.dtype=bf16", "lora.target_modules=q_proj,v_proj",
+                                        "lora.modules_to_save=embed_tokens"],
+                                       ["lora.enabled=false"]])
+def test_plan_equals_the_arrays_of_a_loaded_model(tmp_path, overrides):
+    """`jaxft plan`'s exact parts (base weights, trainable, optimizer) are the bytes jaxft really allocates."""
+    from jaxft.config import load_config
+    from jaxft.plan import model_config, plan
+    from jaxft.train import build_model
+
+    make_model("llama", intermediate_size=96).save_pretrained(tmp_path)  # 96: padded NF4 blocks
+    example_tokenizer().save_pretrained(tmp_path)  # build_model loads one
+    run = load_config(None, [f"model.path={tmp_path}", "lora.r=4", *overrides])
+    setup = build_model(run)
+    tx = make_optimizer(run.optim, 10, setup.params)
+    opt = tx.init(setup.params)
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim > 0)  # noqa: E731
+    p = plan(model_config(str(tmp_path)), run)
+    assert (p.base, p.trainable, p.optimizer) == (size(setup.frozen), size(setup.params), size(opt))
+    assert p.total > p.base + p.trainable + p.optimizer
