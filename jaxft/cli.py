@@ -1,4 +1,4 @@
-"""`jaxft` command line: train | eval | export | prepare | task-data | generate | chat | example-model.
+"""`jaxft` command line: train | eval | export | plan | prepare | task-data | generate | chat | example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
+    pl = sub.add_parser("plan", help="expected device memory of a training run (weights, adapter, optimizer, "
+                                     "activations), from the model's shape only")
+    pl.add_argument("config", help="YAML run config")
+    pl.add_argument("overrides", nargs="*", help="section.key=value")
+    pl.add_argument("--model", help="an HF directory, a .gguf file or a preset (llama3-8b, llama3-70b); "
+                                    "default: the config's model.path")
     td = sub.add_parser("task-data", help="write the quickstart's task dataset (train/validation/test JSONL)")
     td.add_argument("out")
     td.add_argument("--train", type=int, default=400)
@@ -223,6 +229,10 @@ def cmd_export(args):
     from jaxft.train import build_model
 
     run = _run_config(args.run, [])
+    if args.format == "merged":  # a QLoRA run merges into the original weights, never the quantized ones
+        from jaxft.quant import original_base_run
+
+        run = original_base_run(run)
     setup = build_model(run)
     params, meta = restore_params(run, setup, Path(run.train.out_dir))
     model = nnx.merge(setup.graphdef, params, setup.frozen)
@@ -248,6 +258,15 @@ def cmd_export(args):
     print(f"exported step {meta['step']} of {args.run} to {out} ({args.format})")
 
 
+def cmd_plan(args):
+    from jaxft.plan import format_plan, model_config, plan
+
+    run = _run_config(args.config, args.overrides)
+    name = args.model or run.model.path
+    cfg = model_config(name)
+    print(format_plan(plan(cfg, run), cfg, run, name))
+
+
 def cmd_task_data(args):
     from jaxft.task import write_pair_files, write_task_files
 
@@ -257,7 +276,8 @@ def cmd_task_data(args):
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
-            "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export}
+            "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

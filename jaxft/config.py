@@ -40,6 +40,14 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    base: Literal["none", "nf4", "int8"] = "none"  # frozen base linear weights, quantized as they load (QLoRA)
+    double_quant: bool = True  # nf4: quantize the block scales too (8-bit, blocks of 256)
+    skip_modules: tuple[str, ...] = ()  # layer linears kept in the compute dtype, e.g. (down_proj)
+    lm_head: bool = False  # also quantize lm_head (untied models); embeddings and norms never are
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     train: str = ""  # JSONL / JSON / Parquet / CSV file or a datasets save_to_disk directory
     validation: str | None = None  # same kinds; None = split validation_fraction off train
@@ -124,6 +132,7 @@ class RunConfig:
     objective: Literal["sft", "dpo"] = "sft"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -285,6 +294,12 @@ def validate(run: RunConfig) -> None:
                for m in run.lora.target_modules]
     checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{m!r} is not embed_tokens or lm_head")
                for m in run.lora.modules_to_save]
+    checks += [(m in linears[:-1], "quant.skip_modules", f"{m!r} is not one of {', '.join(linears[:-1])}")
+               for m in run.quant.skip_modules]
+    checks += [(run.quant.base == "none" or run.lora.enabled, "quant.base",
+                "a quantized base cannot be fine-tuned in full; set lora.enabled=true or quant.base=none"),
+               (not (run.quant.lm_head and "lm_head" in run.lora.modules_to_save), "quant.lm_head",
+                "lm_head cannot be both quantized and trained (lora.modules_to_save)")]
     for ok, key, msg in checks:
         if not ok:
             raise JaxftError(f"{key}: {msg}")

@@ -26,6 +26,7 @@ from flax import nnx
 from jaxft.errors import JaxftError
 from jaxft.models.config import DecoderConfig
 from jaxft.models.decoder import Decoder
+from jaxft.quant import QuantKernel, quantize_stacked, should_quantize
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
@@ -155,12 +156,14 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
 
 
 def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "none",
-                    sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None
-                    ) -> Decoder:
+                    sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None,
+                    quant=None) -> Decoder:
     """Load a causal LM from a local HF directory or a .gguf file.
 
     dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
     sharding(path, shape) → the parameter's Sharding; default: the first device.
+    quant: a config.QuantConfig; the kernels it names are quantized on the host one HF tensor at a
+    time as they stream in (jaxft.quant), so their full-precision values never reach the device.
 
     >>> model = load_pretrained("~/.cache/jaxft/SmolLM2-135M-Instruct.Q4_1.gguf")
     >>> logits, _ = model(jnp.array([[1, 2, 3]]))
@@ -174,6 +177,7 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     used: set[str] = set()
     first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = nnx.to_flat_state(state)
+    quantized = {}
     for p, var in flat:
         p = tuple(str(k) for k in p)
         names, transpose = hf_names(p, cfg.num_layers)
@@ -183,6 +187,11 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
         used.update(names)
         shape, pdtype = var.get_value().shape, var.get_value().dtype
         stacked = len(names) > 1 or p[:2] == ("model", "layers")
+        if should_quantize(p, quant):
+            place = (lambda k, shp, p=p: sharding(p + (k,), shp)) if sharding else (lambda k, shp: first)
+            quantized[p[:-1]] = _read_quantized(src, names, transpose, stacked, shape, quant, compute_dtype,
+                                                str(path), place)
+            continue
         cb = _reader(src, names, transpose, stacked, shape, pdtype, str(path))
         var.set_value(jax.make_array_from_callback(shape, sharding(p, shape) if sharding else first, cb))
     extra = sorted(n for n in available - used
@@ -190,7 +199,25 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     if extra:
         raise JaxftError(f"{path}: checkpoint tensor {extra[0]} is not used by the {cfg.model_type} config "
                          f"({len(extra)} unused); the config and the weights disagree")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    for mod_path, kernel in quantized.items():
+        mod = model
+        for k in mod_path:
+            mod = getattr(mod, k)
+        mod.kernel = kernel
+    return model
+
+
+def _read_quantized(src: TensorSource, names, transpose, stacked, shape, quant, compute_dtype, where, place):
+    """One kernel → a QuantKernel: each layer's tensor read, checked and quantized on the host in turn."""
+    per = shape[1:] if stacked else shape
+    full = tuple(slice(None) for _ in per)
+    read = lambda i: _reader(src, [names[i]], transpose, False, per, np.float32, where)(full)
+    arrays = quantize_stacked(read, len(names), quant.base, quant.double_quant)
+    if not stacked:
+        arrays = {k: v[0] for k, v in arrays.items()}
+    return QuantKernel(quant.base, {k: jax.device_put(v, place(k, v.shape)) for k, v in arrays.items()},
+                       shape, compute_dtype)
 
 
 def _reader(src: TensorSource, names, transpose, stacked, shape, dtype, where):

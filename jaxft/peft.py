@@ -154,6 +154,11 @@ def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
     from jaxft.hf import hf_names
     from jaxft.lora import merged_kernel
 
+    from jaxft.quant import quantized_kernels
+
+    if quantized_kernels(model):
+        raise JaxftError("merged export from quantized base weights would round the adapter away; "
+                         "reload the original weights (jaxft.quant.original_base_run)")
     kernels = {tuple(str(p) for p in path): lin for path, lin in targets(model, ("all-linear",))}
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

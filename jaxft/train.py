@@ -323,7 +323,7 @@ def build_model(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     path = resolve_model_path(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
-    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat,
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat, quant=run.quant,
                             sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy))
     if mesh is not None and mesh.size > 1:
         model.constrain = sharding.activation_constraint(mesh)

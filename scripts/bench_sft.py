@@ -105,7 +105,7 @@ def worker_jaxft(args) -> dict:
 
     import jaxft
     from jaxft import lora
-    from jaxft.config import LoraConfig, OptimConfig
+    from jaxft.config import LoraConfig, OptimConfig, QuantConfig
     from jaxft.example import example_model
     from jaxft.train import init_state, make_optimizer, make_train_step
 
@@ -114,7 +114,8 @@ def worker_jaxft(args) -> dict:
     # as jaxft.train.build_model does: LoRA stores the base in the compute dtype, full FT keeps fp32 masters
     compute = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     param_dtype = compute if args.mode == "lora" else jnp.float32
-    model = jaxft.load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat)
+    quant = QuantConfig(base=args.quant)  # bench_qlora.py: NF4 / int8 base (QLoRA)
+    model = jaxft.load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant)
     lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
                       target_modules=tuple(LORA_TARGETS))
     if lcfg.enabled:
@@ -161,10 +162,16 @@ def worker_jaxft(args) -> dict:
 
     with RssSampler() as sampler:
         times, losses = run_steps(step, batches, args.warmup)
+    extra = {}
+    if args.xla_memory:  # after timing: what XLA allocates for the step, and the weights on the device
+        size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+        ma = step_fn.lower(state, frozen, batches[0]).compile().memory_analysis()
+        extra = dict(frozen_gb=size(frozen) / 1e9, state_gb=size(state) / 1e9,
+                     xla_temp_gb=getattr(ma, "temp_size_in_bytes", float("nan")) / 1e9)
     return dict(framework="jaxft", version=f"jax {jax.__version__} ({jax.default_backend()})",
                 threads=os.cpu_count(), n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load,
-                compile_s=compile_s,
-                times=times, losses=losses, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+                compile_s=compile_s, times=times, losses=losses, train_peak_rss_gb=sampler.peak,
+                peak_rss_gb=peak_rss_gb(), **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +189,15 @@ def worker_torch(args) -> dict:
     path = example_model()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if args.quant == "nf4":  # bench_qlora.py: bitsandbytes NF4 + double quant (QLoRA), from an HF copy of the GGUF
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, quantization_config=bnb, dtype=torch.float32,
+                                                     device_map="cpu")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -211,7 +226,7 @@ def worker_torch(args) -> dict:
 
     with RssSampler() as sampler:
         times, losses = run_steps(step, batches, args.warmup)
-    return dict(framework="PyTorch" + ("+PEFT" if args.mode == "lora" else ""),
+    return dict(framework="PyTorch" + ("+PEFT" if args.mode == "lora" else "") + ("+bnb" if args.quant == "nf4" else ""),
                 version=f"torch {torch.__version__}", threads=torch.get_num_threads(),
                 n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load, times=times,
                 losses=losses, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
@@ -236,11 +251,11 @@ def busy_cpu_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def run_worker(name: str, argv: list[str], script: str = __file__) -> dict:
+def run_worker(name: str, argv: list[str], script: str = __file__, label: str | None = None) -> dict:
     """Run one side (`script --worker name`) in a fresh subprocess; also how much CPU other processes took."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        print(f"[{name}] fresh subprocess ...", file=sys.stderr, flush=True)
+        print(f"[{label or name}] fresh subprocess ...", file=sys.stderr, flush=True)
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", name,
                                "--worker-out", str(out)], check=False)
@@ -290,6 +305,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
     ap.add_argument("--only", choices=["jaxft", "torch"], help="run one side only")
     ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    ap.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
+                    help="quantized frozen base (QLoRA); torch: nf4 only, via bitsandbytes (see bench_qlora.py)")
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)  # torch + bitsandbytes loads this HF copy of the GGUF
+    ap.add_argument("--xla-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["jaxft", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()

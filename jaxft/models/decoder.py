@@ -52,7 +52,10 @@ class Linear(nnx.Module):
     def __call__(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # [B*S, in]: plain 2-D GEMMs forward and backward (XLA:CPU is 2x slower on 3-D)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if isinstance(self.kernel, nnx.Variable):
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        else:  # a quantized frozen kernel (jaxft.quant.QuantKernel) dequantizes itself inside the step
+            y = self.kernel.dot(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

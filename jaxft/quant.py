@@ -1,0 +1,206 @@
+"""Weight-only quantization of the frozen base under LoRA (QLoRA): NF4 with double quantization, int8.
+
+NF4 (Dettmers et al. 2023; bitsandbytes `quant_type="nf4"`): every block of 64 weights is divided by
+its absmax and each value becomes the index of the nearest of 16 code values (quantiles of N(0, 1)
+normalised to [-1, 1], with an exact zero); two 4-bit indices are packed per uint8, the first in the
+high nibble. Double quantization: the fp32 absmax scales (one per block) lose their mean (`offset`),
+then blocks of 256 of them are divided by their own absmax and rounded to bitsandbytes' signed 8-bit
+dynamic code. Storage: 4 + 8/64 + 32/(64·256) ≈ 4.13 bits per weight.
+
+int8: per output channel, scale = absmax / 127, symmetric, round to nearest.
+
+Layout. A kernel [.., in, out] (HF's weight [out, in] transposed) is blocked along `in`: a block is
+64 consecutive input weights of one output column — the very blocks bitsandbytes forms from HF's
+row-major [out, in] weight when in % 64 == 0 (otherwise `in` is zero-padded per column).
+
+    codes   uint8 [.., nb, 32, out]    nb = ceil(in / 64); row 2j in the high nibble, 2j+1 in the low
+    absmax  fp32  [.., nb, out]        single quantization; or, double quantized:
+    qabsmax uint8 [.., m]              m = nb·out padded to a multiple of 256 (order [out, nb], as bitsandbytes)
+    absmax2 fp32  [.., m / 256]        per block of 256 scales
+    offset  fp32  [..]                 mean of the scales
+
+Quantization runs on the host (numpy), one HF tensor at a time, while the checkpoint streams in
+(`jaxft.hf.load_pretrained(..., quant=...)`); the device only ever holds the quantized arrays.
+Dequantization runs inside the jitted forward, per layer inside the layers' scan, in the compute
+dtype, and under `jax.checkpoint` with the matmul so that the backward pass keeps the 4-bit codes
+(not a dequantized copy of every layer) and dequantizes again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+# The 16 NF4 values of the QLoRA paper, as bitsandbytes stores them (its `get_4bit_type("nf4")`).
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
+BLOCK = 64  # weights per NF4 absmax
+BLOCK2 = 256  # absmax values per second-level scale (double quantization)
+
+
+def dynamic_code() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map(signed=True)`): 256 sorted values in [-1, 1].
+
+    Exponent i = 0..6 gives 2^i magnitudes 10^(i-6) · (midpoints of linspace(0.1, 1, 2^i + 1)), both
+    signs, plus 0 and 1.
+    """
+    vals = [0.0, 1.0]
+    for i in range(7):
+        b = np.linspace(0.1, 1, 2 ** i + 1, dtype=np.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        vals += list(np.float32(10.0 ** (i - 6)) * means) + list(-np.float32(10.0 ** (i - 6)) * means)
+    return np.sort(np.array(vals, np.float32))
+
+
+CODE8 = dynamic_code()
+
+
+def _nearest(code: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest code value for each x (ties go to the lower value, as bitsandbytes)."""
+    mids = (code[1:] + code[:-1]) / 2
+    return np.searchsorted(mids, x, side="left").astype(np.uint8)
+
+
+def _blockwise(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [n] → (x zero-padded to [k, block], absmax [k])."""
+    k = -(-x.size // block)
+    xb = np.zeros((k * block,), np.float32)
+    xb[:x.size] = x
+    xb = xb.reshape(k, block)
+    return xb, np.abs(xb).max(axis=1)
+
+
+def _safe(absmax: np.ndarray) -> np.ndarray:
+    return np.where(absmax == 0, 1.0, absmax).astype(np.float32)
+
+
+def nf4_quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarray]:
+    """w [in, out] (float) → the NF4 arrays of the module docstring (without the leading layer axis)."""
+    w = np.asarray(w, np.float32)
+    d_in, d_out = w.shape
+    nb = -(-d_in // BLOCK)
+    blocks = np.zeros((nb * BLOCK, d_out), np.float32)
+    blocks[:d_in] = w
+    blocks = blocks.reshape(nb, BLOCK, d_out)
+    absmax = np.abs(blocks).max(axis=1)  # [nb, out]
+    idx = _nearest(NF4, blocks / _safe(absmax)[:, None, :])  # [nb, 64, out]
+    codes = (idx[:, 0::2] << 4) | idx[:, 1::2]  # [nb, 32, out]
+    if not double_quant:
+        return dict(codes=codes, absmax=absmax)
+    offset = absmax.mean(dtype=np.float32)
+    blocks2, absmax2 = _blockwise((absmax - offset).T.reshape(-1), BLOCK2)  # [m/256, 256], [m/256]
+    qabsmax = _nearest(CODE8, blocks2 * (1 / _safe(absmax2))[:, None]).reshape(-1)  # x·(1/a), as bitsandbytes
+    return dict(codes=codes, qabsmax=qabsmax, absmax2=absmax2, offset=np.asarray(offset, np.float32))
+
+
+def int8_quantize(w: np.ndarray) -> dict[str, np.ndarray]:
+    """w [in, out] → int8 codes [in, out] and scale [out] (absmax / 127 per output channel)."""
+    w = np.asarray(w, np.float32)
+    scale = _safe(np.abs(w).max(axis=0) / 127.0)
+    return dict(q=np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale=scale)
+
+
+def nf4_absmax(q: dict, nb: int, d_out: int) -> jax.Array:
+    """The fp32 block scales [.., nb, out]: stored, or rebuilt from their double quantization."""
+    if "absmax" in q:
+        return q["absmax"]
+    lead = q["qabsmax"].shape[:-1]
+    a = jnp.asarray(CODE8)[q["qabsmax"].astype(jnp.int32)].reshape(*lead, -1, BLOCK2)
+    a = a * q["absmax2"][..., None] + q["offset"][..., None, None]
+    return a.reshape(*lead, -1)[..., :nb * d_out].reshape(*lead, d_out, nb).swapaxes(-1, -2)
+
+
+def nf4_dequantize(q: dict, d_in: int, dtype) -> jax.Array:
+    """NF4 arrays → the kernel [.., in, out] in `dtype` (code value × block scale, both in dtype)."""
+    codes = q["codes"]  # [.., nb, 32, out]
+    *lead, nb, half, d_out = codes.shape
+    idx = jnp.stack([codes >> 4, codes & 15], axis=-2).astype(jnp.int32)  # [.., nb, 32, 2, out]
+    vals = jnp.asarray(NF4, dtype)[idx].reshape(*lead, nb, 2 * half, d_out)
+    w = vals * nf4_absmax(q, nb, d_out).astype(dtype)[..., None, :]
+    return w.reshape(*lead, nb * 2 * half, d_out)[..., :d_in, :]
+
+
+def int8_dequantize(q: dict, d_in: int, dtype) -> jax.Array:
+    return q["q"].astype(dtype) * q["scale"].astype(dtype)[..., None, :]
+
+
+CODECS = {"nf4": (nf4_quantize, nf4_dequantize), "int8": (int8_quantize, int8_dequantize)}
+
+
+class QuantState(nnx.Variable):
+    """A quantized base weight's array: never a Param, so never trainable or differentiated."""
+
+
+class QuantKernel(nnx.Module):
+    """A Linear's frozen kernel, quantized. Reads like the kernel it replaces:
+
+    `shape` is the logical [L, in, out] (or [in, out]); `k[...]` is the dequantized kernel; `dot(x)` is
+    x @ kernel with the kernel dequantized under jax.checkpoint (the backward pass recomputes it from
+    the codes instead of keeping it).
+    """
+
+    def __init__(self, mode: str, arrays: dict, shape: tuple[int, ...], dtype):
+        self.mode, self.shape, self.dtype = mode, tuple(shape), dtype
+        self.arrays = nnx.data({k: QuantState(v) for k, v in arrays.items()})
+
+    def _values(self) -> dict:
+        return {k: v[...] for k, v in self.arrays.items()}
+
+    def __getitem__(self, idx):
+        return CODECS[self.mode][1](self._values(), self.shape[-2], self.dtype)[idx]
+
+    def dot(self, x):
+        dequant, d_in, dtype = CODECS[self.mode][1], self.shape[-2], self.dtype
+
+        @jax.checkpoint
+        def f(x, q):
+            return jnp.dot(x.astype(dtype), dequant(q, d_in, dtype))
+
+        return f(x, self._values())
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(v[...].nbytes for v in self.arrays.values()))
+
+
+def quantized_kernels(model) -> list[tuple[tuple, QuantKernel]]:
+    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, QuantKernel)]
+
+
+def quantize_stacked(read_layer, num: int, mode: str, double_quant: bool) -> dict[str, np.ndarray]:
+    """Quantize the `num` per-layer kernels read_layer(i) → [in, out] one at a time; stack the codes."""
+    parts = []
+    for i in range(num):
+        w = read_layer(i)
+        parts.append(nf4_quantize(w, double_quant) if mode == "nf4" else int8_quantize(w))
+        del w
+    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def should_quantize(path: tuple[str, ...], cfg) -> bool:
+    """Whether the parameter at `path` is quantized under QuantConfig cfg: layer linears (minus
+    cfg.skip_modules), lm_head with cfg.lm_head; never embeddings, norms or biases."""
+    if cfg is None or cfg.base == "none" or path[-1] != "kernel":
+        return False
+    if path[:2] == ("model", "layers"):
+        return path[-2] not in cfg.skip_modules
+    return path[:-1] == ("lm_head",) and cfg.lm_head
+
+
+def original_base_run(run):
+    """The run as a merged export needs it: a quantized base is re-read from the checkpoint in fp32.
+
+    Merging W + s·B·A into the 4-bit weights would round the adapter's (small) change away; the
+    trainable tree (LoRA factors, modules_to_save) is the same either way, so the run's checkpoint
+    restores into this model unchanged."""
+    if run.quant.base == "none":
+        return run
+    return dataclasses.replace(run, quant=dataclasses.replace(run.quant, base="none"),
+                               model=dataclasses.replace(run.model, dtype="fp32"))
