@@ -142,9 +142,9 @@ def make_loss(cfg: DpoConfig):
 
 
 def fingerprint(run: RunConfig, model_path: Path, pairs) -> str:
-    """sha256 of what the reference log-probs depend on: model files, dtype, reference kind, token ids."""
-    h = hashlib.sha256(json.dumps(dict(dtype=run.model.dtype, reference="initial weights, LoRA off",
-                                       version=1)).encode())
+    """sha256 of what the reference log-probs depend on: model files, dtype, quantization, reference kind, token ids."""
+    h = hashlib.sha256(json.dumps(dict(dtype=run.model.dtype, quant=run.to_dict()["quant"],
+                                       reference="initial weights, LoRA off", version=1)).encode())
     files = [model_path] if model_path.is_file() else sorted(
         p for p in model_path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf"))
     for f in files:
