@@ -16,6 +16,7 @@ segment, the key is not padding (segment 0), the key is not in the future and, o
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -131,12 +132,20 @@ class Attention(nnx.Module):
         # heads-major layouts make both attention matmuls plain batched GEMMs (2.5x faster on XLA:CPU)
         q = q.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, H]
         kt, vt = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(x.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        logits = jnp.einsum("bkgsh,bkth->bkgst", q, kt) * jnp.asarray(cfg.scale, q.dtype)
-        logits = _softcap(logits.astype(jnp.float32), cfg.attn_softcap)
-        logits = logits + bias  # additive like HF eager: loop-invariant, nothing per layer kept for backward
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # fp32 softmax, like HF eager
-        out = jnp.einsum("bkgst,bkth->bkgsh", probs, vt)  # [B, K, G, S, H]
+        out = _attend(q, kt, vt, bias, cfg.scale, cfg.attn_softcap)  # [B, K, G, S, H]
         return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(B, S, N * H)), kv
+
+
+@partial(jax.checkpoint, static_argnums=(4, 5))
+def _attend(q, kt, vt, bias, scale: float, softcap: float | None):
+    """softmax(q kᵀ · scale + bias) v, fp32 softmax like HF eager. q [B, K, G, S, H]; kt, vt [B, K, T, H].
+
+    Under jax.checkpoint: the backward pass recomputes the [B, K, G, S, T] probabilities from q, k, v
+    instead of keeping them for every layer (they grow with S², the rest with S)."""
+    logits = jnp.einsum("bkgsh,bkth->bkgst", q, kt) * jnp.asarray(scale, q.dtype)
+    logits = _softcap(logits.astype(jnp.float32), softcap) + bias  # additive like HF eager
+    probs = jax.nn.softmax(logits, axis=-1).astype(vt.dtype)
+    return jnp.einsum("bkgst,bkth->bkgsh", probs, vt)
 
 
 class MLP(nnx.Module):
