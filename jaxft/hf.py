@@ -212,7 +212,10 @@ def _read_quantized(src: TensorSource, names, transpose, stacked, shape, quant, 
     """One kernel → a QuantKernel: each layer's tensor read, checked and quantized on the host in turn."""
     per = shape[1:] if stacked else shape
     full = tuple(slice(None) for _ in per)
-    read = lambda i: _reader(src, [names[i]], transpose, False, per, np.float32, where)(full)
+
+    def read(i):  # layer i's tensor, fp32, [in, out]
+        return _reader(src, [names[i]], transpose, False, per, np.float32, where)(full)
+
     arrays = quantize_stacked(read, len(names), quant.base, quant.double_quant)
     if not stacked:
         arrays = {k: v[0] for k, v in arrays.items()}

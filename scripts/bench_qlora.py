@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -84,7 +85,11 @@ def main():
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="jaxft only")
     ap.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
     ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    ap.add_argument("--write-hf-copy", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_hf_copy:
+        write_hf_copy(Path(args.write_hf_copy))
+        return
 
     busy = busy_processes()
     if busy:
@@ -94,7 +99,9 @@ def main():
               "--remat", args.remat]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = write_hf_copy(Path(tmp) / "hf") if "torch-bnb" in args.sides else None
+        hf_dir = Path(tmp) / "hf"
+        if "torch-bnb" in args.sides:  # in its own process: a child inherits its parent's peak RSS (ru_maxrss)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--write-hf-copy", str(hf_dir)], check=True)
         for side in args.sides:
             worker, q = SIDES[side]
             argv = common + ["--quant", q, "--dtype", args.dtype if worker == "jaxft" else "fp32"]

@@ -1,6 +1,8 @@
 """QLoRA: the NF4 / int8 codecs against the paper and bitsandbytes, quantized models against
 transformers + bitsandbytes, LoRA on a quantized base, merged export from the original weights."""
 
+from pathlib import Path
+
 import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
@@ -232,8 +234,6 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
     import json
     import subprocess
     import sys
-    from pathlib import Path
-
     from peft import PeftModel
 
     from jaxft.config import load_config
@@ -294,3 +294,17 @@ def test_plan_equals_the_arrays_of_a_loaded_model(tmp_path, overrides):
     p = plan(model_config(str(tmp_path)), run)
     assert (p.base, p.trainable, p.optimizer) == (size(setup.frozen), size(setup.params), size(opt))
     assert p.total > p.base + p.trainable + p.optimizer
+
+
+def test_plan_cli_for_llama3_shapes(capsys):
+    from jaxft.cli import main
+    from jaxft.plan import kernel_bytes
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["plan", str(root / "configs" / "qlora.yaml"), "--model", "llama3-70b"]) == 0
+    out = capsys.readouterr().out
+    assert "80 layers, hidden 8192" in out and "base weights (nf4)" in out
+    # NF4 with double quantization: 4 + 8/64 + 32/(64·256) bits per weight (4096 x 4096: no padding)
+    assert kernel_bytes(4096, 4096, "nf4", True, 2) == 4096 * 4096 * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + 4
+    assert main(["plan", str(root / "configs" / "qlora.yaml"), "--model", "nope"]) == 2
+    assert "nope: not a model directory, .gguf file or preset" in capsys.readouterr().err

@@ -42,7 +42,8 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel: [in, out] (HF weight transposed).
 
-    The slot `lora` stays None until LoRA is attached under this layer; base paths never change."""
+    The slot `lora` stays None until LoRA is attached under this layer; base paths never change.
+    With a quantized base (QLoRA) `kernel` is a jaxft.quant.QuantKernel instead of a Param."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs, (d_in, d_out), param_dtype))
