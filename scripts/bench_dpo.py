@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,13 +152,13 @@ def worker_trl(args) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # dequantized to fp32 on load: a plain model to Trainer
+        model.hf_quantizer.remove_quantization_config(model)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tok.pad_token = tok.pad_token or tok.eos_token
     t_load, rss_load = time.perf_counter() - t0, rss_gb()
     rows = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r) for p, c, r in pair_ids(args)]
     total = args.warmup + args.steps
-    import tempfile
-
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                         max_steps=total, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,

@@ -235,6 +235,20 @@ def test_pair_batches_layout(tmp_path, tok):
     np.testing.assert_array_equal(b["ref_logps"], [ref[i, 0], ref[j, 0], 0, ref[i, 1], ref[j, 1], 0])
 
 
+def test_task_pairs():
+    from jaxft.metrics import score
+
+    rows = make_examples(60, seed=0)
+    pairs = make_pairs(rows, seed=1)
+    assert pairs == make_pairs(rows, seed=1)
+    for row, pair in zip(rows, pairs):
+        assert pair["prompt"] == row["messages"][:-1] and pair["chosen"] == row["messages"][-1:]
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    rejected = [p["rejected"][0]["content"] for p in pairs]
+    assert score("json_fields", chosen, chosen)["exact"] == 1.0
+    assert score("json_fields", rejected, chosen)["exact"] == 0.0  # every rejected answer is wrong
+
+
 # ---------------------------------------------------------------- the model: reference, one step
 
 
