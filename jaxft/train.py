@@ -262,18 +262,16 @@ class Objective:
 def sft_objective(run: RunConfig, setup, say) -> Objective:
     from jaxft.data import Batches, load_examples
 
-    train_ex, report = load_examples(run.data, setup.tokenizer, "train")
-    say(f"train data: {report.summary()}")
-    has_val = run.data.validation is not None or run.data.validation_fraction > 0
-    if not has_val:
-        return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing,
-                                 run.data.seed), None, sft_loss, None)
-    val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
-    say(f"validation data: {vreport.summary()}")
-    val_batches = Batches(val_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
-    eval_step = make_eval_step(setup.graphdef)
-    return Objective(Batches(train_ex, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed),
-                     val_batches, sft_loss,
+    def batches(split: str) -> Batches:
+        examples, report = load_examples(run.data, setup.tokenizer, split)
+        say(f"{split} data: {report.summary()}")
+        return Batches(examples, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)
+
+    train_batches = batches("train")
+    if run.data.validation is None and run.data.validation_fraction == 0:
+        return Objective(train_batches, None, sft_loss, None)
+    val_batches, eval_step = batches("validation"), make_eval_step(setup.graphdef)
+    return Objective(train_batches, val_batches, sft_loss,
                      lambda p, f: evaluate_loss(eval_step, p, f, val_batches, run.train.eval_batches))
 
 

@@ -374,6 +374,20 @@ def test_cached_reference_equals_on_the_fly(chat_model, pair_data, tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
+def test_full_finetuning_with_cached_reference(chat_model, pair_data, tmp_path):
+    """lora.enabled=false + dpo.reference=cache: the reference is the initial weights, computed once."""
+    from jaxft.train import train
+
+    run = load_config(ROOT / "configs" / "dpo_lora.yaml", _overrides(
+        chat_model, pair_data, tmp_path / "full", **{"lora.enabled": False, "dpo.reference": "cache",
+                                                     "optim.lr": 1e-4, "train.steps": 2}))
+    train(run, progress=False)
+    first, second = [r for r in _rows(tmp_path / "full") if "loss" in r]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    assert abs(first["rewards/margins"]) < 1e-6 and first["rewards/accuracies"] == 0.0
+    assert second["rewards/margins"] > 0 and second["loss"] < math.log(2)
+
+
 def test_cli_train_resume_eval(chat_model, pair_data, tmp_path):
     cfg = str(ROOT / "configs" / "dpo_lora.yaml")
     out = tmp_path / "run"
