@@ -278,19 +278,16 @@ def sft_objective(run: RunConfig, setup, say, wrap: Callable = lambda b: b) -> O
     """SFT batches (each wrapped by `wrap`, e.g. into sharded global batches), loss and validation."""
     from jaxft.data import Batches, load_examples
 
-    def batches(examples):
+    def batches(split: str):
+        examples, report = load_examples(run.data, setup.tokenizer, split)
+        say(f"{split} data: {report.summary()}")
         return wrap(Batches(examples, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed))
 
-    train_ex, report = load_examples(run.data, setup.tokenizer, "train")
-    say(f"train data: {report.summary()}")
-    has_val = run.data.validation is not None or run.data.validation_fraction > 0
-    if not has_val:
-        return Objective(batches(train_ex), None, sft_loss, None)
-    val_ex, vreport = load_examples(run.data, setup.tokenizer, "validation")
-    say(f"validation data: {vreport.summary()}")
-    val_batches = batches(val_ex)
-    eval_step = make_eval_step(setup.graphdef)
-    return Objective(batches(train_ex), val_batches, sft_loss,
+    train_batches = batches("train")
+    if run.data.validation is None and run.data.validation_fraction == 0:
+        return Objective(train_batches, None, sft_loss, None)
+    val_batches, eval_step = batches("validation"), make_eval_step(setup.graphdef)
+    return Objective(train_batches, val_batches, sft_loss,
                      lambda p, f: evaluate_loss(eval_step, p, f, val_batches, run.train.eval_batches))
 
 

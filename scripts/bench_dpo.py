@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,18 +100,21 @@ def worker_jaxft(args, cache: bool) -> dict:
     step_fn = make_train_step(graphdef, tx, make_loss(DpoConfig(beta=args.beta)), seed=args.seed)
     n_trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
 
+    logps = []
+
     def step(i):
         nonlocal state
         state, metrics = step_fn(state, frozen, {k: v[None] for k, v in batches.in_order(i).items()})
         metrics = jax.block_until_ready(metrics)
         assert int(metrics["targets"]) == args.batch and bool(metrics["finite"])
+        logps.append(float(metrics["logps/chosen"]))
         return float(metrics["loss"])
 
     with RssSampler() as sampler:
         times, losses = run_steps(step, range(total), args.warmup)
     return dict(framework=NAMES["cache" if cache else "jaxft"], version=f"jax {jax.__version__}",
                 threads=os.cpu_count(), n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load,
-                reference_s=t_ref, times=times, losses=losses, train_peak_rss_gb=sampler.peak,
+                reference_s=t_ref, times=times, losses=losses, logps_chosen=logps, train_peak_rss_gb=sampler.peak,
                 peak_rss_gb=peak_rss_gb())
 
 
@@ -151,20 +155,20 @@ def worker_trl(args) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # dequantized to fp32 on load: a plain model to Trainer
+        model.hf_quantizer.remove_quantization_config(model)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tok.pad_token = tok.pad_token or tok.eos_token
     t_load, rss_load = time.perf_counter() - t0, rss_gb()
     rows = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r) for p, c, r in pair_ids(args)]
     total = args.warmup + args.steps
-    import tempfile
-
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                         max_steps=total, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
                         weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch", beta=args.beta,
                         loss_type=["sigmoid"], max_length=None, logging_steps=1, save_strategy="no",
                         report_to=[], use_cpu=True, dataloader_num_workers=0, seed=args.seed,
-                        remove_unused_columns=False, disable_tqdm=True)
+                        remove_unused_columns=False, disable_tqdm=True, gradient_checkpointing=False)
         timer = StepTimes()
         trainer = Pretokenized(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
@@ -174,10 +178,11 @@ def worker_trl(args) -> dict:
         n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         with RssSampler() as sampler:
             trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    logps = [float(h["logps/chosen"]) for h in trainer.state.log_history if "logps/chosen" in h]
     return dict(framework=NAMES["trl"], version=f"torch {torch.__version__}", threads=torch.get_num_threads(),
                 n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load, reference_s=0.0,
-                times=timer.times, losses=losses, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+                times=timer.times, losses=losses, logps_chosen=logps, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
 
 
 def summarize(r: dict, args) -> dict:
@@ -236,15 +241,18 @@ def main():
           f"completion {args.completion}) = {2 * args.batch} x {S} tokens per step, AdamW lr {args.lr:g}, "
           f"{args.warmup} warmup + {args.steps} timed steps; cores {os.cpu_count()}")
     head = (f"{'side':<16} | {'tokens/s med':>12} | {'step s med':>10} | {'peak RSS GB':>11} | "
-            f"{'train RSS GB':>12} | {'first step s':>12} | {'ref pass s':>10} | {'trainable':>10} | {'loss 1st':>8}")
+            f"{'train RSS GB':>12} | {'first step s':>12} | {'ref pass s':>10} | {'trainable':>10} | {'loss 1st':>8} | "
+            f"{'logps/chosen 1st':>16}")
     print(head)
     print("-" * len(head))
     for r in results.values():
         print(f"{r['framework']:<16} | {r['tokens_per_s_median']:>12.1f} | {r['step_s_median']:>10.2f} | "
               f"{r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | {r['first_step_s']:>12.2f} | "
-              f"{r['reference_s']:>10.2f} | {r['n_trainable']:>10,} | {r['losses'][0]:>8.4f}")
-    print("(loss 1st: DPO starts at ln 2 = 0.6931 on both sides; SFT's is a cross-entropy; ref pass: the "
-          "cache's one reference pass over these pairs, before training)")
+              f"{r['reference_s']:>10.2f} | {r['n_trainable']:>10,} | {r['losses'][0]:>8.4f} | "
+              f"{r.get('logps_chosen', [float('nan')])[0]:>16.4f}")
+    print("(loss 1st: DPO starts at ln 2 = 0.6931 on both sides; SFT's is a cross-entropy; logps/chosen 1st: the "
+          "first batch's summed chosen log-prob, the same pairs on every side; ref pass: the cache's one reference "
+          "pass over these pairs, before training)")
     for r in results.values():
         share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
         print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "

@@ -235,6 +235,20 @@ def test_pair_batches_layout(tmp_path, tok):
     np.testing.assert_array_equal(b["ref_logps"], [ref[i, 0], ref[j, 0], 0, ref[i, 1], ref[j, 1], 0])
 
 
+def test_task_pairs():
+    from jaxft.metrics import score
+
+    rows = make_examples(60, seed=0)
+    pairs = make_pairs(rows, seed=1)
+    assert pairs == make_pairs(rows, seed=1)
+    for row, pair in zip(rows, pairs):
+        assert pair["prompt"] == row["messages"][:-1] and pair["chosen"] == row["messages"][-1:]
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    rejected = [p["rejected"][0]["content"] for p in pairs]
+    assert score("json_fields", chosen, chosen)["exact"] == 1.0
+    assert score("json_fields", rejected, chosen)["exact"] == 0.0  # every rejected answer is wrong
+
+
 # ---------------------------------------------------------------- the model: reference, one step
 
 
@@ -358,6 +372,20 @@ def test_cached_reference_equals_on_the_fly(chat_model, pair_data, tmp_path):
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+def test_full_finetuning_with_cached_reference(chat_model, pair_data, tmp_path):
+    """lora.enabled=false + dpo.reference=cache: the reference is the initial weights, computed once."""
+    from jaxft.train import train
+
+    run = load_config(ROOT / "configs" / "dpo_lora.yaml", _overrides(
+        chat_model, pair_data, tmp_path / "full", **{"lora.enabled": False, "dpo.reference": "cache",
+                                                     "optim.lr": 1e-4, "train.steps": 2}))
+    train(run, progress=False)
+    first, second = [r for r in _rows(tmp_path / "full") if "loss" in r]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    assert abs(first["rewards/margins"]) < 1e-6 and first["rewards/accuracies"] == 0.0
+    assert second["rewards/margins"] > 0 and second["loss"] < math.log(2)
 
 
 def test_cli_train_resume_eval(chat_model, pair_data, tmp_path):
