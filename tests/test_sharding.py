@@ -19,6 +19,7 @@ from jaxft.config import load_config
 from jaxft.evaluate import restore_params
 from jaxft.task import make_examples
 from jaxft.train import build_model, init_state, make_optimizer, make_train_step, train
+from test_sft import _losses, _train_cli
 from tiny import save_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,13 @@ def _run(chat_model, mesh=(1, 1, 1), strategy="fsdp", lora=True, **extra):
     return load_config(CFG, _overrides(chat_model, Path("."), "unused", **o))
 
 
-def _losses(out):
-    rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+def _wait_for_step(run, step, p):
+    """Until the run has logged `step` (or its process ended)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= step:
+            return
+        time.sleep(0.1)
 
 
 def _specs(tree):
@@ -197,22 +202,13 @@ def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
     np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [expected[s] for s in (1, 2, 3, 4)], atol=1e-5, rtol=0)
 
 
-def _cli(args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
-
-
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(chat_model, task_data, tmp_path):
     common = {"train.steps": 30, "lora.dropout": 0.1, "mesh.fsdp": 2}
     train(load_config(CFG, _overrides(chat_model, task_data, tmp_path / "ref", **common)), progress=False)
     expected = _losses(tmp_path / "ref")
     run = tmp_path / "run"
-    p = _cli([CFG, *_overrides(chat_model, task_data, run, **common)])
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:  # SIGTERM once step 3 is logged (no checkpoint before)
-        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 3:
-            break
-        time.sleep(0.1)
+    p = _train_cli([CFG, *_overrides(chat_model, task_data, run, **common)])
+    _wait_for_step(run, 3, p)  # no checkpoint before: the one found is SIGTERM's
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
@@ -228,7 +224,7 @@ def test_two_processes_with_gloo_match_one_process(chat_model, task_data, tmp_pa
     the 2-process run is SIGTERMed (every process), saves at an agreed step, exits 0 and resumes exactly."""
     o = {"train.steps": 8, "mesh.fsdp": -1}
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    p = _cli([CFG, *_overrides(chat_model, task_data, tmp_path / "single", **o)], env=env)
+    p = _train_cli([CFG, *_overrides(chat_model, task_data, tmp_path / "single", **o)], env=env)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     single = _losses(tmp_path / "single")
@@ -237,11 +233,7 @@ def test_two_processes_with_gloo_match_one_process(chat_model, task_data, tmp_pa
     launch = ["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", CFG, *_overrides(chat_model, task_data, run, **o)]
     env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
     p = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 2:
-            break
-        time.sleep(0.1)
+    _wait_for_step(run, 2, p)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
