@@ -24,7 +24,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -151,11 +150,10 @@ def evaluate_loss(eval_step, params, frozen, batches, n: int) -> dict:
 
 
 class Prefetch:
-    """Stacks the micro-batches of steps start, start+1, ... on a background thread.
+    """Builds the batches of steps start, start+1, ... on a background thread: fetch(step) → batch
+    [A, B, S] (jaxft.sharding.ShardedBatches.step: each process assembles only its rows)."""
 
-    fetch(step) → the step's batch [A, B, S] replaces the stacking (jaxft.sharding.ShardedBatches.step)."""
-
-    def __init__(self, batches, start: int, accum: int, depth: int = 2, fetch: Callable | None = None):
+    def __init__(self, fetch: Callable[[int], dict], start: int, depth: int = 2):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = False
 
@@ -163,12 +161,7 @@ class Prefetch:
             step = start
             while not self.stop:
                 try:
-                    if fetch is not None:
-                        self.q.put(fetch(step))
-                        step += 1
-                        continue
-                    mbs = [batches.batch(step * accum + j) for j in range(accum)]
-                    self.q.put({k: np.stack([m[k] for m in mbs]) for k in mbs[0]})
+                    self.q.put(fetch(step))
                 except BaseException as e:  # hand it to the loop instead of leaving it waiting forever
                     self.q.put(e)
                     return
@@ -391,8 +384,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
 
     frozen = setup.frozen
-    prefetch = Prefetch(batches, start, run.train.grad_accum,
-                        fetch=lambda s: batches.step(s, run.train.grad_accum))
+    prefetch = Prefetch(lambda s: batches.step(s, run.train.grad_accum), start)
     bar = tqdm(total=run.train.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stderr)
     t0, tokens_seen, pending, last = time.perf_counter(), 0, None, {}
     rate_from = None  # (time, tokens) after the first step: throughput excludes compilation

@@ -2,7 +2,7 @@
 4, 8 (full fine-tuning: fp32 weights + AdamW moments), and the step time of sharded steps next to the
 same step on one device.
 
-    python scripts/bench_sharding.py                       # ~170M-parameter Llama-shaped model (680 MB fp32)
+    python scripts/bench_sharding.py                       # ~156M-parameter Llama-shaped model (620 MB fp32)
     python scripts/bench_sharding.py --quick               # tiny settings: checks the script end to end
 
 The memory figure is the bytes of the buffers each device really holds (its addressable shards of every
@@ -130,7 +130,7 @@ def main():
         mem_cfg = step_cfg = llama_config(128, 2, 512, 256)
         a.steps, a.seq = 2, 32
     else:
-        mem_cfg = llama_config(1024, 8, 32000, 2816)  # ~170M parameters: 680 MB of fp32 weights
+        mem_cfg = llama_config(1024, 8, 32000, 2816)  # ~156M parameters: 620 MB of fp32 weights
         step_cfg = llama_config(512, 4, 32000, 1408)
     print(f"jax {jax.__version__}, {jax.device_count()} simulated CPU devices on {os.cpu_count()} cores")
     memory_table(mem_cfg)

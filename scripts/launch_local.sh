@@ -25,11 +25,21 @@ for ((i = 0; i < N; i++)); do
     "mesh.num_processes=$N" "mesh.process_id=$i" "$@" &
   pids+=($!)
 done
+# SIGTERM / Ctrl-C go to every process, as a scheduler's preemption would: they agree on a step, save, exit 0
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
-for ((k = 0; k < N; k++)); do
-  if ! wait -n; then  # one failed: the others would wait for it in a collective forever
-    status=1
-    kill "${pids[@]}" 2>/dev/null || true
-  fi
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  still=()
+  for p in "${running[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then
+      still+=("$p")
+    elif ! wait "$p"; then  # one failed: the others would wait for it in a collective forever
+      status=1
+      kill "${pids[@]}" 2>/dev/null || true
+    fi
+  done
+  running=("${still[@]+"${still[@]}"}")
+  sleep 0.5
 done
 exit $status

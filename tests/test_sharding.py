@@ -19,6 +19,7 @@ from jaxft.config import load_config
 from jaxft.evaluate import restore_params
 from jaxft.task import make_examples
 from jaxft.train import build_model, init_state, make_optimizer, make_train_step, train
+from test_sft import _losses, _train_cli
 from tiny import save_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,13 @@ def _run(chat_model, mesh=(1, 1, 1), strategy="fsdp", lora=True, **extra):
     return load_config(CFG, _overrides(chat_model, Path("."), "unused", **o))
 
 
-def _losses(out):
-    rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+def _wait_for_step(run, step, p):
+    """Until the run has logged `step` (or its process ended)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= step:
+            return
+        time.sleep(0.1)
 
 
 def _specs(tree):
@@ -197,22 +202,13 @@ def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
     np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [expected[s] for s in (1, 2, 3, 4)], atol=1e-5, rtol=0)
 
 
-def _cli(args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
-
-
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(chat_model, task_data, tmp_path):
     common = {"train.steps": 30, "lora.dropout": 0.1, "mesh.fsdp": 2}
     train(load_config(CFG, _overrides(chat_model, task_data, tmp_path / "ref", **common)), progress=False)
     expected = _losses(tmp_path / "ref")
     run = tmp_path / "run"
-    p = _cli([CFG, *_overrides(chat_model, task_data, run, **common)])
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:  # SIGTERM once step 3 is logged (no checkpoint before)
-        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 3:
-            break
-        time.sleep(0.1)
+    p = _train_cli([CFG, *_overrides(chat_model, task_data, run, **common)])
+    _wait_for_step(run, 3, p)  # no checkpoint before: the one found is SIGTERM's
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
@@ -224,21 +220,28 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(chat_model, task_data, 
 
 
 def test_two_processes_with_gloo_match_one_process(chat_model, task_data, tmp_path):
-    """scripts/launch_local.sh 2: 2 processes × 2 devices, one fsdp=4 mesh, vs one process with 4 devices."""
-    o = _overrides(chat_model, task_data, tmp_path / "single", **{"train.steps": 3, "mesh.fsdp": -1,
-                                                                  "train.save_every": 2})
+    """scripts/launch_local.sh 2: 2 processes × 2 devices on one fsdp=4 mesh vs one process with 4 devices;
+    the 2-process run is SIGTERMed (every process), saves at an agreed step, exits 0 and resumes exactly."""
+    o = {"train.steps": 8, "mesh.fsdp": -1}
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    p = _cli([CFG, *o], env=env)
+    p = _train_cli([CFG, *_overrides(chat_model, task_data, tmp_path / "single", **o)], env=env)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    o = _overrides(chat_model, task_data, tmp_path / "multi", **{"train.steps": 3, "mesh.fsdp": -1,
-                                                                 "train.save_every": 2})
+    single = _losses(tmp_path / "single")
+
+    run = tmp_path / "multi"
+    launch = ["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", CFG, *_overrides(chat_model, task_data, run, **o)]
     env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", CFG, *o], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 2, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert len(saved) == 1 and 2 <= saved[0] < 8, saved
+    r = subprocess.run([*launch, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    single, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
-    assert sorted(multi) == [1, 2, 3]
-    np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], atol=1e-5, rtol=0)
-    assert sorted(int(d.name) for d in (tmp_path / "multi" / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
-    assert r.stdout.count('"step": 3') == 1  # process 0 alone reports
+    multi = _losses(run)
+    assert sorted(multi) == list(range(1, 9))
+    np.testing.assert_allclose([multi[s] for s in range(1, 9)], [single[s] for s in range(1, 9)], atol=1e-5, rtol=0)
+    assert r.stdout.count('"step": 8') == 1  # process 0 alone reports
