@@ -6,7 +6,9 @@
    the best GFLOP/s over a few large GEMM shapes, in a fresh subprocess.
 2. Runs scripts/bench_sft.py (each framework in its own fresh subprocess) for every setting:
    lora = LoRA r=16 on q,k,v,o,gate,up,down, fp32; full = full fine-tuning, fp32; bf16 = LoRA with
-   bf16 compute (PyTorch: bf16 autocast). Model: the example SmolLM2-135M-Instruct, batch 4 x 256.
+   bf16 compute (PyTorch: bf16 autocast); dpo = sigmoid DPO with LoRA, the reference = the adapter
+   switched off, next to TRL's DPOTrainer + PEFT (scripts/bench_dpo.py: batch pairs of a seq/2 prompt
+   and seq/2 completions, i.e. 2 x batch rows of seq). Model: the example SmolLM2-135M-Instruct, batch 4 x 256.
 3. Prints tokens/s of both, their ratio, jaxft's MFU, peak host RSS of both and their ratio, and
    jaxft's first-step compile time, next to the issue's targets.
 
@@ -30,12 +32,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_sft  # noqa: E402 — the workers and their process helpers
+import bench_dpo  # noqa: E402 — the DPO workers
+import bench_sft  # noqa: E402 — the SFT workers and the process helpers
 
-SETTINGS = {  # name → (bench_sft.py arguments, dtype of the ceiling that applies)
-    "lora": (["--mode", "lora", "--dtype", "fp32"], "fp32"),
-    "full": (["--mode", "full", "--dtype", "fp32"], "fp32"),
-    "bf16": (["--mode", "lora", "--dtype", "bf16"], "bf16"),
+SETTINGS = {  # name → (script, its arguments, the two sides, dtype of the ceiling that applies)
+    "lora": ("bench_sft.py", ["--mode", "lora", "--dtype", "fp32"], ("jaxft", "torch"), "fp32"),
+    "full": ("bench_sft.py", ["--mode", "full", "--dtype", "fp32"], ("jaxft", "torch"), "fp32"),
+    "bf16": ("bench_sft.py", ["--mode", "lora", "--dtype", "bf16"], ("jaxft", "torch"), "bf16"),
+    "dpo": ("bench_dpo.py", [], ("jaxft", "trl"), "fp32"),
 }
 TARGETS = "fp32 LoRA targets: >= 2.0x PyTorch tokens/s, MFU >= 55%, peak RSS <= 0.75x PyTorch, compile <= 30 s"
 GEMMS = [(2048, 2048, 2048), (4096, 1024, 4096), (1024, 576, 1536)]  # (M, K, N); the last = a SmolLM2 MLP GEMM
@@ -77,12 +81,15 @@ def flops_per_token(mode: str, seq: int, rank: int) -> tuple[float, str]:
     A = 12 * L * seq * N * H
     if mode == "full":
         return 6 * P + A, f"6*P + A = 6*{P / 1e6:.1f}M + {A / 1e6:.1f}M"
+    if mode == "dpo":  # the policy's LoRA step + the reference's forward (2*P + A/3), per policy token
+        return 6 * P + 6 * P_lora + A + A // 3, (f"(4*P + 6*P_lora + A) + (2*P + A/3) = 6*{P / 1e6:.1f}M + "
+                                                  f"6*{P_lora / 1e6:.2f}M + {A / 1e6:.1f}M + {A / 3e6:.1f}M")
     return 4 * P + 6 * P_lora + A, f"4*P + 6*P_lora + A = 4*{P / 1e6:.1f}M + 6*{P_lora / 1e6:.2f}M + {A / 1e6:.1f}M"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--settings", default="lora,full,bf16", help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default="lora,full,bf16,dpo", help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
@@ -108,14 +115,18 @@ def main():
         subprocess.run([sys.executable, os.path.abspath(__file__), "--ceiling-worker", str(out)], check=True)
         ceil = json.loads(out.read_text())
 
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-              "--seq", str(args.seq), "--rank", str(args.rank)]
-    sub_args = argparse.Namespace(warmup=args.warmup, batch=args.batch, seq=args.seq)
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
+    sft_shape = ["--batch", str(args.batch), "--seq", str(args.seq)]
+    half = str(args.seq // 2)  # DPO: batch pairs of a seq/2 prompt + seq/2 completions = 2*batch rows of seq
+    dpo_shape = ["--batch", str(args.batch), "--prompt", half, "--completion", half]
     rows = []
     for name in names:
-        extra, dt = SETTINGS[name]
-        j, t = (bench_sft.summarize(bench_sft.run_worker(side, extra + common), sub_args) for side in ("jaxft", "torch"))
-        mode = "full" if "full" in extra else "lora"
+        script, extra, sides, dt = SETTINGS[name]
+        mod, shape = (bench_dpo, dpo_shape) if script == "bench_dpo.py" else (bench_sft, sft_shape)
+        sub = mod.__dict__["argparse"].Namespace(warmup=args.warmup, batch=args.batch, seq=args.seq,
+                                                 prompt=args.seq // 2, completion=args.seq // 2)
+        j, t = (mod.summarize(bench_sft.run_worker(side, extra + common + shape, mod.__file__), sub) for side in sides)
+        mode = {"full": "full", "dpo": "dpo"}.get(name, "lora")
         fpt, formula = flops_per_token(mode, args.seq, args.rank)
         mfu = fpt * j["tokens_per_s_median"] / (ceil[dt]["gflops"] * 1e9)
         rows.append(dict(setting=name, jaxft=j, torch=t, flops_per_token=fpt, formula=formula, mfu=mfu,
