@@ -142,6 +142,10 @@ def worker_trl(args) -> dict:
         def _prepare_dataset(self, dataset, *a, **k):  # the ids are given: skip TRL's tokenization
             return dataset
 
+        def _get_train_sampler(self, train_dataset=None):  # in order, like the jaxft side's batches
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
+                                                      else self.train_dataset)
+
     class StepTimes(TrainerCallback):
         def __init__(self):
             self.times, self.t0 = [], 0.0
