@@ -165,7 +165,7 @@ def worker_jaxft(args) -> dict:
     extra = {}
     if args.xla_memory:  # after timing: what XLA allocates for the step, and the weights on the device
         size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-        ma = step_fn.lower(state, frozen, batches[0]).compile().memory_analysis()
+        ma = step_fn.memory_analysis()  # step_fn is the ahead-of-time compiled step
         extra = dict(frozen_gb=size(frozen) / 1e9, state_gb=size(state) / 1e9,
                      xla_temp_gb=getattr(ma, "temp_size_in_bytes", float("nan")) / 1e9)
     return dict(framework="jaxft", version=f"jax {jax.__version__} ({jax.default_backend()})",

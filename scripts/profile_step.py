@@ -95,6 +95,8 @@ def main():
     for name, t in rows:
         print(f"{name:26s} {t:7.3f} s")
     print(f"(forward+backward) / forward: layers {rows[1][1] / rows[0][1]:.2f}x, loss {rows[3][1] / rows[2][1]:.2f}x")
+    mem = jax.jit(jax.grad(loss)).lower(p, f).compile().memory_analysis()
+    print(f"loss gradient: XLA temp memory {mem.temp_size_in_bytes / 1e9:.2f} GB (remat {a.remat})")
     if a.ops:
         op_profile(jax.grad(loss), (p, f), a.ops)
 
