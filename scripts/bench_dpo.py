@@ -125,7 +125,8 @@ def worker_sft(args) -> dict:
     """bench_sft's jaxft worker on 2*batch rows of prompt + completion tokens."""
     sft_args = argparse.Namespace(mode="lora", dtype="fp32", remat="none", rank=args.rank, alpha=args.alpha,
                                   seed=args.seed, warmup=args.warmup, steps=args.steps, lr=args.lr,
-                                  batch=2 * args.batch, seq=args.prompt + args.completion, vocab=args.vocab)
+                                  batch=2 * args.batch, seq=args.prompt + args.completion, vocab=args.vocab,
+                                  quant="none", xla_memory=False)
     return dict(bench_sft.worker_jaxft(sft_args), framework=NAMES["sft"], reference_s=0.0)
 
 
