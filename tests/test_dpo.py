@@ -23,7 +23,7 @@ from jaxft.dpo import METRICS, make_loss, pair_losses, reference_logps
 from jaxft.errors import JaxftError
 from jaxft.preference import PairBatches, load_pairs
 from jaxft.task import make_examples, make_pairs
-from tiny import example_tokenizer, save_chat_model
+from tiny import example_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
@@ -251,12 +251,6 @@ def test_task_pairs():
 
 # ---------------------------------------------------------------- the model: reference, one step
 
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat_model")
-    save_chat_model(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,6 @@ from tiny import example_tokenizer, save_chat_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat_model")
-    save_chat_model(d)
-    return d
-
 
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):

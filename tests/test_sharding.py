@@ -20,17 +20,9 @@ from jaxft.evaluate import restore_params
 from jaxft.task import make_examples
 from jaxft.train import build_model, init_state, make_optimizer, make_train_step, train
 from test_sft import _losses, _train_cli
-from tiny import save_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "sft_lora.yaml")
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat_model")
-    save_chat_model(d)  # hidden 64, 4 heads × 16, 2 kv heads, mlp 96, vocab 49152: divisible by 2, 4, 8
-    return d
 
 
 @pytest.fixture(scope="module")
