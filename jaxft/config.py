@@ -24,7 +24,7 @@ from jaxft.errors import JaxftError
 class ModelConfig:
     path: str = "example"  # HF directory, .gguf file, or "example" (the embedded SmolLM2-135M-Instruct)
     dtype: Literal["fp32", "bf16"] = "fp32"  # parameter storage and compute dtype
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "proj", "dots", "full"] = "proj"  # jaxft.models.decoder.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

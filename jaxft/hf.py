@@ -155,7 +155,7 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
     return [".".join(mods + [hf_leaf])], transpose
 
 
-def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "none",
+def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "proj",
                     sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None,
                     quant=None) -> Decoder:
     """Load a causal LM from a local HF directory or a .gguf file.

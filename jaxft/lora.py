@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
@@ -39,6 +40,7 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         xa = jnp.dot(x, self.a[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)  # scale the [.., r] side
+        xa = checkpoint_name(xa, "proj")  # [.., r]: kept under remat "proj", so x A never runs twice
         return jnp.dot(xa, self.b[...].astype(x.dtype))
 
 

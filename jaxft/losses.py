@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from jaxft.models.decoder import Decoder
+from jaxft.models.decoder import Decoder, head_logits
 
 LOGITS_CHUNK = 128  # sequence positions per logits chunk: [B, chunk, V] fp32 is the largest temporary
 
@@ -17,8 +18,8 @@ LOGITS_CHUNK = 128  # sequence positions per logits chunk: [B, chunk, V] fp32 is
 def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int = LOGITS_CHUNK) -> jax.Array:
     """log p(targets[b, s]) [B, S] fp32 from final hidden states h [B, S, D].
 
-    The vocabulary projection and log-softmax run one chunk of positions at a time under
-    `jax.checkpoint`, so full [B, S, V] fp32 logits never exist, forward or backward.
+    The vocabulary projection and log-softmax run one chunk of positions at a time, so full
+    [B, S, V] fp32 logits never exist, forward or backward (see `_chunk_logprobs` for the gradient).
     """
     B, S, D = h.shape
     c = min(chunk, S)
@@ -26,16 +27,69 @@ def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int 
     pad = n * c - S
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)  # [n, B, c]
+    graphdef, state = nnx.split(model.head)
+    head, treedef = jax.tree.flatten(state)  # its arrays, as a plain list for the custom gradient
+    softcap = model.config.final_softcap
 
-    @jax.checkpoint
-    def one(_, xs):
-        hc, tc = xs
-        logits = model.logits(hc).astype(jnp.float32)  # [B, c, V]
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return None, picked - jax.nn.logsumexp(logits, axis=-1)
+    def project(head, x):
+        return head_logits(nnx.merge(graphdef, jax.tree.unflatten(treedef, head)), x, softcap)
 
-    _, lp = jax.lax.scan(one, None, (h, t))
+    _, lp = jax.lax.scan(lambda _, xs: (None, _chunk_logprobs(project, head, *xs)), None, (h, t))
     return lp.swapaxes(0, 1).reshape(B, n * c)[:, :S]
+
+
+def _softmax_parts(z):
+    """exp(z − max), its sum over the vocabulary, and logsumexp(z) ([..., 1] each), exp computed once into
+    memory: XLA:CPU fuses it into the sum's reduction and runs it ~4x slower there."""
+    m = jax.lax.stop_gradient(z.max(axis=-1, keepdims=True))
+    e = jax.lax.optimization_barrier(jnp.exp(z - m))
+    total = e.sum(axis=-1, keepdims=True)
+    return e, total, m + jnp.log(total)
+
+
+def _pick(z, t):
+    return jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+
+
+def _logprobs(project, head, h, t):
+    z = project(head, h).astype(jnp.float32)  # [B, c, V]
+    return _pick(z, t) - _softmax_parts(z)[2][..., 0]
+
+
+# One chunk's log-probs with a hand-written gradient. d lp / d logits = onehot(t) − softmax is known in
+# the forward pass, so when the head is frozen (LoRA, the DPO reference) the forward also computes
+# dh = (onehot − softmax) · ∂logits/∂h (one vocab-sized matmul) and keeps only that [B, c, D]; the
+# backward scales it by each token's cotangent. Two vocab matmuls instead of autodiff's three (logits,
+# their recomputation, dh), and no [B, c, V] array survives the chunk. A trainable head (full
+# fine-tuning, modules_to_save) keeps the chunk's inputs and differentiates it again in the backward.
+_chunk_logprobs = jax.custom_vjp(_logprobs, nondiff_argnums=(0,))
+
+
+def _chunk_fwd(project, head, h, t):
+    trainable = any(p.perturbed for p in jax.tree.leaves(head, is_leaf=lambda p: hasattr(p, "perturbed")))
+    head, h, t = jax.tree.map(lambda p: p.value, (head, h, t), is_leaf=lambda p: hasattr(p, "perturbed"))
+    if trainable:
+        return _logprobs(project, head, h, t), (head, h, t, None)
+    logits, pullback = jax.vjp(lambda x: project(head, x), h)
+    z = logits.astype(jnp.float32)
+    e, total, lse = _softmax_parts(z)
+    p = e / total
+    dz = jnp.put_along_axis(-p, t[..., None], 1.0 - _pick(p, t)[..., None], axis=-1, inplace=False)  # onehot − p
+    (dh,) = pullback(dz.astype(logits.dtype))
+    return _pick(z, t) - lse[..., 0], (None, None, None, dh)
+
+
+def _chunk_bwd(project, res, g):
+    head, h, t, dh = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    if dh is not None:
+        return None, (g[..., None] * dh.astype(jnp.float32)).astype(dh.dtype), None
+    _, pullback = jax.vjp(lambda w, x: _logprobs(project, w, x, t), head, h)
+    return (*pullback(g), None)
+
+
+_chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd, symbolic_zeros=True)
 
 
 def sft_loss(model: Decoder, batch: dict, dropout_key=None) -> tuple[jax.Array, jax.Array]:

@@ -123,7 +123,7 @@ def worker_jaxft(args, cache: bool) -> dict:
 
 def worker_sft(args) -> dict:
     """bench_sft's jaxft worker on 2*batch rows of prompt + completion tokens."""
-    sft_args = argparse.Namespace(mode="lora", dtype="fp32", remat="none", rank=args.rank, alpha=args.alpha,
+    sft_args = argparse.Namespace(mode="lora", dtype="fp32", remat="proj", rank=args.rank, alpha=args.alpha,
                                   seed=args.seed, warmup=args.warmup, steps=args.steps, lr=args.lr,
                                   batch=2 * args.batch, seq=args.prompt + args.completion, vocab=args.vocab,
                                   quant="none", xla_memory=False)

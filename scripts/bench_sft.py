@@ -2,7 +2,7 @@
 
     python scripts/bench_sft.py [--mode lora|full] [--dtype fp32|bf16] [--batch 4] [--seq 256]
                                 [--steps 5] [--warmup 2] [--rank 16] [--alpha 32] [--lr 1e-4]
-                                [--remat none|full|dots] [--json OUT]
+                                [--remat none|proj|dots|full] [--json OUT]
 
 Model: the embedded example SmolLM2-135M-Instruct GGUF, loaded to fp32 by both. Batch: --batch rows
 of --seq real tokens (seeded random ids, no padding, one document per row), loss on every next
@@ -300,7 +300,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="jaxft only")
+    ap.add_argument("--remat", choices=["none", "proj", "dots", "full"], default="proj", help="jaxft only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
     ap.add_argument("--only", choices=["jaxft", "torch"], help="run one side only")

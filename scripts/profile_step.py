@@ -1,6 +1,6 @@
 """Where a LoRA SFT step's time goes: forward vs backward of a SmolLM2-135M-shaped model (random weights).
 
-    python scripts/profile_step.py [--batch 4] [--seq 256] [--layers 30] [--remat none|full|dots] [--ops 25]
+    python scripts/profile_step.py [--batch 4] [--seq 256] [--layers 30] [--remat none|proj|dots|full] [--ops 25]
 
 Prints medians of 3 (after a compile call) for the layer stack forward, the loss forward, and their
 gradients with respect to the LoRA factors, and the backward/forward ratio (~2 is the LoRA ideal:
@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=SMOLLM2.num_layers)
-    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    ap.add_argument("--remat", choices=["none", "proj", "dots", "full"], default="proj")
     ap.add_argument("--ops", type=int, default=0, help="also print the N most expensive XLA ops of the loss gradient")
     a = ap.parse_args()
     model = jaxft.Decoder(dataclasses.replace(SMOLLM2, num_layers=a.layers, layer_types=()), rngs=nnx.Rngs(0), remat=a.remat)

@@ -8,7 +8,7 @@ import torch
 
 import jaxft
 from jaxft.models import DecoderConfig
-from tiny import ARCHS, make_config, save_model
+from tiny import ARCHS, make_config, make_model, save_model
 
 SEQ = 24  # longer than the sliding windows (5) and the llama3 rope's original context (16)
 
@@ -95,7 +95,7 @@ def test_remat_policies_same_logits_and_grads(tmp_path):
     save_model("llama", tmp_path)
     toks = jnp.asarray(_tokens())
     results = []
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "proj", "dots", "full"):
         model = jaxft.load_pretrained(tmp_path, remat=remat)
         from flax import nnx
 
@@ -108,6 +108,29 @@ def test_remat_policies_same_logits_and_grads(tmp_path):
         np.testing.assert_allclose(l, results[0][0], rtol=1e-6)
         for x, y in zip(g, results[0][1]):
             np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_remat_proj_keeps_less_than_none(tmp_path):
+    """remat="proj" keeps the projections only: less compiled temp memory than "none", more than "full"."""
+    from flax import nnx
+
+    from jaxft import lora
+    from jaxft.config import LoraConfig
+    from jaxft.losses import sft_loss
+
+    make_model("llama", num_hidden_layers=8).save_pretrained(tmp_path)
+    toks = np.asarray(_tokens(), np.int32)
+    batch = dict(tokens=toks, positions=np.broadcast_to(np.arange(toks.shape[1]), toks.shape), targets=toks,
+                 segment_ids=np.ones_like(toks), loss_mask=np.ones(toks.shape, np.float32))
+    temp = {}
+    for remat in ("none", "proj", "full"):
+        model = jaxft.load_pretrained(tmp_path, remat=remat)
+        cfg = LoraConfig(r=4, alpha=8)
+        lora.attach(model, cfg, jax.random.key(0))
+        g, p, f = lora.split(model, cfg)
+        grad = jax.jit(jax.grad(lambda p, f: sft_loss(nnx.merge(g, p, f), batch)[0]))
+        temp[remat] = grad.lower(p, f).compile().memory_analysis().temp_size_in_bytes
+    assert temp["full"] < temp["proj"] < temp["none"], temp
 
 
 def test_compile_does_not_grow_with_depth():

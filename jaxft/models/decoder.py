@@ -23,15 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, T, K, H]; segment_ids: [B, T] (0 = empty slot); index: []
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+REMAT_POLICIES = {  # what a layer keeps for the backward pass (its input h is always kept)
+    "none": None,  # everything XLA wants, elementwise intermediates included
+    # the q/k/v/o/gate/up projections and the attention output: no matmul runs twice, while norms,
+    # RoPE, activations and residual adds are recomputed (about a third of "none"'s memory)
+    "proj": jax.checkpoint_policies.save_only_these_names("proj"),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every unbatched matmul output
+    "full": jax.checkpoint_policies.nothing_saveable,  # only h: the layer's forward runs again
 }
 
 
@@ -120,9 +124,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, S, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(B, S, N, H)
-        k = self.k_proj(x).reshape(B, S, K, H)
-        v = self.v_proj(x).reshape(B, S, K, H)
+        q = checkpoint_name(self.q_proj(x), "proj").reshape(B, S, N, H)
+        k = checkpoint_name(self.k_proj(x), "proj").reshape(B, S, K, H)
+        v = checkpoint_name(self.v_proj(x), "proj").reshape(B, S, K, H)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -133,8 +137,8 @@ class Attention(nnx.Module):
         # heads-major layouts make both attention matmuls plain batched GEMMs (2.5x faster on XLA:CPU)
         q = q.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, H]
         kt, vt = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(x.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        out = _attend(q, kt, vt, bias, cfg.scale, cfg.attn_softcap)  # [B, K, G, S, H]
-        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(B, S, N * H)), kv
+        out = checkpoint_name(_attend(q, kt, vt, bias, cfg.scale, cfg.attn_softcap), "proj")  # [B, K, G, S, H]
+        return checkpoint_name(self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(B, S, N * H)), "proj"), kv
 
 
 @partial(jax.checkpoint, static_argnums=(4, 5))
@@ -157,9 +161,9 @@ class MLP(nnx.Module):
         self.act = cfg.act
 
     def __call__(self, x):
-        g = self.gate_proj(x)
+        g, u = checkpoint_name(self.gate_proj(x), "proj"), checkpoint_name(self.up_proj(x), "proj")
         g = jax.nn.silu(g) if self.act == "silu" else jax.nn.gelu(g, approximate=self.act == "gelu_tanh")
-        return self.down_proj(g * self.up_proj(x))
+        return self.down_proj(g * u)
 
 
 class DecoderLayer(nnx.Module):
@@ -192,6 +196,10 @@ class Embed(nnx.Module):
     def __call__(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0)
 
+    def attend(self, h):
+        """The tied output head: h [..., D] → h · embeddingᵀ [..., V]."""
+        return jnp.dot(h, self.embedding[...].astype(h.dtype).T)
+
 
 class Backbone(nnx.Module):
     """HF's `model.`: embed_tokens, stacked layers, final norm."""
@@ -212,10 +220,10 @@ class Decoder(nnx.Module):
     """A causal LM. `Decoder(cfg, rngs=nnx.Rngs(0))` is random; `jaxft.load_pretrained` fills real weights.
 
     dtype: compute dtype (fp32 or bf16); param_dtype: storage dtype of the weights.
-    remat: "none" | "full" | "dots" — what a layer keeps for the backward pass.
+    remat: "none" | "proj" | "dots" | "full" — what a layer keeps for the backward pass (REMAT_POLICIES).
     """
 
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
@@ -230,13 +238,14 @@ class Decoder(nnx.Module):
         h, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)
         return self.logits(h), cache
 
+    @property
+    def head(self) -> nnx.Module:
+        """The output projection: lm_head, or embed_tokens when the embeddings are tied."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
+
     def logits(self, h):
         """Final hidden states [..., D] → logits [..., V] in the compute dtype (final soft-cap applied)."""
-        if self.lm_head is None:
-            out = jnp.dot(h, self.model.embed_tokens.embedding[...].astype(h.dtype).T)
-        else:
-            out = self.lm_head(h)
-        return _softcap(out, self.config.final_softcap)
+        return head_logits(self.head, h, self.config.final_softcap)
 
     def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, dropout_key=None):
         """Run the layers; returns (final-normed hidden [B, S, D], updated cache or None).
@@ -305,6 +314,11 @@ class Decoder(nnx.Module):
         dtype = dtype or self.dtype
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def head_logits(head: nnx.Module, h, softcap: float | None):
+    """`Decoder.logits` given its `head` module (jaxft.losses differentiates the head by hand)."""
+    return _softcap(head.attend(h) if isinstance(head, Embed) else head(h), softcap)
 
 
 def _seed_dropout(layer: nnx.Module, key: jax.Array):
