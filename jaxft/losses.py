@@ -12,17 +12,18 @@ from flax import nnx
 
 from jaxft.models.decoder import Decoder, head_logits
 
-LOGITS_CHUNK = 128  # sequence positions per logits chunk: [B, chunk, V] fp32 is the largest temporary
+LOGITS_TOKENS = 512  # tokens (rows x positions) per logits chunk: a few [512, V] fp32 are the largest temporaries
 
 
-def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int = LOGITS_CHUNK) -> jax.Array:
+def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
     """log p(targets[b, s]) [B, S] fp32 from final hidden states h [B, S, D].
 
-    The vocabulary projection and log-softmax run one chunk of positions at a time, so full
-    [B, S, V] fp32 logits never exist, forward or backward (see `_chunk_logprobs` for the gradient).
+    The vocabulary projection and log-softmax run `chunk` positions at a time (default: LOGITS_TOKENS
+    tokens over the batch), so full [B, S, V] fp32 logits never exist, forward or backward (see
+    `_chunk_logprobs` for the gradient).
     """
     B, S, D = h.shape
-    c = min(chunk, S)
+    c = min(chunk or max(1, LOGITS_TOKENS // B), S)
     n = -(-S // c)
     pad = n * c - S
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]

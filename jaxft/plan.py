@@ -16,7 +16,7 @@ Estimates (what XLA keeps; the formulas below, c = compute dtype bytes, T = batc
                      proj: L·T·c·(D+2q+k+v+o+2F) + layer  dots: L·T·c·(D+q+k+v+o+2F+D) + layer
                    (proj at SmolLM2-135M, batch 4 × 256, fp32: 0.99 GB estimated, 1.05 GB compiled)
                    layer = T·c·(6D + 3·N·H + 4·K·H + 4F) + B·N·S²·(8 + c)   (projections, fp32 attention scores)
-                   + logits chunk B·128·V·4·2 + final hidden T·D·4 + one layer's dequantized kernels (quantized)
+                   + logits chunk 512·V·4·3 + final hidden T·D·4 + one layer's dequantized kernels (quantized)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from jaxft.config import RunConfig
 from jaxft.errors import JaxftError
+from jaxft.losses import LOGITS_TOKENS
 from jaxft.models.config import DecoderConfig
 from jaxft.quant import BLOCK, BLOCK2, should_quantize
 
@@ -147,7 +148,7 @@ def activations(cfg: DecoderConfig, run: RunConfig, c: int) -> int:
     saved = {"none": L * layer, "full": L * T * D * c + layer,
              "proj": L * T * c * (D + 2 * NH + 2 * KH + D + 2 * F) + layer,
              "dots": L * T * c * (D + NH + 2 * KH + D + 2 * F + D) + layer}[run.model.remat]
-    return saved + B * min(128, S) * V * 4 * 2 + T * D * 4
+    return saved + min(LOGITS_TOKENS, T) * V * 4 * 3 + T * D * 4
 
 
 def format_plan(p: Plan, cfg: DecoderConfig, run: RunConfig, name: str) -> str:
