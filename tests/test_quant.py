@@ -232,20 +232,17 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
     """A QLoRA run (NF4 base) exported merged = PEFT's merge_and_unload of the exported adapter into the
     ORIGINAL weights (transformers loading both, logits ≤ 1e-4); merging into the 4-bit weights would not be."""
     import json
-    import subprocess
-    import sys
     from peft import PeftModel
 
     from jaxft.config import load_config
     from jaxft.task import make_examples
     from jaxft.train import train
-    from tiny import save_chat_model
+    from tiny import ROOT, run_cli, save_chat_model
 
-    root = Path(__file__).resolve().parents[1]
     save_chat_model(tmp_path / "base")
     rows = make_examples(12, seed=3)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = load_config(root / "configs" / "qlora.yaml", [
+    run = load_config(ROOT / "configs" / "qlora.yaml", [
         f"model.path={tmp_path / 'base'}", f"data.train={tmp_path / 'train.jsonl'}", "data.validation=null",
         "data.max_length=128", "train.batch_size=2", "train.grad_accum=1", "train.steps=3", "train.eval_every=0",
         "train.save_every=0", "optim.lr=1e-2", "optim.warmup_steps=0", "lora.r=8", "lora.alpha=16",
@@ -253,9 +250,7 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
     assert run.quant.base == "nf4"
     train(run, progress=False)
     for fmt in ("peft", "merged"):
-        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--format", fmt,
-                            "--out", str(tmp_path / fmt), "--dtype", "fp32"], capture_output=True, text=True,
-                           cwd=root, timeout=600)
+        r = run_cli("export", tmp_path / "run", "--format", fmt, "--out", tmp_path / fmt, "--dtype", "fp32")
         assert r.returncode == 0, r.stderr
     toks = torch.tensor(np.random.RandomState(0).randint(0, 49152, (1, 24)))
     with torch.no_grad():

@@ -19,9 +19,8 @@ from jaxft.config import DataConfig, load_config
 from jaxft.data import Batches, load_examples
 from jaxft.losses import token_logprobs
 from jaxft.task import make_examples
-from tiny import example_tokenizer, save_chat_model
+from tiny import ROOT, example_tokenizer, run_cli, save_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -164,17 +163,14 @@ def test_config_errors_before_loading(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
-    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(bad)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+    r = run_cli("train", bad, timeout=120)
     assert r.returncode == 2 and "train.stepz: unknown key" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "sft_lora.yaml"),
-                        "optim.lr=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_cli("train", ROOT / "configs" / "sft_lora.yaml", "optim.lr=-1", timeout=120)
     assert r.returncode == 2 and "optim.lr: must be > 0" in r.stderr
     for override, msg in (("lora.target_modules=[qkv]", "lora.target_modules: 'qkv' is not one of"),
                           ("data.train=/nonexistent.jsonl", "data.train: /nonexistent.jsonl: no such file")):
-        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "sft_lora.yaml"),
-                            override, "model.path=/nonexistent-model"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=120)
+        r = run_cli("train", ROOT / "configs" / "sft_lora.yaml", override, "model.path=/nonexistent-model",
+                    timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -191,12 +187,9 @@ def test_export_a_run_as_peft_and_merged(chat_model, task_data, tmp_path):
                                                                              "lora.r": 8}))
     train(run, progress=False)
     for fmt in ("peft", "merged"):
-        r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--format", fmt,
-                            "--out", str(tmp_path / fmt), "--dtype", "fp32"], capture_output=True, text=True,
-                           cwd=ROOT, timeout=600)
+        r = run_cli("export", tmp_path / "run", "--format", fmt, "--out", tmp_path / fmt, "--dtype", "fp32")
         assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", str(tmp_path / "run"), "--out",
-                        str(tmp_path / "peft"), "--strict"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run_cli("export", tmp_path / "run", "--out", tmp_path / "peft", "--strict")
     assert r.returncode == 2 and "vLLM: rank r=8" not in r.stderr and "already exists" in r.stderr
     setup = build_model(run)
     params, _ = restore_params(run, setup, tmp_path / "run")

@@ -1,11 +1,23 @@
-"""Tiny random transformers models, one per supported family, saved with save_pretrained.
+"""Tiny random transformers models, one per supported family, saved with save_pretrained; and `run_cli`.
 
 Weights are redrawn with a large spread (norm scales included) so that every switch of the decoder
 (offsets, soft-caps, biases, windows) moves the logits far more than the test tolerances.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import transformers as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m jaxft.cli ARGS` in a fresh process from the repository root (stdout, stderr as text)."""
+    return subprocess.run([sys.executable, "-m", "jaxft.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
