@@ -59,3 +59,32 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_trainable(out_dir: str | Path, params_like) -> tuple[object, dict]:
+    """The trainable params of a run's newest restorable checkpoint, onto the shardings of `params_like`
+    (e.g. one device, whatever mesh or hosts trained it): only `state/params` is read, never the
+    optimizer state. Returns (params, meta); a JaxftError when no checkpoint restores."""
+    ckpt_dir = Path(out_dir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False)) \
+        if ckpt_dir.is_dir() else None
+    try:
+        steps = sorted(manager.all_steps()) if manager else []
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params_like)
+        item = {"params": abstract}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        errors = []
+        for step in reversed(steps):
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+                    meta=ocp.args.JsonRestore()))
+                return out.state["params"], dict(out.meta)
+            except Exception as e:  # noqa: BLE001 — a damaged checkpoint: try the previous one
+                errors.append(f"{step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        if errors:
+            raise JaxftError(f"{ckpt_dir}: no checkpoint restores ({'; '.join(errors)})")
+        raise JaxftError(f"{Path(out_dir)}: no checkpoint to read (train first)")
+    finally:
+        if manager is not None:
+            manager.close()

@@ -97,11 +97,9 @@ def _load(args):
     from jaxft.generate import Generator, eos_token_ids
     from jaxft.hf import load_pretrained, load_tokenizer
 
-    path = args.model
-    if path == EXAMPLE:
-        from jaxft.example import example_model
+    from jaxft.setup import resolve_model
 
-        path = example_model()
+    path = resolve_model(args.model)
     t0 = time.perf_counter()
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     model = load_pretrained(path, dtype=dtype)
@@ -132,6 +130,26 @@ def cmd_generate(args):
     print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
+class _Stream:
+    """Prints an answer as its tokens arrive (called from inside the generation program)."""
+
+    def __init__(self, tokenizer, eos):
+        self.tok, self.eos = tokenizer, eos
+        self.start()
+
+    def start(self):
+        self.ids, self.shown, self.ended = [], 0, False
+
+    def __call__(self, tok_ids):
+        if self.ended or int(tok_ids[0]) in self.eos:
+            self.ended = True
+            return
+        self.ids.append(int(tok_ids[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        print(text[self.shown:], end="", flush=True)
+        self.shown = len(text)
+
+
 def cmd_chat(args):
     from jaxft.generate import chat_prompt
 
@@ -139,6 +157,7 @@ def cmd_chat(args):
     gen, tok, eos = _load(args)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
+    stream = _Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
     if interactive:
         print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
     while True:
@@ -157,19 +176,8 @@ def cmd_chat(args):
         if not interactive:
             print(f"you> {line}")
         history.append({"role": "user", "content": line})
-        ids: list[int] = []
-        shown = 0
+        stream.start()
         print("model> ", end="", flush=True)
-
-        def stream(tok_ids):
-            nonlocal shown
-            if int(tok_ids[0]) in eos:
-                return
-            ids.append(int(tok_ids[0]))
-            text = tok.decode(ids, skip_special_tokens=True)
-            print(text[shown:], end="", flush=True)
-            shown = len(text)
-
         answer = gen([chat_prompt(tok, _messages(args.system, history))], eos_ids=eos, sampling=sampling,
                      on_token=stream)[0]
         print()
@@ -224,17 +232,17 @@ def cmd_prepare(args):
 def cmd_export(args):
     from flax import nnx
 
-    from jaxft.evaluate import restore_params
+    from jaxft.checkpoint import restore_trainable
     from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, vllm_problems
-    from jaxft.train import build_model
+    from jaxft.setup import build
 
     run = _run_config(args.run, [])
     if args.format == "merged":  # a QLoRA run merges into the original weights, never the quantized ones
         from jaxft.quant import original_base_run
 
         run = original_base_run(run)
-    setup = build_model(run)
-    params, meta = restore_params(run, setup, Path(run.train.out_dir))
+    setup = build(run)
+    params, meta = restore_trainable(run.train.out_dir, setup.params)
     model = nnx.merge(setup.graphdef, params, setup.frozen)
     if args.format == "peft":
         if not run.lora.enabled:

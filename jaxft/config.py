@@ -25,6 +25,7 @@ class ModelConfig:
     path: str = "example"  # HF directory, .gguf file, or "example" (the embedded SmolLM2-135M-Instruct)
     dtype: Literal["fp32", "bf16"] = "fp32"  # parameter storage and compute dtype
     remat: Literal["none", "proj", "dots", "full"] = "proj"  # jaxft.models.decoder.REMAT_POLICIES
+    cpu_tuned: bool = True  # layouts tuned on XLA:CPU (jaxft.models.decoder.Tuning); false = the plain forms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: str = "sft"  # a key of jaxft.objectives.OBJECTIVES
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     quant: QuantConfig = QuantConfig()
@@ -282,14 +283,18 @@ def validate(run: RunConfig) -> None:
         (run.dpo.orpo_lambda >= 0, "dpo.orpo_lambda", "must be >= 0"),
         (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
          "must be >= 1 or null"),
-        (run.objective != "dpo" or run.dpo.reference != "lora_base" or run.dpo.loss_type in ("simpo", "orpo")
-         or (run.lora.enabled and not run.lora.modules_to_save), "dpo.reference",
-         "lora_base needs LoRA without modules_to_save (their base weights are trained); use dpo.reference=cache"),
     ]
+    from jaxft.objectives import CHECKS  # each objective validates its own section against the others
+
+    if run.objective not in CHECKS:
+        raise JaxftError(f"objective: {run.objective!r} is not one of {', '.join(map(repr, CHECKS))}")
+    checks += CHECKS[run.objective](run)
     sizes = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     checks += [(all(n >= 1 or n == -1 for n in sizes), "mesh", "data / fsdp / tensor must be >= 1 or -1"),
                (sizes.count(-1) <= 1, "mesh", "only one of data / fsdp / tensor may be -1")]
-    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear")
+    from jaxft.models.names import PROJECTIONS
+
+    linears = (*PROJECTIONS, "all-linear")
     checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")
                for m in run.lora.target_modules]
     checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{m!r} is not embed_tokens or lm_head")

@@ -1,12 +1,15 @@
-"""Sampling with a KV cache: one jitted prefill over the (left-padded) prompts, then jitted decode steps.
+"""Sampling with a KV cache, as a pure function of the weights: `generate(graphdef, weights, prompts)`.
 
-Prompts of different lengths are left-padded into one batch; padding has segment id 0, so it is
-never attended to, and positions count real tokens only (as transformers does with an attention
-mask). Greedy when temperature == 0, else temperature / top-k / top-p sampling from a seed.
+One compiled program per shape bucket runs the prefill over the (left-padded) prompts and the decode
+loop (`lax.while_loop`, stopping early once every row has produced an EOS), and returns the tokens
+with their log-probs at the sampling temperature. Padding has segment id 0, so it is never attended
+to, and positions count real tokens only (as transformers does with an attention mask). Greedy when
+temperature == 0, else temperature / top-k / top-p sampling from a seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from functools import partial
@@ -17,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
+from jaxft.adapters.base import Ctx
 from jaxft.models.decoder import Decoder
 
 
@@ -53,70 +58,148 @@ def _bucket(n: int, size: int = 32) -> int:
     return -(-n // size) * size
 
 
+def _rows(n: int) -> int:
+    """Batch rows padded to a bucket (1, 2, 4, 8, then multiples of 8): few compiles across batch sizes."""
+    return 1 << (n - 1).bit_length() if n <= 8 else _bucket(n, 8)
+
+
+def token_logprob(logits, tok, temperature: float):
+    """log p(tok) [B] under softmax(logits / T) — T = 1 for greedy decoding — over the whole vocabulary
+    (top-k / top-p truncation is not renormalized: the training forward's log-probs match it)."""
+    z = logits / temperature if temperature > 0 else logits
+    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass
+class Generated:
+    """What `generate` returns, per prompt row.
+
+    tokens [B, n] int: every sampled token (EOS included; what follows it is filler)
+    logprobs [B, n] fp32: each token's log-prob at the sampling temperature
+    lengths [B]: tokens up to and including the first EOS (n when none came); stopped [B]: an EOS came
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+
+    def ids(self) -> list[list[int]]:
+        """Each row's new token ids without the EOS that ended it."""
+        return [row[: n - int(s)].tolist() for row, n, s in zip(self.tokens, self.lengths, self.stopped)]
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "length", "on_token"))
+def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx, *, graphdef, sampling: Sampling,
+         length: int, on_token):
+    """Prefill + decode loop in one program. tokens/positions/segment_ids [B, P] (left-padded);
+    alive [B] (False: a padding row); eos [E]; max_new: a traced bound, so it costs no compile.
+    The KV cache [L, B, P + length, K, H] is allocated inside and updated in place by the loop: it is
+    never an input, so nothing needs donating and no copy of it crosses the program boundary."""
+    model = nnx.merge(graphdef, *weights)
+    B, P = tokens.shape
+    T = sampling.temperature
+
+    def pick(h, key):
+        logits = model.logits(h[:, -1]).astype(jnp.float32)  # [B, V]
+        tok = sample_logits(logits, key, sampling).astype(jnp.int32)
+        return tok, token_logprob(logits, tok, T)
+
+    cache = model.init_cache(B, P + length)
+    h, cache = model.hidden(tokens, positions, segment_ids, cache, ctx)
+    key, sub = jax.random.split(key)
+    tok, lp = pick(h, sub)
+    out_tok = jnp.zeros((B, length), jnp.int32).at[:, 0].set(tok)
+    out_lp = jnp.zeros((B, length), jnp.float32).at[:, 0].set(lp)
+    done = ~alive | jnp.isin(tok, eos)
+    if on_token is not None:
+        io_callback(on_token, None, tok, ordered=True)
+
+    def cond(c):
+        i, _, _, _, done, _, _ = c
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, pos, cache, done, key, outs = c
+        key, sub = jax.random.split(key)
+        h, cache = model.hidden(tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ctx)
+        tok, lp = pick(h, sub)
+        if on_token is not None:
+            io_callback(on_token, None, tok, ordered=True)
+        outs = (outs[0].at[:, i].set(tok), outs[1].at[:, i].set(lp))
+        return i + 1, tok, pos + 1, cache, done | jnp.isin(tok, eos), key, outs
+
+    start = (jnp.ones((), jnp.int32), tok, positions[:, -1] + 1, cache, done, key, (out_tok, out_lp))
+    n, *_, (out_tok, out_lp) = jax.lax.while_loop(cond, body, start)
+    return out_tok, out_lp, n
+
+
+def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
+             ctx: Ctx = Ctx(), mesh: jax.sharding.Mesh | None = None,
+             on_token: Callable[[np.ndarray], None] | None = None) -> Generated:
+    """Sample a completion for each prompt from the model `nnx.merge(graphdef, *weights)`.
+
+    A pure function of the weights: compiled once per (rows, prompt length, new-token) bucket and
+    sampling settings, whatever the weights' values, and holding no reference to them once it returns —
+    call it again after every update. weights: a tuple of nnx.State (e.g. (params, frozen)).
+    ctx: adapters on / off, per-row adapter ids (padded rows reuse row 0's). mesh: run on it (the
+    weights already placed; the rows split over (data, fsdp) when they divide). on_token(ids [B]) is
+    called from inside the program after every step (streaming); it is part of the compile key, so
+    pass the same callable for a session.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B, P = len(prompts), _bucket(max(len(p) for p in prompts))
+    R = _rows(B)
+    tokens = np.zeros((R, P), np.int32)
+    seg = np.zeros((R, P), np.int32)
+    for i, p in enumerate(prompts + [prompts[0]] * (R - B)):
+        tokens[i, P - len(p):], seg[i, P - len(p):] = p, 1
+    pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    alive = np.arange(R) < B
+    if ctx.adapter_ids is not None:
+        ids = np.asarray(ctx.adapter_ids)
+        ctx = dataclasses.replace(ctx, adapter_ids=jnp.asarray(np.concatenate([ids, np.full(R - B, ids[0])])))
+    eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)
+    args = (tokens, pos, seg, alive)
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+
+        from jaxft.sharding import batch_spec
+
+        rows = NamedSharding(mesh, batch_spec(mesh, R))
+        args = tuple(jax.device_put(a, rows) for a in args)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        out_tok, out_lp, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
+                                  np.int32(sampling.max_new_tokens), ctx, graphdef=graphdef,
+                                  sampling=dataclasses.replace(sampling, max_new_tokens=0, seed=0),
+                                  length=_bucket(sampling.max_new_tokens), on_token=on_token)
+    n = int(n)
+    toks, lps = np.asarray(out_tok)[:B, :n], np.asarray(out_lp)[:B, :n]
+    is_eos = np.isin(toks, eos)
+    stopped = is_eos.any(axis=1)
+    lengths = np.where(stopped, is_eos.argmax(axis=1) + 1, n)
+    return Generated(toks, lps, lengths, stopped)
+
+
 class Generator:
-    """Compiled prefill / decode for one model; reuse it across calls to avoid recompiling.
+    """A model's weights bound to `generate` (the compiled program is shared by every Generator of the
+    same model structure; the weights are arguments, never baked into it).
 
     >>> gen = Generator(model)
     >>> gen([[1, 2, 3], [4, 5]], eos_ids={2}, sampling=Sampling(max_new_tokens=20))
     [[...], [...]]
     """
 
-    def __init__(self, model: Decoder):
+    def __init__(self, model: Decoder, ctx: Ctx = Ctx(), mesh=None):
         self.graphdef, self.state = nnx.split(model)
-        self.model_dtype = model.dtype
-
-    @partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-    def _prefill(self, state, cache, tokens, positions, segment_ids, sampling, key):
-        model = nnx.merge(self.graphdef, state)
-        h, cache = model.hidden(tokens, positions, segment_ids, cache)
-        logits = model.logits(h[:, -1]).astype(jnp.float32)
-        return sample_logits(logits, key, sampling), cache
-
-    @partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-    def _decode(self, state, cache, tokens, positions, sampling, key):
-        model = nnx.merge(self.graphdef, state)
-        h, cache = model.hidden(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
-        logits = model.logits(h[:, -1]).astype(jnp.float32)
-        return sample_logits(logits, key, sampling), cache
+        self.ctx, self.mesh = ctx, mesh
 
     def __call__(self, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
                  on_token: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
-        """Generate for each prompt; returns the new token ids of each, without the EOS that ended it.
-
-        on_token(ids [B]) is called after every step (for streaming)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        B, P = len(prompts), _bucket(max(len(p) for p in prompts))
-        tokens = np.zeros((B, P), np.int32)
-        seg = np.zeros((B, P), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, P - len(p):], seg[i, P - len(p):] = p, 1
-        pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
-        cache = nnx.merge(self.graphdef, self.state).init_cache(B, P + _bucket(sampling.max_new_tokens))
-        key = jax.random.key(sampling.seed)
-        eos = jnp.asarray(sorted(set(eos_ids)), jnp.int32)
-
-        key, sub = jax.random.split(key)
-        tok, cache = self._prefill(self.state, cache, tokens, pos, seg, sampling, sub)
-        next_pos = jnp.asarray(pos[:, -1] + 1)
-        out, done = [], jnp.zeros((B,), bool)
-        for step in range(sampling.max_new_tokens):
-            out.append(tok)
-            done = done | jnp.isin(tok, eos)
-            if on_token is not None:
-                on_token(np.asarray(tok))
-            if step + 1 == sampling.max_new_tokens or (step % 8 == 7 and bool(done.all())):
-                break
-            key, sub = jax.random.split(key)
-            tok, cache = self._decode(self.state, cache, tok, next_pos, sampling, sub)
-            next_pos = next_pos + 1
-        ids = np.stack([np.asarray(t) for t in out], axis=1)
-        eos_set = set(int(e) for e in eos)
-        result = []
-        for row in ids.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
-            result.append(row[:cut])
-        return result
+        """The new token ids of each prompt, without the EOS that ended it."""
+        return generate(self.graphdef, (self.state,), prompts, eos_ids=eos_ids, sampling=sampling, ctx=self.ctx,
+                        mesh=self.mesh, on_token=on_token).ids()
 
 
 def eos_token_ids(tokenizer, model_path=None) -> set[int]:

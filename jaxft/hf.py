@@ -156,12 +156,13 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
 
 
 def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "proj",
-                    sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None,
-                    quant=None) -> Decoder:
+                    sharding: Callable[..., jax.sharding.Sharding] | None = None, quant=None,
+                    tuning=None) -> Decoder:
     """Load a causal LM from a local HF directory or a .gguf file.
 
     dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
-    sharding(path, shape) → the parameter's Sharding; default: the first device.
+    sharding(path, shape, axes) → the parameter's Sharding (axes: its declared logical axes); default: the
+    first device. tuning: jaxft.models.decoder.Tuning (default: the CPU-tuned layouts).
     quant: a config.QuantConfig; the kernels it names are quantized on the host one HF tensor at a
     time as they stream in (jaxft.quant), so their full-precision values never reach the device.
 
@@ -170,8 +171,10 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     """
     src, cfg = open_checkpoint(path)
     compute_dtype = compute_dtype or dtype
+    from jaxft.models.decoder import CPU_TUNED
+
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=compute_dtype, param_dtype=dtype, remat=remat,
-                                              rngs=nnx.Rngs(0)))
+                                              tuning=tuning or CPU_TUNED, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     available = set(src.keys())
     used: set[str] = set()
@@ -193,7 +196,8 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
                                                 str(path), place)
             continue
         cb = _reader(src, names, transpose, stacked, shape, pdtype, str(path))
-        var.set_value(jax.make_array_from_callback(shape, sharding(p, shape) if sharding else first, cb))
+        where = sharding(p, shape, var.get_metadata().get("axes")) if sharding else first
+        var.set_value(jax.make_array_from_callback(shape, where, cb))
     extra = sorted(n for n in available - used
                    if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if extra:

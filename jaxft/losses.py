@@ -10,17 +10,37 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import dataclasses
+
+from jaxft.adapters.base import Ctx
 from jaxft.models.decoder import Decoder, head_logits
 
 LOGITS_TOKENS = 512  # tokens (rows x positions) per logits chunk: a few [512, V] fp32 are the largest temporaries
 
 
-def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
-    """log p(targets[b, s]) [B, S] fp32 from final hidden states h [B, S, D].
+@dataclasses.dataclass(frozen=True)
+class _Project:
+    """head arrays, h [B, c, D] → logits [B, c, V] (soft-capped, divided by the temperature)."""
+
+    graphdef: object
+    treedef: object
+    softcap: float | None
+    temperature: float
+    barrier: bool  # Tuning.exp_barrier
+
+    def __call__(self, head, x):
+        z = head_logits(nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, head)), x, self.softcap)
+        return z if self.temperature == 1.0 else z / jnp.asarray(self.temperature, z.dtype)
+
+
+def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int | None = None,
+                   temperature: float = 1.0) -> jax.Array:
+    """log p(targets[b, s]) [B, S] fp32 from final hidden states h [B, S, D], under softmax(logits / T).
 
     The vocabulary projection and log-softmax run `chunk` positions at a time (default: LOGITS_TOKENS
     tokens over the batch), so full [B, S, V] fp32 logits never exist, forward or backward (see
-    `_chunk_logprobs` for the gradient).
+    `_chunk_logprobs` for the gradient). temperature: the sampling temperature of on-policy objectives
+    (the sampler's log-probs are taken under the same scaled logits).
     """
     B, S, D = h.shape
     c = min(chunk or max(1, LOGITS_TOKENS // B), S)
@@ -30,20 +50,18 @@ def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int 
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)  # [n, B, c]
     graphdef, state = nnx.split(model.head)
     head, treedef = jax.tree.flatten(state)  # its arrays, as a plain list for the custom gradient
-    softcap = model.config.final_softcap
-
-    def project(head, x):
-        return head_logits(nnx.merge(graphdef, jax.tree.unflatten(treedef, head)), x, softcap)
-
+    project = _Project(graphdef, treedef, model.config.final_softcap, float(temperature), model.tuning.exp_barrier)
     _, lp = jax.lax.scan(lambda _, xs: (None, _chunk_logprobs(project, head, *xs)), None, (h, t))
     return lp.swapaxes(0, 1).reshape(B, n * c)[:, :S]
 
 
-def _softmax_parts(z):
-    """exp(z − max), its sum over the vocabulary, and logsumexp(z) ([..., 1] each), exp computed once into
-    memory: XLA:CPU fuses it into the sum's reduction otherwise and runs it much slower there (op profile)."""
+def _softmax_parts(z, barrier: bool = True):
+    """exp(z − max), its sum over the vocabulary, and logsumexp(z) ([..., 1] each). barrier (CPU-tuned,
+    Tuning.exp_barrier): exp is computed once into memory; XLA:CPU fuses it into the sum's reduction
+    otherwise and runs it much slower there (`scripts/profile_step.py --ops` shows it)."""
     m = jax.lax.stop_gradient(z.max(axis=-1, keepdims=True))
-    e = jax.lax.optimization_barrier(jnp.exp(z - m))
+    e = jnp.exp(z - m)
+    e = jax.lax.optimization_barrier(e) if barrier else e
     total = e.sum(axis=-1, keepdims=True)
     return e, total, m + jnp.log(total)
 
@@ -54,7 +72,7 @@ def _pick(z, t):
 
 def _logprobs(project, head, h, t):
     z = project(head, h).astype(jnp.float32)  # [B, c, V]
-    return _pick(z, t) - _softmax_parts(z)[2][..., 0]
+    return _pick(z, t) - _softmax_parts(z, project.barrier)[2][..., 0]
 
 
 # One chunk's log-probs with a hand-written gradient. d lp / d logits = onehot(t) − softmax is known in
@@ -73,7 +91,7 @@ def _chunk_fwd(project, head, h, t):
         return _logprobs(project, head, h, t), (head, h, t, None)
     logits, pullback = jax.vjp(lambda x: project(head, x), h)
     z = logits.astype(jnp.float32)
-    e, total, lse = _softmax_parts(z)
+    e, total, lse = _softmax_parts(z, project.barrier)
     p = e / total
     dz = jnp.put_along_axis(-p, t[..., None], 1.0 - _pick(p, t)[..., None], axis=-1, inplace=False)  # onehot − p
     (dh,) = pullback(dz.astype(logits.dtype))
@@ -93,12 +111,12 @@ def _chunk_bwd(project, res, g):
 _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd, symbolic_zeros=True)
 
 
-def sft_loss(model: Decoder, batch: dict, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+def sft_loss(model: Decoder, batch: dict, ctx: Ctx = Ctx()) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy over the batch's trained targets → (sum of −log p, number of targets).
 
     batch: tokens, positions, segment_ids, targets [B, S] int; loss_mask [B, S] float (see jaxft.data).
     """
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)
     lp = token_logprobs(model, h, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return -jnp.sum(lp * mask), jnp.sum(mask)

@@ -19,44 +19,44 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
-from jaxft.lora import LoRA, targets
 from jaxft.models.decoder import Decoder
+from jaxft.models.names import PROJECTIONS, hf_module
 
 PREFIX = "base_model.model."
 
 
 def _layer_modules(model: Decoder):
     """(HF module path template with {i}, Linear) for every adapted layer projection."""
-    for path, lin in targets(model, ("all-linear",)):
-        if lin.lora is not None:
-            yield "model.layers.{i}." + ".".join(str(p) for p in path[2:]), lin
+    for path, lin in adapters.adapted(model):
+        yield hf_module(tuple(str(p) for p in path)), lin
 
 
 def adapter_tensors(model: Decoder) -> dict[str, np.ndarray]:
-    """PEFT tensor name → fp32 array, unstacked per layer and transposed to PyTorch layout."""
+    """PEFT tensor name → fp32 array, unstacked per layer in PyTorch layout (each adapter's `peft_tensors`)."""
     out = {}
     for template, lin in _layer_modules(model):
-        a, b = np.asarray(lin.lora.a[...], np.float32), np.asarray(lin.lora.b[...], np.float32)
-        for i in range(a.shape[0]):
-            name = PREFIX + template.format(i=i)
-            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+        for i in range(lin.kernel.shape[0]):
+            out.update(lin.adapter.peft_tensors(PREFIX + template.format(i=i), i))
     return out
 
 
 def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dict:
+    """adapter_config.json: the generic PEFT keys plus the method's own (`Adapter.peft_config`)."""
     if cfg.modules_to_save:
         raise JaxftError("lora.modules_to_save: PEFT export of modules_to_save is not supported yet")
-    modules = sorted({t.rsplit(".", 1)[-1] for t, _ in _layer_modules(model)})
-    if not modules:
+    found = list(_layer_modules(model))
+    if not found:
         raise JaxftError("the model has no LoRA adapter to export")
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-            "target_modules": modules, "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False,
-            "use_rslora": cfg.rslora, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-            "base_model_name_or_path": base_model, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    modules = sorted({t.rsplit(".", 1)[-1] for t, _ in found})
+    method = type(found[0][1].adapter)
+    return {**method.peft_config(cfg), "task_type": "CAUSAL_LM", "target_modules": modules, "bias": "none",
+            "fan_in_fan_out": False, "modules_to_save": None, "base_model_name_or_path": base_model,
+            "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -120,46 +120,42 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
     maps to nothing in the model is an error naming it.
     """
     cfg, tensors = read_adapter(adapter_dir)
-    s = cfg.alpha / np.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
+    method = adapters.METHODS["lora"]
     used = set()
-    for path, lin in targets(model, cfg.target_modules):
-        template = "model.layers.{i}." + ".".join(str(p) for p in path[2:])
+    for path, lin in adapters.targets(model, cfg.target_modules):
+        template = hf_module(tuple(str(p) for p in path))
         L, d_in, d_out = lin.kernel.shape
-        a_list, b_list = [], []
+        per_layer = []
         for i in range(L):
             name = PREFIX + template.format(i=i)
-            for suffix, want in ((".lora_A.weight", (cfg.r, d_in)), (".lora_B.weight", (d_out, cfg.r))):
-                key = name + suffix
+            layer = {}
+            for suffix, want in method.peft_shapes(cfg, d_in, d_out).items():
+                key = f"{name}.{suffix}"
                 if key not in tensors:
                     raise JaxftError(f"{adapter_dir}: tensor {key} is missing")
                 if tuple(tensors[key].shape) != want:
                     raise JaxftError(f"{adapter_dir}: tensor {key} has shape {list(tensors[key].shape)}, "
                                      f"the model needs {list(want)}")
                 used.add(key)
-            a_list.append(tensors[name + ".lora_A.weight"].T)
-            b_list.append(tensors[name + ".lora_B.weight"].T)
-        lin.lora = LoRA(jnp.asarray(np.stack(a_list), jnp.float32), jnp.asarray(np.stack(b_list), jnp.float32),
-                        float(s), cfg.dropout)
+                layer[suffix] = tensors[key]
+            per_layer.append(layer)
+        lin.adapter = method.from_peft(per_layer, cfg, lin.axes)
     extra = sorted(set(tensors) - used)
     if extra:
         raise JaxftError(f"{adapter_dir}: tensor {extra[0]} does not match any LoRA module of the model")
-    jax.block_until_ready([x for _, lin in _layer_modules(model) for x in (lin.lora.a[...], lin.lora.b[...])])
+    jax.block_until_ready(nnx.state(model, nnx.LoRAParam))
     return cfg
 
 
 def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
     """HF tensor name → array of the model with every adapter merged in (W' = W + s·A·B, in fp32, then cast)."""
-    from flax import nnx
-
     from jaxft.hf import hf_names
-    from jaxft.lora import merged_kernel
-
     from jaxft.quant import quantized_kernels
 
     if quantized_kernels(model):
         raise JaxftError("merged export from quantized base weights would round the adapter away; "
                          "reload the original weights (jaxft.quant.original_base_run)")
-    kernels = {tuple(str(p) for p in path): lin for path, lin in targets(model, ("all-linear",))}
+    kernels = {tuple(str(p) for p in path): lin for path, lin in adapters.targets(model, ("all-linear",))}
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(str(p) for p in path)
@@ -168,7 +164,7 @@ def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
         names, transpose = hf_names(path, model.config.num_layers)
         value = var.get_value()
         if path[-1] == "kernel" and path[:-1] in kernels:
-            value = merged_kernel(kernels[path[:-1]])
+            value = adapters.merged_kernel(kernels[path[:-1]])
         value = np.asarray(value.astype(jnp.float32)).astype(dtype)
         stacked = path[:2] == ("model", "layers")
         for i, name in enumerate(names):
@@ -227,7 +223,7 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_RANK = 16
-VLLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
+VLLM_MODULES = (*PROJECTIONS, "embed_tokens", "lm_head")
 
 
 def vllm_problems(config: dict, tensor_names) -> list[str]:

@@ -23,11 +23,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flax import nnx
+
 from jaxft.config import MeshConfig
 from jaxft.errors import JaxftError
+from jaxft.models.names import BATCH_AXES, is_stacked
 
 AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # mesh axes the batch is split over
+BATCH = BATCH_AXES  # mesh axes the batch is split over
 
 # logical name → mesh axis (absent: replicated)
 RULES = {
@@ -36,35 +39,11 @@ RULES = {
     "fsdp_tp": {"embed": "fsdp", "heads": "tensor", "kv": "tensor", "mlp": "tensor", "vocab": "tensor"},
 }
 
-# a Linear's kernel [in, out], by module name
-LINEAR_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv"), "v_proj": ("embed", "kv"), "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
-    "lm_head": ("embed", "vocab"),
-}
-
-
-def logical_axes(names: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the parameter at path `names` (e.g. model/layers/self_attn/q_proj/kernel).
-
-    kernel [L?, in, out] · bias [L?, out] · LoRA a [L, in, r], b [L, r, out] · embedding [V, D] ·
-    norm scale [L?, D] (q_norm / k_norm: [L, H], never sharded). Anything else: replicated."""
-    stacked = ("layers",) if "layers" in names[:-1] else ()
-    leaf, module = names[-1], names[-2] if len(names) > 1 else ""
-    if leaf in ("a", "b") and module == "lora":
-        d_in, d_out = LINEAR_AXES[names[-3]]
-        axes = (d_in, "rank") if leaf == "a" else ("rank", d_out)
-    elif leaf == "kernel" and module in LINEAR_AXES:
-        axes = LINEAR_AXES[module]
-    elif leaf == "bias" and module in LINEAR_AXES:
-        axes = LINEAR_AXES[module][1:]
-    elif leaf == "embedding":
-        axes = ("vocab", "embed")
-    elif leaf == "scale" and module not in ("q_norm", "k_norm"):
-        axes = ("norm",)
-    else:
-        axes = (None,) * (ndim - len(stacked))
-    axes = stacked + axes
+def logical_axes(names: tuple[str, ...], ndim: int, declared: tuple | None) -> tuple[str | None, ...]:
+    """Logical axis names of an array of `ndim` dims at path `names`, from its declared per-layer axes
+    (None: replicated); a stacked layer parameter leads with `layers`."""
+    stacked = ("layers",) if is_stacked(names) else ()
+    axes = stacked + (tuple(declared) if declared is not None else (None,) * (ndim - len(stacked)))
     if len(axes) != ndim:
         raise ValueError(f"{'/'.join(names)}: {ndim} dims but logical axes {axes}")
     return axes
@@ -90,26 +69,33 @@ def _names(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def tree_shardings(tree, mesh: jax.sharding.Mesh, strategy: str):
-    """NamedSharding for every array leaf of a params / frozen / train-state tree (or its eval_shape).
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
-    Leaves are found by the dict keys on their path, so optimizer moments (…/mu/model/…/kernel)
-    shard like their parameter; counters and other leaves are replicated."""
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, strategy: str):
+    """NamedSharding for every array leaf of a params / frozen / train-state tree (or its eval_shape),
+    from the axes each variable declares (optimizer moments carry their parameter's); the tree's
+    structure is kept (a variable keeps its wrapper, holding the sharding)."""
 
     def one(path, x):
+        value = x.get_value() if _is_var(x) else x
         names = _names(path)
-        if not names or not hasattr(x, "shape"):
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, spec(logical_axes(names, len(x.shape)), x.shape, mesh, strategy,
-                                        "/".join(names)))
+        if not names or not hasattr(value, "shape"):
+            sh = NamedSharding(mesh, P())
+        else:
+            declared = x.get_metadata().get("axes") if _is_var(x) else None
+            sh = NamedSharding(mesh, spec(logical_axes(names, len(value.shape), declared), value.shape, mesh,
+                                          strategy, "/".join(names)))
+        return jax.tree.map(lambda _: sh, x) if _is_var(x) else sh
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_var)
 
 
 def param_sharding(mesh: jax.sharding.Mesh, strategy: str):
-    """The `sharding(path, shape)` callback of `jaxft.hf.load_pretrained`: each shard is read by its owner."""
-    return lambda path, shape: NamedSharding(mesh, spec(logical_axes(tuple(path), len(shape)), shape, mesh,
-                                                        strategy, "/".join(path)))
+    """The `sharding(path, shape, axes)` callback of `jaxft.hf.load_pretrained`: each shard is read by its owner."""
+    return lambda path, shape, axes=None: NamedSharding(mesh, spec(logical_axes(tuple(path), len(shape), axes),
+                                                                   shape, mesh, strategy, "/".join(path)))
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -144,15 +130,6 @@ def batch_spec(mesh: jax.sharding.Mesh, rows: int, lead: int = 0) -> P:
         warnings.warn(f"jaxft: batch of {rows} rows does not divide data*fsdp = {n}; replicated", stacklevel=2)
         return P(*([None] * lead))
     return P(*([None] * lead), BATCH)
-
-
-def activation_constraint(mesh: jax.sharding.Mesh):
-    """Decoder.constrain: hidden states [B, S, D] split over (data, fsdp) on B, whole on each device."""
-
-    def constrain(h):
-        return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, batch_spec(mesh, h.shape[0])))
-
-    return constrain
 
 
 def place(tree, shardings):

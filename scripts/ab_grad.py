@@ -25,7 +25,7 @@ from flax import nnx
 
 import jaxft
 import jaxft.losses
-from jaxft import lora
+from jaxft import adapters
 from jaxft.config import LoraConfig
 from profile_step import SMOLLM2
 
@@ -64,8 +64,8 @@ def main():
     for remat, head in itertools.product(a.remat.split(","), a.head.split(",")):
         model = jaxft.Decoder(dataclasses.replace(SMOLLM2, layer_types=()), rngs=nnx.Rngs(0), remat=remat)
         cfg = LoraConfig(r=16, alpha=32)
-        lora.attach(model, cfg, jax.random.key(0))
-        g, p, f = lora.split(model, cfg)
+        adapters.attach(model, cfg, jax.random.key(0))
+        g, p, f = adapters.split(model, cfg)
         jaxft.losses.token_logprobs = HEADS[head]  # sft_loss looks it up when traced, i.e. in lower()
         loss = (lambda g: lambda p, f, b: jaxft.losses.sft_loss(nnx.merge(g, p, f), b)[0])(g)
         compiled = jax.jit(jax.value_and_grad(loss)).lower(p, f, batch).compile()

@@ -63,10 +63,10 @@ def worker_jaxft(args, cache: bool) -> dict:
     import numpy as np
 
     import jaxft
-    from jaxft import lora
+    from jaxft import adapters
     from jaxft.config import DpoConfig, LoraConfig, OptimConfig
     from jaxft.data import Example
-    from jaxft.dpo import compute_reference_logps, make_loss
+    from jaxft.objectives.dpo import compute_reference_logps, make_loss
     from jaxft.example import example_model
     from jaxft.preference import PairBatches, PairExample
     from jaxft.train import init_state, make_optimizer, make_train_step
@@ -74,8 +74,8 @@ def worker_jaxft(args, cache: bool) -> dict:
     t0 = time.perf_counter()
     model = jaxft.load_pretrained(example_model())
     lcfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0, target_modules=tuple(LORA_TARGETS))
-    lora.attach(model, lcfg, jax.random.key(args.seed))
-    graphdef, params, frozen = lora.split(model, lcfg)
+    adapters.attach(model, lcfg, jax.random.key(args.seed))
+    graphdef, params, frozen = adapters.split(model, lcfg)
     del model
     t_load, rss_load = time.perf_counter() - t0, rss_gb()
 
@@ -86,7 +86,7 @@ def worker_jaxft(args, cache: bool) -> dict:
     S = args.prompt + args.completion
     t_ref = 0.0
     ref = None
-    if cache:  # dpo.reference=cache: computed once, before training (jaxft.dpo.cached_reference)
+    if cache:  # dpo.reference=cache: computed once, before training (jaxft.objectives.dpo.cached_reference)
         t1 = time.perf_counter()
         ref = compute_reference_logps(graphdef, params, frozen, pairs, args.batch, S)
         t_ref = time.perf_counter() - t1

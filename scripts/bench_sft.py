@@ -104,7 +104,7 @@ def worker_jaxft(args) -> dict:
     import numpy as np
 
     import jaxft
-    from jaxft import lora
+    from jaxft import adapters
     from jaxft.config import LoraConfig, OptimConfig, QuantConfig
     from jaxft.example import example_model
     from jaxft.train import init_state, make_optimizer, make_train_step
@@ -119,8 +119,8 @@ def worker_jaxft(args) -> dict:
     lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
                       target_modules=tuple(LORA_TARGETS))
     if lcfg.enabled:
-        lora.attach(model, lcfg, jax.random.key(args.seed))
-    graphdef, params, frozen = lora.split(model, lcfg)
+        adapters.attach(model, lcfg, jax.random.key(args.seed))
+    graphdef, params, frozen = adapters.split(model, lcfg)
     del model
     jax.block_until_ready((params, frozen))
     t_load = time.perf_counter() - t0

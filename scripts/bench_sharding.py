@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from jaxft import lora, sharding  # noqa: E402
+from jaxft import adapters, sharding  # noqa: E402
 from jaxft.config import LoraConfig, MeshConfig, OptimConfig  # noqa: E402
 from jaxft.models.config import DecoderConfig  # noqa: E402
 from jaxft.models.decoder import Decoder, num_params  # noqa: E402
@@ -46,8 +46,8 @@ def random_model(cfg: DecoderConfig, mesh, strategy: str, lora_cfg: LoraConfig):
     """(graphdef, trainable, frozen) with random weights made shard by shard on their devices."""
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     if lora_cfg.enabled:
-        lora.attach(model, lora_cfg, jax.random.key(0))
-    graphdef, params, frozen = lora.split(model, lora_cfg)
+        adapters.attach(model, lora_cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, lora_cfg)
     rng = np.random.default_rng(0)
 
     def fill(x, s):

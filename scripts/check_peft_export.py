@@ -19,7 +19,7 @@ from jaxft.config import load_config
 from jaxft.evaluate import heldout
 from jaxft.generate import chat_prompt, eos_token_ids
 from jaxft.hf import load_tokenizer
-from jaxft.train import resolve_model_path
+from jaxft.setup import resolve_model as resolve_model_path
 
 
 def main(run_dir: str, batch: int = 16) -> int:

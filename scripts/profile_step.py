@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 import jaxft
-from jaxft import lora
+from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.losses import sft_loss
 from jaxft.models import DecoderConfig, RopeConfig
@@ -81,8 +81,8 @@ def main():
     a = ap.parse_args()
     model = jaxft.Decoder(dataclasses.replace(SMOLLM2, num_layers=a.layers, layer_types=()), rngs=nnx.Rngs(0), remat=a.remat)
     cfg = LoraConfig(r=16, alpha=32)
-    lora.attach(model, cfg, jax.random.key(0))
-    g, p, f = lora.split(model, cfg)
+    adapters.attach(model, cfg, jax.random.key(0))
+    g, p, f = adapters.split(model, cfg)
     toks = np.random.RandomState(0).randint(0, SMOLLM2.vocab_size, (a.batch, a.seq)).astype(np.int32)
     batch = dict(tokens=toks, positions=np.tile(np.arange(a.seq, dtype=np.int32), (a.batch, 1)),
                  segment_ids=np.ones_like(toks), targets=toks, loss_mask=np.ones(toks.shape, np.float32))

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import jaxft
-import jaxft.lora
+import jaxft.adapters
 import jaxft.losses
 from jaxft.config import DataConfig, DpoConfig, LoraConfig, load_config
-from jaxft.dpo import METRICS, make_loss, pair_losses, reference_logps
+from jaxft.objectives.dpo import METRICS, make_loss, pair_losses, reference_logps
 from jaxft.errors import JaxftError
 from jaxft.preference import PairBatches, load_pairs
 from jaxft.task import make_examples, make_pairs
@@ -271,7 +271,7 @@ def batch(pair_data, tok):
 
 def _lora_model(path, seed=0):
     model = jaxft.load_pretrained(path)
-    return jaxft.lora.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
+    return jaxft.adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
 
 
 def test_policy_equals_reference_at_start(chat_model, batch):
@@ -285,8 +285,8 @@ def test_policy_equals_reference_at_start(chat_model, batch):
 
 def test_lora_base_reference_equals_frozen_base(chat_model, batch):
     model = _lora_model(chat_model)
-    for _, lin in jaxft.lora.targets(model, ("all-linear",)):  # a trained-looking adapter
-        lin.lora.b[...] = 0.05 * jax.random.normal(jax.random.key(1), lin.lora.b.shape)
+    for _, lin in jaxft.adapters.targets(model, ("all-linear",)):  # a trained-looking adapter
+        lin.adapter.b[...] = 0.05 * jax.random.normal(jax.random.key(1), lin.adapter.b.shape)
     base = jaxft.load_pretrained(chat_model)  # loaded separately, no LoRA
     h, _ = base.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
     want = jnp.sum(jaxft.losses.token_logprobs(base, h, batch["targets"]) * batch["loss_mask"], -1)
@@ -300,7 +300,7 @@ def test_chosen_logprob_rises_after_a_step(chat_model, batch):
     from jaxft.train import init_state, make_optimizer, make_train_step
 
     lcfg = LoraConfig(r=4, alpha=8)
-    graphdef, params, frozen = jaxft.lora.split(_lora_model(chat_model), lcfg)
+    graphdef, params, frozen = jaxft.adapters.split(_lora_model(chat_model), lcfg)
     tx = make_optimizer(load_config(None, ["optim.lr=1e-2", "optim.warmup_steps=0"]).optim, 10, params)
     step = make_train_step(graphdef, tx, make_loss(DpoConfig(beta=0.1)))
     mb = jax.tree.map(lambda x: x[None], batch)
@@ -318,9 +318,9 @@ def test_grad_accum_keeps_loss_and_metrics(chat_model, pair_data, tok):
     pairs, _ = load_pairs(DataConfig(train=str(pair_data / "train.jsonl"), max_length=192), DpoConfig(), tok)
     lcfg = LoraConfig(r=4, alpha=8)
     model = _lora_model(chat_model)
-    for _, lin in jaxft.lora.targets(model, ("all-linear",)):  # rewards away from 0
-        lin.lora.b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora.b.shape)
-    graphdef, params, frozen = jaxft.lora.split(model, lcfg)
+    for _, lin in jaxft.adapters.targets(model, ("all-linear",)):  # rewards away from 0
+        lin.adapter.b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.adapter.b.shape)
+    graphdef, params, frozen = jaxft.adapters.split(model, lcfg)
     tx = make_optimizer(load_config(None, ["optim.warmup_steps=0"]).optim, 10, params)
     step = make_train_step(graphdef, tx, make_loss(DpoConfig(loss_type="ipo")))
     one = PairBatches(pairs[:2], 2, 192, seed=0).in_order(0)

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import jaxft
-from jaxft import lora
+from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
+from jaxft.adapters.base import Ctx
 from jaxft.losses import sft_loss, token_logprobs
 from jaxft.train import init_state, make_optimizer, make_train_step
 from tiny import save_model
@@ -35,7 +36,7 @@ def _batch(B=2, S=16, seed=0, vocab=96):
 def _lora_model(tiny_dir, **kw):
     model = jaxft.load_pretrained(tiny_dir)
     cfg = LoraConfig(r=4, alpha=8, **kw)
-    lora.attach(model, cfg, jax.random.key(0))
+    adapters.attach(model, cfg, jax.random.key(0))
     return model, cfg
 
 
@@ -44,53 +45,53 @@ def test_fresh_adapter_leaves_logits_unchanged(tiny_dir):
     model, _ = _lora_model(tiny_dir)
     toks = jnp.asarray(_batch()["tokens"])
     np.testing.assert_array_equal(np.asarray(model(toks)[0]), np.asarray(base(toks)[0]))
-    assert model.model.layers.self_attn.q_proj.lora.a.shape == (3, 64, 4)
-    assert model.model.layers.mlp.down_proj.lora.b.shape == (3, 4, 64)
+    assert model.model.layers.self_attn.q_proj.adapter.a.shape == (3, 64, 4)
+    assert model.model.layers.mlp.down_proj.adapter.b.shape == (3, 4, 64)
     # base paths unchanged
     assert model.model.layers.self_attn.q_proj.kernel.shape == base.model.layers.self_attn.q_proj.kernel.shape
 
 
 def test_target_modules_and_scaling(tiny_dir):
     model, cfg = _lora_model(tiny_dir, target_modules=("q_proj", "v_proj"))
-    assert model.model.layers.self_attn.q_proj.lora is not None
-    assert model.model.layers.self_attn.k_proj.lora is None and model.model.layers.mlp.up_proj.lora is None
-    assert model.model.layers.self_attn.q_proj.lora.scale == 2.0
-    assert lora.scale(LoraConfig(r=16, alpha=8, rslora=True)) == 2.0
+    assert model.model.layers.self_attn.q_proj.adapter is not None
+    assert model.model.layers.self_attn.k_proj.adapter is None and model.model.layers.mlp.up_proj.adapter is None
+    assert model.model.layers.self_attn.q_proj.adapter.scale == 2.0
+    assert adapters.scale(LoraConfig(r=16, alpha=8, rslora=True)) == 2.0
     with pytest.raises(jaxft.JaxftError, match="'qkv' is not a linear layer"):
-        lora.attach(jaxft.load_pretrained(tiny_dir), LoraConfig(target_modules=("qkv",)), jax.random.key(0))
+        adapters.attach(jaxft.load_pretrained(tiny_dir), LoraConfig(target_modules=("qkv",)), jax.random.key(0))
 
 
 def test_lora_forward_is_peft_formula(tiny_dir):
     """Layer 0's q_proj with an adapter computes x W + s (x A) B, and merged_kernel is W + s A B."""
     model, _ = _lora_model(tiny_dir)
     q = model.model.layers.self_attn.q_proj
-    q.lora.b[...] = jax.random.normal(jax.random.key(1), q.lora.b.shape)
+    q.adapter.b[...] = jax.random.normal(jax.random.key(1), q.adapter.b.shape)
     graphdef, state = nnx.split(model.model.layers)
     layer0 = nnx.merge(graphdef, jax.tree.map(lambda v: v[0], state))  # unstack layer 0
     x = jax.random.normal(jax.random.key(2), (5, 64))
-    W, A, B = q.kernel[0], q.lora.a[0], q.lora.b[0]
+    W, A, B = q.kernel[0], q.adapter.a[0], q.adapter.b[0]
     want = x @ W + 2.0 * (x @ A) @ B  # alpha / r = 8 / 4
     np.testing.assert_allclose(np.asarray(layer0.self_attn.q_proj(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
-    merged = lora.merged_kernel(q)
+    merged = adapters.merged_kernel(q)
     np.testing.assert_allclose(np.asarray(merged[0]), np.asarray(W + 2.0 * A @ B), rtol=1e-5, atol=1e-6)
 
 
 def test_split_trains_only_the_adapter(tiny_dir):
     model, cfg = _lora_model(tiny_dir)
-    graphdef, params, frozen = lora.split(model, cfg)
+    graphdef, params, frozen = adapters.split(model, cfg)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     assert leaves and all(str(p[-2].key) in ("a", "b") for p, _ in leaves)
     full = LoraConfig(enabled=False)
-    g2, p2, f2 = lora.split(jaxft.load_pretrained(tiny_dir), full)
+    g2, p2, f2 = adapters.split(jaxft.load_pretrained(tiny_dir), full)
     assert len(jax.tree.leaves(f2)) == 0
-    g3, p3, f3 = lora.split(_lora_model(tiny_dir, modules_to_save=("lm_head",))[0],
+    g3, p3, f3 = adapters.split(_lora_model(tiny_dir, modules_to_save=("lm_head",))[0],
                             LoraConfig(modules_to_save=("lm_head",)))
     assert any("lm_head" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(p3))
 
 
 def test_step_changes_only_trainable_leaves(tiny_dir):
     model, cfg = _lora_model(tiny_dir)
-    graphdef, params, frozen = lora.split(model, cfg)
+    graphdef, params, frozen = adapters.split(model, cfg)
     frozen_before = jax.tree.map(np.array, frozen)
     params_before = jax.tree.map(np.array, params)
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)
@@ -116,10 +117,10 @@ def test_step_changes_only_trainable_leaves(tiny_dir):
 def test_lora_gradients_equal_full_model_gradients(tiny_dir):
     """Gradient through the split equals the whole-model gradient restricted to the adapter, and finite differences."""
     model, cfg = _lora_model(tiny_dir)
-    for _, lin in lora.targets(model, ("all-linear",)):
-        lin.lora.b[...] = 0.05 * jax.random.normal(jax.random.key(3), lin.lora.b.shape)
+    for _, lin in adapters.targets(model, ("all-linear",)):
+        lin.adapter.b[...] = 0.05 * jax.random.normal(jax.random.key(3), lin.adapter.b.shape)
     batch = _batch()
-    graphdef, params, frozen = lora.split(model, cfg)
+    graphdef, params, frozen = adapters.split(model, cfg)
 
     def loss_split(p):
         s, c = sft_loss(nnx.merge(graphdef, p, frozen), batch)
@@ -143,9 +144,9 @@ def test_lora_gradients_equal_full_model_gradients(tiny_dir):
 
 def test_accumulation_4x1_equals_1x4(tiny_dir):
     model, cfg = _lora_model(tiny_dir)
-    for _, lin in lora.targets(model, ("all-linear",)):  # B ≠ 0, so A has a gradient too
-        lin.lora.b[...] = 0.1 * jax.random.normal(jax.random.key(7), lin.lora.b.shape)
-    graphdef, params, frozen = lora.split(model, cfg)
+    for _, lin in adapters.targets(model, ("all-linear",)):  # B ≠ 0, so A has a gradient too
+        lin.adapter.b[...] = 0.1 * jax.random.normal(jax.random.key(7), lin.adapter.b.shape)
+    graphdef, params, frozen = adapters.split(model, cfg)
     # plain SGD, lr 1: the update is the gradient itself (Adam's first step is ~sign(g), blind to its size
     # and, where |g| ~ eps, amplifying last-bit differences)
     tx = optax.sgd(1.0)
@@ -166,11 +167,11 @@ def test_accumulation_4x1_equals_1x4(tiny_dir):
 
 def test_nonfinite_step_is_skipped(tiny_dir):
     model, cfg = _lora_model(tiny_dir)
-    graphdef, params, frozen = lora.split(model, cfg)
+    graphdef, params, frozen = adapters.split(model, cfg)
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)
 
-    def poisoned(m, batch, key):
-        s, c = sft_loss(m, batch, key)
+    def poisoned(m, batch, ctx):
+        s, c = sft_loss(m, batch, ctx)
         return s * jnp.where(batch["tokens"][0, 0] == 0, jnp.nan, 1.0), c
 
     step = make_train_step(graphdef, tx, loss_fn=poisoned)
@@ -192,8 +193,8 @@ def test_loss_falls_when_memorizing(tiny_dir):
         model = jaxft.load_pretrained(tiny_dir)
         cfg = LoraConfig(r=8, alpha=16, enabled=enabled)
         if enabled:
-            lora.attach(model, cfg, jax.random.key(0))
-        graphdef, params, frozen = lora.split(model, cfg)
+            adapters.attach(model, cfg, jax.random.key(0))
+        graphdef, params, frozen = adapters.split(model, cfg)
         tx = make_optimizer(OptimConfig(lr=3e-3 if not enabled else 2e-2, warmup_steps=0), 30, params)
         step = make_train_step(graphdef, tx)
         batch = jax.tree.map(lambda x: x[None], _batch())
@@ -218,21 +219,21 @@ def test_chunked_logprobs_equal_full_logits(tiny_dir):
 
 def test_lora_dropout_is_seeded_and_active(tiny_dir):
     model, cfg = _lora_model(tiny_dir, dropout=0.5)
-    for _, lin in lora.targets(model, ("all-linear",)):
-        lin.lora.b[...] = 0.1 * jax.random.normal(jax.random.key(3), lin.lora.b.shape)
+    for _, lin in adapters.targets(model, ("all-linear",)):
+        lin.adapter.b[...] = 0.1 * jax.random.normal(jax.random.key(3), lin.adapter.b.shape)
     b = _batch()
     l0 = sft_loss(model, b)[0]
-    l1 = sft_loss(model, b, jax.random.key(1))[0]
-    l1b = sft_loss(model, b, jax.random.key(1))[0]
-    l2 = sft_loss(model, b, jax.random.key(2))[0]
+    l1 = sft_loss(model, b, Ctx(dropout_key=jax.random.key(1)))[0]
+    l1b = sft_loss(model, b, Ctx(dropout_key=jax.random.key(1)))[0]
+    l2 = sft_loss(model, b, Ctx(dropout_key=jax.random.key(2)))[0]
     assert float(l1) == float(l1b) and float(l1) != float(l2) and float(l0) != float(l1)
 
 
 def test_bf16_compute_keeps_fp32_adapter_and_optimizer_state(tiny_dir):
     model = jaxft.load_pretrained(tiny_dir, dtype=jnp.bfloat16)
     cfg = LoraConfig(r=4, alpha=8)
-    lora.attach(model, cfg, jax.random.key(0))
-    graphdef, params, frozen = lora.split(model, cfg)
+    adapters.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, cfg)
     assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, params)

@@ -114,7 +114,7 @@ def test_remat_proj_keeps_less_than_none(tmp_path):
     """remat="proj" keeps the projections only: less compiled temp memory than "none", more than "full"."""
     from flax import nnx
 
-    from jaxft import lora
+    from jaxft import adapters
     from jaxft.config import LoraConfig
     from jaxft.losses import sft_loss
 
@@ -126,8 +126,8 @@ def test_remat_proj_keeps_less_than_none(tmp_path):
     for remat in ("none", "proj", "full"):
         model = jaxft.load_pretrained(tmp_path, remat=remat)
         cfg = LoraConfig(r=4, alpha=8)
-        lora.attach(model, cfg, jax.random.key(0))
-        g, p, f = lora.split(model, cfg)
+        adapters.attach(model, cfg, jax.random.key(0))
+        g, p, f = adapters.split(model, cfg)
         grad = jax.jit(jax.grad(lambda p, f: sft_loss(nnx.merge(g, p, f), batch)[0]))
         temp[remat] = grad.lower(p, f).compile().memory_analysis().temp_size_in_bytes
     assert temp["full"] < temp["proj"] < temp["none"], temp

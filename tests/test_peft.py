@@ -11,7 +11,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 import jaxft
-from jaxft import lora
+from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
 from jaxft.peft import adapter_tensors, export_adapter, load_adapter
@@ -19,9 +19,9 @@ from tiny import ARCHS, make_model, save_model
 
 
 def _random_adapter(model, cfg, seed=1):
-    lora.attach(model, cfg, jax.random.key(seed))
-    for i, (_, lin) in enumerate(lora.targets(model, cfg.target_modules)):
-        lin.lora.b[...] = 0.2 * jax.random.normal(jax.random.key(100 + i), lin.lora.b.shape)  # a "trained" B
+    adapters.attach(model, cfg, jax.random.key(seed))
+    for i, (_, lin) in enumerate(adapters.targets(model, cfg.target_modules)):
+        lin.adapter.b[...] = 0.2 * jax.random.normal(jax.random.key(100 + i), lin.adapter.b.shape)  # a "trained" B
     return model
 
 

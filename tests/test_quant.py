@@ -13,7 +13,7 @@ import transformers as tf
 from flax import nnx
 
 import jaxft
-from jaxft import lora, quant
+from jaxft import adapters, quant
 from jaxft.config import LoraConfig, OptimConfig, QuantConfig
 from jaxft.train import init_state, make_optimizer, make_train_step
 from tiny import example_tokenizer, make_model
@@ -160,8 +160,8 @@ def test_quantized_logits_close_to_full_precision(tiny128):
         q = jaxft.load_pretrained(tiny128, quant=QuantConfig(base=mode))
         errs[mode] = _rel(_logits(q), ref)
         noisy = jaxft.load_pretrained(tiny128)
-        for i, ((_, lin), (_, qlin)) in enumerate(zip(lora.targets(noisy, ("all-linear",)),
-                                                      lora.targets(q, ("all-linear",)))):
+        for i, ((_, lin), (_, qlin)) in enumerate(zip(adapters.targets(noisy, ("all-linear",)),
+                                                      adapters.targets(q, ("all-linear",)))):
             w = lin.kernel[...]
             rms = jnp.sqrt(jnp.mean((qlin.kernel[...] - w) ** 2))
             lin.kernel[...] = w + rms * jax.random.normal(jax.random.key(i), w.shape)
@@ -183,8 +183,8 @@ def _batch(B=2, S=16, seed=0):
 def _lora_losses(path, quant_cfg, steps=12):
     model = jaxft.load_pretrained(path, quant=quant_cfg)
     cfg = LoraConfig(r=8, alpha=16)
-    lora.attach(model, cfg, jax.random.key(0))
-    graphdef, params, frozen = lora.split(model, cfg)
+    adapters.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, cfg)
     assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(params))
     frozen_before = jax.tree.map(np.asarray, frozen)
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), steps, params)
@@ -277,7 +277,7 @@ def test_plan_equals_the_arrays_of_a_loaded_model(tmp_path, overrides):
     """`jaxft plan`'s exact parts (base weights, trainable, optimizer) are the bytes jaxft really allocates."""
     from jaxft.config import load_config
     from jaxft.plan import model_config, plan
-    from jaxft.train import build_model
+    from jaxft.setup import build as build_model
 
     make_model("llama", intermediate_size=96).save_pretrained(tmp_path)  # 96: padded NF4 blocks
     example_tokenizer().save_pretrained(tmp_path)  # build_model loads one

@@ -179,8 +179,9 @@ def test_export_a_run_as_peft_and_merged(chat_model, task_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jaxft.evaluate import restore_params
-    from jaxft.train import build_model, train
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.setup import build as build_model
+    from jaxft.train import train
 
     run = load_config(ROOT / "configs" / "sft_lora.yaml",
                       _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 3, "optim.lr": 1e-2,
@@ -192,7 +193,7 @@ def test_export_a_run_as_peft_and_merged(chat_model, task_data, tmp_path):
     r = run_cli("export", tmp_path / "run", "--out", tmp_path / "peft", "--strict")
     assert r.returncode == 2 and "vLLM: rank r=8" not in r.stderr and "already exists" in r.stderr
     setup = build_model(run)
-    params, _ = restore_params(run, setup, tmp_path / "run")
+    params, _ = restore_trainable(tmp_path / "run", setup.params)
     tuned = nnx.merge(setup.graphdef, params, setup.frozen)
     toks = np.random.RandomState(0).randint(0, 49152, (1, 24))
     ours = np.asarray(tuned(jnp.asarray(toks))[0])

@@ -16,9 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxft import sharding
 from jaxft.config import load_config
-from jaxft.evaluate import restore_params
+from jaxft.checkpoint import restore_trainable
 from jaxft.task import make_examples
-from jaxft.train import build_model, init_state, make_optimizer, make_train_step, train
+from jaxft.setup import build as build_model
+from jaxft.train import init_state, make_optimizer, make_train_step, train
 from test_sft import _losses, _train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,9 @@ EXPECTED = {  # strategy → {parameter path: PartitionSpec}
     "dp": {"model/layers/self_attn/q_proj/kernel": P(None, None, None),
            "model/embed_tokens/embedding": P(None, None)},
     "fsdp": {"model/layers/self_attn/q_proj/kernel": P(None, "fsdp", None),
-             "model/layers/self_attn/q_proj/lora/a": P(None, "fsdp", None),
-             "model/layers/self_attn/q_proj/lora/b": P(None, None, None),
-             "model/layers/self_attn/o_proj/lora/b": P(None, None, "fsdp"),
+             "model/layers/self_attn/q_proj/adapter/a": P(None, "fsdp", None),
+             "model/layers/self_attn/q_proj/adapter/b": P(None, None, None),
+             "model/layers/self_attn/o_proj/adapter/b": P(None, None, "fsdp"),
              "model/layers/mlp/down_proj/kernel": P(None, None, "fsdp"),
              "model/layers/input_layernorm/scale": P(None, None),  # norms: small, replicated
              "model/embed_tokens/embedding": P(None, "fsdp"),
@@ -79,10 +80,10 @@ EXPECTED = {  # strategy → {parameter path: PartitionSpec}
     "fsdp_tp": {"model/layers/self_attn/q_proj/kernel": P(None, "fsdp", "tensor"),
                 "model/layers/self_attn/k_proj/kernel": P(None, "fsdp", "tensor"),
                 "model/layers/self_attn/o_proj/kernel": P(None, "tensor", "fsdp"),
-                "model/layers/self_attn/q_proj/lora/a": P(None, "fsdp", None),
-                "model/layers/self_attn/q_proj/lora/b": P(None, None, "tensor"),
-                "model/layers/mlp/down_proj/lora/a": P(None, "tensor", None),
-                "model/layers/mlp/down_proj/lora/b": P(None, None, "fsdp"),
+                "model/layers/self_attn/q_proj/adapter/a": P(None, "fsdp", None),
+                "model/layers/self_attn/q_proj/adapter/b": P(None, None, "tensor"),
+                "model/layers/mlp/down_proj/adapter/a": P(None, "tensor", None),
+                "model/layers/mlp/down_proj/adapter/b": P(None, None, "fsdp"),
                 "model/layers/mlp/up_proj/kernel": P(None, "fsdp", "tensor"),
                 "model/embed_tokens/embedding": P("tensor", "fsdp"),
                 "lm_head/kernel": P("fsdp", "tensor")},
@@ -188,7 +189,7 @@ def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
     got = _losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3, 4]
     run = load_config(CFG, _overrides(chat_model, task_data, tmp_path / "run"))  # eval / export: one device
-    params, meta = restore_params(run, build_model(run), tmp_path / "run")
+    params, meta = restore_trainable(tmp_path / "run", build_model(run).params)
     b = params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["b"][...]
     assert meta["step"] == 4 and len(b.sharding.device_set) == 1 and float(abs(b).max()) > 0
     np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [expected[s] for s in (1, 2, 3, 4)], atol=1e-5, rtol=0)

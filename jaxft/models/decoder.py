@@ -16,6 +16,7 @@ segment, the key is not padding (segment 0), the key is not in the future and, o
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -25,19 +26,39 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxft.adapters.base import Ctx
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
+from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, T, K, H]; segment_ids: [B, T] (0 = empty slot); index: []
 
 REMAT_POLICIES = {  # what a layer keeps for the backward pass (its input h is always kept)
     "none": None,  # everything XLA wants, elementwise intermediates included
-    # the q/k/v/o/gate/up projections and the attention output: no matmul runs twice, while norms,
-    # RoPE, activations and residual adds are recomputed (SmolLM2 LoRA step at 4 x 256: 1.05 GB of
-    # XLA temp memory against 2.19 GB for "none"; scripts/ab_grad.py)
+    # keeps q/k/v/o/gate/up, the adapters' x·A and the attention output: no matmul runs twice, while
+    # norms, RoPE, activations and residual adds are recomputed (`scripts/ab_grad.py --remat` measures it)
     "proj": jax.checkpoint_policies.save_only_these_names("proj"),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every unbatched matmul output
     "full": jax.checkpoint_policies.nothing_saveable,  # only h: the layer's forward runs again
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Layout choices tuned on XLA:CPU (scripts/ab_grad.py, scripts/profile_step.py measure them); each
+    can be switched off to re-measure on TPU / GPU, where XLA may prefer the plain forms.
+
+    flat_gemm: Linear runs [B*S, in] @ [in, out] 2-D GEMMs instead of 3-D dots.
+    heads_major: attention transposes to [B, K, G, S, H] so both attention matmuls are batched GEMMs.
+    exp_barrier: the loss writes exp(z - max) to memory once (jaxft.losses._softmax_parts) instead of
+        letting XLA fuse it into the sum's reduction.
+    """
+
+    flat_gemm: bool = True
+    heads_major: bool = True
+    exp_barrier: bool = True
+
+
+CPU_TUNED, PLAIN = Tuning(), Tuning(False, False, False)
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -47,35 +68,49 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel: [in, out] (HF weight transposed).
 
-    The slot `lora` stays None until LoRA is attached under this layer; base paths never change.
-    With a quantized base (QLoRA) `kernel` is a jaxft.quant.QuantKernel instead of a Param."""
+    `name` is the HF module name (q_proj, ..., lm_head); `axes` its logical (in, out) axes, declared
+    here for the sharding rules. The slot `adapter` stays None until an adapter is attached under this
+    layer (jaxft.adapters); base paths never change. With a quantized base (QLoRA) `kernel` is a
+    jaxft.quant.QuantKernel instead of a Param."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs, (d_in, d_out), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
-        self.dtype = dtype
-        self.lora = nnx.data(None)  # jaxft.lora.attach puts a LoRA module here
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs, name: str = "",
+                 tuning: Tuning = CPU_TUNED):
+        self.axes = PROJECTIONS[name][1] if name in PROJECTIONS else HEAD_AXES.get(name, (None, None))
+        self.kernel = nnx.Param(_init(rngs, (d_in, d_out), param_dtype), axes=self.axes)
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=self.axes[1:]) if bias else None
+        self.dtype, self.name, self.tuning = dtype, name, tuning
+        self.index = list(PROJECTIONS).index(name) if name in PROJECTIONS else len(PROJECTIONS)  # dropout fold
+        self.adapter = nnx.data(None)
 
-    def __call__(self, x):
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])  # [B*S, in]: plain 2-D GEMMs forward and backward (XLA:CPU is 2x slower on 3-D)
+    def base(self, x):
+        """The frozen layer: x [..., in] → [..., out] in the compute dtype."""
         if isinstance(self.kernel, nnx.Variable):
             y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         else:  # a quantized frozen kernel (jaxft.quant.QuantKernel) dequantizes itself inside the step
             y = self.kernel.dot(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora is not None:
-            y = y + self.lora(x).astype(y.dtype)
+        return y
+
+    def __call__(self, x, ctx: Ctx = Ctx()):
+        lead = x.shape[:-1]
+        if self.tuning.flat_gemm:  # [B*S, in]: 2-D GEMMs forward and backward (CPU-tuned, see Tuning)
+            x = x.reshape(-1, x.shape[-1])
+        if self.adapter is None or not ctx.enabled:
+            y = self.base(x)
+        else:
+            if ctx.adapter_ids is not None and self.tuning.flat_gemm:  # one id per row of the flattened x
+                ctx = dataclasses.replace(ctx, adapter_ids=jnp.repeat(ctx.adapter_ids, x.shape[0] // lead[0]))
+            y = self.adapter(x, self.base, self.kernel, ctx.fold(self.index))
         return y.reshape(*lead, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
     """RMSNorm in fp32, scaled by (offset + scale); rounding order follows transformers per family."""
 
-    def __init__(self, dim: int, *, eps: float, offset: float, param_dtype):
+    def __init__(self, dim: int, *, eps: float, offset: float, param_dtype, axes=("norm",)):
         init = jnp.zeros if offset else jnp.ones
-        self.scale = nnx.Param(init((dim,), param_dtype))
+        self.scale = nnx.Param(init((dim,), param_dtype), axes=axes)
         self.eps, self.offset = eps, offset
 
     def __call__(self, x):
@@ -106,28 +141,28 @@ def _softcap(x, cap):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(D, N * H, bias=cfg.qkv_bias, **lin)
-        self.k_proj = Linear(D, K * H, bias=cfg.qkv_bias, **lin)
-        self.v_proj = Linear(D, K * H, bias=cfg.qkv_bias, **lin)
-        self.o_proj = Linear(N * H, D, bias=cfg.o_bias, **lin)
+        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
+        self.q_proj = Linear(D, N * H, bias=cfg.qkv_bias, name="q_proj", **lin)
+        self.k_proj = Linear(D, K * H, bias=cfg.qkv_bias, name="k_proj", **lin)
+        self.v_proj = Linear(D, K * H, bias=cfg.qkv_bias, name="v_proj", **lin)
+        self.o_proj = Linear(N * H, D, bias=cfg.o_bias, name="o_proj", **lin)
         if cfg.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
+            norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, axes=(None,))
             self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
         else:
             self.q_norm = self.k_norm = None
-        self.cfg = cfg
+        self.cfg, self.heads_major = cfg, tuning.heads_major
 
-    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array] | None, index):
+    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array] | None, index, ctx: Ctx = Ctx()):
         """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: this layer's cache ([B, T, K, H] each) or None."""
         cfg = self.cfg
         B, S, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = checkpoint_name(self.q_proj(x), "proj").reshape(B, S, N, H)
-        k = checkpoint_name(self.k_proj(x), "proj").reshape(B, S, K, H)
-        v = checkpoint_name(self.v_proj(x), "proj").reshape(B, S, K, H)
+        q = checkpoint_name(self.q_proj(x, ctx), "proj").reshape(B, S, N, H)
+        k = checkpoint_name(self.k_proj(x, ctx), "proj").reshape(B, S, K, H)
+        v = checkpoint_name(self.v_proj(x, ctx), "proj").reshape(B, S, K, H)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -135,44 +170,52 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
-        # heads-major layouts make both attention matmuls plain batched GEMMs (2.5x faster on XLA:CPU)
-        q = q.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, H]
-        kt, vt = k.astype(q.dtype).transpose(0, 2, 1, 3), v.astype(x.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        out = checkpoint_name(_attend(q, kt, vt, bias, cfg.scale, cfg.attn_softcap), "proj")  # [B, K, G, S, H]
-        return checkpoint_name(self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(B, S, N * H)), "proj"), kv
+        q = q.reshape(B, S, K, N // K, H)
+        k, v = k.astype(q.dtype), v.astype(x.dtype)
+        if self.heads_major:  # both attention matmuls as plain batched GEMMs (CPU-tuned, see Tuning)
+            out = _attend(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias,
+                          cfg.scale, cfg.attn_softcap, "bkgsh,bkth->bkgst", "bkgst,bkth->bkgsh")  # [B, K, G, S, H]
+            out = out.transpose(0, 3, 1, 2, 4)
+        else:
+            out = _attend(q, k, v, bias, cfg.scale, cfg.attn_softcap, "bskgh,btkh->bkgst", "bkgst,btkh->bskgh")
+        out = checkpoint_name(out, "proj")  # [B, S, K, G, H]
+        return checkpoint_name(self.o_proj(out.reshape(B, S, N * H), ctx), "proj"), kv
 
 
-@partial(jax.checkpoint, static_argnums=(4, 5))
-def _attend(q, kt, vt, bias, scale: float, softcap: float | None):
-    """softmax(q kᵀ · scale + bias) v, fp32 softmax like HF eager. q [B, K, G, S, H]; kt, vt [B, K, T, H].
+@partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
+def _attend(q, k, v, bias, scale: float, softcap: float | None, qk: str, pv: str):
+    """softmax(q kᵀ · scale + bias) v, fp32 softmax like HF eager; `qk` / `pv` are the einsums of the
+    layout (heads-major or sequence-major). Probabilities: [B, K, G, S, T].
 
-    Under jax.checkpoint: the backward pass recomputes the [B, K, G, S, T] probabilities from q, k, v
-    instead of keeping them for every layer (they grow with S², the rest with S)."""
-    logits = jnp.einsum("bkgsh,bkth->bkgst", q, kt) * jnp.asarray(scale, q.dtype)
+    Under jax.checkpoint: the backward pass recomputes the probabilities from q, k, v instead of
+    keeping them for every layer (they grow with S², the rest with S)."""
+    logits = jnp.einsum(qk, q, k) * jnp.asarray(scale, q.dtype)
     logits = _softcap(logits.astype(jnp.float32), softcap) + bias  # additive like HF eager
-    probs = jax.nn.softmax(logits, axis=-1).astype(vt.dtype)
-    return jnp.einsum("bkgst,bkth->bkgsh", probs, vt)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum(pv, probs, v)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        lin = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj, self.up_proj, self.down_proj = Linear(D, F, **lin), Linear(D, F, **lin), Linear(F, D, **lin)
+        lin = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
+        self.gate_proj = Linear(D, F, name="gate_proj", **lin)
+        self.up_proj = Linear(D, F, name="up_proj", **lin)
+        self.down_proj = Linear(F, D, name="down_proj", **lin)
         self.act = cfg.act
 
-    def __call__(self, x):
-        g, u = checkpoint_name(self.gate_proj(x), "proj"), checkpoint_name(self.up_proj(x), "proj")
+    def __call__(self, x, ctx: Ctx = Ctx()):
+        g, u = checkpoint_name(self.gate_proj(x, ctx), "proj"), checkpoint_name(self.up_proj(x, ctx), "proj")
         g = jax.nn.silu(g) if self.act == "silu" else jax.nn.gelu(g, approximate=self.act == "gelu_tanh")
-        return self.down_proj(g * u)
+        return self.down_proj(g * u, ctx)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED):
         norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
         D = cfg.hidden_size
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
         self.input_layernorm = RMSNorm(D, **norm)
         self.post_attention_layernorm = RMSNorm(D, **norm)
         if cfg.sandwich_norm:  # Gemma 2/3; here post_attention_layernorm follows attention, not residual
@@ -181,18 +224,18 @@ class DecoderLayer(nnx.Module):
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
-    def __call__(self, h, cos, sin, bias, kv, index):
-        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index)
+    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = Ctx()):
+        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index, ctx)
         if self.pre_feedforward_layernorm is not None:
             h = h + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), kv
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ctx)), kv
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        return h + self.mlp(self.post_attention_layernorm(h), ctx), kv
 
 
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, param_dtype, rngs):
-        self.embedding = nnx.Param(_init(rngs, (vocab, dim), param_dtype))
+        self.embedding = nnx.Param(_init(rngs, (vocab, dim), param_dtype), axes=("vocab", "embed"))
 
     def __call__(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0)
@@ -202,59 +245,42 @@ class Embed(nnx.Module):
         return jnp.dot(h, self.embedding[...].astype(h.dtype).T)
 
 
-class Backbone(nnx.Module):
-    """HF's `model.`: embed_tokens, stacked layers, final norm."""
+def constrain_batch(h):
+    """h [B, ...] split over the batch mesh axes of the mesh in context (`jax.set_mesh`), whole on each
+    device; unchanged without a mesh or when they do not divide B."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return h
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if n == 1 or h.shape[0] % n:
+        return h
+    return jax.lax.with_sharding_constraint(h, jax.sharding.PartitionSpec(BATCH_AXES))
 
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs):
+
+class Backbone(nnx.Module):
+    """HF's `model.`: embed_tokens, stacked layers, final norm — and the forward pass every head shares."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, remat: str = "proj", rngs,
+                 tuning: Tuning = CPU_TUNED):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked(rngs):
-            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
 
         self.layers = stacked(rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
-
-
-class Decoder(nnx.Module):
-    """A causal LM. `Decoder(cfg, rngs=nnx.Rngs(0))` is random; `jaxft.load_pretrained` fills real weights.
-
-    dtype: compute dtype (fp32 or bf16); param_dtype: storage dtype of the weights.
-    remat: "none" | "proj" | "dots" | "full" — what a layer keeps for the backward pass (REMAT_POLICIES).
-    """
-
-    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
-                 rngs: nnx.Rngs):
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat = cfg, dtype, remat
-        self.constrain = None  # h [B, S, D] → h with a sharding constraint, at block boundaries (jaxft.sharding)
-        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, dropout_key=None):
-        """tokens [B, S] → (logits [B, S, V], cache). See `hidden` for the arguments."""
-        h, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)
-        return self.logits(h), cache
-
-    @property
-    def head(self) -> nnx.Module:
-        """The output projection: lm_head, or embed_tokens when the embeddings are tied."""
-        return self.model.embed_tokens if self.lm_head is None else self.lm_head
-
-    def logits(self, h):
-        """Final hidden states [..., D] → logits [..., V] in the compute dtype (final soft-cap applied)."""
-        return head_logits(self.head, h, self.config.final_softcap)
-
-    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, dropout_key=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
         """Run the layers; returns (final-normed hidden [B, S, D], updated cache or None).
 
         tokens, positions, segment_ids: [B, S] int. positions default to 0..S-1; segment_ids to all 1
         (0 marks padding, equal ids are one document of a packed row). With `cache` (see `init_cache`)
         the S new tokens are written at slot cache["index"] and attend to everything cached before.
-        dropout_key: turns on LoRA dropout (training); each layer and module gets its own fold of it.
+        ctx: per-call state for the adapters (dropout key, adapters off, per-row adapter ids).
+        Under a mesh in context (`jax.set_mesh`), activations stay split over the batch axes.
         """
         cfg = self.config
         B, S = tokens.shape
@@ -279,54 +305,84 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
         cos_l, sin_l = (cos, sin) if cfg.rope_local is None else rope_tables(cfg.rope_local, cfg.head_dim, positions)
 
-        h = self.model.embed_tokens(tokens).astype(self.dtype)
+        h = self.embed_tokens(tokens).astype(self.dtype)
         if cfg.embed_scale:
             h = h * jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)
-        constrain = self.constrain or (lambda x: x)
-        h = constrain(h)
+        h = constrain_batch(h)
 
-        graphdef, layer_state = nnx.split(self.model.layers)
+        graphdef, layer_state = nnx.split(self.layers)
         sliding = jnp.asarray(cfg.is_sliding)
 
         def body(h, xs):
-            state, is_sliding, kv, key = xs
+            state, is_sliding, kv, i = xs
             layer = nnx.merge(graphdef, state)
-            if key is not None:
-                _seed_dropout(layer, key)
             m = jnp.where(is_sliding, bias_local, bias) if cfg.sliding_window else bias
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
-            h, kv = layer(h, c, s, m, kv, index)
-            return constrain(h), kv
+            h, kv = layer(h, c, s, m, kv, index, ctx.fold(i))
+            return constrain_batch(h), kv
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         kv_in = None if cache is None else (cache["k"], cache["v"])
-        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-        h, kv_out = jax.lax.scan(body, h, (layer_state, sliding, kv_in, keys))
-        h = self.model.norm(h)
+        h, kv_out = jax.lax.scan(body, h, (layer_state, sliding, kv_in, jnp.arange(cfg.num_layers)))
+        h = self.norm(h)
         if cache is not None:
             cache = dict(k=kv_out[0], v=kv_out[1], segment_ids=kv_seg, index=index + S)
         return h, cache
 
+
+class Decoder(nnx.Module):
+    """A causal LM: the Backbone (HF's `model.`) and the LM head beside it (`lm_head`, or the tied
+    embeddings). `Decoder(cfg, rngs=nnx.Rngs(0))` is random; `jaxft.load_pretrained` fills real weights.
+
+    dtype: compute dtype (fp32 or bf16); param_dtype: storage dtype of the weights.
+    remat: "none" | "proj" | "dots" | "full" — what a layer keeps for the backward pass (REMAT_POLICIES).
+    tuning: the CPU-tuned layout switches (Tuning).
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
+                 tuning: Tuning = CPU_TUNED, rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        self.config, self.dtype, self.remat, self.tuning = cfg, dtype, remat, tuning
+        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs, tuning=tuning)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            name="lm_head", tuning=tuning)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
+        """tokens [B, S] → (logits [B, S, V], cache). See `Backbone.__call__` for the arguments."""
+        h, cache = self.model(tokens, positions, segment_ids, cache, ctx)
+        return self.logits(h), cache
+
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
+        """(final-normed hidden [B, S, D], cache): the backbone's forward (`Backbone.__call__`)."""
+        return self.model(tokens, positions, segment_ids, cache, ctx)
+
+    @property
+    def head(self) -> nnx.Module:
+        """The output projection: lm_head, or embed_tokens when the embeddings are tied."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
+
+    def logits(self, h):
+        """Final hidden states [..., D] → logits [..., V] in the compute dtype (final soft-cap applied)."""
+        return head_logits(self.head, h, self.config.final_softcap)
+
     def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
         """An empty KV cache for `batch` rows of up to `length` tokens."""
-        cfg = self.config
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        dtype = dtype or self.dtype
-        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                    segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+        return init_cache(self.config, batch, length, dtype or self.dtype)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def head_logits(head: nnx.Module, h, softcap: float | None):
-    """`Decoder.logits` given its `head` module (jaxft.losses differentiates the head by hand)."""
+    """`Decoder.logits` given its `head` module (jaxft.losses differentiates the head by hand). The head
+    runs with adapters on: the LM head itself is never adapted, only trained in full (modules_to_save)."""
     return _softcap(head.attend(h) if isinstance(head, Embed) else head(h), softcap)
-
-
-def _seed_dropout(layer: nnx.Module, key: jax.Array):
-    """Give every module with dropout (LoRA) its own key, on this traced copy of the layer only."""
-    for i, (_, m) in enumerate(nnx.iter_modules(layer)):
-        if getattr(m, "dropout", 0.0):
-            m.dropout_key = jax.random.fold_in(key, i)
 
 
 def num_params(tree: Any) -> int:

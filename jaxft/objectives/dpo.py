@@ -1,8 +1,8 @@
 """Preference optimization: the DPO family (TRL's definitions), the reference without a second copy of
 the weights, and cached reference log-probs.
 
-    loss_fn = make_loss(run.dpo)           # (model, batch, dropout_key) → (sum, pairs, metric sums)
-    obj = objective(run, setup, say)       # batches, validation batches, loss_fn, evaluate (jaxft.train)
+    loss_fn = make_loss(run.dpo)           # (model, batch, ctx) → (sum, pairs, metric sums)
+    obj = make(run, setup, say)            # a jaxft.objective.Objective
 
 A sequence's log-prob is the sum of its completion tokens' log-probs (fp32, `losses.token_logprobs`);
 chosen and rejected run in one forward pass (concatenated along the batch). With Δ = (logπ(c) − logπ_ref(c))
@@ -19,8 +19,8 @@ Metrics (means over pairs): rewards/chosen = β(logπ(c) − logπ_ref(c)), rewa
 (chosen > rejected, strict), rewards/margins, logps/chosen, logps/rejected. SimPO and ORPO report, as TRL's
 CPO/ORPO trainers do, length-normalized log-probs and rewards β·logπ/|y| (λ·logπ/|y| for ORPO).
 
-Reference: `dpo.reference=lora_base` is the same weights with every LoRA update switched off (a view of
-the merged model, under stop_gradient: no copy, no backward); `cache` computes those log-probs once per
+Reference: `dpo.reference=lora_base` is the same graph called with the adapters switched off
+(`Ctx(enabled=False)`, under stop_gradient: no copy, no backward); `cache` computes those log-probs once per
 dataset (full fine-tuning: the initial weights) and stores them in `<cache_dir>/<fingerprint>.npy`, keyed
 by the model files, dtype, the reference kind and the exact token ids of every pair, so training runs no
 reference forward at all.
@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.adapters.base import OFF, Ctx
 from jaxft.config import DpoConfig, RunConfig
 from jaxft.losses import token_logprobs
-from jaxft.models.decoder import Linear
-from jaxft.preference import PairBatches, load_pairs
+from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches
 
 REFERENCE_FREE = ("simpo", "orpo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -85,39 +85,30 @@ def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_
     return loss, metrics
 
 
-def _token_logprobs(model, batch: dict, dropout_key=None) -> jax.Array:
+def _token_logprobs(model, batch: dict, ctx: Ctx = Ctx()) -> jax.Array:
     """log p(target) [2B, S] fp32 of every position of a pair batch."""
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)
     return token_logprobs(model, h, batch["targets"])
 
 
-def reference_view(model):
-    """The same weights with every LoRA update switched off, under stop_gradient (no copy of the weights)."""
-    graphdef, state = nnx.split(model)
-    ref = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
-    for _, m in nnx.iter_modules(ref):
-        if isinstance(m, Linear):
-            m.lora = None
-    return ref
-
-
 def reference_logps(model, batch: dict) -> jax.Array:
-    """Summed completion log-probs [2B] of the reference (LoRA off) for a pair batch."""
-    lp = _token_logprobs(reference_view(model), batch)
-    return jnp.sum(lp * batch["loss_mask"], axis=-1)
+    """Summed completion log-probs [2B] of the reference for a pair batch: the same weights with every
+    adapter switched off, outside the gradient (validation refuses a reference that trains weights)."""
+    lp = _token_logprobs(model, batch, OFF)
+    return jax.lax.stop_gradient(jnp.sum(lp * batch["loss_mask"], axis=-1))
 
 
 def make_loss(cfg: DpoConfig):
-    """loss_fn(model, batch, dropout_key) → (sum of pair losses, number of pairs, {metric: sum over pairs}).
+    """loss_fn(model, batch, ctx) → (sum of pair losses, number of pairs, {metric: sum over pairs}).
 
-    The reference log-probs come from batch["ref_logps"] (a cache) when present, else from `reference_view`.
+    The reference log-probs come from batch["ref_logps"] (a cache) when present, else from `reference_logps`.
     """
 
-    def loss_fn(model, batch, dropout_key=None):
+    def loss_fn(model, batch, ctx: Ctx = Ctx()):
         m = batch["pair_mask"]  # [B]
         B = m.shape[0]
         real = jnp.concatenate([m, m]) > 0  # [2B]
-        lp = _token_logprobs(model, batch, dropout_key)  # [2B, S]
+        lp = _token_logprobs(model, batch, ctx)  # [2B, S]
         mask = batch["loss_mask"]
         logps = jnp.where(real, jnp.sum(lp * mask, axis=-1), -1.0)  # empty rows: harmless finite values
         lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -160,6 +151,8 @@ def fingerprint(run: RunConfig, model_path: Path, pairs) -> str:
 
 def compute_reference_logps(graphdef, params, frozen, pairs, batch_size: int, seq_len: int) -> np.ndarray:
     """The reference's (chosen, rejected) log-probs [N, 2] of every pair, in the order of `pairs`."""
+    from jaxft.preference import PairBatches
+
     batches = PairBatches(pairs, batch_size, seq_len, seed=0)
     fn = jax.jit(lambda p, f, b: reference_logps(nnx.merge(graphdef, p, f), b))
     out = np.zeros((len(pairs), 2), np.float32)
@@ -191,12 +184,22 @@ def cached_reference(run: RunConfig, setup, pairs, say=lambda *a: None) -> np.nd
     return ref
 
 
-# ---------------------------------------------------------------- batches, objective, evaluation
+# ---------------------------------------------------------------- batches, objective
 
 
-def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None) -> PairBatches | None:
+def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
+    """DPO's cross-section validation (jaxft.config.validate runs it)."""
+    lora = run.lora
+    return [(run.dpo.reference != "lora_base" or run.dpo.loss_type in REFERENCE_FREE
+             or (lora.enabled and not lora.modules_to_save), "dpo.reference",
+             "lora_base needs LoRA without modules_to_save (their base weights are trained); use dpo.reference=cache")]
+
+
+def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split), with cached reference
     log-probs when dpo.reference=cache and the loss needs a reference."""
+    from jaxft.preference import PairBatches, load_pairs
+
     pairs, report = load_pairs(run.data, run.dpo, setup.tokenizer, split)
     if not pairs:
         return None
@@ -207,40 +210,19 @@ def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda 
     return PairBatches(pairs, batch_size, run.data.max_length, run.data.seed, ref)
 
 
-def evaluate_pairs(eval_step, params, frozen, batches: PairBatches, n: int) -> dict:
-    """eval_loss and eval_<metric> means over the first n batches (0: all) of a pair batch stream."""
-    n = len(batches) if n == 0 else min(n, len(batches))
-    s = c = 0.0
-    sums = dict.fromkeys(METRICS, 0.0)
-    for i in range(n):
-        bs, bc, aux = jax.device_get(eval_step(params, frozen, batches.batch(i)))
-        s, c = s + float(bs), c + float(bc)
-        sums = {k: sums[k] + float(aux[k]) for k in sums}
-    c1 = max(c, 1.0)
-    return dict(eval_loss=s / c1, **{f"eval_{k}": v / c1 for k, v in sums.items()}, eval_pairs=int(c))
-
-
-def objective(run: RunConfig, setup, say, wrap=lambda b: b):
-    """The DPO objective for `jaxft.train.train`: pair batches (each wrapped by `wrap`, e.g. into sharded
-    global batches), the loss, validation metrics."""
-    from jaxft.train import Objective, make_eval_step
-
+def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
+    """The DPO objective: pair batches (each wrapped by `wrap`, e.g. into sharded global batches), the
+    loss, validation metrics (eval_loss, eval_rewards/..., eval_logps/..., eval_pairs)."""
     loss_fn = make_loss(run.dpo)
-    batches = wrap(pair_batches(run, setup, "train", run.train.batch_size, say))
-    val = pair_batches(run, setup, "validation", run.train.batch_size, say)
-    val = None if val is None else wrap(val)
-    eval_step = make_eval_step(setup.graphdef, loss_fn)
-    evaluate = None if val is None else (
-        lambda params, frozen: evaluate_pairs(eval_step, params, frozen, val, run.train.eval_batches))
-    return Objective(batches, val, loss_fn, evaluate)
-
-
-def evaluate_variants(run: RunConfig, setup, variants: dict) -> dict:
-    """`jaxft eval` of a DPO run: eval_loss and eval_rewards/... on the validation pairs, per variant."""
-    from jaxft.train import make_eval_step
-
-    val = pair_batches(run, setup, "validation", run.train.batch_size)  # the cache's batch shapes
-    if val is None:
-        return {k: {} for k in variants}
-    eval_step = make_eval_step(setup.graphdef, make_loss(run.dpo))
-    return {k: evaluate_pairs(eval_step, p, setup.frozen, val, 0) for k, p in variants.items()}
+    source = None
+    if train:
+        b = wrap(pair_batches(run, setup, "train", run.train.batch_size, say))
+        source = Prefetched(lambda step: b.step(step - 1, run.train.grad_accum), len(b))
+    val = pair_batches(run, setup, "validation", run.eval.batch_size, say)
+    evaluate = None
+    if val is not None:
+        val, eval_step = wrap(val), make_eval_step(setup.graphdef, loss_fn)
+        evaluate = lambda params, frozen: mean_over_batches(  # noqa: E731
+            eval_step, params, frozen, val, run.train.eval_batches, "eval_pairs")
+    return Objective(name="dpo", train=source, loss_fn=loss_fn, evaluate=evaluate, count_name="pairs",
+                     metrics=METRICS, headline=("eval_rewards/accuracies", "eval_rewards/margins"))

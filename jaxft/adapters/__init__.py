@@ -1,0 +1,72 @@
+"""Adapters under the decoder's Linear layers: the method table, attach, split, merge.
+
+    adapters.attach(model, run.lora, key)             # a fresh adapter under every targeted projection
+    graphdef, trainable, frozen = adapters.split(model, run.lora)
+
+`attach` puts an adapter module in the `adapter` slot of each targeted `Linear`, so base parameter
+paths never change: `model.layers.self_attn.q_proj.kernel` stays, `...q_proj.adapter.a` / `.b` appear.
+`split` freezes by construction: the optimizer and the gradient see the trainable subtree only.
+A new method is one module with the `jaxft.adapters.base.Adapter` protocol plus a row of METHODS.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jaxft.adapters.base import OFF, Adapter, Ctx  # noqa: F401 — the package's public names
+from jaxft.adapters.lora import LoRA, scale  # noqa: F401
+from jaxft.errors import JaxftError
+from jaxft.models.names import PROJECTIONS, SAVEABLE
+
+METHODS: dict[str, type] = {"lora": LoRA}  # method name → adapter class (`init`, `from_peft`, `peft_config`)
+
+
+def targets(model, names: tuple[str, ...]) -> list[tuple[tuple, object]]:
+    """The (path, Linear) pairs named by `names`: HF module names (q_proj, ...) or "all-linear"."""
+    from jaxft.models.decoder import Linear
+
+    wanted = set(PROJECTIONS) if "all-linear" in names else set(names)
+    unknown = sorted(wanted - set(PROJECTIONS))
+    if unknown:
+        raise JaxftError(f"lora.target_modules: {unknown[0]!r} is not a linear layer of the decoder "
+                         f"(known: {', '.join(PROJECTIONS)}, all-linear)")
+    return [(path, m) for path, m in nnx.iter_modules(model)
+            if isinstance(m, Linear) and path[:2] == ("model", "layers") and path[-1] in wanted]
+
+
+def adapted(model) -> list[tuple[tuple, object]]:
+    """(path, Linear) of every projection that holds an adapter."""
+    return [(p, lin) for p, lin in targets(model, ("all-linear",)) if lin.adapter is not None]
+
+
+def attach(model, cfg, key, method: str = "lora"):
+    """Add a fresh adapter under every targeted layer (in place; returns the model)."""
+    import jax
+
+    bad = sorted(set(cfg.modules_to_save) - set(SAVEABLE))
+    if bad:
+        raise JaxftError(f"lora.modules_to_save: {bad[0]!r} is not one of {', '.join(SAVEABLE)}")
+    cls = METHODS[method]
+    for i, (_, lin) in enumerate(targets(model, cfg.target_modules)):
+        lin.adapter = cls.init(lin.kernel.shape, cfg, jax.random.fold_in(key, i), lin.axes)
+    return model
+
+
+def trainable_filter(cfg):
+    """nnx filter of what trains: adapter parameters (+ modules_to_save), or every parameter without one."""
+    if not cfg.enabled:
+        return nnx.Param
+    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, nnx.PathContains(m)) for m in cfg.modules_to_save])
+
+
+def split(model, cfg):
+    """model → (graphdef, trainable, frozen); `nnx.merge(graphdef, trainable, frozen)` rebuilds it."""
+    return nnx.split(model, trainable_filter(cfg), ...)
+
+
+def merged_kernel(lin):
+    """The kernel a merged export writes for a (stacked) Linear, in fp32: the adapter's merge, or W."""
+    import jax.numpy as jnp
+
+    w = lin.kernel[...].astype(jnp.float32)
+    return w if lin.adapter is None else lin.adapter.merge(w)

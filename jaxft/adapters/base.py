@@ -1,0 +1,58 @@
+"""What a forward call tells the adapters (`Ctx`), and what an adapter is (`Adapter`).
+
+An adapter sits in the `adapter` slot of a `jaxft.models.decoder.Linear`; only `jaxft.adapters`
+knows what is there. `Linear.__call__` is
+
+    y = base(x) if self.adapter is None or not ctx.enabled else self.adapter(x, base, self.kernel, ctx)
+
+so "adapters off" (the DPO / RL reference) is the same graph called with `Ctx(enabled=False)`, and
+dropout keys or per-row adapter ids arrive as arguments, never as attributes written onto modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """Per-call state of one forward pass.
+
+    dropout_key: turns on adapter dropout (training); the layer scan folds in the layer index and each
+        projection its own index (`Ctx.fold`), so every module of every layer draws its own mask.
+    adapter_ids: [B] int, which adapter each row uses (mixed-adapter batches); None = the only one.
+    enabled: False runs the base model (every adapter skipped): a static switch, so a second graph.
+    """
+
+    dropout_key: jax.Array | None = None
+    adapter_ids: jax.Array | None = None
+    enabled: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def fold(self, data) -> Ctx:
+        """This context with the dropout key folded by `data` (e.g. the layer index inside the scan)."""
+        if self.dropout_key is None:
+            return self
+        return dataclasses.replace(self, dropout_key=jax.random.fold_in(self.dropout_key, data))
+
+
+OFF = Ctx(enabled=False)  # the base model: every adapter switched off
+
+
+class Adapter(Protocol):
+    """One parameter-efficient method under a (stacked) Linear with kernel [L, in, out]."""
+
+    method: str  # the key of jaxft.adapters.METHODS
+
+    def __call__(self, x: jax.Array, base: Callable[[jax.Array], jax.Array], kernel, ctx: Ctx) -> jax.Array:
+        """x [N, in] → y [N, out]; `base(x)` is the frozen layer (bias included)."""
+
+    def merge(self, kernel: jax.Array) -> jax.Array:
+        """The adapted kernel [L, in, out] in fp32 (merged / GGUF export)."""
+
+    def peft_tensors(self, name: str, layer: int) -> dict[str, np.ndarray]:
+        """PEFT tensors of layer `layer` under module name `name` (PyTorch layouts, fp32)."""

@@ -1,0 +1,33 @@
+"""The decoder's layer projections, their block and logical axes: the one copy of that list.
+
+`PROJECTIONS[name] = (block, (in axis, out axis))` with HF's module names, so `target_modules`,
+PEFT tensor names, sharding rules and the memory plan all read the same table.
+"""
+
+from __future__ import annotations
+
+PROJECTIONS: dict[str, tuple[str, tuple[str, str]]] = {
+    "q_proj": ("self_attn", ("embed", "heads")),
+    "k_proj": ("self_attn", ("embed", "kv")),
+    "v_proj": ("self_attn", ("embed", "kv")),
+    "o_proj": ("self_attn", ("heads", "embed")),
+    "gate_proj": ("mlp", ("embed", "mlp")),
+    "up_proj": ("mlp", ("embed", "mlp")),
+    "down_proj": ("mlp", ("mlp", "embed")),
+}
+HEAD_AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None)}  # output heads beside the backbone
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch (and activations) split over
+SAVEABLE = ("embed_tokens", "lm_head")  # modules_to_save: trained in full next to an adapter
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` belongs to the scanned layers (a leading [L] axis)."""
+    return tuple(path[:2]) == ("model", "layers")
+
+
+def hf_module(path: tuple[str, ...]) -> str:
+    """HF module name template of a layer module path: ('model','layers','self_attn','q_proj') →
+    'model.layers.{i}.self_attn.q_proj'."""
+    if is_stacked(path):
+        return "model.layers.{i}." + ".".join(path[2:])
+    return ".".join(path)

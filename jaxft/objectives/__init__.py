@@ -1,0 +1,14 @@
+"""The objectives a run can train, one module each; the loop imports none of them.
+
+    obj = OBJECTIVES[run.objective](run, setup, say=print, wrap=lambda b: b, train=True)
+
+Each `make` returns a `jaxft.objective.Objective`; each module's `checks(run)` lists its
+cross-section validation as (ok, key, message) rows, run by `jaxft.config.validate`.
+"""
+
+from __future__ import annotations
+
+from jaxft.objectives import dpo, sft
+
+OBJECTIVES = {"sft": sft.make, "dpo": dpo.make}
+CHECKS = {"sft": sft.checks, "dpo": dpo.checks}

@@ -1,0 +1,70 @@
+"""Everything a run builds before its first step (train, eval, export, score all start here).
+
+    setup = build(run, mesh)      # Setup(run, model_path, tokenizer, graphdef, params, frozen)
+
+The base model loads straight into its shards (run.mesh.strategy), adapters attach under their
+layers (or a PEFT adapter is read in), and the model splits into what trains (`params`, fp32
+master weights) and what does not (`frozen`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxft import adapters
+from jaxft.config import RunConfig
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass
+class Setup:
+    run: RunConfig
+    model_path: Path
+    tokenizer: object
+    graphdef: object
+    params: object  # the trainable subtree (fp32)
+    frozen: object  # everything else
+
+
+def resolve_model(path: str) -> Path:
+    """The one model resolver: "example" (the embedded SmolLM2-135M-Instruct), an HF directory or a .gguf."""
+    if path == "example":
+        from jaxft.example import example_model
+
+        return example_model()
+    return Path(path).expanduser()
+
+
+def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Load the base model (+ tokenizer), attach the adapter, split trainable / frozen; with a mesh,
+    every parameter is read straight into its shards."""
+    from jaxft import sharding
+    from jaxft.hf import load_pretrained, load_tokenizer
+    from jaxft.models.decoder import CPU_TUNED, PLAIN
+
+    path = resolve_model(run.model.path)
+    compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
+    param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat, quant=run.quant,
+                            tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN,
+                            sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy))
+    tokenizer = load_tokenizer(path)
+    if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
+        from jaxft.peft import load_adapter
+
+        got = load_adapter(model, run.lora.init_adapter)
+        if (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
+            raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
+                             f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
+    elif run.lora.enabled:
+        adapters.attach(model, run.lora, jax.random.key(run.train.seed))
+    graphdef, params, frozen = adapters.split(model, run.lora)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights + optimizer state
+    if mesh is not None:  # adapter factors are made on one device: move them to their shards
+        params = sharding.place(params, sharding.tree_shardings(params, mesh, run.mesh.strategy))
+        frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, run.mesh.strategy))
+    return Setup(run, path, tokenizer, graphdef, params, frozen)
