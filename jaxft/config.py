@@ -84,7 +84,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
     eval_every: int = 0  # validation loss every N steps (0 = only at the end)
-    eval_batches: int = 8  # validation micro-batches per evaluation (0 = whole split)
+    eval_batches: int = 8  # validation batches (of batch_size rows) per evaluation, in training and `jaxft eval` (0 = all)
     log_every: int = 1
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep: int = 3  # checkpoints kept
@@ -98,7 +98,7 @@ class EvalConfig:
     metric: Literal["exact_match", "json_fields", "none"] = "exact_match"
     max_examples: int = 64
     max_new_tokens: int = 128
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per generation batch
 
 
 @dataclasses.dataclass(frozen=True)

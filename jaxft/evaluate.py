@@ -68,8 +68,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
     and batches as training's evaluations) and the generation metric's scores."""
     from jaxft.checkpoint import restore_trainable
-    from jaxft.objectives import OBJECTIVES
-    from jaxft.setup import build
+    from jaxft.setup import build, objective
 
     check_files(run, training=False)
     out_dir = Path(run.train.out_dir)
@@ -79,7 +78,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
         variants["tuned"], meta = restore_trainable(out_dir, setup.params)
         print(f"tuned: {out_dir}/checkpoints/{meta['step']}", file=sys.stderr)
     results: dict[str, dict] = {k: {} for k in variants}
-    obj = OBJECTIVES[run.objective](run, setup, train=False)
+    obj = objective(run, setup, train=False)
     if obj.evaluate is not None:
         for k, params in variants.items():
             results[k].update(obj.evaluate(params, setup.frozen))

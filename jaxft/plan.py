@@ -29,6 +29,7 @@ from jaxft.config import RunConfig
 from jaxft.errors import JaxftError
 from jaxft.losses import LOGITS_TOKENS
 from jaxft.models.config import DecoderConfig
+from jaxft.models.names import PROJECTIONS
 from jaxft.quant import BLOCK, BLOCK2, should_quantize
 
 # Shapes of well-known checkpoints (their config.json values), to plan without downloading them.
@@ -63,9 +64,9 @@ def model_config(model: str) -> DecoderConfig:
 
 def linears(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     """Each layer linear's (in, out)."""
-    D, F, NH, KH = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return dict(q_proj=(D, NH), k_proj=(D, KH), v_proj=(D, KH), o_proj=(NH, D), gate_proj=(D, F), up_proj=(D, F),
-                down_proj=(F, D))
+    size = dict(embed=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_heads * cfg.head_dim,
+                kv=cfg.num_kv_heads * cfg.head_dim)  # each logical axis's length
+    return {name: (size[i], size[o]) for name, (_, (i, o)) in PROJECTIONS.items()}
 
 
 def kernel_bytes(d_in: int, d_out: int, mode: str, double_quant: bool, c: int) -> int:
@@ -88,10 +89,10 @@ def _params(cfg: DecoderConfig) -> list[tuple[tuple[str, ...], int, tuple[int, i
     out = [(("model", "embed_tokens", "embedding"), V * D, None), (("model", "norm", "scale"), D, None)]
     lay = ("model", "layers")
     for name, (i, o) in linears(cfg).items():
-        mod = ("self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp", name)
+        block = PROJECTIONS[name][0]
+        mod = (block, name)
         out.append((lay + mod + ("kernel",), L * i * o, (i, o)))
-        bias = cfg.qkv_bias if name in ("q_proj", "k_proj", "v_proj") else cfg.o_bias if name == "o_proj" \
-            else cfg.mlp_bias
+        bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias if block == "self_attn" else cfg.mlp_bias
         if bias:
             out.append((lay + mod + ("bias",), L * o, None))
     norms = ["input_layernorm", "post_attention_layernorm"]

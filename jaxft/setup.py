@@ -68,3 +68,11 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
         params = sharding.place(params, sharding.tree_shardings(params, mesh, run.mesh.strategy))
         frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, run.mesh.strategy))
     return Setup(run, path, tokenizer, graphdef, params, frozen)
+
+
+def objective(run: RunConfig, setup: Setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True):
+    """The run's objective (a jaxft.objective.Objective) from the table of jaxft.objectives: the one place
+    a run's objective name is looked up, so the loop and the evaluator never know one."""
+    from jaxft.objectives import OBJECTIVES
+
+    return OBJECTIVES[run.objective](run, setup, say, wrap, train)

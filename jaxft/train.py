@@ -133,8 +133,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     directory."""
     from jaxft import sharding
     from jaxft.checkpoint import Checkpoints
-    from jaxft.objectives import OBJECTIVES
-    from jaxft.setup import build
+    from jaxft.setup import build, objective
 
     check_files(run)
     sharding.init_distributed(run.mesh)
@@ -148,7 +147,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     out.mkdir(parents=True, exist_ok=True)
     setup = build(run, mesh)
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
-    obj = OBJECTIVES[run.objective](run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
+    obj = objective(run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
 
     tx = make_optimizer(run.optim, run.train.steps, setup.params)
     state, state_sh = sharding.sharded_init(lambda p: init_state(p, tx), setup.params, mesh, run.mesh.strategy)

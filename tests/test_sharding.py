@@ -190,7 +190,7 @@ def test_checkpoint_restores_onto_another_mesh(chat_model, task_data, tmp_path):
     assert sorted(got) == [1, 2, 3, 4]
     run = load_config(CFG, _overrides(chat_model, task_data, tmp_path / "run"))  # eval / export: one device
     params, meta = restore_trainable(tmp_path / "run", build_model(run).params)
-    b = params["model"]["layers"]["self_attn"]["q_proj"]["lora"]["b"][...]
+    b = params["model"]["layers"]["self_attn"]["q_proj"]["adapter"]["b"][...]
     assert meta["step"] == 4 and len(b.sharding.device_set) == 1 and float(abs(b).max()) > 0
     np.testing.assert_allclose([got[s] for s in (1, 2, 3, 4)], [expected[s] for s in (1, 2, 3, 4)], atol=1e-5, rtol=0)
 

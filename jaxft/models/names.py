@@ -21,8 +21,10 @@ SAVEABLE = ("embed_tokens", "lm_head")  # modules_to_save: trained in full next 
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:
-    """Whether the parameter at `path` belongs to the scanned layers (a leading [L] axis)."""
-    return tuple(path[:2]) == ("model", "layers")
+    """Whether the parameter at `path` belongs to the scanned layers (a leading [L] axis); the path may
+    sit inside a larger tree (an optimizer moment: opt_state/0/mu/model/layers/...)."""
+    path = tuple(path)
+    return any(path[i:i + 2] == ("model", "layers") for i in range(len(path) - 1))
 
 
 def hf_module(path: tuple[str, ...]) -> str:

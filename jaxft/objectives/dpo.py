@@ -218,7 +218,7 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
     if train:
         b = wrap(pair_batches(run, setup, "train", run.train.batch_size, say))
         source = Prefetched(lambda step: b.step(step - 1, run.train.grad_accum), len(b))
-    val = pair_batches(run, setup, "validation", run.eval.batch_size, say)
+    val = pair_batches(run, setup, "validation", run.train.batch_size, say)  # the reference cache's batch shapes
     evaluate = None
     if val is not None:
         val, eval_step = wrap(val), make_eval_step(setup.graphdef, loss_fn)

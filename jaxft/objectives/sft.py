@@ -29,7 +29,7 @@ def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) 
         source = Prefetched(lambda step: b.step(step - 1, run.train.grad_accum), len(b))
     evaluate = None
     if has_validation(run):
-        val, eval_step = batches("validation", run.eval.batch_size), make_eval_step(setup.graphdef, sft_loss)
+        val, eval_step = batches("validation", run.train.batch_size), make_eval_step(setup.graphdef, sft_loss)
 
         def evaluate(params, frozen):
             r = mean_over_batches(eval_step, params, frozen, val, run.train.eval_batches, "eval_tokens")
