@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from jaxft.adapters.base import Ctx
+from jaxft.adapters.base import ON, Ctx
 from jaxft.models.decoder import Decoder
 
 
@@ -135,7 +135,7 @@ def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx,
 
 
 def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
-             ctx: Ctx = Ctx(), mesh: jax.sharding.Mesh | None = None,
+             ctx: Ctx = ON, mesh: jax.sharding.Mesh | None = None,
              on_token: Callable[[np.ndarray], None] | None = None) -> Generated:
     """Sample a completion for each prompt from the model `nnx.merge(graphdef, *weights)`.
 
@@ -191,7 +191,7 @@ class Generator:
     [[...], [...]]
     """
 
-    def __init__(self, model: Decoder, ctx: Ctx = Ctx(), mesh=None):
+    def __init__(self, model: Decoder, ctx: Ctx = ON, mesh=None):
         self.graphdef, self.state = nnx.split(model)
         self.ctx, self.mesh = ctx, mesh
 

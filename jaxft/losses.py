@@ -12,7 +12,7 @@ from flax import nnx
 
 import dataclasses
 
-from jaxft.adapters.base import Ctx
+from jaxft.adapters.base import ON, Ctx
 from jaxft.models.decoder import Decoder, head_logits
 
 LOGITS_TOKENS = 512  # tokens (rows x positions) per logits chunk: a few [512, V] fp32 are the largest temporaries
@@ -111,7 +111,7 @@ def _chunk_bwd(project, res, g):
 _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd, symbolic_zeros=True)
 
 
-def sft_loss(model: Decoder, batch: dict, ctx: Ctx = Ctx()) -> tuple[jax.Array, jax.Array]:
+def sft_loss(model: Decoder, batch: dict, ctx: Ctx = ON) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy over the batch's trained targets → (sum of −log p, number of targets).
 
     batch: tokens, positions, segment_ids, targets [B, S] int; loss_mask [B, S] float (see jaxft.data).

@@ -1,9 +1,11 @@
 """Load time and greedy decode tokens/s of SmolLM2-135M-Instruct: jaxft next to transformers, one run.
 
-    python scripts/bench_generate.py [--new-tokens 64] [--repeats 3]
+    python scripts/bench_generate.py [--new-tokens 64] [--repeats 3] [--batches 1,8,32]
 
 Both load the same GGUF (the example model) to float32 and decode greedily on the CPU with a KV
-cache; EOS is ignored so both produce exactly --new-tokens tokens. Prints medians and ratios.
+cache; EOS is ignored so both produce exactly --new-tokens tokens. jaxft runs `jaxft.generate.generate`
+(prefill + while_loop decode in one compiled program per shape bucket, weights as arguments). Prints
+medians, ratios, the compile (first-call) time and the CPU flags.
 """
 
 import argparse
@@ -16,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 import jaxft
 from jaxft.example import example_model
-from jaxft.generate import Generator, Sampling, chat_prompt
+from jaxft.generate import Sampling, chat_prompt, generate
+from flax import nnx
 
 
 def timed(fn, repeats):
@@ -32,10 +35,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32")
     args = ap.parse_args()
     path = example_model()
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
+                    if f.startswith(("avx512_bf16", "amx", "avx512f"))})
     print(f"model: {path.name}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}  cpu flags: {' '.join(flags) or 'none of avx512f/avx512_bf16/amx'}")
 
     t_tok, tok = timed(lambda: jaxft.load_tokenizer(path), 1)
     t_jx, model = timed(lambda: jax.block_until_ready(jaxft.load_pretrained(path)), 1)
@@ -44,18 +50,21 @@ def main():
     print(f"\nload (weights, fp32)      jaxft {t_jx:6.1f} s   transformers {t_hf:6.1f} s   ratio {t_hf / t_jx:.2f}x"
           f"   (tokenizer from GGUF: {t_tok:.1f} s)")
 
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.",
-               "Explain gravity to a child.", "List three prime numbers."]
+    topics = ["the capital of France", "the sea", "gravity", "prime numbers", "photosynthesis", "the moon",
+              "volcanoes", "a bicycle"]
+    asks = ["Tell me about {}.", "Write a haiku about {}.", "Explain {} to a child.", "List three facts about {}."]
+    prompts = [a.format(t) for t in topics for a in asks]  # 32 distinct prompts
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
-    gen = Generator(model)
+    graphdef, state = nnx.split(model)
+    gen = lambda b, s: generate(graphdef, (state,), b, eos_ids={-1}, sampling=s).ids()  # noqa: E731
     n = args.new_tokens
     sampling = Sampling(max_new_tokens=n)
     print(f"\ngreedy decode, {n} new tokens, median of {args.repeats}")
     print(f"{'batch':>5}  {'jaxft tok/s':>12}  {'transformers tok/s':>18}  {'ratio':>6}  {'jaxft 1st call (compile)':>24}")
-    for b in (1, 4):
+    for b in map(int, args.batches.split(",")):
         batch = ids[:b]
-        t_first, _ = timed(lambda: gen(batch, eos_ids={-1}, sampling=sampling), 1)
-        t_j, out = timed(lambda: gen(batch, eos_ids={-1}, sampling=sampling), args.repeats)
+        t_first, _ = timed(lambda: gen(batch, sampling), 1)
+        t_j, out = timed(lambda: gen(batch, sampling), args.repeats)
         assert all(len(o) == n for o in out)
         P = max(map(len, batch))
         inp = torch.zeros((b, P), dtype=torch.long)
@@ -68,8 +77,10 @@ def main():
                 return hf.generate(input_ids=inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, pad_token_id=0)
 
-        t_h, _ = timed(run_hf, args.repeats)
-        print(f"{b:>5}  {b * n / t_j:>12.1f}  {b * n / t_h:>18.1f}  {t_h / t_j:>5.2f}x  {t_first:>22.1f} s")
+        t_h, ref = timed(run_hf, args.repeats)
+        same = sum(o == r for o, r in zip(out, ref[:, P:].tolist()))
+        print(f"{b:>5}  {b * n / t_j:>12.1f}  {b * n / t_h:>18.1f}  {t_h / t_j:>5.2f}x  {t_first:>22.1f} s"
+              f"   ({same}/{b} rows identical)")
 
 
 if __name__ == "__main__":

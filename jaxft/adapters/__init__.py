@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxft.adapters.base import OFF, Adapter, Ctx  # noqa: F401 — the package's public names
+from jaxft.adapters.base import OFF, ON, Adapter, Ctx  # noqa: F401 — the package's public names
 from jaxft.adapters.lora import LoRA, scale  # noqa: F401
 from jaxft.errors import JaxftError
 from jaxft.models.names import PROJECTIONS, SAVEABLE

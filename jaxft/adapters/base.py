@@ -40,6 +40,7 @@ class Ctx:
         return dataclasses.replace(self, dropout_key=jax.random.fold_in(self.dropout_key, data))
 
 
+ON = Ctx()  # the default: adapters on, no dropout
 OFF = Ctx(enabled=False)  # the base model: every adapter switched off
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.adapters.base import Ctx
+from jaxft.adapters.base import ON, Ctx
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
@@ -92,7 +92,7 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
-    def __call__(self, x, ctx: Ctx = Ctx()):
+    def __call__(self, x, ctx: Ctx = ON):
         lead = x.shape[:-1]
         if self.tuning.flat_gemm:  # [B*S, in]: 2-D GEMMs forward and backward (CPU-tuned, see Tuning)
             x = x.reshape(-1, x.shape[-1])
@@ -155,7 +155,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg, self.heads_major = cfg, tuning.heads_major
 
-    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array] | None, index, ctx: Ctx = Ctx()):
+    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array] | None, index, ctx: Ctx = ON):
         """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: this layer's cache ([B, T, K, H] each) or None."""
         cfg = self.cfg
         B, S, _ = x.shape
@@ -204,7 +204,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(F, D, name="down_proj", **lin)
         self.act = cfg.act
 
-    def __call__(self, x, ctx: Ctx = Ctx()):
+    def __call__(self, x, ctx: Ctx = ON):
         g, u = checkpoint_name(self.gate_proj(x, ctx), "proj"), checkpoint_name(self.up_proj(x, ctx), "proj")
         g = jax.nn.silu(g) if self.act == "silu" else jax.nn.gelu(g, approximate=self.act == "gelu_tanh")
         return self.down_proj(g * u, ctx)
@@ -224,7 +224,7 @@ class DecoderLayer(nnx.Module):
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
-    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = Ctx()):
+    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = ON):
         a, kv = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index, ctx)
         if self.pre_feedforward_layernorm is not None:
             h = h + self.post_attention_layernorm(a)
@@ -273,7 +273,7 @@ class Backbone(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = cfg, dtype, remat
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON):
         """Run the layers; returns (final-normed hidden [B, S, D], updated cache or None).
 
         tokens, positions, segment_ids: [B, S] int. positions default to 0..S-1; segment_ids to all 1
@@ -350,12 +350,12 @@ class Decoder(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             name="lm_head", tuning=tuning)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON):
         """tokens [B, S] → (logits [B, S, V], cache). See `Backbone.__call__` for the arguments."""
         h, cache = self.model(tokens, positions, segment_ids, cache, ctx)
         return self.logits(h), cache
 
-    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = Ctx()):
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON):
         """(final-normed hidden [B, S, D], cache): the backbone's forward (`Backbone.__call__`)."""
         return self.model(tokens, positions, segment_ids, cache, ctx)
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.adapters.base import OFF, Ctx
+from jaxft.adapters.base import OFF, ON, Ctx
 from jaxft.config import DpoConfig, RunConfig
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches
@@ -85,7 +85,7 @@ def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_
     return loss, metrics
 
 
-def _token_logprobs(model, batch: dict, ctx: Ctx = Ctx()) -> jax.Array:
+def _token_logprobs(model, batch: dict, ctx: Ctx = ON) -> jax.Array:
     """log p(target) [2B, S] fp32 of every position of a pair batch."""
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)
     return token_logprobs(model, h, batch["targets"])
@@ -104,7 +104,7 @@ def make_loss(cfg: DpoConfig):
     The reference log-probs come from batch["ref_logps"] (a cache) when present, else from `reference_logps`.
     """
 
-    def loss_fn(model, batch, ctx: Ctx = Ctx()):
+    def loss_fn(model, batch, ctx: Ctx = ON):
         m = batch["pair_mask"]  # [B]
         B = m.shape[0]
         real = jnp.concatenate([m, m]) > 0  # [2B]
