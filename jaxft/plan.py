@@ -14,8 +14,8 @@ Estimates (what XLA keeps; the formulas below, c = compute dtype bytes, T = batc
                    runs micro-batches one after another):
                      none: L · layer                      full: L·T·D·c + layer
                      proj: L·T·c·(D+2q+k+v+o+2F) + layer  dots: L·T·c·(D+q+k+v+o+2F+D) + layer
-                   (proj at SmolLM2-135M, batch 4 × 256, fp32: 1.09 GB estimated, 1.05 GB compiled:
-                    `python scripts/ab_grad.py --remat proj` prints the compiled temp)
+                   (`python scripts/ab_grad.py --remat proj` prints the compiled temp to compare with;
+                    the README's memory-plan section quotes both)
                    layer = T·c·(6D + 3·N·H + 4·K·H + 4F) + B·N·S²·(8 + c)   (projections, fp32 attention scores)
                    + logits chunk 512·V·4·3 + final hidden T·D·4 + one layer's dequantized kernels (quantized)
 """
