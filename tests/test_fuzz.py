@@ -104,3 +104,171 @@ def test_config_fuzz_random_overrides_and_yaml(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
     with pytest.raises(JaxftError, match="bin.yaml"):
         load_config(tmp_path / "bin.yaml")
+
+
+# ---------------------------------------------------------------- data
+
+
+KEYS = ["messages", "conversations", "prompt", "completion", "chosen", "rejected", "text", "instruction",
+        "output", "input", "role", "content", "from", "value", "system"]
+ROLES = ["user", "assistant", "system", "human", "gpt", "tool", ""]
+
+
+def _text(rng):
+    """Random Unicode: words, control characters, lone surrogates, astral and combining characters."""
+    parts = []
+    for _ in range(rng.randint(0, 6)):
+        kind = rng.random()
+        if kind < 0.4:
+            parts.append(rng.choice(["hello", "4", " ", "\n\n\n", "\t", "<|im_end|>", "{{ x }}", "{%", "é", "🕰"]))
+        elif kind < 0.55:
+            parts.append(chr(rng.randint(0, 31)))  # control characters, NUL included
+        elif kind < 0.7:
+            parts.append(chr(rng.randint(0xD800, 0xDFFF)))  # a lone surrogate (JSON "\udXXX")
+        else:
+            parts.append(chr(rng.choice([rng.randint(0x80, 0x7FF), rng.randint(0x10000, 0x10FFFF),
+                                         rng.randint(0x300, 0x36F)])))
+    return "".join(parts)
+
+
+def _value(rng, depth=0):
+    """A random JSON value of any type and shape (deep nesting now and then)."""
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice([None, True, False, 0, -1, 10**30, 1.5, float("nan"), float("inf"), _text(rng),
+                           _text(rng)])
+    if r < 0.45:
+        return [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if r < 0.55:
+        return [{"role": rng.choice(ROLES), "content": _value(rng, depth + 2) if rng.random() < 0.3 else _text(rng)}
+                for _ in range(rng.randint(0, 4))]
+    return {rng.choice(KEYS + [_text(rng)]): _value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _mutate(rng, row):
+    """A valid row with one field replaced by a random value."""
+    row = json.loads(json.dumps(row))
+    key = rng.choice(list(row))
+    row[key] = _value(rng)
+    return row
+
+
+VALID_SFT = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+             {"prompt": "2+2?", "completion": "4"}, {"instruction": "Say hi", "input": "", "output": "hi"},
+             {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+             {"text": "plain text"}]
+VALID_PAIRS = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+               {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]
+
+
+def _line(rng, valid):
+    """One line of a fuzzed JSONL file (bytes)."""
+    r = rng.random()
+    if r < 0.2:
+        return json.dumps(rng.choice(valid)).encode()
+    if r < 0.35:  # valid shape, random text (control characters, NUL, surrogates) in every string but roles
+        from jaxft.prepare import map_strings
+
+        row = map_strings(rng.choice(valid), lambda t: t if t in ROLES else _text(rng) + "x")
+        return json.dumps(row).encode()
+    if r < 0.5:
+        return json.dumps(_mutate(rng, rng.choice(valid))).encode()
+    if r < 0.7:
+        return json.dumps(_value(rng)).encode()  # lone surrogates become "\udXXX" escapes
+    if r < 0.8:
+        n = rng.randint(1, 3000)
+        return (rng.choice("[{") * n).encode() + rng.choice([b"", b"]" * n, b"1"])  # deep, maybe unclosed
+    if r < 0.9:
+        return bytes(rng.randint(0, 255) for _ in range(rng.randint(1, 40))).replace(b"\n", b"")  # random bytes
+    line = json.dumps(rng.choice(valid)).encode()
+    cut = rng.randint(0, len(line))
+    return line[:cut] + bytes([rng.randint(0, 255)]) + line[cut + 1:]  # one byte flipped
+
+
+def _fuzz_file(tmp_path, rng, name, valid, n=120):
+    """A file of n fuzzed rows around one valid format (so that "auto" picks it and many rows are used)."""
+    valid = [rng.choice(valid)]
+    lines = [_line(rng, valid) for _ in range(n)]
+    path = tmp_path / name
+    if name.endswith(".json"):  # a JSON array: elements that json can at least delimit
+        decodable = [x for x in lines if _decodes(x)]
+        path.write_bytes(b"[" + b",\n".join(decodable) + b"]")
+        return path, len(decodable)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, sum(1 for x in path.read_bytes().split(b"\n") if x.strip())  # a flipped byte may be a newline
+
+
+def _decodes(line: bytes) -> bool:
+    try:
+        json.loads(line.decode("utf-8"))
+        return True
+    except RecursionError:  # too deep for json: a bad row of the array if its brackets close
+        return set(line) == set(b"[]") and line.count(b"[") == line.count(b"]")
+    except ValueError:
+        return False
+
+
+def _counted(report) -> bool:
+    return report.rows == report.examples + report.skipped + report.dropped
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import example_tokenizer
+
+    return example_tokenizer()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_data_fuzz_load_examples(tmp_path, tok, seed):
+    from jaxft.config import DataConfig
+    from jaxft.data import load_examples
+
+    rng = random.Random(seed)
+    for name in ("train.jsonl", "train.json"):
+        path, rows = _fuzz_file(tmp_path, rng, name, VALID_SFT)
+        for fmt in ("auto", rng.choice(["messages", "prompt_completion", "alpaca", "sharegpt", "text"])):
+            cfg = DataConfig(train=str(path), format=fmt, max_length=rng.choice([8, 64, 1024]),
+                             overlong=rng.choice(["truncate", "drop"]), system_prompt=rng.choice([None, "Be brief."]))
+            try:
+                examples, report = load_examples(cfg, tok)
+            except JaxftError as e:  # allowed: nothing usable in the file, said in one line
+                assert "\n" not in str(e) and "no usable rows" in str(e), str(e)
+                continue
+            assert report.rows == rows and _counted(report) and len(examples) == report.examples
+            assert all(len(e.tokens) <= cfg.max_length and e.loss_mask.any() for e in examples)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_data_fuzz_load_pairs(tmp_path, tok, seed):
+    from jaxft.config import DataConfig, DpoConfig
+    from jaxft.preference import load_pairs
+
+    rng = random.Random(100 + seed)
+    for name in ("pairs.jsonl", "pairs.json"):
+        path, rows = _fuzz_file(tmp_path, rng, name, VALID_PAIRS)
+        try:
+            pairs, report = load_pairs(DataConfig(train=str(path), max_length=rng.choice([16, 256])), DpoConfig(), tok)
+        except JaxftError as e:
+            assert "\n" not in str(e) and "no usable preference pairs" in str(e), str(e)
+            continue
+        assert report.rows == rows and _counted(report) and len(pairs) == report.examples
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_data_fuzz_prepare(tmp_path, seed, capsys):
+    from jaxft.prepare import prepare
+
+    rng = random.Random(200 + seed)
+    inputs, rows = [], 0
+    for name in ("a.jsonl", "b.json"):
+        path, n = _fuzz_file(tmp_path, rng, name, VALID_SFT)
+        inputs.append(str(path))
+        rows += n
+    counts = prepare(inputs, str(tmp_path / "out"), validation_fraction=0.2, seed=seed, near_dup_threshold=0.8)
+    assert counts["read"] == rows
+    assert rows == sum(counts[k] for k in ("bad", "empty", "exact_dups", "near_dups", "train", "validation"))
+    written = [json.loads(line) for f in ("train.jsonl", "validation.jsonl")
+               for line in (tmp_path / "out" / f).read_text(encoding="utf-8").splitlines()]
+    assert len(written) == counts["train"] + counts["validation"]
