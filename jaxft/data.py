@@ -37,7 +37,7 @@ from jinja2 import TemplateError
 from jaxft.config import DataConfig
 from jaxft.errors import JaxftError
 from jaxft.prepare import (  # noqa: F401  (prepare is re-exported)
-    Chat, Pair, Record, RowError, Text, holdout, parse_row, prepare, read_rows, rows_format)
+    Chat, Pair, Record, RowError, Text, _one_line, holdout, parse_row, prepare, read_rows, rows_format)
 
 MAX_ERRORS = 5  # first bad rows kept in a report
 TOKENIZE_CHUNK = 1024  # rendered rows per tokenizer call
@@ -186,13 +186,17 @@ class Encoder:
                 continue
             try:
                 encs = [(idx, self._call([docs[i].text for i in idx], chat))]
+            except JaxftError:  # the tokenizer itself cannot be used: not a row's fault
+                raise
             except Exception:  # noqa: BLE001 — some row is bad: find which, below
                 encs = []
                 for i in idx:
                     try:
                         encs.append(([i], self._call([docs[i].text], chat)))
+                    except JaxftError:
+                        raise
                     except Exception as e:  # noqa: BLE001 — tokenizers raise TypeError, ValueError, ...
-                        out[i] = RowError("tokenizer error", f"tokenizer error ({_one_line(e)})")
+                        out[i] = RowError("tokenizer error", f"tokenizer error ({_one_line(e)[:200]})")
             for rows, enc in encs:
                 for j, i in enumerate(rows):
                     starts = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)[:, 0]
@@ -267,11 +271,6 @@ def bad_row(cfg: DataConfig, report: DataReport, where: str, error: RowError) ->
     if cfg.strict:
         raise JaxftError(f"{where}: {error}")
     report.add_bad(where, error)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def _split_records(cfg: DataConfig, split: str) -> tuple[str | None, list[Record]]:

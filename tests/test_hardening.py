@@ -110,6 +110,19 @@ def test_a_row_the_tokenizer_rejects_does_not_fail_its_batch(tmp_path, tok):
     assert len(pairs) == 2 and r.skipped_by_reason == {"tokenizer error": 1}
 
 
+class _NoOffsets(_Picky):
+    """A tokenizer without character offsets (a slow one): unusable for every row, so not a bad row."""
+
+    def __call__(self, texts, **kw):
+        raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+
+
+def test_a_tokenizer_that_cannot_be_used_is_still_one_error_not_bad_rows(tmp_path, tok):
+    path = _jsonl(tmp_path / "train.jsonl", [GOOD, GOOD2])
+    with pytest.raises(JaxftError, match="gives no character offsets"):
+        load_examples(DataConfig(train=str(path)), _NoOffsets(tok))
+
+
 # ---------------------------------------------------------------- config ranges
 
 
