@@ -28,6 +28,11 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
 
+INTERMIXED = ("train", "eval", "plan", "prepare")  # commands whose flags may come before, after or between
+# their positional arguments (`jaxft train CFG --resume train.steps=10`): parsed by their own sub-parser's
+# parse_intermixed_args, which argparse does not support on a parser with sub-commands.
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune pretrained decoder LLMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune: jaxft train configs/sft_lora.yaml train.steps=10")
     t.add_argument("config", help="YAML run config")
     t.add_argument("overrides", nargs="*", help="section.key=value")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint of train.out_dir that restores (damaged ones are "
+                            "moved aside; when none restores this is an error, see --restart)")
+    start.add_argument("--restart", action="store_true",
+                       help="start over from step 0 in train.out_dir: its checkpoints directory is moved aside to "
+                            "checkpoints.old-<time> (nothing is deleted)")
     e = sub.add_parser("eval", help="validation loss + generation metric, base and fine-tuned side by side")
     e.add_argument("config", help="YAML run config, or a run directory (its config.json)")
     e.add_argument("overrides", nargs="*", help="section.key=value")
@@ -76,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--pairs", action="store_true",
                     help="also write train_pairs.jsonl / validation_pairs.jsonl (chosen = correct, rejected = wrong)")
+    parser.commands = sub.choices  # name → sub-parser, for _parse
     return parser
 
 
@@ -206,6 +218,11 @@ def cmd_train(args):
     from jaxft.train import train
 
     run = _run_config(args.config, args.overrides)
+    if args.restart:
+        from jaxft.checkpoint import set_aside
+
+        if (aside := set_aside(run.train.out_dir)) is not None:
+            print(f"jaxft: --restart: moved the old checkpoints to {aside}; training from step 0", file=sys.stderr)
     last = train(run, resume=args.resume)
     if not is_primary():  # a multi-host run reports from process 0 only
         return
@@ -288,8 +305,18 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_exa
             "plan": cmd_plan}
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in INTERMIXED:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         COMMANDS[args.command](args)
     except JaxftError as e:

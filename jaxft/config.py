@@ -10,6 +10,7 @@ here: it comes from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -153,8 +154,21 @@ def _plain(x):
     return x
 
 
+INT_RANGE = (-2**31, 2**31 - 1)  # every integer key: counts, sizes and seeds all fit int32 (JAX's default)
+NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "lora.init_adapter", "dpo.cache_dir",
+            "mesh.coordinator_address")  # paths / addresses: "" would silently mean the current directory
+
+
+def _show(value: Any) -> str:
+    """repr(value), cut to 60 characters (an error line stays readable whatever was passed)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """value (from YAML or a key=value string) → type tp, or a JaxftError naming the key."""
+    """value (from YAML or a key=value string) → type tp, or a JaxftError naming the key.
+
+    Numbers are also checked by `_check_number` (see there)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -164,44 +178,76 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if origin is Literal:
-        if value not in args:
-            raise JaxftError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        if not isinstance(value, (str, int, float)) or value not in args:
+            raise JaxftError(f"{key}: {_show(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise JaxftError(f"{key}: expected a list, got {value!r}")
+            raise JaxftError(f"{key}: expected a list, got {_show(value)}")
         return tuple(_coerce(v, args[0], key) for v in value)
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise JaxftError(f"{key}: expected true or false, got {value!r}")
+            raise JaxftError(f"{key}: expected true or false, got {_show(value)}")
         return value
     if tp in (int, float):
         what = "an integer" if tp is int else "a number"
         if isinstance(value, str):
             try:
                 value = tp(value)
-            except ValueError:
-                raise JaxftError(f"{key}: expected {what}, got {value!r}") from None
+            except ValueError:  # not a number, or an integer of more than 4300 digits
+                raise JaxftError(f"{key}: expected {what}, got {_show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int if tp is int else (int, float)):
-            raise JaxftError(f"{key}: expected {what}, got {value!r}")
-        return tp(value)
+            raise JaxftError(f"{key}: expected {what}, got {_show(value)}")
+        try:
+            value = tp(value)
+        except OverflowError:  # float() of an integer beyond 1.8e308
+            raise JaxftError(f"{key}: {_show(value)} is out of range") from None
+        _check_number(value, key)
+        return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise JaxftError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+            raise JaxftError(f"{key}: expected a string, got {_show(value)}")
+        value = str(value)
+        if "\0" in value:
+            raise JaxftError(f"{key}: contains a NUL character")
+        if not value and key in NONEMPTY:
+            raise JaxftError(f"{key}: is empty (give a value, or null where the key allows it)")
+        return value
     raise TypeError(f"unhandled config type {tp}")
+
+
+def _check_number(value: Any, key: str) -> None:
+    """Every float finite and every integer within INT_RANGE, for every key (new ones included): NaN
+    passes any check written as `not x < lo`, inf passes `> 0`, a 30-digit count passes `>= 1` and then
+    overflows an int32 on the device."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise JaxftError(f"{key}: must be a finite number, got {value!r}")
+    if isinstance(value, int) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise JaxftError(f"{key}: {_show(value)} is out of range (an integer in [-2**31, 2**31 - 1])")
+
+
+def _check_numbers(cfg: Any, prefix: str = "") -> None:
+    """_check_number on every number of a (nested) config dataclass built in code, not by load_config."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{prefix}{f.name}.")
+        else:
+            _check_number(value, f"{prefix}{f.name}")
 
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise JaxftError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise JaxftError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(k) for k in values if k not in fields)  # str: YAML keys may be numbers
     if unknown:
         raise JaxftError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(fields)})")
     kwargs = {}
@@ -223,8 +269,8 @@ def _set(tree: dict, dotted: str, value: str):
             raise JaxftError(f"{dotted}: {p} is not a section")
     try:
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:  # not YAML: keep the text as a string
-        node[leaf] = value
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a >4300-digit int, deep nesting):
+        node[leaf] = value                                # keep the text; the key's type check reports it
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -238,8 +284,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise JaxftError(f"{p}: no such config file")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise JaxftError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, ValueError, RecursionError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise JaxftError(f"{p}: invalid YAML ({first[:200]})") from None
     for o in overrides:
         if "=" not in o:
             raise JaxftError(f"override {o!r}: expected section.key=value")
@@ -255,6 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 def validate(run: RunConfig) -> None:
     """Impossible values, each a one-line error naming the key."""
+    _check_numbers(run)
     checks = [
         (run.lora.r >= 1, "lora.r", "must be >= 1"),
         (run.lora.alpha > 0, "lora.alpha", "must be > 0"),
@@ -262,24 +310,32 @@ def validate(run: RunConfig) -> None:
         (bool(run.lora.target_modules) or not run.lora.enabled, "lora.target_modules", "is empty"),
         (run.data.max_length >= 8, "data.max_length", "must be >= 8"),
         (0 <= run.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)"),
+        (run.data.seed >= 0, "data.seed", "must be >= 0"),
         (run.optim.lr > 0, "optim.lr", "must be > 0"),
+        (run.optim.eps > 0, "optim.eps", "must be > 0"),
         (run.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
         (0 <= run.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
         (run.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (run.optim.clip_norm is None or run.optim.clip_norm > 0, "optim.clip_norm", "must be > 0 or null"),
         (run.optim.lora_b_lr_ratio > 0, "optim.lora_b_lr_ratio", "must be > 0"),
-        (0 <= run.optim.b1 < 1 and 0 <= run.optim.b2 < 1, "optim.b1/b2", "must be in [0, 1)"),
+        (0 <= run.optim.b1 < 1, "optim.b1", "must be in [0, 1)"),
+        (0 <= run.optim.b2 < 1, "optim.b2", "must be in [0, 1)"),
         (run.train.steps >= 1, "train.steps", "must be >= 1"),
         (run.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (run.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (run.train.seed >= 0, "train.seed", "must be >= 0"),
         (run.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (run.train.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = the whole validation split)"),
+        (run.train.log_every >= 1, "train.log_every", "must be >= 1"),
         (run.train.save_every >= 0, "train.save_every", "must be >= 0"),
         (run.train.keep >= 1, "train.keep", "must be >= 1"),
         (run.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1"),
         (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
         (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+        (run.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
         (run.dpo.beta > 0, "dpo.beta", "must be > 0"),
         (0 <= run.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
+        (run.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
         (run.dpo.orpo_lambda >= 0, "dpo.orpo_lambda", "must be >= 0"),
         (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
          "must be >= 1 or null"),
@@ -290,16 +346,22 @@ def validate(run: RunConfig) -> None:
         raise JaxftError(f"objective: {run.objective!r} is not one of {', '.join(map(repr, CHECKS))}")
     checks += CHECKS[run.objective](run)
     sizes = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
-    checks += [(all(n >= 1 or n == -1 for n in sizes), "mesh", "data / fsdp / tensor must be >= 1 or -1"),
-               (sizes.count(-1) <= 1, "mesh", "only one of data / fsdp / tensor may be -1")]
+    checks += [(n >= 1 or n == -1, f"mesh.{axis}", "must be >= 1 or -1 (the remaining devices)")
+               for axis, n in zip(("data", "fsdp", "tensor"), sizes)]
+    checks += [(sizes.count(-1) <= 1, "mesh", "only one of data / fsdp / tensor may be -1"),
+               (run.mesh.num_processes is None or run.mesh.num_processes >= 1, "mesh.num_processes",
+                "must be >= 1 or null"),
+               (run.mesh.process_id is None or run.mesh.process_id >= 0, "mesh.process_id", "must be >= 0 or null"),
+               (None in (run.mesh.process_id, run.mesh.num_processes) or run.mesh.process_id < run.mesh.num_processes,
+                "mesh.process_id", "must be < mesh.num_processes")]
     from jaxft.models.names import PROJECTIONS
 
     linears = (*PROJECTIONS, "all-linear")
-    checks += [(m in linears, "lora.target_modules", f"{m!r} is not one of {', '.join(linears)}")
+    checks += [(m in linears, "lora.target_modules", f"{_show(m)} is not one of {', '.join(linears)}")
                for m in run.lora.target_modules]
-    checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{m!r} is not embed_tokens or lm_head")
+    checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{_show(m)} is not embed_tokens or lm_head")
                for m in run.lora.modules_to_save]
-    checks += [(m in linears[:-1], "quant.skip_modules", f"{m!r} is not one of {', '.join(linears[:-1])}")
+    checks += [(m in linears[:-1], "quant.skip_modules", f"{_show(m)} is not one of {', '.join(linears[:-1])}")
                for m in run.quant.skip_modules]
     checks += [(run.quant.base == "none" or run.lora.enabled, "quant.base",
                 "a quantized base cannot be fine-tuned in full; set lora.enabled=true or quant.base=none"),
@@ -311,9 +373,12 @@ def validate(run: RunConfig) -> None:
 
 
 def check_files(run: RunConfig, training: bool = True) -> None:
-    """The data files a run needs exist — checked before the (slow) model load."""
+    """The config is valid and the data files a run needs exist — checked before the (slow) model load.
+
+    validate() again: a RunConfig built in code (not by load_config) is checked here too."""
     from pathlib import Path as P
 
+    validate(run)
     needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file)]
     if training:
         needed.insert(0, ("data.train", run.data.train or None))

@@ -37,7 +37,7 @@ from jinja2 import TemplateError
 from jaxft.config import DataConfig
 from jaxft.errors import JaxftError
 from jaxft.prepare import (  # noqa: F401  (prepare is re-exported)
-    Chat, Pair, Record, RowError, Text, holdout, parse_row, prepare, read_rows, rows_format)
+    Chat, Pair, Record, RowError, Text, _one_line, holdout, parse_row, prepare, read_rows, rows_format)
 
 MAX_ERRORS = 5  # first bad rows kept in a report
 TOKENIZE_CHUNK = 1024  # rendered rows per tokenizer call
@@ -104,12 +104,14 @@ class Rendered:
     text: str
     spans: list[tuple[int, int]] | None  # trained character spans [begin, end); None = every token
     chat: bool  # a chat-template rendering (no special tokens added); else plain text (BOS if the tokenizer adds one)
+    where: str = "row"  # the row it came from ("train.jsonl:17"), for errors
 
 
 class Encoder:
     """Turns parsed rows (Chat / Pair / Text) into (token ids int32 [n], loss mask bool [n]).
 
-    `render` works row by row; `tokenize` takes many rendered rows at once (one tokenizer call).
+    `render` works row by row; `tokenize` takes many rendered rows at once (one tokenizer call; a row
+    the tokenizer rejects comes back as a RowError in its place, the others as usual).
     """
 
     def __init__(self, tokenizer, train_on_prompt: bool = False, system_prompt: str | None = None):
@@ -121,16 +123,20 @@ class Encoder:
         self.train_on_prompt, self.system_prompt = train_on_prompt, system_prompt
 
     def encode(self, parsed: Chat | Pair | Text, where: str = "row") -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and loss mask of one parsed row."""
-        return self.tokenize([self.render(parsed, where)])[0]
+        """Token ids and loss mask of one parsed row (RowError when the tokenizer rejects it)."""
+        out = self.tokenize([self.render(parsed, where)])[0]
+        if isinstance(out, RowError):
+            raise out
+        return out
 
     def render(self, parsed: Chat | Pair | Text, where: str) -> Rendered:
         """The row's text and trained spans (RowError for a row the chat template rejects)."""
         if isinstance(parsed, Text):
-            return Rendered(parsed.text, None, chat=False)
+            return Rendered(parsed.text, None, chat=False, where=where)
         if isinstance(parsed, Pair) and not self.has_template:
             text = parsed.prompt + parsed.completion
-            return Rendered(text, None if self.train_on_prompt else [(len(parsed.prompt), len(text))], chat=False)
+            return Rendered(text, None if self.train_on_prompt else [(len(parsed.prompt), len(text))], chat=False,
+                            where=where)
         if isinstance(parsed, Pair):
             parsed = Chat(({"role": "user", "content": parsed.prompt},
                            {"role": "assistant", "content": parsed.completion}), (1,))
@@ -147,7 +153,7 @@ class Encoder:
             trained = tuple(i + 1 for i in trained)
         text = self._apply(messages, False)
         spans = None if self.train_on_prompt else self._spans(messages, trained, text, where)
-        return Rendered(text, spans, chat=True)
+        return Rendered(text, spans, chat=True, where=where)
 
     def _spans(self, messages: list[dict], trained: tuple[int, ...], text: str, where: str):
         """Character spans [begin, end) of the trained assistant turns in `text`, by prefix rendering."""
@@ -169,22 +175,40 @@ class Encoder:
         except TemplateError as e:
             raise RowError("chat template error", f"chat template error: {e}") from None
 
-    def tokenize(self, docs: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Token ids int32 [n] and loss mask bool [n] of each rendered row."""
+    def tokenize(self, docs: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray] | RowError]:
+        """Token ids int32 [n] and loss mask bool [n] of each rendered row, or a RowError for a row the
+        tokenizer rejects: the batch call fails as a whole, so on failure each row is tokenized alone
+        and only the rows that fail alone are bad."""
         out: list = [None] * len(docs)
         for chat in (True, False):
             idx = [i for i, d in enumerate(docs) if d.chat == chat]
             if not idx:
                 continue
             try:
-                enc = self.tok([docs[i].text for i in idx], add_special_tokens=not chat, return_offsets_mapping=True)
-            except NotImplementedError:
-                raise JaxftError(f"{type(self.tok).__name__} gives no character offsets; jaxft needs a fast "
-                                 "(tokenizers-backed) tokenizer to locate the trained tokens") from None
-            for j, i in enumerate(idx):
-                starts = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)[:, 0]
-                out[i] = self._finish(docs[i], np.asarray(enc["input_ids"][j], dtype=np.int32), starts)
+                encs = [(idx, self._call([docs[i].text for i in idx], chat))]
+            except JaxftError:  # the tokenizer itself cannot be used: not a row's fault
+                raise
+            except Exception:  # noqa: BLE001 — some row is bad: find which, below
+                encs = []
+                for i in idx:
+                    try:
+                        encs.append(([i], self._call([docs[i].text], chat)))
+                    except JaxftError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 — tokenizers raise TypeError, ValueError, ...
+                        out[i] = RowError("tokenizer error", f"tokenizer error ({_one_line(e)[:200]})")
+            for rows, enc in encs:
+                for j, i in enumerate(rows):
+                    starts = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)[:, 0]
+                    out[i] = self._finish(docs[i], np.asarray(enc["input_ids"][j], dtype=np.int32), starts)
         return out
+
+    def _call(self, texts: list[str], chat: bool):
+        try:
+            return self.tok(texts, add_special_tokens=not chat, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise JaxftError(f"{type(self.tok).__name__} gives no character offsets; jaxft needs a fast "
+                             "(tokenizers-backed) tokenizer to locate the trained tokens") from None
 
     def _finish(self, doc: Rendered, ids: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Loss mask from the spans; EOS appended unless the text already ends with it."""
@@ -225,13 +249,14 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
                 raise rec.row
             rendered.append(encoder.render(parse_row(rec.row, fmt), rec.where))
         except RowError as e:
-            if cfg.strict:
-                raise JaxftError(f"{rec.where}: {e}") from None
-            report.add_bad(rec.where, e)
+            bad_row(cfg, report, rec.where, e)
     examples = []
     for i in range(0, len(rendered), TOKENIZE_CHUNK):
-        for ids, mask in encoder.tokenize(rendered[i:i + TOKENIZE_CHUNK]):
-            if (example := _fit(ids, mask, cfg, report)) is not None:
+        chunk = rendered[i:i + TOKENIZE_CHUNK]
+        for doc, encoded in zip(chunk, encoder.tokenize(chunk)):
+            if isinstance(encoded, RowError):
+                bad_row(cfg, report, doc.where, encoded)
+            elif (example := _fit(*encoded, cfg, report)) is not None:
                 examples.append(example)
     report.examples = len(examples)
     report.tokens = sum(len(e.tokens) for e in examples)
@@ -239,6 +264,13 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
     if not examples:
         raise JaxftError(f"{source}: no usable rows ({_why_none(report, cfg)})")
     return examples, report
+
+
+def bad_row(cfg: DataConfig, report: DataReport, where: str, error: RowError) -> None:
+    """Count a bad row, or under data.strict stop with its file:line and cause."""
+    if cfg.strict:
+        raise JaxftError(f"{where}: {error}")
+    report.add_bad(where, error)
 
 
 def _split_records(cfg: DataConfig, split: str) -> tuple[str | None, list[Record]]:

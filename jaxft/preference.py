@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxft.config import DataConfig, DpoConfig
-from jaxft.data import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, layout
+from jaxft.data import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, bad_row, layout
 from jaxft.errors import JaxftError
 from jaxft.prepare import ROLES, Chat, Pair, RowError, _field, _messages, _prompt_completion, _typename
 
@@ -78,14 +78,15 @@ def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train")
                 raise rec.row
             rendered += [encoder.render(side, rec.where) for side in parse_pair(rec.row)]
         except RowError as e:
-            if cfg.strict:
-                raise JaxftError(f"{rec.where}: {e}") from None
-            report.add_bad(rec.where, e)
+            bad_row(cfg, report, rec.where, e)
     pairs = []
     for i in range(0, len(rendered), TOKENIZE_CHUNK):  # TOKENIZE_CHUNK is even: pairs stay together
-        encoded = encoder.tokenize(rendered[i:i + TOKENIZE_CHUNK])
-        for c, r in zip(encoded[::2], encoded[1::2]):
-            if (pair := fit_pair(c, r, cfg.max_length, dpo, report)) is not None:
+        chunk = rendered[i:i + TOKENIZE_CHUNK]
+        encoded = encoder.tokenize(chunk)
+        for doc, c, r in zip(chunk[::2], encoded[::2], encoded[1::2]):
+            if isinstance(c, RowError) or isinstance(r, RowError):  # either side rejected: one bad row
+                bad_row(cfg, report, doc.where, c if isinstance(c, RowError) else r)
+            elif (pair := fit_pair(c, r, cfg.max_length, dpo, report)) is not None:
                 pairs.append(pair)
     report.examples = len(pairs)
     report.tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)

@@ -89,6 +89,10 @@ def read_rows(path: str, split: str | None = None) -> list[Record]:
     `split` picks a split of a saved DatasetDict. A missing file, an unknown extension or a file that
     cannot be read at all is a one-line JaxftError; bad single rows come back as RowError records.
     """
+    return [Record(r.where, check_value(r.row)) for r in _read_any(path, split)]
+
+
+def _read_any(path: str, split: str | None) -> list[Record]:
     p = Path(path).expanduser()
     if not p.exists():
         raise JaxftError(f"{path}: no such file or directory")
@@ -102,6 +106,37 @@ def read_rows(path: str, split: str | None = None) -> list[Record]:
     if suffix in (".parquet", ".csv"):
         return _read_with_datasets(p, path, suffix[1:])
     raise JaxftError(f"{path}: unknown data file type {suffix or '(no extension)'!r} (expected {_SUFFIXES})")
+
+
+MAX_DEPTH = 64  # nesting levels a row may have; real rows have ~4 (messages → list → object → string)
+
+
+def check_value(row: Any) -> Any:
+    """`row`, or a RowError when it is nested deeper than MAX_DEPTH or holds a string (or key) that is
+    not valid Unicode text (a lone surrogate such as JSON's "\\ud83d").
+
+    Done once, as rows are read, so that everything after (cleaning, hashing, the chat template, the
+    tokenizer's batch call) sees only rows it can process: a deep row would otherwise be a
+    RecursionError there and a lone surrogate a TypeError that fails the tokenizer call of every row
+    in its batch. Iterative, so a deep row cannot overflow the stack here either.
+    """
+    if isinstance(row, RowError):
+        return row
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return RowError("invalid text", f"invalid text ({e.reason}: {value[e.start]!r} at character "
+                                                f"{e.start} of a string)")
+        elif isinstance(value, (list, dict)):
+            if depth > MAX_DEPTH:
+                return RowError("too deeply nested", f"nested more than {MAX_DEPTH} levels deep")
+            items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+    return row
 
 
 def _first_char(p: Path) -> str:
@@ -125,21 +160,86 @@ def _read_jsonl(p: Path, name: str) -> list[Record]:
                 row = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 row = RowError("invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})")
+            except RecursionError:  # json's decoder recurses once per nesting level
+                row = RowError("too deeply nested", "invalid JSON (nested too deeply to decode)")
             except json.JSONDecodeError as e:
                 row = RowError("invalid JSON", f"invalid JSON ({e})")
+            except ValueError as e:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
+                row = RowError("invalid JSON", f"invalid JSON ({str(e).splitlines()[0]})")
             records.append(Record(f"{name}:{lineno}", row))
     return records
 
 
 def _read_json_array(p: Path, name: str) -> list[Record]:
-    """A top-level JSON array of rows (read with `json`, so one row of the wrong type is one bad row)."""
+    """A top-level JSON array of rows, decoded element by element: one row of the wrong type, nested too
+    deeply to decode or holding an out-of-range number is one bad row; broken syntax fails the file."""
     try:
-        rows = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxftError(f"{name}: invalid JSON ({e})") from None
-    if not isinstance(rows, list):
-        raise JaxftError(f"{name}: expected a JSON array of rows or JSON Lines, got a {type(rows).__name__}")
-    return [Record(f"{name} row {i}", row) for i, row in enumerate(rows)]
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JaxftError(f"{name}: invalid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    records: list[Record] = []
+    i = ws.match(text).end() + 1  # past the "[" (read_rows checked that it is there)
+    i = ws.match(text, i).end()
+    if text[i:i + 1] == "]":
+        return _end_of_array(text, i + 1, name, ws, records)
+    while True:
+        where = f"{name} row {len(records)}"
+        try:
+            row, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise JaxftError(f"{name}: invalid JSON ({e})") from None
+        except (RecursionError, ValueError) as e:  # too deep, or e.g. an integer of more than 4300 digits
+            end = _value_end(text, i)
+            if end is None:
+                raise JaxftError(f"{name}: invalid JSON (unterminated value at char {i})") from None
+            reason = "too deeply nested" if isinstance(e, RecursionError) else "invalid JSON"
+            row = RowError(reason, "invalid JSON (nested too deeply to decode)" if isinstance(e, RecursionError)
+                           else f"invalid JSON ({str(e).splitlines()[0]})")
+            i = end
+        records.append(Record(where, row))
+        i = ws.match(text, i).end()
+        if text[i:i + 1] == "]":
+            return _end_of_array(text, i + 1, name, ws, records)
+        if text[i:i + 1] != ",":
+            raise JaxftError(f"{name}: invalid JSON (expecting ',' or ']' at char {i})")
+        i = ws.match(text, i + 1).end()
+
+
+def _end_of_array(text: str, i: int, name: str, ws, records: list[Record]) -> list[Record]:
+    if ws.match(text, i).end() != len(text):
+        raise JaxftError(f"{name}: invalid JSON (extra data after the array at char {i})")
+    return records
+
+
+def _value_end(text: str, i: int) -> int | None:
+    """The index just past the JSON value starting at text[i], found by matching brackets outside
+    strings (no recursion); None when it never closes. Only used to skip a value json cannot decode."""
+    depth, in_string, escaped = 0, False, False
+    for j in range(i, len(text)):
+        c = text[j]
+        if depth == 0 and not in_string and j > i and c in ",]} \t\n\r":
+            return j  # a scalar (a huge number) ends at the next separator
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+                if depth == 0:
+                    return j + 1
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+            if depth < 0:
+                return None
+    return None
 
 
 @contextlib.contextmanager

@@ -101,10 +101,11 @@ class RunLog:
             self.metrics.write(row)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}")
         if m["bad_steps"] >= self.run.train.max_bad_steps:
-            raise JaxftError(f"stopped at step {step}: loss or gradients were NaN/Inf for {m['bad_steps']} steps "
-                             f"in a row (updates skipped; no checkpoint written). Lower optim.lr or check the data.")
+            raise JaxftError(f"stopped at step {step}: loss, gradients or updated weights were NaN/Inf for "
+                             f"{m['bad_steps']} steps in a row (updates skipped; no checkpoint written). "
+                             f"Lower optim.lr or check the data.")
         if not m["finite"]:
-            self.say(f"\nstep {step}: non-finite loss/gradients, update skipped")
+            self.say(f"\nstep {step}: non-finite loss/gradients/update, update skipped")
         self.last = row
         return row
 

@@ -6,7 +6,7 @@
 the optimizer state and counters; `frozen` holds the base weights and is never differentiated.
 A step takes `grad_accum` micro-batches [A, B, S]: (loss sum, target count) and gradient sums are
 carried across them and divided once, so every target token weighs the same whatever the split.
-A step whose loss or gradients are not finite changes nothing and is counted.
+A step whose loss, gradients, new weights or optimizer state are not finite changes nothing and is counted.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        # Finite gradients can still give non-finite weights (an infinite lr, an update that overflows,
+        # Adam moments that overflow): keep the step only if everything it would keep is finite.
+        finite &= _all_finite((new_params, opt_state))
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 — a bad step changes nothing
         new_state = dict(
             params=jax.tree.map(keep, new_params, params),
@@ -126,6 +129,12 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, **({} if out_shardings is None else dict(out_shardings=out_shardings)))
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of tree is free of NaN / Inf (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:

@@ -8,9 +8,21 @@ answers jaxft wrote to `<run>/eval/predictions.jsonl`. Exits 1 when any answer d
 """
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
+# Two third-party notices that say nothing about this check (PEFT in fp32 on CPU), silenced by their
+# exact text so that every other warning (about this model or adapter) still prints:
+# - bitsandbytes, imported by peft, logs on CPUs with AVX512-BF16 that its optional `kernels` package
+#   for fused 4-bit matmuls is missing; nothing here is quantized;
+# - peft reads transformers' `is_gradient_checkpointing`, which transformers deprecates (FutureWarning).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# ruff: noqa: E402 — the imports below come after the filters: bitsandbytes logs its notice at import
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -129,6 +130,52 @@ def test_dropout_key_reaches_every_module_and_layer_distinctly(tiny):
     b = _batch()
     assert float(sft_loss(model, b, ctx)[0]) == float(sft_loss(model, b, ctx)[0])
     assert float(sft_loss(model, b, ctx)[0]) != float(sft_loss(model, b)[0])
+
+
+def test_plain_layouts_equal_the_cpu_tuned_ones(tiny):
+    """Tuning's switches (2-D GEMMs, heads-major attention, the loss's exp barrier) change the layout only."""
+    from jaxft.models.decoder import PLAIN
+
+    b = _batch()
+    tuned = _trained_lora(tiny)
+    plain = jaxft.load_pretrained(tiny, tuning=PLAIN)
+    adapters.attach(plain, LoraConfig(r=4, alpha=8), jax.random.key(0))
+    for (_, a), (_, p) in zip(adapters.targets(tuned, ("all-linear",)), adapters.targets(plain, ("all-linear",))):
+        p.adapter.b[...] = a.adapter.b[...]
+    toks = jnp.asarray(b["tokens"])
+    np.testing.assert_allclose(np.asarray(plain(toks)[0]), np.asarray(tuned(toks)[0]), atol=2e-5, rtol=0)
+    grads = [jax.grad(lambda p, g=g, f=f: sft_loss(nnx.merge(g, p, f), b)[0])(p)
+             for g, p, f in (adapters.split(m, LoraConfig()) for m in (tuned, plain))]
+    for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-4)
+
+
+def test_restore_trainable_reads_params_without_the_optimizer(tmp_path):
+    """eval / export read state/params only: the optimizer that wrote the checkpoint need not be known."""
+    from jaxft.checkpoint import Checkpoints, restore_trainable
+
+    model = _trained_lora_small()
+    graphdef, params, frozen = adapters.split(model, LoraConfig())
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # a structure eval never rebuilds
+    state = init_state(params, tx)
+    ckpts = Checkpoints(tmp_path, 2)
+    ckpts.save(7, state, {"step": 7})
+    ckpts.close()
+    got, meta = restore_trainable(tmp_path, params)
+    assert meta["step"] == 7
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(jaxft.JaxftError, match="no checkpoint"):
+        restore_trainable(tmp_path / "nothing", params)
+
+
+def _trained_lora_small():
+    """A random tiny decoder with a LoRA adapter, built without files."""
+    from tiny import make_config
+
+    model = jaxft.Decoder(jaxft.DecoderConfig.from_hf(make_config("llama")), rngs=nnx.Rngs(0))
+    adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(0))
+    return model
 
 
 # ---------------------------------------------------------------- compile counts

@@ -157,6 +157,9 @@ def test_every_config_runs(config, chat_model, task_data, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
     res = evaluate(run, progress=False)
     assert set(res) == {"base", "tuned"} and "eval_loss" in res["tuned"]
+    # one definition of eval_loss: `jaxft eval` of the final checkpoint measures what training logged last
+    assert res["tuned"]["eval_tokens"] == last["eval_tokens"]
+    assert res["tuned"]["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-6, abs=0)
 
 
 def test_config_errors_before_loading(tmp_path):
