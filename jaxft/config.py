@@ -118,6 +118,13 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Reward model (objective: reward); see jaxft/objectives/reward.py (TRL RewardTrainer's keys)."""
+
+    center_rewards_coefficient: float | None = None  # + c · mean((r_c + r_r)²); the paper's value: 0.01
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
     fsdp: int = 1
@@ -140,6 +147,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     dpo: DpoConfig = DpoConfig()
+    reward: RewardConfig = RewardConfig()
     mesh: MeshConfig = MeshConfig()
 
     def to_dict(self) -> dict:

@@ -157,8 +157,11 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
 
 def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "proj",
                     sharding: Callable[..., jax.sharding.Sharding] | None = None, quant=None,
-                    tuning=None) -> Decoder:
-    """Load a causal LM from a local HF directory or a .gguf file.
+                    tuning=None, head: str = "lm", pad_token_id: int | None = None, seed: int = 0):
+    """Load a causal LM (a Decoder) from a local HF directory or a .gguf file; with head="score", a
+    ScoreModel (jaxft.models.heads) instead, from a causal LM checkpoint (`lm_head` unused, the new
+    `score` drawn as transformers draws it: normal(0, initializer_range), key `seed`) or from a
+    `*ForSequenceClassification` one (its `score.weight` read; num_labels != 1 refused).
 
     dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
     sharding(path, shape, axes) → the parameter's Sharding (axes: its declared logical axes); default: the
@@ -173,8 +176,17 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     compute_dtype = compute_dtype or dtype
     from jaxft.models.decoder import CPU_TUNED
 
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=compute_dtype, param_dtype=dtype, remat=remat,
-                                              tuning=tuning or CPU_TUNED, rngs=nnx.Rngs(0)))
+    kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED, rngs=nnx.Rngs(0))
+    fresh = {}  # parameters the checkpoint does not hold: a new score head
+    if head == "score":
+        from jaxft.models.heads import ScoreModel
+
+        init_std = score_head(src, path, cfg.hidden_size)
+        abstract = nnx.eval_shape(lambda: ScoreModel(cfg, pad_id=_pad_id(pad_token_id, path), **kw))
+        if init_std is not None:
+            fresh[("score", "kernel")] = init_std * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
+    else:
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, **kw))
     graphdef, state = nnx.split(abstract)
     available = set(src.keys())
     used: set[str] = set()
@@ -184,6 +196,11 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     for p, var in flat:
         p = tuple(str(k) for k in p)
         names, transpose = hf_names(p, cfg.num_layers)
+        if p in fresh:
+            value = np.asarray(fresh[p], np.float32).astype(var.get_value().dtype)
+            where = sharding(p, value.shape, var.get_metadata().get("axes")) if sharding else first
+            var.set_value(jax.make_array_from_callback(value.shape, where, lambda idx, v=value: v[idx]))
+            continue
         for n in names:
             if n not in available:
                 raise JaxftError(f"{path}: tensor {n} is missing from the checkpoint")
@@ -198,8 +215,9 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
         cb = _reader(src, names, transpose, stacked, shape, pdtype, str(path))
         where = sharding(p, shape, var.get_metadata().get("axes")) if sharding else first
         var.set_value(jax.make_array_from_callback(shape, where, cb))
-    extra = sorted(n for n in available - used
-                   if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    unused_head = cfg.tie_word_embeddings or head == "score"  # a score model never reads lm_head
+    extra = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES)
+                   and not (unused_head and n == "lm_head.weight"))
     if extra:
         raise JaxftError(f"{path}: checkpoint tensor {extra[0]} is not used by the {cfg.model_type} config "
                          f"({len(extra)} unused); the config and the weights disagree")
@@ -210,6 +228,52 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
             mod = getattr(mod, k)
         mod.kernel = kernel
     return model
+
+
+def _pad_id(pad_token_id, path) -> int:
+    if pad_token_id is None:
+        raise JaxftError(f"{path}: a score model needs a pad token id for pooling (none given)")
+    return int(pad_token_id)
+
+
+def _hf_config_dict(src, path) -> dict:
+    """config.json of a directory, or the GGUF's transformers config, as a dict."""
+    if hasattr(src, "hf_config"):
+        return src.hf_config.to_dict()
+    return json.loads((Path(path).expanduser() / "config.json").read_text())
+
+
+def score_head(src, path, hidden: int) -> float | None:
+    """None when the checkpoint holds a score head (a `*ForSequenceClassification`, num_labels 1, checked),
+    else the std of a new one (the config's initializer_range, transformers' default 0.02)."""
+    c = _hf_config_dict(src, path)
+    where = f"{Path(path).expanduser() / 'config.json'}" if Path(path).expanduser().is_dir() else str(path)
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or [])
+    if not seq_cls and "score.weight" not in set(src.keys()):
+        return float(c.get("initializer_range") or 0.02)
+    n = c.get("num_labels", len(c["id2label"]) if c.get("id2label") else 2)  # transformers' default: 2
+    if n != 1:
+        raise JaxftError(f"{where}: num_labels={n} (id2label); a reward model needs num_labels=1")
+    if "score.weight" not in set(src.keys()):
+        raise JaxftError(f"{path}: tensor score.weight is missing from the {c['architectures'][0]} checkpoint")
+    if tuple(src.shape("score.weight")) != (1, hidden):
+        raise JaxftError(f"{path}: tensor score.weight has shape {list(src.shape('score.weight'))}; "
+                         f"a reward model needs [1, {hidden}]")
+    return None
+
+
+def pad_token_id(path, tokenizer) -> int | None:
+    """The pad id a score model pools with: a `*ForSequenceClassification` config's pad_token_id (what
+    transformers pools with when it serves that checkpoint), else TRL's rule: the tokenizer's pad token,
+    or its EOS."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        c = json.loads((p / "config.json").read_text())
+        if any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or []) \
+                and c.get("pad_token_id") is not None:
+            return int(c["pad_token_id"])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
 
 
 def _read_quantized(src: TensorSource, names, transpose, stacked, shape, quant, compute_dtype, where, place):

@@ -3,7 +3,7 @@
     pairs, report = load_pairs(run.data, run.dpo, tokenizer, "train")   # list[PairExample], DataReport
     batches = PairBatches(pairs, batch_size=4, seq_len=run.data.max_length, seed=0)
     batch = batches.batch(step)   # tokens ... loss_mask [2B, S] (chosen rows, then rejected rows),
-                                  # pair_mask, pair_index [B]; ref_logps [2B] with a reference cache
+                                  # pair_mask, pair_index, margin [B]; ref_logps [2B] with a reference cache
 
 Rows (TRL's preference formats): `prompt` / `chosen` / `rejected`, each a string or a list of chat
 messages (explicit prompt), or `chosen` / `rejected` message lists whose shared leading turns are the
@@ -34,6 +34,7 @@ class PairExample:
 
     chosen: Example
     rejected: Example
+    margin: float = 0.0  # the row's optional `margin` (the reward model's −log σ(r_c − r_r − margin))
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
@@ -71,22 +72,25 @@ def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train")
     if source is None:
         return [], report
     encoder = Encoder(tokenizer, False, cfg.system_prompt)
-    rendered = []
+    rendered, margins = [], []
     for rec in records:
         try:
             if isinstance(rec.row, RowError):
                 raise rec.row
-            rendered += [encoder.render(side, rec.where) for side in parse_pair(rec.row)]
+            sides = [encoder.render(side, rec.where) for side in parse_pair(rec.row)]
+            margins.append(_margin(rec.row))
+            rendered += sides
         except RowError as e:
             bad_row(cfg, report, rec.where, e)
     pairs = []
     for i in range(0, len(rendered), TOKENIZE_CHUNK):  # TOKENIZE_CHUNK is even: pairs stay together
         chunk = rendered[i:i + TOKENIZE_CHUNK]
         encoded = encoder.tokenize(chunk)
-        for doc, c, r in zip(chunk[::2], encoded[::2], encoded[1::2]):
+        for k, (doc, c, r) in enumerate(zip(chunk[::2], encoded[::2], encoded[1::2])):
             if isinstance(c, RowError) or isinstance(r, RowError):  # either side rejected: one bad row
                 bad_row(cfg, report, doc.where, c if isinstance(c, RowError) else r)
             elif (pair := fit_pair(c, r, cfg.max_length, dpo, report)) is not None:
+                pair.margin = margins[i // 2 + k]
                 pairs.append(pair)
     report.examples = len(pairs)
     report.tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
@@ -96,6 +100,14 @@ def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train")
                          f"{report.dropped} longer than data.max_length={cfg.max_length})"
                          + (f"; first bad row: {report.first_errors[0]}" if report.first_errors else ""))
     return pairs, report
+
+
+def _margin(row: dict) -> float:
+    """The optional per-pair `margin` (TRL's reward-model column): a finite number, 0 when absent."""
+    m = row.get("margin", 0.0)
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
+        raise RowError("bad margin", f"'margin' must be a finite number, got {str(m)[:40]!r}")
+    return float(m)
 
 
 def fit_pair(chosen, rejected, max_length: int, dpo: DpoConfig, report: DataReport) -> PairExample | None:
@@ -124,7 +136,7 @@ class PairBatches(Batches):
     """Deterministic batches of pairs (see `jaxft.data.Batches`; never packed): batch(i) is
     tokens, positions, segment_ids, targets, loss_mask [2B, S] with the B chosen sequences first and
     their rejected ones in the same order after them; pair_mask [B] (0 for the empty rows that top up
-    an epoch's last batch) and pair_index [B] (-1 there). With `ref_logps` [N, 2] (the reference's
+    an epoch's last batch), pair_index [B] (-1 there) and margin [B] (the rows' `margin`, 0 without). With `ref_logps` [N, 2] (the reference's
     chosen / rejected log-probs of every pair), also ref_logps [2B]."""
 
     row_subsets = False  # batch(i) is always whole: jaxft.sharding.ShardedBatches slices it per device
@@ -147,6 +159,7 @@ class PairBatches(Batches):
         out = layout([[p.chosen] if p else [] for p in pairs] + [[p.rejected] if p else [] for p in pairs],
                      2 * B, self.seq_len)
         out["pair_mask"], out["pair_index"] = (idx >= 0).astype(np.float32), idx
+        out["margin"] = np.array([p.margin if p else 0.0 for p in pairs], np.float32)  # [B]
         if self.ref_logps is not None:
             ref = np.where(idx[:, None] >= 0, self.ref_logps[np.maximum(idx, 0)], 0.0)  # [B, 2]
             out["ref_logps"] = np.concatenate([ref[:, 0], ref[:, 1]]).astype(np.float32)

@@ -43,16 +43,20 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Load the base model (+ tokenizer), attach the adapter, split trainable / frozen; with a mesh,
     every parameter is read straight into its shards."""
     from jaxft import sharding
-    from jaxft.hf import load_pretrained, load_tokenizer
+    from jaxft.hf import load_pretrained, load_tokenizer, pad_token_id
     from jaxft.models.decoder import CPU_TUNED, PLAIN
+    from jaxft.objectives import HEADS
 
     path = resolve_model(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
+    tokenizer = load_tokenizer(path)
+    head = HEADS.get(run.objective, "lm")  # the objective's head; new or loaded is the checkpoint's business
     model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat, quant=run.quant,
                             tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN,
-                            sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy))
-    tokenizer = load_tokenizer(path)
+                            sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy),
+                            head=head, pad_token_id=pad_token_id(path, tokenizer) if head == "score" else None,
+                            seed=run.train.seed)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
         from jaxft.peft import load_adapter
 

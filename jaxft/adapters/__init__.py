@@ -16,7 +16,7 @@ from flax import nnx
 from jaxft.adapters.base import OFF, ON, Adapter, Ctx  # noqa: F401 — the package's public names
 from jaxft.adapters.lora import LoRA, scale  # noqa: F401
 from jaxft.errors import JaxftError
-from jaxft.models.names import PROJECTIONS, SAVEABLE
+from jaxft.models.names import PROJECTIONS, SAVEABLE, TRAINED_HEADS
 
 METHODS: dict[str, type] = {"lora": LoRA}  # method name → adapter class (`init`, `from_peft`, `peft_config`)
 
@@ -53,10 +53,12 @@ def attach(model, cfg, key, method: str = "lora"):
 
 
 def trainable_filter(cfg):
-    """nnx filter of what trains: adapter parameters (+ modules_to_save), or every parameter without one."""
+    """nnx filter of what trains: adapter parameters (+ modules_to_save and a new head such as a reward
+    model's `score`), or every parameter without an adapter."""
     if not cfg.enabled:
         return nnx.Param
-    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, nnx.PathContains(m)) for m in cfg.modules_to_save])
+    full = (*cfg.modules_to_save, *TRAINED_HEADS)
+    return nnx.Any(nnx.LoRAParam, *[nnx.All(nnx.Param, nnx.PathContains(m)) for m in full])
 
 
 def split(model, cfg):

@@ -18,6 +18,7 @@ PROJECTIONS: dict[str, tuple[str, tuple[str, str]]] = {
 HEAD_AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None)}  # output heads beside the backbone
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch (and activations) split over
 SAVEABLE = ("embed_tokens", "lm_head")  # modules_to_save: trained in full next to an adapter
+TRAINED_HEADS = ("score",)  # new heads beside the backbone: always trained in full (PEFT SEQ_CLS's modules_to_save)
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:

@@ -3,12 +3,14 @@
     obj = OBJECTIVES[run.objective](run, setup, say=print, wrap=lambda b: b, train=True)
 
 Each `make` returns a `jaxft.objective.Objective`; each module's `checks(run)` lists its
-cross-section validation as (ok, key, message) rows, run by `jaxft.config.validate`.
+cross-section validation as (ok, key, message) rows, run by `jaxft.config.validate`. HEADS names the
+model head an objective trains when it is not the LM head (jaxft.setup.build builds it).
 """
 
 from __future__ import annotations
 
-from jaxft.objectives import dpo, sft
+from jaxft.objectives import dpo, reward, sft
 
-OBJECTIVES = {"sft": sft.make, "dpo": dpo.make}
-CHECKS = {"sft": sft.checks, "dpo": dpo.checks}
+OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make}
+CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks}
+HEADS = {"reward": "score"}  # jaxft.models.heads.ScoreModel; the others: the causal LM (Decoder)
