@@ -176,17 +176,18 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     compute_dtype = compute_dtype or dtype
     from jaxft.models.decoder import CPU_TUNED
 
-    kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED, rngs=nnx.Rngs(0))
+    kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED)
     fresh = {}  # parameters the checkpoint does not hold: a new score head
     if head == "score":
         from jaxft.models.heads import ScoreModel
 
         init_std = score_head(src, path, cfg.hidden_size)
-        abstract = nnx.eval_shape(lambda: ScoreModel(cfg, pad_id=_pad_id(pad_token_id, path), **kw))
+        pad = _pad_id(pad_token_id, path)
+        abstract = nnx.eval_shape(lambda: ScoreModel(cfg, pad_id=pad, rngs=nnx.Rngs(0), **kw))
         if init_std is not None:
             fresh[("score", "kernel")] = init_std * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
     else:
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, **kw))
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kw))
     graphdef, state = nnx.split(abstract)
     available = set(src.keys())
     used: set[str] = set()

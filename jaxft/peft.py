@@ -4,6 +4,12 @@
                                 base_model.model.<HF module>.lora_B.weight [out, r] = b[i].T
     adapter_config.json         only long-standing keys, so older PEFT releases load it too
 
+A reward model (jaxft.models.heads.ScoreModel) exports as PEFT's SEQ_CLS task: the LoRA tensors plus the
+fully trained head `base_model.model.score.weight` [1, D] (how PEFT itself saves a modules_to_save
+module: without its `modules_to_save.default` infix), task_type "SEQ_CLS" and PEFT's own
+modules_to_save ["classifier", "score"]; `PeftModel.from_pretrained` over the `*ForSequenceClassification`
+base loads it. Merged, it is a `*ForSequenceClassification` directory (num_labels 1, pad_token_id set).
+
 Written to a temporary directory and renamed into place; an existing directory is only replaced
 with overwrite=True.
 """
@@ -36,12 +42,21 @@ def _layer_modules(model: Decoder):
         yield hf_module(tuple(str(p) for p in path)), lin
 
 
+def _is_score_model(model) -> bool:
+    from jaxft.models.heads import ScoreModel
+
+    return isinstance(model, ScoreModel)
+
+
 def adapter_tensors(model: Decoder) -> dict[str, np.ndarray]:
-    """PEFT tensor name → fp32 array, unstacked per layer in PyTorch layout (each adapter's `peft_tensors`)."""
+    """PEFT tensor name → fp32 array, unstacked per layer in PyTorch layout (each adapter's `peft_tensors`);
+    a ScoreModel's head (trained in full) as `base_model.model.score.weight` [1, D]."""
     out = {}
     for template, lin in _layer_modules(model):
         for i in range(lin.kernel.shape[0]):
             out.update(lin.adapter.peft_tensors(PREFIX + template.format(i=i), i))
+    if _is_score_model(model):
+        out[PREFIX + "score.weight"] = np.ascontiguousarray(np.asarray(model.score.kernel[...], np.float32).T)
     return out
 
 
@@ -54,9 +69,10 @@ def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dic
         raise JaxftError("the model has no LoRA adapter to export")
     modules = sorted({t.rsplit(".", 1)[-1] for t, _ in found})
     method = type(found[0][1].adapter)
-    return {**method.peft_config(cfg), "task_type": "CAUSAL_LM", "target_modules": modules, "bias": "none",
-            "fan_in_fan_out": False, "modules_to_save": None, "base_model_name_or_path": base_model,
-            "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    seq_cls = _is_score_model(model)  # PEFT's SEQ_CLS default modules_to_save: the head, trained in full
+    return {**method.peft_config(cfg), "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "target_modules": modules,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": ["classifier", "score"] if seq_cls else None,
+            "base_model_name_or_path": base_model, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -209,16 +225,29 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
         config.pop("quantization_config", None)
         config["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
         config["architectures"] = config.get("architectures") or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        from transformers import GenerationConfig
+        if _is_score_model(model):
+            config.update(seq_cls_config(config, model.pad_id))
+        else:
+            from transformers import GenerationConfig
 
-        GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+            GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def seq_cls_config(config: dict, pad_id: int) -> dict:
+    """The config.json keys of a reward model's `*ForSequenceClassification` directory (one label)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as NAMES
+
+    # by model_type, as the Auto classes resolve it (gemma3_text: Gemma3TextForSequenceClassification, while
+    # its causal LM is Gemma3ForCausalLM)
+    return dict(architectures=[NAMES[config["model_type"]]], id2label={"0": "LABEL_0"},
+                label2id={"LABEL_0": 0}, pad_token_id=int(pad_id))
 
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
