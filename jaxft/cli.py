@@ -1,4 +1,4 @@
-"""`jaxft` command line: train | eval | export | plan | prepare | task-data | generate | chat | example-model.
+"""`jaxft` command line: train | eval | export | score | plan | prepare | task-data | generate | chat | example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
+    sc = sub.add_parser("score", help="score preference pairs (and their accuracy) or completions with a reward model")
+    sc.add_argument("model", help="a reward run directory (train.out_dir) or a *ForSequenceClassification model directory")
+    sc.add_argument("--input", required=True, help="JSONL of pairs (chosen/rejected[/prompt]) or prompt/completion rows")
+    sc.add_argument("--out", default=None, help="output JSONL (default: <input>.scores.jsonl)")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's)")
     pl = sub.add_parser("plan", help="expected device memory of a training run (weights, adapter, optimizer, "
                                      "activations), from the model's shape only")
     pl.add_argument("config", help="YAML run config")
@@ -265,6 +271,9 @@ def cmd_export(args):
         if not run.lora.enabled:
             raise JaxftError(f"{args.run}: a full fine-tuning run has no adapter; use --format merged")
         problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
+        if hasattr(model, "score"):  # a reward model: its head is trained in full (modules_to_save)
+            problems.append("a reward model's adapter carries its score head as modules_to_save, which vLLM's "
+                            "LoRA loader refuses: serve reward models merged (--format merged)")
         for p in problems:
             print(f"jaxft: vLLM: {p}", file=sys.stderr)
         if problems and args.strict:
@@ -281,6 +290,15 @@ def cmd_export(args):
             hf_config = AutoConfig.from_pretrained(setup.model_path)
         out = export_merged(model, setup.tokenizer, hf_config, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported step {meta['step']} of {args.run} to {out} ({args.format})")
+
+
+def cmd_score(args):
+    from jaxft.objectives.reward import score_file
+
+    if args.batch_size < 1:
+        raise JaxftError(f"--batch-size must be >= 1, got {args.batch_size}")
+    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size, max_length=args.max_length)
+    print(json.dumps(summary))
 
 
 def cmd_plan(args):
@@ -302,7 +320,7 @@ def cmd_task_data(args):
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
             "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "score": cmd_score}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -168,3 +168,50 @@ def test_causal_checkpoint_gets_a_fresh_head_and_num_labels_is_checked(tmp_path)
     with pytest.raises(JaxftError, match=r"two/config.json: num_labels=2 \(id2label\); a reward model needs "
                                          r"num_labels=1"):
         jaxft.load_pretrained(tmp_path / "two", head="score", pad_token_id=0)
+
+
+# ---------------------------------------------------------------- exports load in transformers / PEFT
+
+
+def _trained_score_model(path, pad, seed=0):
+    """A ScoreModel on a causal checkpoint with a "trained" LoRA (B ≠ 0) and a non-zero head."""
+    model = jaxft.load_pretrained(path, head="score", pad_token_id=pad, seed=seed)
+    adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
+    for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):
+        lin.adapter.b[...] = 0.2 * jax.random.normal(jax.random.key(100 + i), lin.adapter.b.shape)
+    model.score.kernel[...] = 0.5 * jax.random.normal(jax.random.key(7), model.score.kernel.shape)
+    return model
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merged_and_seq_cls_adapter_load_with_equal_scores(arch, tmp_path):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    from jaxft.peft import export_adapter, export_merged
+    from tiny import make_model
+
+    pad = 1
+    make_model(arch).save_pretrained(tmp_path / "base")
+    model = _trained_score_model(tmp_path / "base", pad)
+    rows = [[5, 6, 7, 1], [9, 10, 11, 12, 13, 14, 15, 8], [20, 21, 1, 22, 23]]
+    ids, seg, pos = _padded(rows, 10, pad, left=False)
+    want = np.asarray(model(jnp.asarray(ids.astype(np.int32)), jnp.asarray(pos), jnp.asarray(seg)))
+
+    hf_config = tf.AutoConfig.from_pretrained(tmp_path / "base")
+    export_merged(model, example_tokenizer(), hf_config, tmp_path / "merged", dtype="fp32")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification") and config["pad_token_id"] == pad
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.num_labels == 1 and "lm_head.weight" not in load_file(str(tmp_path / "merged" / "model.safetensors"))
+    np.testing.assert_allclose(_hf_scores(merged, ids, seg, pos), want, atol=1e-4, rtol=1e-4)
+
+    export_adapter(model, LoraConfig(r=4, alpha=8), tmp_path / "adapter")
+    ac = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert ac["task_type"] == "SEQ_CLS" and "score" in ac["modules_to_save"]
+    assert load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["base_model.model.score.weight"].shape \
+        == (1, 64)
+    base = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1, pad_token_id=pad,
+                                                                 dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_hf_scores(peft_model, ids, seg, pos), want, atol=1e-4, rtol=1e-4)
