@@ -26,7 +26,6 @@ from jaxft.errors import JaxftError
 from jaxft.models.heads import ScoreModel
 from jaxft.objectives.reward import METRICS, PAIRS, Scorer, make_eval_fn, make_loss, pair_losses
 from jaxft.preference import PairBatches, load_pairs
-from jaxft.task import make_examples, make_pairs
 from tiny import ARCHS, ROOT, example_tokenizer, make_config
 
 RC, RR = [1.0, 0.5, -1.0], [0.0, 0.5, 1.0]
@@ -215,3 +214,201 @@ def test_merged_and_seq_cls_adapter_load_with_equal_scores(arch, tmp_path):
                                                                  dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     np.testing.assert_allclose(_hf_scores(peft_model, ids, seg, pos), want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+FRUIT = ["apple", "pear", "plum", "grape", "mango", "peach", "lemon", "melon", "cherry", "berry"]
+STONE = ["stone", "brick", "sand", "glass", "steel", "clay", "iron", "wood", "rock", "metal"]
+
+
+def _toy_pairs(n, seed):
+    """Separable pairs: the chosen answer names fruit, the rejected one materials."""
+    rng = np.random.default_rng(seed)
+    words = lambda pool: " ".join(rng.choice(pool, 3))  # noqa: E731
+    return [{"prompt": [{"role": "user", "content": f"Name some things ({i})."}],
+             "chosen": [{"role": "assistant", "content": words(FRUIT)}],
+             "rejected": [{"role": "assistant", "content": words(STONE)}]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    _write(d / "train.jsonl", _toy_pairs(32, 0))
+    _write(d / "validation.jsonl", _toy_pairs(16, 1))
+    return d
+
+
+def _overrides(chat_model, data, out, **extra):
+    o = {"model.path": chat_model, "data.train": data / "train.jsonl", "data.validation": data / "validation.jsonl",
+         "data.max_length": 64, "train.batch_size": 4, "train.out_dir": out, "lora.r": 4, "lora.alpha": 8,
+         "optim.lr": 3e-3, "optim.warmup_steps": 0, "train.eval_batches": 0}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _rows(out):
+    return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_raises_heldout_accuracy(chat_model, toy, tmp_path):
+    from jaxft.evaluate import evaluate
+    from jaxft.train import train
+
+    run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / "run", **{
+        "train.steps": 24, "train.eval_every": 24, "train.save_every": 24}))
+    train(run, progress=False)
+    rows = _rows(tmp_path / "run")
+    assert all(k in rows[0] for k in ("loss", "pairs", *METRICS))
+    assert rows[0]["min_reward"] <= rows[0]["mean_reward"] <= rows[0]["max_reward"]
+    res = evaluate(run, progress=False)
+    base, tuned = res["base"], res["tuned"]
+    assert base["eval_pairs"] == tuned["eval_pairs"] == 16
+    assert base["eval_accuracy"] <= 0.75 and tuned["eval_accuracy"] >= 0.9, (base, tuned)
+    assert tuned["eval_loss"] < base["eval_loss"] and tuned["eval_margin"] > 0
+    assert tuned["eval_min_reward"] <= tuned["eval_mean_reward"] <= tuned["eval_max_reward"]
+
+
+def test_full_finetuning_and_qlora_train(chat_model, toy, tmp_path):
+    from jaxft.train import train
+
+    for name, extra in (("full", {"lora.enabled": False, "optim.lr": 1e-4}), ("qlora", {"quant.base": "nf4"})):
+        run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / name, **{
+            "train.steps": 6, "train.eval_every": 6, "train.save_every": 6, **extra}))
+        train(run, progress=False)
+        rows = [r for r in _rows(tmp_path / name) if "loss" in r]
+        assert rows[-1]["loss"] < rows[0]["loss"], name
+
+
+def _cli_train(args):
+    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_and_resume_reproduces_the_run(chat_model, toy, tmp_path):
+    cfg = str(ROOT / "configs" / "reward_lora.yaml")
+    common = {"train.steps": 8, "train.save_every": 2, "train.eval_every": 8, "lora.dropout": 0.1}
+    ref = _cli_train([cfg, *_overrides(chat_model, toy, tmp_path / "ref", **common)])
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err
+    expected = _rows(tmp_path / "ref")
+    run = tmp_path / "killed"
+    p = _cli_train([cfg, *_overrides(chat_model, toy, run, **common)])
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it once it has logged step 5 (checkpoints at 2 and 4)
+        if (run / "metrics.jsonl").exists() and max((r["step"] for r in _rows(run)), default=0) >= 5:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    r = _cli_train([cfg, *_overrides(chat_model, toy, run, **common), "--resume"])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "resumed from" in err
+    keys = ("loss", "grad_norm", *METRICS, "eval_loss", *[f"eval_{k}" for k in METRICS])
+    key = lambda row: (row["step"], "eval_loss" in row)  # noqa: E731 — a step's training row and eval row
+    got = {key(x): x for x in _rows(run)}  # the rows logged again after the kill replace the old ones
+    assert sorted(got) == sorted(key(x) for x in expected)
+    for want in expected:  # bit-exact on CPU
+        for k in keys:
+            if k in want:
+                assert got[key(want)][k] == want[k], (want["step"], k)
+
+
+def test_cli_export_and_score_match_the_run(chat_model, toy, tmp_path):
+    """After a few steps (head and LoRA non-zero): `jaxft export` merged / peft load in transformers / PEFT
+    with jaxft's scores, and `jaxft score` reports the run's held-out accuracy."""
+    from peft import PeftModel
+
+    from tiny import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", ROOT / "configs" / "reward_lora.yaml", *_overrides(chat_model, toy, out, **{
+        "train.steps": 4, "train.eval_every": 4, "train.save_every": 4}))
+    assert r.returncode == 0, r.stderr
+    final = [x for x in _rows(out) if "eval_accuracy" in x][-1]
+    pairs = [json.loads(x) for x in (toy / "validation.jsonl").read_text().splitlines()]
+    scorer = Scorer.load(str(out))
+    lora_b = [lin.adapter.b for _, lin in adapters.adapted(nnx.merge(scorer.graphdef, scorer.params, scorer.frozen))]
+    assert all(float(jnp.abs(b[...]).max()) > 0 for b in lora_b)
+    prompts, chosen = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    want = np.asarray(scorer(prompts, chosen))
+
+    r = run_cli("score", out, "--input", toy / "validation.jsonl", "--out", tmp_path / "scores.jsonl")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["pairs"] == 16 and summary["accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+    rows = [json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([x["chosen_score"] for x in rows], want, atol=1e-5)
+
+    tok = example_tokenizer()
+    ids = [tok.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, chosen)]
+    for fmt in ("merged", "peft"):
+        r = run_cli("export", out, "--format", fmt, "--out", tmp_path / fmt, "--dtype", "fp32")
+        assert r.returncode == 0, r.stderr
+    assert "serve reward models merged" in r.stderr and "modules_to_save" in r.stderr
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    base = tf.AutoModelForSequenceClassification.from_pretrained(chat_model, num_labels=1, dtype=torch.float32,
+                                                                 pad_token_id=merged.config.pad_token_id)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    for m in (merged, peft_model):
+        enc = tok(ids, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            got = m(**enc).logits[:, 0].numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_rows_skipped_and_counted_overlong_dropped(tmp_path):
+    tok = example_tokenizer()
+    good = _toy_pairs(3, 0)
+    long = dict(good[0], chosen=[{"role": "assistant", "content": "apple " * 200}])
+    _write(tmp_path / "p.jsonl", [*good, "{not json", {"prompt": "x", "chosen": "a"}, dict(good[1], margin="big"),
+                                  long, dict(good[2], margin=1.5)])
+    cfg = DataConfig(train=str(tmp_path / "p.jsonl"), max_length=64)
+    pairs, report = load_pairs(cfg, PAIRS, tok)
+    assert (report.rows, report.skipped, report.dropped, report.truncated, len(pairs)) == (8, 3, 1, 0, 4)
+    assert [p.margin for p in pairs] == [0.0, 0.0, 0.0, 1.5]
+    assert PairBatches(pairs, 4, 64, seed=0).in_order(0)["margin"].tolist() == [0.0, 0.0, 0.0, 1.5]
+    with pytest.raises(JaxftError, match="p.jsonl:4"):
+        load_pairs(DataConfig(train=str(tmp_path / "p.jsonl"), max_length=64, strict=True), PAIRS, tok)
+
+
+def test_config_checks():
+    with pytest.raises(JaxftError, match="reward.center_rewards_coefficient: must be >= 0"):
+        load_config(ROOT / "configs" / "reward_lora.yaml", ["reward.center_rewards_coefficient=-1"])
+    with pytest.raises(JaxftError, match="eval.file: a reward model generates nothing"):
+        load_config(ROOT / "configs" / "reward_lora.yaml", ["eval.file=x.jsonl"])
+    assert load_config(ROOT / "configs" / "reward_lora.yaml").objective == "reward"
+
+
+# ---------------------------------------------------------------- compile counts
+
+
+def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
+    from jaxft.train import init_state, make_optimizer, make_train_step
+
+    tok = example_tokenizer()
+    model = jaxft.load_pretrained(chat_model, head="score", pad_token_id=tok.pad_token_id)
+    adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, LoraConfig(r=4, alpha=8))
+    assert "score" in params  # the head trains in full next to the adapter
+    pairs, _ = load_pairs(DataConfig(train=str(toy / "train.jsonl"), max_length=64), PAIRS, tok)
+    batch = PairBatches(pairs, 2, 64, seed=0).batch(0)
+    tx = make_optimizer(load_config(None, ["optim.lr=1e-2", "optim.warmup_steps=0"]).optim, 10, params)
+    step = make_train_step(graphdef, tx, make_loss(RewardConfig()))
+    ev, dev = make_eval_fn(graphdef, RewardConfig()), jax.devices()[0]
+    scorer = Scorer(graphdef, jax.device_put(params, dev), frozen, tok, batch_size=2, max_length=64)
+    prompts, completions = ["Name a fruit."] * 3, ["apple", "stone", "pear"]
+    a, first = ev(jax.device_put(params, dev), frozen, batch), scorer(prompts, completions)
+    state = jax.device_put(init_state(params, tx), dev)
+    for _ in range(3):
+        state, _ = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+    b, second = ev(state["params"], frozen, batch), scorer(prompts, completions, params=state["params"])
+    assert step._cache_size() == 1 and ev._cache_size() == 1 and scorer.fn._cache_size() == 1
+    assert float(a[0]) != float(b[0]) and first != second
