@@ -268,6 +268,8 @@ def test_training_raises_heldout_accuracy(chat_model, toy, tmp_path):
     assert rows[0]["min_reward"] <= rows[0]["mean_reward"] <= rows[0]["max_reward"]
     res = evaluate(run, progress=False)
     base, tuned = res["base"], res["tuned"]
+    for k in ("eval_loss", *[f"eval_{m}" for m in METRICS]):  # `jaxft eval` measures what training logged last
+        assert tuned[k] == pytest.approx(rows[-1][k], rel=1e-6, abs=1e-7), k
     assert base["eval_pairs"] == tuned["eval_pairs"] == 16
     assert base["eval_accuracy"] <= 0.75 and tuned["eval_accuracy"] >= 0.9, (base, tuned)
     assert tuned["eval_loss"] < base["eval_loss"] and tuned["eval_margin"] > 0

@@ -1,0 +1,235 @@
+"""Reward-model training throughput and peak memory: jaxft next to TRL's RewardTrainer + PEFT, same pairs and
+settings, one run.
+
+    python scripts/bench_reward.py [--batch 4] [--seq 256] [--steps 5] [--warmup 2] [--rank 16] [--alpha 32]
+                                   [--lr 1e-4] [--only jaxft|trl] [--json OUT]
+
+Model: the embedded example SmolLM2-135M-Instruct GGUF, fp32 on both sides, with a new scalar `score` head
+(jaxft: ScoreModel; TRL: AutoModelForSequenceClassification, num_labels 1). Data: --batch pairs per step,
+chosen and rejected each --seq seeded random token ids (no pad / EOS id inside, so no padding and the score
+is read at the last token on both sides). Loss: −log σ(r_c − r_r), no margin, no centering. LoRA r / alpha,
+dropout 0, on q,k,v,o,gate,up,down, the head trained in full (PEFT SEQ_CLS: modules_to_save score); AdamW,
+constant lr, no weight decay, no clipping; gradient accumulation 1. TRL: gradient checkpointing off (its
+default is on), dropout off (its default). jaxft: its default remat policy ("proj").
+
+Each side runs in its own fresh subprocess (peak RSS is its own), with scripts/bench_sft.py's helpers;
+jaxft's step is compiled ahead of time ("compile s"), then --warmup untimed and --steps timed steps.
+tokens/s = 2 * batch * seq / step time (chosen and rejected tokens of the one forward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_sft  # noqa: E402  (helpers shared with the SFT benchmark)
+from bench_sft import LORA_TARGETS, RssSampler, peak_rss_gb, rss_gb, run_steps  # noqa: E402
+
+SIDES = ("jaxft", "trl")
+NAMES = {"jaxft": "jaxft reward", "trl": "TRL Reward+PEFT"}
+
+
+def pair_ids(args) -> list[tuple[list[int], list[int]]]:
+    """(chosen, rejected) seeded random id lists for warmup + steps batches; ids ≥ 3 (no BOS / EOS / pad)."""
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    n = (args.warmup + args.steps) * args.batch
+    return [(rng.integers(3, args.vocab, args.seq).tolist(), rng.integers(3, args.vocab, args.seq).tolist())
+            for _ in range(n)]
+
+
+def worker_jaxft(args) -> dict:
+    import jax
+    import numpy as np
+
+    import jaxft
+    from jaxft import adapters
+    from jaxft.config import LoraConfig, OptimConfig, RewardConfig
+    from jaxft.data import Example
+    from jaxft.example import example_model
+    from jaxft.hf import load_tokenizer
+    from jaxft.objectives.reward import make_loss
+    from jaxft.preference import PairBatches, PairExample
+    from jaxft.train import init_state, make_optimizer, make_train_step
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(example_model())
+    model = jaxft.load_pretrained(example_model(), head="score", pad_token_id=tok.pad_token_id, seed=args.seed)
+    lcfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0, target_modules=tuple(LORA_TARGETS))
+    adapters.attach(model, lcfg, jax.random.key(args.seed))
+    graphdef, params, frozen = adapters.split(model, lcfg)  # LoRA factors + the score head
+    del model
+    t_load, rss_load = time.perf_counter() - t0, rss_gb()
+
+    def side(ids):
+        return Example(np.asarray(ids, np.int32), np.ones(len(ids), bool))
+
+    batches = PairBatches([PairExample(side(c), side(r)) for c, r in pair_ids(args)], args.batch, args.seq,
+                          seed=args.seed)
+    ocfg = OptimConfig(lr=args.lr, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=None)
+    total = args.warmup + args.steps
+    tx = make_optimizer(ocfg, total, params)
+    state = init_state(params, tx)
+    del params
+    step_fn = make_train_step(graphdef, tx, make_loss(RewardConfig()), seed=args.seed)
+    n_trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
+    t1 = time.perf_counter()
+    step_fn = step_fn.lower(state, frozen, {k: v[None] for k, v in batches.in_order(0).items()}).compile()
+    compile_s = time.perf_counter() - t1
+    accuracy = []
+
+    def step(i):
+        nonlocal state
+        state, metrics = step_fn(state, frozen, {k: v[None] for k, v in batches.in_order(i).items()})
+        metrics = jax.block_until_ready(metrics)
+        assert int(metrics["targets"]) == args.batch and bool(metrics["finite"])
+        accuracy.append(float(metrics["accuracy"]))
+        return float(metrics["loss"])
+
+    with RssSampler() as sampler:
+        times, losses = run_steps(step, range(total), args.warmup)
+    return dict(framework=NAMES["jaxft"], version=f"jax {jax.__version__}", threads=os.cpu_count(),
+                n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load, compile_s=compile_s, times=times,
+                losses=losses, accuracy=accuracy, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from jaxft.example import example_model
+
+    class InOrder(RewardTrainer):
+        def _get_train_sampler(self, train_dataset=None):  # in order, like the jaxft side's batches
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
+                                                      else self.train_dataset)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+            print(f"  step {len(self.times)}{' (warmup)' if len(self.times) <= args.warmup else ''}: "
+                  f"{self.times[-1]:.2f} s", file=sys.stderr, flush=True)
+
+    path = example_model()
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(path.parent, gguf_file=path.name, num_labels=1,
+                                                               dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # dequantized to fp32 on load: a plain model to Trainer
+        model.hf_quantizer.remove_quantization_config(model)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    t_load, rss_load = time.perf_counter() - t0, rss_gb()
+    rows = [dict(chosen_ids=c, rejected_ids=r) for c, r in pair_ids(args)]  # pre-tokenized: TRL skips tokenizing
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as out:
+        cfg = RewardConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                           max_steps=total, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+                           weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch", max_length=None,
+                           logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                           dataloader_num_workers=0, seed=args.seed, disable_tqdm=True, gradient_checkpointing=False)
+        timer = StepTimes()
+        trainer = InOrder(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                          peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, bias="none", task_type="SEQ_CLS"),
+                          callbacks=[timer])
+        n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        with RssSampler() as sampler:
+            trainer.train()
+    hist = trainer.state.log_history
+    return dict(framework=NAMES["trl"], version=f"torch {torch.__version__}", threads=torch.get_num_threads(),
+                n_trainable=int(n_trainable), load_s=t_load, rss_load_gb=rss_load, compile_s=0.0, times=timer.times,
+                losses=[float(h["loss"]) for h in hist if "loss" in h],
+                accuracy=[float(h["accuracy"]) for h in hist if "accuracy" in h],
+                train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
+
+
+def summarize(r: dict, args) -> dict:
+    timed = r["times"][args.warmup:]
+    tps = [2 * args.batch * args.seq / t for t in timed]
+    return dict(r, first_step_s=r["times"][0], step_s_median=statistics.median(timed),
+                tokens_per_s_median=statistics.median(tps), tokens_per_s_mean=statistics.mean(tps))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per chosen / rejected sequence")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
+    ap.add_argument("--only", choices=SIDES, action="append", help="run these sides only (repeatable)")
+    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be >= 1")
+    if args.worker:
+        work = {"jaxft": worker_jaxft, "trl": worker_trl}[args.worker]
+        Path(args.worker_out).write_text(json.dumps(work(args)))
+        return
+
+    busy = bench_sft.busy_processes()
+    if busy:
+        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the workers get the settings, not --json / --only
+        if skip:
+            skip = False
+        elif a in ("--json", "--only"):
+            skip = True
+        elif not a.startswith(("--json=", "--only=")):
+            argv.append(a)
+    sides = [s for s in SIDES if not args.only or s in args.only]
+    results = {s: summarize(bench_sft.run_worker(s, argv, __file__), args) for s in sides}
+
+    print(f"\nReward-model training, SmolLM2-135M-Instruct fp32 + score head: LoRA r={args.rank} alpha={args.alpha:g} "
+          f"on q,k,v,o,gate,up,down + the head in full, {args.batch} pairs x 2 x {args.seq} tokens per step, "
+          f"AdamW lr {args.lr:g}, {args.warmup} warmup + {args.steps} timed steps; cores {os.cpu_count()}")
+    head = (f"{'side':<16} | {'tokens/s med':>12} | {'step s med':>10} | {'peak RSS GB':>11} | {'train RSS GB':>12} | "
+            f"{'first step s':>12} | {'compile s':>9} | {'trainable':>10} | {'loss 1st':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in results.values():
+        print(f"{r['framework']:<16} | {r['tokens_per_s_median']:>12.1f} | {r['step_s_median']:>10.2f} | "
+              f"{r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | {r['first_step_s']:>12.2f} | "
+              f"{r['compile_s']:>9.1f} | {r['n_trainable']:>10,} | {r['losses'][0]:>8.4f}")
+    for r in results.values():
+        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
+        print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "
+              f"machine" + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    ratios = {}
+    if len(results) == 2:
+        j, t = results["jaxft"], results["trl"]
+        ratios = {"jaxft/trl throughput": j["tokens_per_s_median"] / t["tokens_per_s_median"],
+                  "jaxft/trl peak RSS": j["peak_rss_gb"] / t["peak_rss_gb"]}
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, results=results, ratios=ratios),
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
