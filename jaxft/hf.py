@@ -4,6 +4,9 @@ Names are derived, not tabulated: a jaxft parameter path joined by "." is the HF
 its leaf maps `kernel` → `weight` (transposed: [in, out] ↔ [out, in]), `embedding` / `scale` →
 `weight`, `bias` → `bias`. Stacked layer parameters [L, ...] gather `model.layers.{i}.…` for each i.
 
+A reward model (`head="score"`, jaxft.models.heads.ScoreModel) uses the same rule: `score.kernel` [D, 1] ↔
+`score.weight` [1, D]; from a causal LM checkpoint the head is new and `lm_head.weight` goes unused.
+
 Streaming: the model is built abstractly (no weights), then every parameter is materialised with
 `jax.make_array_from_callback`, which asks for each device shard in turn; the callback slices the
 memory-mapped file, so host memory holds at most one parameter's shard at a time, never a second

@@ -414,3 +414,22 @@ def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
     b, second = ev(state["params"], frozen, batch), scorer(prompts, completions, params=state["params"])
     assert step._cache_size() == 1 and ev._cache_size() == 1 and scorer.fn._cache_size() == 1
     assert float(a[0]) != float(b[0]) and first != second
+
+
+def test_sharded_run_equals_one_device(chat_model, toy, tmp_path):
+    """The same reward run on one device and on 4 (fsdp, and fsdp × tensor): losses, metrics and eval agree."""
+    from jaxft.train import train
+
+    rows = {}
+    for name, mesh in (("one", {}), ("fsdp", {"mesh.fsdp": 4}), ("tp", {"mesh.fsdp": 2, "mesh.tensor": 2,
+                                                                        "mesh.strategy": "fsdp_tp"})):
+        run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / name, **{
+            "train.steps": 3, "train.eval_every": 3, "train.save_every": 3, **mesh}))
+        train(run, progress=False)
+        rows[name] = _rows(tmp_path / name)
+    assert rows["one"][0]["loss"] != rows["one"][2]["loss"]
+    for name in ("fsdp", "tp"):
+        for a, b in zip(rows["one"], rows[name], strict=True):
+            for k in ("loss", "grad_norm", *METRICS, "eval_loss", *[f"eval_{m}" for m in METRICS]):
+                if k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, a["step"], k)
