@@ -211,9 +211,29 @@ GGUF_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32)
               "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
               "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
               "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
-# tokenizer.ggml.pre for BPE vocabularies of an HF directory (a GGUF base keeps its own): llama.cpp picks
-# its pre-tokenizer regex by this name
-BPE_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "tekken"}
+# tokenizer.ggml.pre names llama.cpp's pre-tokenizer (how text is split before the merges); for BPE
+# vocabularies of an HF directory it is read off tokenizer.json's pre_tokenizer (a GGUF base keeps its own)
+PRE_BY_SHAPE = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
+PRE_NAMES = ("llama-bpe", "qwen2", "tekken", "gpt-4o")  # preferred among the names of one split regex
+
+
+def bpe_pre(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for an HF tokenizer.json pre_tokenizer: a Split by a known regex (the table of
+    transformers' own GGUF tokenizer loader, read backwards) or a known shape; JaxftError otherwise."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    parts = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer or {}]
+    shape = tuple(p.get("type") for p in parts)
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if shape == ("Split", "ByteLevel") and regexes[0]:
+        names = [n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regexes[0]]
+        if names:
+            return next((n for n in PRE_NAMES if n in names), names[0])
+    if shape in PRE_BY_SHAPE and (shape != ("ByteLevel",) or parts[0].get("use_regex", True)):
+        return PRE_BY_SHAPE[shape]
+    raise JaxftError(f"GGUF export: tokenizer.json pre_tokenizer {json.dumps(pre_tokenizer)[:120]} has no "
+                     f"llama.cpp name jaxft knows; llama.cpp would split text differently")
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -314,7 +334,8 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
         if not (Path(d) / "tokenizer.json").is_file():
             raise JaxftError("GGUF export: the tokenizer has no tokenizer.json (only fast BPE tokenizers are "
                              "written; a SentencePiece-only tokenizer is not supported yet)")
-        model = json.loads((Path(d) / "tokenizer.json").read_text())["model"]
+        spec = json.loads((Path(d) / "tokenizer.json").read_text())
+        model = spec["model"]
         if model.get("type") != "BPE":
             raise JaxftError(f"GGUF export: tokenizer model {model.get('type')!r} is not supported (BPE only)")
         n = hf_config.vocab_size
@@ -332,7 +353,7 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
                 tokens.append(f"[PAD{i}]")
                 types.append(gguf.TokenType.UNUSED)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(BPE_PRE.get(hf_config.model_type, "default"))
+        w.add_tokenizer_pre(bpe_pre(spec.get("pre_tokenizer")))
         w.add_token_list(tokens)
         w.add_token_types(types)
         special = gguf.SpecialVocab(d, load_merges=True, n_vocab=n)

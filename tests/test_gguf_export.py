@@ -53,17 +53,26 @@ def _export(tmp_path, arch, gguf_type="f32"):
 IDS = np.array([[1, 17, 250, 3000, 42, 7, 9000, 12, 600, 2]], np.int32)
 
 
-def _hf_logits(path):
-    m = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+def _hf_logits(path, config=None):
+    """transformers' forward with the GGUF's tensors. config: the original one, for what transformers' GGUF
+    config reader drops (rope scaling, qwen3's head_dim); the metadata tests check those keys instead."""
+    m = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                config=config).eval()
     with torch.no_grad():
         return m(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILIES))
 def test_f32_gguf_loaded_by_transformers_gives_the_merged_logits(arch, tmp_path):
-    model, _, _, out = _export(tmp_path, arch)
+    model, _, hf_config, out = _export(tmp_path, arch)
     want = np.asarray(model(jnp.asarray(IDS))[0])
-    np.testing.assert_allclose(_hf_logits(out), want, atol=1e-4, rtol=0)
+    readable = arch in ("llama", "llama_mqa_tied_bias_headdim", "qwen2", "gemma2")  # config read from the GGUF too
+    np.testing.assert_allclose(_hf_logits(out, None if readable else hf_config), want, atol=1e-4, rtol=0)
+    if readable:
+        back = tf.AutoConfig.from_pretrained(out.parent, gguf_file=out.name)
+        for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size"):
+            assert getattr(back, k) == pytest.approx(getattr(hf_config, k)), k
 
 
 @pytest.mark.parametrize("gguf_type,tol", [("bf16", 3e-2), ("f16", 5e-3), ("q8_0", 6e-2)])
@@ -88,7 +97,7 @@ def test_reduced_types_are_llamacpp_encodings_within_their_error(gguf_type, tol,
     assert by_name["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert by_name["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     want = np.asarray(model(jnp.asarray(IDS))[0])
-    err = np.abs(_hf_logits(out) - want).max()
+    err = np.abs(_hf_logits(out, hf_config) - want).max()
     assert 0 < err <= tol, err
 
 
@@ -101,7 +110,7 @@ def test_metadata_and_names_are_llamacpps(tmp_path):
             "llama.context_length": 256, "llama.embedding_length": 64, "llama.feed_forward_length": 96,
             "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.freq_base": 10000.0,
             "llama.vocab_size": 49152, "llama.rope.dimension_count": 16, "general.file_type": 0,
-            "general.quantization_version": 2, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "general.quantization_version": 2, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
     for k, v in want.items():
         assert kv[k] == pytest.approx(v), k
@@ -138,6 +147,19 @@ def test_gguf_base_keeps_its_tokenizer_fields_verbatim(tmp_path):
     assert keys and all(k in got for k in keys)
     for k in keys:
         assert got[k].contents() == want[k].contents(), k
+
+
+def test_pre_tokenizer_names_are_llamacpps():
+    from jaxft.gguf import bpe_pre
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    split = lambda r: {"type": "Sequence", "pretokenizers": [  # noqa: E731
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated"}, {"type": "ByteLevel", "use_regex": False}]}
+    assert bpe_pre(split(PRETOKENIZE_REGEX)) == "qwen2"
+    assert bpe_pre({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    assert bpe_pre({"type": "Sequence", "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]}) == "smollm"
+    with pytest.raises(JaxftError, match="has no llama.cpp name"):
+        bpe_pre(split("[a-z]+"))
 
 
 def test_qk_permutation_is_llamacpps_and_inverts():
@@ -208,7 +230,7 @@ def test_cli_export_gguf_of_a_trained_run(chat_model, task_data, tmp_path):  # n
 
     cfg = ROOT / "configs" / "sft_lora.yaml"
     o = [f"model.path={chat_model}", f"data.train={task_data / 'train.jsonl'}", "train.steps=2", "train.batch_size=2",
-         "data.max_length=128", f"train.out_dir={tmp_path / 'run'}", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"]
+         "data.validation=null", "data.max_length=128", f"train.out_dir={tmp_path / 'run'}", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"]
     r = run_cli("train", cfg, *o)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "model.gguf"
