@@ -300,7 +300,7 @@ def _metadata(w: gguf.GGUFWriter, hf_config, arch: str, file_type, name: str):
     rope = _rope_parameters(c)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    if head_dim != c.hidden_size // heads or arch in ("qwen3", "gemma2"):
+    if getattr(c, "head_dim", None):  # as the converter: whenever the config states it
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if arch == "llama":
@@ -330,7 +330,10 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
+        if source is not None and (source / "tokenizer.json").is_file():
+            d = source  # the original files: what they say (add_bos_token, ...) survives no re-save
+        else:
+            tokenizer.save_pretrained(d)
         if not (Path(d) / "tokenizer.json").is_file():
             raise JaxftError("GGUF export: the tokenizer has no tokenizer.json (only fast BPE tokenizers are "
                              "written; a SentencePiece-only tokenizer is not supported yet)")
@@ -357,6 +360,11 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
         w.add_token_list(tokens)
         w.add_token_types(types)
         special = gguf.SpecialVocab(d, load_merges=True, n_vocab=n)
+        probe = tokenizer("a")["input_ids"]  # whether the tokenizer adds BOS / EOS, stated explicitly: llama.cpp's
+        special.add_special_token.setdefault(  # defaults differ by pre-tokenizer
+            "bos", bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+        special.add_special_token.setdefault(
+            "eos", bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
         special.add_to_gguf(w, quiet=True)
 
 

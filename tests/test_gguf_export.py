@@ -248,3 +248,72 @@ def test_cli_export_gguf_of_a_trained_run(chat_model, task_data, tmp_path):  # n
     meta = json.loads(json.dumps({k: str(v.contents()) for k, v in gguf.GGUFReader(tmp_path / "lora.gguf").fields.items()
                                   if k.startswith("adapter")}))
     assert meta["adapter.type"] == "lora"
+
+
+def _converter():
+    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python 0.3.36 sdist (fetched from the package
+    registry once into $JAXFT_CACHE/sdist; no build), or None when it cannot be had."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft")) / "sdist"
+    root = cache / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                            "llama-cpp-python==0.3.36", "-d", str(cache)], capture_output=True, timeout=600)
+        sdist = cache / "llama_cpp_python-0.3.36.tar.gz"
+        if r.returncode or not sdist.is_file():
+            return None
+        with tarfile.open(sdist) as t:
+            t.extractall(cache, members=[m for m in t.getmembers() if m.name.startswith(
+                ("llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py",
+                 "llama_cpp_python-0.3.36/vendor/llama.cpp/conversion/",
+                 "llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py/"))], filter="data")
+    return root
+
+
+# llama family only: the converter's Qwen2 path names the pre-tokenizer by its probe-text hash alone and does
+# not recognize this (SmolLM2) vocabulary there, so it refuses to convert the tiny qwen2 model
+@pytest.mark.parametrize("arch,gguf_type", [("llama", "f32"), ("llama", "q8_0"), ("llama_mqa_tied_bias_headdim", "bf16")])
+def test_equals_llamacpps_own_converter(arch, gguf_type, tmp_path):
+    """Against convert_hf_to_gguf.py on the same base weights: every tensor byte-identical (names, types,
+    row order) and every key equal, but the free-form general.name / size_label and tokenizer.ggml.pre:
+    the converter names the pre-tokenizer by a hash of a probe text's token ids, which cannot tell
+    this vocabulary's GPT-2 split from SmolLM's digit split and says `smollm`; jaxft reads the split off
+    tokenizer.json and says `gpt-2`; and jaxft states add_eos_token where the converter leaves the default."""
+    import subprocess
+    import sys
+
+    root = _converter()
+    if root is None:
+        pytest.skip("llama-cpp-python's sdist (its converter) could not be fetched from the package registry")
+    d = tmp_path / "hf"
+    save_chat_model(d, arch)
+    base = jaxft.load_pretrained(d)
+    ours = write_gguf(merged_tensors(base, np.float32), tf.AutoConfig.from_pretrained(d), example_tokenizer(),
+                      tmp_path / "ours.gguf", gguf_type=gguf_type, source=d)
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{root / 'gguf-py'}:{root}", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(d), "--outtype", gguf_type,
+                        "--outfile", str(tmp_path / "theirs.gguf")], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(tmp_path / "theirs.gguf")
+    free = {"general.name", "general.size_label", "tokenizer.ggml.pre"}
+    ka = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.") and k not in free}
+    kb = {k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.") and k not in free}
+    # jaxft states add_eos_token = false explicitly where the converter leaves llama.cpp's default (false)
+    assert ka.pop("tokenizer.ggml.add_eos_token") is False and "tokenizer.ggml.add_eos_token" not in kb
+    assert ka.keys() == kb.keys()
+    for k in ka:
+        assert ka[k] == kb[k], k
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for n in ta:
+        assert ta[n].tensor_type == tb[n].tensor_type, n
+        np.testing.assert_array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data), err_msg=n)
