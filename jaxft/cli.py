@@ -66,9 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--near-dup-threshold", type=float, default=None,
                     help="also drop near-duplicates (MinHash Jaccard >= this, e.g. 0.8)")
     pr.add_argument("--format", default="auto")
-    x = sub.add_parser("export", help="write a run's PEFT adapter or merged Hugging Face model")
+    x = sub.add_parser("export", help="write a run's PEFT adapter, merged Hugging Face model or GGUF file")
     x.add_argument("run", help="run directory (train.out_dir)")
-    x.add_argument("--format", choices=["peft", "merged"], default="peft")
+    x.add_argument("--format", choices=["peft", "merged", "gguf", "gguf-lora"], default="peft",
+                   help="peft: adapter dir; merged: HF model dir; gguf: merged model as one llama.cpp GGUF file; "
+                        "gguf-lora: the adapter as a llama.cpp --lora GGUF")
+    x.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="tensor type of a --format gguf file's matrices (norms and 1-D tensors stay f32)")
     x.add_argument("--out", required=True)
     x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
     x.add_argument("--overwrite", action="store_true")
@@ -253,43 +257,11 @@ def cmd_prepare(args):
 
 
 def cmd_export(args):
-    from flax import nnx
+    from jaxft.export import export
 
-    from jaxft.checkpoint import restore_trainable
-    from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, vllm_problems
-    from jaxft.setup import build
-
-    run = _run_config(args.run, [])
-    if args.format == "merged":  # a QLoRA run merges into the original weights, never the quantized ones
-        from jaxft.quant import original_base_run
-
-        run = original_base_run(run)
-    setup = build(run)
-    params, meta = restore_trainable(run.train.out_dir, setup.params)
-    model = nnx.merge(setup.graphdef, params, setup.frozen)
-    if args.format == "peft":
-        if not run.lora.enabled:
-            raise JaxftError(f"{args.run}: a full fine-tuning run has no adapter; use --format merged")
-        problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
-        if hasattr(model, "score"):  # a reward model: its head is trained in full (modules_to_save)
-            problems.append("a reward model's adapter carries its score head as modules_to_save, which vLLM's "
-                            "LoRA loader refuses: serve reward models merged (--format merged)")
-        for p in problems:
-            print(f"jaxft: vLLM: {p}", file=sys.stderr)
-        if problems and args.strict:
-            raise JaxftError(f"the adapter breaks {len(problems)} vLLM rule(s) (see above); nothing written")
-        out = export_adapter(model, run.lora, args.out, base_model=str(setup.model_path), overwrite=args.overwrite)
-    else:
-        if setup.model_path.suffix == ".gguf":
-            from jaxft.gguf import GGUFSource
-
-            hf_config = GGUFSource(setup.model_path).hf_config
-        else:
-            from transformers import AutoConfig
-
-            hf_config = AutoConfig.from_pretrained(setup.model_path)
-        out = export_merged(model, setup.tokenizer, hf_config, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"exported step {meta['step']} of {args.run} to {out} ({args.format})")
+    out, step = export(_run_config(args.run, []), args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
+                       strict=args.strict, overwrite=args.overwrite)
+    print(f"exported step {step} of {args.run} to {out} ({args.format})")
 
 
 def cmd_score(args):

@@ -16,6 +16,8 @@ quantization type jaxft cannot read, a tensor with no Hugging Face counterpart) 
 """
 
 import functools
+import json
+import os
 import re
 from pathlib import Path
 
@@ -194,3 +196,289 @@ def load_gguf_tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except ValueError as e:
         raise JaxftError(f"{path}: cannot build a tokenizer from this GGUF file ({' '.join(str(e).split())})") from None
+
+
+# ---------------------------------------------------------------- export: a merged model as one GGUF file
+#
+# What llama.cpp's own converter (convert_hf_to_gguf.py) writes, from arrays in HF layout: tensor names
+# from gguf-py's TensorNameMap, Q/K rows permuted for llama.cpp's interleaved rope (arch `llama` only),
+# Gemma norms stored as 1 + w, 1-D tensors and norms in F32, the rest in the requested type.
+
+# HF model_type → (llama.cpp architecture, Q/K rows permuted)
+EXPORT_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                        "qwen3": ("qwen3", False), "gemma2": ("gemma2", False)}
+GGUF_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+              "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+              "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+              "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+# tokenizer.ggml.pre names llama.cpp's pre-tokenizer (how text is split before the merges); for BPE
+# vocabularies of an HF directory it is read off tokenizer.json's pre_tokenizer (a GGUF base keeps its own)
+PRE_BY_SHAPE = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
+PRE_NAMES = ("llama-bpe", "qwen2", "tekken", "gpt-4o")  # preferred among the names of one split regex
+
+
+def bpe_pre(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for an HF tokenizer.json pre_tokenizer: a Split by a known regex (the table of
+    transformers' own GGUF tokenizer loader, read backwards) or a known shape; JaxftError otherwise."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    parts = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer or {}]
+    shape = tuple(p.get("type") for p in parts)
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if shape == ("Split", "ByteLevel") and regexes[0]:
+        names = [n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regexes[0]]
+        if names:
+            return next((n for n in PRE_NAMES if n in names), names[0])
+    if shape in PRE_BY_SHAPE and (shape != ("ByteLevel",) or parts[0].get("use_regex", True)):
+        return PRE_BY_SHAPE[shape]
+    raise JaxftError(f"GGUF export: tokenizer.json pre_tokenizer {json.dumps(pre_tokenizer)[:120]} has no "
+                     f"llama.cpp name jaxft knows; llama.cpp would split text differently")
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order → llama.cpp's interleaved pairs (the inverse of `_unpermute_rows`)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_arch(hf_config) -> tuple[str, bool]:
+    """(llama.cpp architecture, permute Q/K) for a transformers config, or a JaxftError naming what llama.cpp
+    cannot represent."""
+    mt = hf_config.model_type
+    if mt not in EXPORT_ARCHITECTURES:
+        raise JaxftError(f"GGUF export: model_type {mt!r} is not supported (supported: "
+                         f"{', '.join(EXPORT_ARCHITECTURES)})")
+    rope = _rope_parameters(hf_config)
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "llama3"):
+        raise JaxftError(f"GGUF export: rope_type {kind!r} is not supported")
+    if mt == "gemma2":
+        head_dim = hf_config.head_dim
+        if hf_config.query_pre_attn_scalar != head_dim:
+            raise JaxftError(f"GGUF export: gemma2 query_pre_attn_scalar={hf_config.query_pre_attn_scalar} "
+                             f"differs from head_dim={head_dim}; llama.cpp scales attention by 1/sqrt(head_dim)")
+    window = getattr(hf_config, "sliding_window", None)
+    windowed = getattr(hf_config, "use_sliding_window", False) if mt.startswith("qwen") else window is not None
+    if mt != "gemma2" and windowed and window and window < hf_config.max_position_embeddings:
+        raise JaxftError(f"GGUF export: {mt} sliding_window={window} is not represented in llama.cpp's "
+                         f"{EXPORT_ARCHITECTURES[mt][0]} architecture")
+    return EXPORT_ARCHITECTURES[mt]
+
+
+def _rope_parameters(hf_config) -> dict:
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope = dict(rope)
+    rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return rope
+
+
+def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for llama3 rope scaling: one factor per frequency (head_dim / 2)."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    out = np.where(wavelen < old / high, 1.0,
+                   np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def _metadata(w: gguf.GGUFWriter, hf_config, arch: str, file_type, name: str):
+    c = hf_config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    w.add_type("model")
+    w.add_name(name)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or heads)
+    rope = _rope_parameters(c)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    if getattr(c, "head_dim", None):  # as the converter: whenever the config states it
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_vocab_size(c.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(c.attn_logit_softcapping or 0.0))
+        w.add_final_logit_softcapping(float(c.final_logit_softcapping or 0.0))
+        w.add_sliding_window(int(c.sliding_window))
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
+    """tokenizer.ggml.*: copied field by field from a GGUF base; from the HF tokenizer files otherwise."""
+    if source is not None and source.suffix == ".gguf":
+        reader = gguf.GGUFReader(source)
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        if source is not None and (source / "tokenizer.json").is_file():
+            d = source  # the original files: what they say (add_bos_token, ...) survives no re-save
+        else:
+            tokenizer.save_pretrained(d)
+        if not (Path(d) / "tokenizer.json").is_file():
+            raise JaxftError("GGUF export: the tokenizer has no tokenizer.json (only fast BPE tokenizers are "
+                             "written; a SentencePiece-only tokenizer is not supported yet)")
+        spec = json.loads((Path(d) / "tokenizer.json").read_text())
+        model = spec["model"]
+        if model.get("type") != "BPE":
+            raise JaxftError(f"GGUF export: tokenizer model {model.get('type')!r} is not supported (BPE only)")
+        n = hf_config.vocab_size
+        vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+        added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+        tokens, types = [], []
+        for i in range(n):
+            if i in added:
+                tokens.append(added[i].content)
+                types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            elif i in vocab:
+                tokens.append(vocab[i])
+                types.append(gguf.TokenType.NORMAL)
+            else:  # an embedding row beyond the tokenizer, as the converter pads it
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(bpe_pre(spec.get("pre_tokenizer")))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(d, load_merges=True, n_vocab=n)
+        probe = tokenizer("a")["input_ids"]  # whether the tokenizer adds BOS / EOS, stated explicitly: llama.cpp's
+        special.add_special_token.setdefault(  # defaults differ by pre-tokenizer
+            "bos", bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+        special.add_special_token.setdefault(
+            "eos", bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
+        special.add_to_gguf(w, quiet=True)
+
+
+def gguf_tensors(tensors: dict[str, np.ndarray], hf_config, gguf_type: str):
+    """(GGUF name, array, raw dtype or None) for every HF tensor [out, in] fp32, in llama.cpp's naming,
+    row order, norm convention and per-tensor type."""
+    arch, permute = export_arch(hf_config)
+    qtype = GGUF_TYPES[gguf_type][0]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    for hf, x in tensors.items():
+        base, _, suffix = hf.rpartition(".")
+        name = names.get_name(base)
+        if name is None:
+            raise JaxftError(f"GGUF export: tensor {hf} has no llama.cpp name for architecture {arch}")
+        name = f"{name}.{suffix}"
+        x = np.asarray(x, np.float32)
+        if permute and base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            x = permute_rows(x, heads if base.endswith("q_proj") else kv)
+        if arch.startswith("gemma") and base.endswith("norm"):
+            x = x + 1.0  # llama.cpp's gemma multiplies by the stored weight; HF by 1 + w
+        if x.ndim == 1 or name.endswith("_norm.weight") or qtype == gguf.GGMLQuantizationType.F32:
+            yield name, x, None
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and x.shape[-1] % 32:
+            yield name, x.astype(np.float16), None  # rows that do not split into Q8_0 blocks: F16, as the converter
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            yield name, x.astype(np.float16), None
+        else:
+            yield name, gguf.quants.quantize(x, qtype), qtype
+    rope = _rope_parameters(hf_config)
+    if rope.get("rope_type") == "llama3":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        yield "rope_freqs.weight", _llama3_rope_factors(rope, head_dim), None
+
+
+def write_gguf(tensors: dict[str, np.ndarray], hf_config, tokenizer, out, *, gguf_type: str = "f16",
+               source: Path | None = None, name: str = "jaxft", overwrite: bool = False) -> Path:
+    """Write a merged model (HF tensors [out, in], fp32) as one GGUF file, atomically.
+
+    source: the base checkpoint; a GGUF base gives its tokenizer fields verbatim."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    if gguf_type not in GGUF_TYPES:
+        raise JaxftError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
+    arch, _ = export_arch(hf_config)
+    items = list(gguf_tensors(tensors, hf_config, gguf_type))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        _metadata(w, hf_config, arch, GGUF_TYPES[gguf_type][1], name)
+        _tokenizer(w, tokenizer, hf_config, source)
+        for n, x, raw in items:
+            w.add_tensor(n, x, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_gguf_lora(peft_tensors: dict[str, np.ndarray], peft_config: dict, hf_config, out, *,
+                    overwrite: bool = False) -> Path:
+    """A PEFT LoRA adapter as llama.cpp's `--lora` GGUF: `<base tensor>.lora_a` [r, in] and `.lora_b`
+    [out, r] (rows of attn_q / attn_k's B permuted like their base), `adapter.lora.alpha`. llama.cpp scales
+    by alpha / r and knows no rsLoRA, so an rsLoRA adapter is written with alpha · sqrt(r)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    for key, bad, why in (("use_dora", peft_config.get("use_dora"), "llama.cpp cannot apply DoRA"),
+                          ("modules_to_save", peft_config.get("modules_to_save"),
+                           "llama.cpp LoRA GGUFs hold no full-weight modules"),
+                          ("peft_type", peft_config.get("peft_type") != "LORA", "only LoRA has a GGUF LoRA form")):
+        if bad:
+            raise JaxftError(f"GGUF LoRA export: {key}={peft_config.get(key)!r}: {why}; use --format gguf "
+                             f"(the merged model) instead")
+    arch, permute = export_arch(hf_config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    r, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
+    items = []
+    for key, x in peft_tensors.items():
+        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if "embed_tokens" in module or "lm_head" in module:
+            raise JaxftError(f"GGUF LoRA export: {module} holds a LoRA; llama.cpp applies none to embeddings / head")
+        name = names.get_name(module)
+        if name is None:
+            raise JaxftError(f"GGUF LoRA export: {module} has no llama.cpp name for architecture {arch}")
+        x = np.asarray(x, np.float32)
+        if kind == "B.weight" and permute and module.endswith(("q_proj", "k_proj")):
+            x = permute_rows(x, heads if module.endswith("q_proj") else kv)
+        items.append((f"{name}.weight.lora_{kind[0].lower()}", x))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha * r ** 0.5 if peft_config.get("use_rslora") else alpha)
+        for n, x in items:
+            w.add_tensor(n, x)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

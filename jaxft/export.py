@@ -1,0 +1,86 @@
+"""`jaxft export RUN --format peft | merged | gguf | gguf-lora`: a run's newest checkpoint as what serving
+stacks load (transformers / PEFT / vLLM, llama.cpp / Ollama).
+
+    export(run, fmt="gguf", out="model-f16.gguf", gguf_type="f16")
+
+Merged formats (merged, gguf) fold every adapter into its kernel in fp32 first; a QLoRA run merges into
+its original full-precision base (re-read from the checkpoint), never into the 4-bit codes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jaxft.config import RunConfig
+from jaxft.errors import JaxftError
+
+FORMATS = ("peft", "merged", "gguf", "gguf-lora")
+
+
+def hf_config_of(model_path: Path):
+    """The transformers config of the base checkpoint (an HF directory or a GGUF file)."""
+    if model_path.suffix == ".gguf":
+        from jaxft.gguf import GGUFSource
+
+        return GGUFSource(model_path).hf_config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path)
+
+
+def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str = "f16", strict: bool = False,
+           overwrite: bool = False) -> tuple[Path, int]:
+    """Write the run's newest checkpoint in `fmt`; returns (path written, step exported)."""
+    from flax import nnx
+
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, merged_tensors, \
+        vllm_problems
+    from jaxft.setup import build
+
+    if fmt not in FORMATS:
+        raise JaxftError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if Path(out).exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    if fmt in ("merged", "gguf"):
+        from jaxft.quant import original_base_run
+
+        run = original_base_run(run)
+    setup = build(run)
+    params, meta = restore_trainable(run.train.out_dir, setup.params)
+    model = nnx.merge(setup.graphdef, params, setup.frozen)
+    if fmt in ("gguf", "gguf-lora") and hasattr(model, "score"):
+        raise JaxftError(f"{run.train.out_dir}: a reward model (score head) has no GGUF export; use --format merged")
+    if fmt in ("peft", "gguf-lora") and not run.lora.enabled:
+        raise JaxftError(f"{run.train.out_dir}: a full fine-tuning run has no adapter; use --format merged or gguf")
+    if fmt == "peft":
+        problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
+        if hasattr(model, "score"):  # a reward model: its head is trained in full (modules_to_save)
+            problems.append("a reward model's adapter carries its score head as modules_to_save, which vLLM's "
+                            "LoRA loader refuses: serve reward models merged (--format merged)")
+        for p in problems:
+            print(f"jaxft: vLLM: {p}", file=sys.stderr)
+        if problems and strict:
+            raise JaxftError(f"the adapter breaks {len(problems)} vLLM rule(s) (see above); nothing written")
+        path = export_adapter(model, run.lora, out, base_model=str(setup.model_path), overwrite=overwrite)
+    elif fmt == "merged":
+        path = export_merged(model, setup.tokenizer, hf_config_of(setup.model_path), out, dtype=dtype,
+                             overwrite=overwrite)
+    elif fmt == "gguf":
+        import numpy as np
+
+        from jaxft.gguf import write_gguf
+
+        path = write_gguf(merged_tensors(model, np.float32), hf_config_of(setup.model_path), setup.tokenizer, out,
+                          gguf_type=gguf_type, source=setup.model_path, name=Path(run.train.out_dir).name,
+                          overwrite=overwrite)
+    else:
+        from jaxft.gguf import write_gguf_lora
+
+        if run.lora.modules_to_save:
+            raise JaxftError(f"GGUF LoRA export: lora.modules_to_save={list(run.lora.modules_to_save)}: llama.cpp "
+                             f"LoRA GGUFs hold no full-weight modules; use --format gguf (the merged model)")
+        path = write_gguf_lora(adapter_tensors(model), adapter_config(model, run.lora),
+                               hf_config_of(setup.model_path), out, overwrite=overwrite)
+    return path, int(meta["step"])
