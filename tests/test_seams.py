@@ -201,16 +201,17 @@ def test_train_and_eval_steps_compile_once_for_new_weights(tiny):
 
 def test_generation_does_not_recompile_or_keep_old_weights(tiny):
     """Weights are arguments of the compiled program: new weights reuse it, and the old ones are freed."""
-    refs, answers = [], []
+    refs, answers, sizes = [], [], []
     for seed in range(3):
         model = _trained_lora(tiny, seed=seed)
         graphdef, params, frozen = adapters.split(model, LoraConfig())
         out = generate(graphdef, (params, frozen), PROMPTS, eos_ids={95}, sampling=Sampling(max_new_tokens=8))
         answers.append(out.ids())
+        sizes.append(_run._cache_size())  # the jit cache is global: other tests may have filled it before
         refs += [weakref.ref(x) for x in jax.tree.leaves(params)]
         del model, params, frozen, out
     gc.collect()
-    assert _run._cache_size() == 1
+    assert sizes[1] == sizes[2] == sizes[0]  # new weights: no new program
     assert answers[0] != answers[1]  # the weights did change the answers
     assert all(r() is None for r in refs)  # no previous adapter weights kept alive by the jit cache
 
