@@ -57,7 +57,10 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
         from jaxft.peft import load_adapter
 
         got = load_adapter(model, run.lora.init_adapter)
-        if (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
+        if adapters.method_of(got) != adapters.method_of(run.lora):
+            raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} is a {adapters.method_of(got)} adapter, "
+                             f"the run asks for {adapters.method_of(run.lora)} (lora.method / lora.use_dora / lora.init)")
+        if got.method == "lora" and (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
             raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
                              f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
     elif run.lora.enabled:
