@@ -332,9 +332,6 @@ def validate(run: RunConfig) -> None:
          "ia3 has no low-rank factors: lora.use_dora and lora.init apply to method lora only"),
         (run.lora.method == "ia3" or run.lora.feedforward_modules is None, "lora.feedforward_modules",
          "applies to lora.method=ia3 only"),
-        (run.quant.base == "none" or not residual_init(run.lora.init), "lora.init",
-         f"{run.lora.init} with quant.base={run.quant.base} is not supported yet (the residual would have to be "
-         "quantized after the SVD); use quant.base=none"),
         (run.data.max_length >= 8, "data.max_length", "must be >= 8"),
         (0 <= run.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)"),
         (run.data.seed >= 0, "data.seed", "must be >= 0"),

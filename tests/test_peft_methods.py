@@ -394,6 +394,35 @@ def test_pissa_adapters_off_is_the_original_model_and_dpo_reference(tmp_path):
     assert np.abs(_logits(model, toks) - _logits(base, toks)).max() > 1e-2  # and the policy moved
 
 
+def test_pissa_on_a_quantized_base_quantizes_the_residual(chat_model):
+    """QLoRA + PiSSA: the SVD sees the fp32 W, the 4-bit codes are those of W_res (not of W)."""
+    import dataclasses
+
+    from jaxft.config import ModelConfig, QuantConfig, RunConfig
+    from jaxft.quant import QuantKernel, nf4_quantize
+    from jaxft.setup import build
+
+    lora = LoraConfig(r=4, alpha=8, init="pissa", target_modules=("q_proj", "down_proj"))
+    run = dataclasses.replace(RunConfig(), model=ModelConfig(path=str(chat_model)), lora=lora,
+                              quant=QuantConfig(base="nf4"))
+    setup = build(run)
+    model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
+    ref = jaxft.load_pretrained(chat_model)  # the same PiSSA on the fp32 base: its residual kernels
+    adapters.attach(ref, lora, jax.random.key(run.train.seed))
+    for name in ("q_proj", "down_proj", "k_proj"):  # k_proj: quantized as it is (not an adapter target)
+        blk = "mlp" if name == "down_proj" else "self_attn"
+        got = getattr(getattr(model.model.layers, blk), name).kernel
+        want = np.asarray(getattr(getattr(ref.model.layers, blk), name).kernel[...])
+        assert isinstance(got, QuantKernel)
+        for i in range(want.shape[0]):
+            np.testing.assert_array_equal(np.asarray(got.arrays["codes"][...][i]), nf4_quantize(want[i])["codes"])
+    toks = np.random.RandomState(0).randint(0, 49152, (2, 16))
+    base = _logits(jaxft.load_pretrained(chat_model), toks)
+    qlora = _logits(jaxft.load_pretrained(chat_model, quant=QuantConfig(base="nf4")), toks)
+    e_pissa, e_qlora = np.abs(_logits(model, toks, ctx=adapters.OFF) - base).mean(), np.abs(qlora - base).mean()
+    assert e_pissa < 1.1 * e_qlora, (e_pissa, e_qlora)  # the original model up to NF4 rounding, as plain QLoRA
+
+
 def test_pissa_peft_import_of_an_unconverted_adapter_is_refused(tmp_path):
     save_model("llama", tmp_path / "base")
     pm = get_peft_model(make_model("llama"), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
@@ -444,8 +473,7 @@ def test_ia3_config_is_validated():
         check(init="pissa_niter_x")
     with pytest.raises(JaxftError, match="lora.use_dora: DoRA with lora.init=olora"):
         check(use_dora=True, init="olora")
-    with pytest.raises(JaxftError, match="lora.init: pissa with quant.base=nf4 is not supported"):
-        validate(dataclasses.replace(RunConfig(), lora=LoraConfig(init="pissa"), quant=QuantConfig(base="nf4")))
+    validate(dataclasses.replace(RunConfig(), lora=LoraConfig(init="pissa"), quant=QuantConfig(base="nf4")))
 
 
 # ---------------------------------------------------------------- the step: sharded, compiled once
