@@ -14,10 +14,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-from jaxft import adapters
 from flax import nnx
 
+from jaxft import adapters
 from jaxft.config import RunConfig, residual_init
 from jaxft.errors import JaxftError
 

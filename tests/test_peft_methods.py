@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import jaxft
 from jaxft import adapters
-from jaxft.config import LoraConfig, OptimConfig
+from jaxft.config import LoraConfig, OptimConfig, load_config
 from jaxft.errors import JaxftError
 from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, load_adapter, vllm_problems
 from tiny import ARCHS, example_tokenizer, make_model, save_model
@@ -530,3 +530,21 @@ def test_step_compiles_once_for_new_weights(method, tmp_path):
         state, m = step(state, frozen, batch)
         losses.append(float(m["loss"]))
     assert step._cache_size() == 1 and losses[2] < losses[0]
+
+
+@pytest.mark.parametrize("overrides", [["lora.use_dora=true"], ["lora.init=pissa"], ["lora.method=ia3"],
+                                       ["lora.init=olora", "quant.base=nf4"]])
+def test_plan_equals_the_arrays_of_each_method(tmp_path, overrides):
+    """`jaxft plan` counts DoRA's magnitudes, PiSSA's frozen initial factors and IA3's scales exactly."""
+    from jaxft.plan import model_config, plan
+    from jaxft.setup import build
+    from jaxft.train import make_optimizer
+
+    make_model("llama", intermediate_size=128).save_pretrained(tmp_path)
+    example_tokenizer().save_pretrained(tmp_path)
+    run = load_config(None, [f"model.path={tmp_path}", "lora.r=4", *overrides])
+    setup = build(run)
+    opt = make_optimizer(run.optim, 10, setup.params).init(setup.params)
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim > 0)  # noqa: E731
+    p = plan(model_config(str(tmp_path)), run)
+    assert (p.base, p.trainable, p.optimizer) == (size(setup.frozen), size(setup.params), size(opt))
