@@ -19,10 +19,8 @@ from jaxft.adapters.base import Ctx
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
 
-# PEFT's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING (peft 0.21) for our families
-TARGETS = {"llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
-           **{t: ("q_proj", "v_proj", "down_proj") for t in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}}
-FEEDFORWARD = ("down_proj",)
+from jaxft.models.names import IA3_FEEDFORWARD as FEEDFORWARD
+from jaxft.models.names import IA3_TARGETS as TARGETS
 
 
 def feedforward(cfg) -> tuple[str, ...]:
