@@ -39,6 +39,10 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ("all-linear",)  # HF module names (q_proj, ...) or all-linear
     modules_to_save: tuple[str, ...] = ()  # trained in full next to LoRA, e.g. (embed_tokens, lm_head)
     init_adapter: str | None = None  # a PEFT LoRA directory to start from (its target modules are used)
+    method: Literal["lora", "ia3"] = "lora"  # ia3: learned scaling vectors instead of low-rank factors
+    use_dora: bool = False  # DoRA: LoRA + a learned magnitude per output row (jaxft.adapters.dora)
+    init: str = "kaiming"  # kaiming | gaussian | pissa | pissa_niter_K | olora (PEFT's init_lora_weights)
+    feedforward_modules: tuple[str, ...] | None = None  # ia3: input-scaled modules; None = PEFT's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +312,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return run
 
 
+def residual_init(init: str) -> bool:
+    """Whether lora.init moves the adapter's start out of the base weights (PiSSA, OLoRA: W_res = W - sBA)."""
+    return init == "olora" or init.startswith("pissa")
+
+
+def _init_ok(init: str) -> bool:
+    if init in ("kaiming", "gaussian", "pissa", "olora"):
+        return True
+    k = init.removeprefix("pissa_niter_")
+    return init.startswith("pissa_niter_") and k.isdigit() and int(k) >= 1
+
+
 def validate(run: RunConfig) -> None:
     """Impossible values, each a one-line error naming the key."""
     _check_numbers(run)
@@ -316,6 +332,14 @@ def validate(run: RunConfig) -> None:
         (run.lora.alpha > 0, "lora.alpha", "must be > 0"),
         (0 <= run.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (bool(run.lora.target_modules) or not run.lora.enabled, "lora.target_modules", "is empty"),
+        (_init_ok(run.lora.init), "lora.init",
+         f"{_show(run.lora.init)} is not kaiming, gaussian, pissa, pissa_niter_K (K >= 1) or olora"),
+        (not (run.lora.use_dora and run.lora.init not in ("kaiming", "gaussian")), "lora.use_dora",
+         f"DoRA with lora.init={run.lora.init} is not supported; use lora.init=kaiming or gaussian"),
+        (run.lora.method == "lora" or not (run.lora.use_dora or run.lora.init != "kaiming"), "lora.method",
+         "ia3 has no low-rank factors: lora.use_dora and lora.init apply to method lora only"),
+        (run.lora.method == "ia3" or run.lora.feedforward_modules is None, "lora.feedforward_modules",
+         "applies to lora.method=ia3 only"),
         (run.data.max_length >= 8, "data.max_length", "must be >= 8"),
         (0 <= run.data.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)"),
         (run.data.seed >= 0, "data.seed", "must be >= 0"),
@@ -367,6 +391,10 @@ def validate(run: RunConfig) -> None:
     linears = (*PROJECTIONS, "all-linear")
     checks += [(m in linears, "lora.target_modules", f"{_show(m)} is not one of {', '.join(linears)}")
                for m in run.lora.target_modules]
+    checks += [(m in linears[:-1] and m in (run.lora.target_modules if "all-linear" not in run.lora.target_modules
+                                             else linears), "lora.feedforward_modules",
+                f"{_show(m)} is not one of lora.target_modules (PEFT: a subset of target_modules)")
+               for m in run.lora.feedforward_modules or ()]
     checks += [(m in ("embed_tokens", "lm_head"), "lora.modules_to_save", f"{_show(m)} is not embed_tokens or lm_head")
                for m in run.lora.modules_to_save]
     checks += [(m in linears[:-1], "quant.skip_modules", f"{_show(m)} is not one of {', '.join(linears[:-1])}")

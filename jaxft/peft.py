@@ -1,8 +1,12 @@
-"""PEFT LoRA adapter directories: export from and import into a jaxft model (FORMATS.md).
+"""PEFT adapter directories: export from and import into a jaxft model (FORMATS.md).
 
     adapter_model.safetensors   base_model.model.<HF module>.lora_A.weight [r, in] = a[i].T
                                 base_model.model.<HF module>.lora_B.weight [out, r] = b[i].T
+                                (+ .lora_magnitude_vector [out] for DoRA; .ia3_l for IA3)
     adapter_config.json         only long-standing keys, so older PEFT releases load it too
+
+Each method's tensors and config keys come from its adapter class (jaxft.adapters); this module only
+walks the model and the files.
 
 A reward model (jaxft.models.heads.ScoreModel) exports as PEFT's SEQ_CLS task: the LoRA tensors plus the
 fully trained head `base_model.model.score.weight` [1, D] (how PEFT itself saves a modules_to_save
@@ -66,13 +70,14 @@ def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dic
         raise JaxftError("lora.modules_to_save: PEFT export of modules_to_save is not supported yet")
     found = list(_layer_modules(model))
     if not found:
-        raise JaxftError("the model has no LoRA adapter to export")
+        raise JaxftError("the model has no adapter to export")
     modules = sorted({t.rsplit(".", 1)[-1] for t, _ in found})
     method = type(found[0][1].adapter)
     seq_cls = _is_score_model(model)  # PEFT's SEQ_CLS default modules_to_save: the head, trained in full
-    return {**method.peft_config(cfg), "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "target_modules": modules,
-            "bias": "none", "fan_in_fan_out": False, "modules_to_save": ["classifier", "score"] if seq_cls else None,
-            "base_model_name_or_path": base_model, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    return {**method.peft_config(cfg, modules), "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
+            "target_modules": modules, "fan_in_fan_out": False,
+            "modules_to_save": ["classifier", "score"] if seq_cls else None, "base_model_name_or_path": base_model,
+            "inference_mode": True}
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -107,26 +112,20 @@ def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str 
 
 
 def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """A PEFT LoRA directory → (jaxft LoraConfig, tensors); unsupported settings are one-line errors."""
+    """A PEFT adapter directory → (jaxft LoraConfig, tensors); the method's class (by peft_type) parses
+    its config, unsupported settings are one-line errors."""
     from safetensors.numpy import load_file
 
     d = Path(adapter_dir)
     cfg_path, st = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, st):
         if not p.is_file():
-            raise JaxftError(f"{p}: no such file (expected a PEFT LoRA adapter directory)")
+            raise JaxftError(f"{p}: no such file (expected a PEFT adapter directory)")
     c = json.loads(cfg_path.read_text())
-    if c.get("peft_type", "LORA") != "LORA":
-        raise JaxftError(f"{cfg_path}: peft_type {c.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", not c.get("use_dora")), ("bias", c.get("bias", "none") == "none"),
-                    ("rank_pattern", not c.get("rank_pattern")), ("alpha_pattern", not c.get("alpha_pattern")),
-                    ("modules_to_save", not c.get("modules_to_save")), ("fan_in_fan_out", not c.get("fan_in_fan_out"))):
-        if not ok:
-            raise JaxftError(f"{cfg_path}: {key}={c.get(key)!r} is not supported")
-    tm = c["target_modules"]
-    cfg = LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
-                     rslora=bool(c.get("use_rslora")), target_modules=tuple([tm] if isinstance(tm, str) else tm))
-    return cfg, load_file(str(st))
+    kind = c.get("peft_type", "LORA")
+    if kind not in adapters.READERS:
+        raise JaxftError(f"{cfg_path}: peft_type {kind!r} is not one of {', '.join(adapters.READERS)}")
+    return adapters.READERS[kind].config_from_peft(c, cfg_path), load_file(str(st))
 
 
 def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
@@ -136,7 +135,7 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
     maps to nothing in the model is an error naming it.
     """
     cfg, tensors = read_adapter(adapter_dir)
-    method = adapters.METHODS["lora"]
+    method = adapters.METHODS[adapters.method_of(cfg)]
     used = set()
     for path, lin in adapters.targets(model, cfg.target_modules):
         template = hf_module(tuple(str(p) for p in path))
@@ -145,7 +144,7 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
         for i in range(L):
             name = PREFIX + template.format(i=i)
             layer = {}
-            for suffix, want in method.peft_shapes(cfg, d_in, d_out).items():
+            for suffix, want in method.peft_shapes(cfg, d_in, d_out, lin.name).items():
                 key = f"{name}.{suffix}"
                 if key not in tensors:
                     raise JaxftError(f"{adapter_dir}: tensor {key} is missing")
@@ -155,16 +154,16 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
                 used.add(key)
                 layer[suffix] = tensors[key]
             per_layer.append(layer)
-        lin.adapter = method.from_peft(per_layer, cfg, lin.axes)
+        lin.adapter = method.from_peft(per_layer, cfg, lin)
     extra = sorted(set(tensors) - used)
     if extra:
-        raise JaxftError(f"{adapter_dir}: tensor {extra[0]} does not match any LoRA module of the model")
+        raise JaxftError(f"{adapter_dir}: tensor {extra[0]} does not match any adapted module of the model")
     jax.block_until_ready(nnx.state(model, nnx.LoRAParam))
     return cfg
 
 
 def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
-    """HF tensor name → array of the model with every adapter merged in (W' = W + s·A·B, in fp32, then cast)."""
+    """HF tensor name → array of the model with every adapter merged in (each adapter's `merge`, in fp32, then cast)."""
     from jaxft.hf import hf_names
     from jaxft.quant import quantized_kernels
 
@@ -181,6 +180,8 @@ def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
         value = var.get_value()
         if path[-1] == "kernel" and path[:-1] in kernels:
             value = adapters.merged_kernel(kernels[path[:-1]])
+        elif path[-1] == "bias" and path[:-1] in kernels:
+            value = adapters.merged_bias(kernels[path[:-1]])
         value = np.asarray(value.astype(jnp.float32)).astype(dtype)
         stacked = path[:2] == ("model", "layers")
         for i, name in enumerate(names):
@@ -259,13 +260,15 @@ def vllm_problems(config: dict, tensor_names) -> list[str]:
     """Each rule of vLLM's LoRA loader that an adapter (its adapter_config.json and tensor names) breaks."""
     r = config.get("r")
     out = []
+    if config.get("peft_type", "LORA") != "LORA":
+        return [f"peft_type={config['peft_type']}: vLLM loads LoRA adapters only; export with --format merged"]
     if r not in VLLM_RANKS:
         out.append(f"rank r={r} is not one of the ranks vLLM supports ({', '.join(map(str, VLLM_RANKS))})")
     elif r > VLLM_DEFAULT_MAX_RANK:
         out.append(f"rank r={r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} "
                    f"(start vLLM with --max-lora-rank {r})")
     if config.get("use_dora"):
-        out.append("use_dora=true: vLLM does not load DoRA adapters")
+        out.append("use_dora=true: vLLM does not load DoRA adapters; export with --format merged")
     if config.get("modules_to_save"):
         out.append(f"modules_to_save={config['modules_to_save']}: vLLM refuses adapters with full-weight modules")
     if config.get("bias", "none") != "none":

@@ -122,7 +122,12 @@ class Plan:
 def plan(cfg: DecoderConfig, run: RunConfig) -> Plan:
     c = 2 if run.model.dtype == "bf16" else 4
     lo, q = run.lora, run.quant
-    wanted = set(linears(cfg)) if "all-linear" in lo.target_modules else set(lo.target_modules)
+    from jaxft.adapters import METHODS, method_of
+    from jaxft.adapters.ia3 import feedforward
+
+    method = method_of(lo)
+    names = METHODS[method].target_names(lo, cfg.model_type)
+    wanted = set(linears(cfg)) if "all-linear" in names else set(names)
     base = trainable = dequant = 0
     for path, n, io in _params(cfg):
         saved = lo.enabled and any(m in path for m in lo.modules_to_save)
@@ -135,7 +140,13 @@ def plan(cfg: DecoderConfig, run: RunConfig) -> Plan:
         else:
             base += c * n
         if lo.enabled and io is not None and path[:2] == ("model", "layers") and path[-2] in wanted:
-            trainable += 4 * cfg.num_layers * lo.r * sum(io)
+            L = cfg.num_layers
+            if method == "ia3":  # one fp32 scale per input (feed-forward modules) or per output
+                trainable += 4 * L * (io[0] if path[-2] in feedforward(lo) else io[1])
+            else:
+                trainable += 4 * L * lo.r * sum(io) + (4 * L * io[1] if method == "dora" else 0)  # DoRA: + m
+            if method == "pissa":  # the initial factors, frozen (for the original model and the export)
+                base += 4 * L * lo.r * sum(io)
     return Plan(base, trainable, 2 * trainable, 2 * trainable, activations(cfg, run, c) + dequant,
                 [f"activations: remat {run.model.remat}, micro-batch {run.train.batch_size} x {run.data.max_length}"
                  f" tokens, {run.train.grad_accum} micro-batch(es) per step (run one after another)"])
@@ -155,7 +166,8 @@ def activations(cfg: DecoderConfig, run: RunConfig, c: int) -> int:
 
 def format_plan(p: Plan, cfg: DecoderConfig, run: RunConfig, name: str) -> str:
     lo = run.lora
-    what = (f"LoRA r={lo.r} on {', '.join(lo.target_modules)}" if lo.enabled else "full fine-tuning")
+    kind = "IA3" if lo.method == "ia3" else ("DoRA" if lo.use_dora else "LoRA") + f" r={lo.r}"
+    what = (f"{kind} on {', '.join(lo.target_modules)}" if lo.enabled else "full fine-tuning")
     rows = [("base weights" + (f" ({run.quant.base})" if run.quant.base != "none" else f" ({run.model.dtype})"),
              p.base), ("trainable (fp32)", p.trainable), ("optimizer (AdamW, fp32)", p.optimizer),
             ("gradients (estimate)", p.gradients), ("activations (estimate)", p.activations), ("total", p.total)]

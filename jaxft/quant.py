@@ -194,6 +194,33 @@ def should_quantize(path: tuple[str, ...], cfg) -> bool:
     return path[:-1] == ("lm_head",) and cfg.lm_head
 
 
+def quantize_loaded(model, cfg, compute_dtype, place=None) -> None:
+    """Quantize, in place, every kernel of a loaded full-precision model that `cfg` names (should_quantize).
+
+    The path for PiSSA / OLoRA on a quantized base: the SVD / QR needs the full-precision W, and what gets
+    quantized is the residual W_res they leave in the kernel (PEFT's advice: "re-quantize the residual").
+    Each layer's kernel goes to the host and through the same codec as a streamed load (quantize_stacked).
+    place(path, shape) → the Sharding of one quantized array (default: the kernel's first device)."""
+    for path, _ in list(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        path = tuple(str(p) for p in path)
+        if not should_quantize(path, cfg):
+            continue
+        mod = model
+        for k in path[:-1]:
+            mod = getattr(mod, k)
+        w = mod.kernel[...]
+        shape, first = w.shape, next(iter(w.devices()))
+        layers = [w] if w.ndim == 2 else [w[i] for i in range(shape[0])]
+        arrays = quantize_stacked(lambda i, layers=layers: np.asarray(layers[i], np.float32), len(layers),
+                                  cfg.base, cfg.double_quant)
+        if w.ndim == 2:
+            arrays = {k: v[0] for k, v in arrays.items()}
+        del w, layers
+        where = (lambda k, shp, path=path: place(path + (k,), shp)) if place else (lambda k, shp, d=first: d)
+        mod.kernel = QuantKernel(cfg.base, {k: jax.device_put(v, where(k, v.shape)) for k, v in arrays.items()},
+                                 shape, compute_dtype)
+
+
 def original_base_run(run):
     """The run as a merged export needs it: a quantized base is re-read from the checkpoint in fp32.
 

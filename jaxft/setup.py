@@ -14,9 +14,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxft import adapters
-from jaxft.config import RunConfig
+from jaxft.config import RunConfig, residual_init
 from jaxft.errors import JaxftError
 
 
@@ -52,20 +53,35 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
     tokenizer = load_tokenizer(path)
     head = HEADS.get(run.objective, "lm")  # the objective's head; new or loaded is the checkpoint's business
-    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=run.model.remat, quant=run.quant,
-                            tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN,
-                            sharding=None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy),
+    # PiSSA / OLoRA on a quantized base: load W in fp32, take the principal part out, quantize the residual
+    requant = (run.lora.enabled and not run.lora.init_adapter and residual_init(run.lora.init)
+               and run.quant.base != "none")
+    place = None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy)
+    model = load_pretrained(path, dtype=jnp.float32 if requant else param_dtype, compute_dtype=compute,
+                            remat=run.model.remat, quant=None if requant else run.quant,
+                            tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN, sharding=place,
                             head=head, pad_token_id=pad_token_id(path, tokenizer) if head == "score" else None,
                             seed=run.train.seed)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
         from jaxft.peft import load_adapter
 
         got = load_adapter(model, run.lora.init_adapter)
-        if (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
+        if adapters.method_of(got) != adapters.method_of(run.lora):
+            raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} is a {adapters.method_of(got)} adapter, "
+                             f"the run asks for {adapters.method_of(run.lora)} (lora.method / lora.use_dora / lora.init)")
+        if got.method == "lora" and (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
             raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
                              f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
     elif run.lora.enabled:
         adapters.attach(model, run.lora, jax.random.key(run.train.seed))
+    if requant:
+        from jaxft.quant import quantize_loaded
+
+        quantize_loaded(model, run.quant, compute, place)
+        if param_dtype != jnp.float32:  # what stays unquantized (embeddings, norms) in the run's dtype
+            for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+                if not isinstance(var, nnx.LoRAParam):
+                    var.set_value(var.get_value().astype(param_dtype))
     graphdef, params, frozen = adapters.split(model, run.lora)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights + optimizer state
     if mesh is not None:  # adapter factors are made on one device: move them to their shards

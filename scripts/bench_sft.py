@@ -116,8 +116,11 @@ def worker_jaxft(args) -> dict:
     param_dtype = compute if args.mode == "lora" else jnp.float32
     quant = QuantConfig(base=args.quant)  # bench_qlora.py: NF4 / int8 base (QLoRA)
     model = jaxft.load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant)
+    method = getattr(args, "method", "lora")  # bench_peft_methods.py: dora | pissa | olora | ia3
     lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
-                      target_modules=tuple(LORA_TARGETS))
+                      target_modules=("all-linear",) if method == "ia3" else tuple(LORA_TARGETS),
+                      use_dora=method == "dora", init=method if method in ("pissa", "olora") else "kaiming",
+                      method="ia3" if method == "ia3" else "lora")
     if lcfg.enabled:
         adapters.attach(model, lcfg, jax.random.key(args.seed))
     graphdef, params, frozen = adapters.split(model, lcfg)
@@ -198,12 +201,18 @@ def worker_torch(args) -> dict:
                                                      device_map="cpu")
     else:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    if args.mode == "lora":
+    method = getattr(args, "method", "lora")
+    if args.mode == "lora" and method == "ia3":  # PEFT's IA3 defaults for Llama: k, v, down (input-scaled)
+        from peft import IA3Config, get_peft_model
+
+        model = get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
+    elif args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
+        init = method if method in ("pissa", "olora") else True
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, bias="none",
-                                                 task_type="CAUSAL_LM"))
+                                                 target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM",
+                                                 use_dora=method == "dora", init_lora_weights=init))
     model.train()
     t_load = time.perf_counter() - t0
     rss_load = rss_gb()
@@ -307,6 +316,8 @@ def main():
     ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     ap.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
                     help="quantized frozen base (QLoRA); torch: nf4 only, via bitsandbytes (see bench_qlora.py)")
+    ap.add_argument("--method", choices=["lora", "dora", "pissa", "olora", "ia3"], default="lora",
+                    help="the PEFT method, both sides (bench_peft_methods.py runs each)")
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)  # torch + bitsandbytes loads this HF copy of the GGUF
     ap.add_argument("--xla-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["jaxft", "torch"], help=argparse.SUPPRESS)

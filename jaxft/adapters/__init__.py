@@ -14,11 +14,26 @@ from __future__ import annotations
 from flax import nnx
 
 from jaxft.adapters.base import OFF, ON, Adapter, Ctx  # noqa: F401 — the package's public names
+from jaxft.adapters.dora import DoRA
+from jaxft.adapters.ia3 import IA3
 from jaxft.adapters.lora import LoRA, scale  # noqa: F401
+from jaxft.adapters.pissa import PiSSA
+from jaxft.config import residual_init
 from jaxft.errors import JaxftError
 from jaxft.models.names import PROJECTIONS, SAVEABLE, TRAINED_HEADS
 
-METHODS: dict[str, type] = {"lora": LoRA}  # method name → adapter class (`init`, `from_peft`, `peft_config`)
+# method name → adapter class (`init`, `from_peft`, `peft_config`, `config_from_peft`, ...)
+METHODS: dict[str, type] = {"lora": LoRA, "dora": DoRA, "pissa": PiSSA, "ia3": IA3}
+READERS: dict[str, type] = {"LORA": LoRA, "IA3": IA3}  # adapter_config.json peft_type → who parses it
+
+
+def method_of(cfg) -> str:
+    """The METHODS key a LoraConfig asks for: lora.method, lora.use_dora, lora.init (pissa / olora)."""
+    if cfg.method == "ia3":
+        return "ia3"
+    if cfg.use_dora:
+        return "dora"
+    return "pissa" if residual_init(cfg.init) else "lora"
 
 
 def targets(model, names: tuple[str, ...]) -> list[tuple[tuple, object]]:
@@ -39,16 +54,17 @@ def adapted(model) -> list[tuple[tuple, object]]:
     return [(p, lin) for p, lin in targets(model, ("all-linear",)) if lin.adapter is not None]
 
 
-def attach(model, cfg, key, method: str = "lora"):
-    """Add a fresh adapter under every targeted layer (in place; returns the model)."""
+def attach(model, cfg, key, method: str | None = None):
+    """Add a fresh adapter under every targeted layer (in place; returns the model). PiSSA / OLoRA also
+    rewrite the targeted kernels to their residual (jaxft.adapters.pissa)."""
     import jax
 
     bad = sorted(set(cfg.modules_to_save) - set(SAVEABLE))
     if bad:
         raise JaxftError(f"lora.modules_to_save: {bad[0]!r} is not one of {', '.join(SAVEABLE)}")
-    cls = METHODS[method]
-    for i, (_, lin) in enumerate(targets(model, cfg.target_modules)):
-        lin.adapter = cls.init(lin.kernel.shape, cfg, jax.random.fold_in(key, i), lin.axes)
+    cls = METHODS[method or method_of(cfg)]
+    for i, (_, lin) in enumerate(targets(model, cls.target_names(cfg, model.config.model_type))):
+        lin.adapter = cls.init(lin, cfg, jax.random.fold_in(key, i))
     return model
 
 
@@ -72,3 +88,11 @@ def merged_kernel(lin):
 
     w = lin.kernel[...].astype(jnp.float32)
     return w if lin.adapter is None else lin.adapter.merge(w)
+
+
+def merged_bias(lin):
+    """The bias a merged export writes for a (stacked) Linear with a bias, fp32 (IA3 scales it)."""
+    import jax.numpy as jnp
+
+    b = lin.bias[...].astype(jnp.float32)
+    return b if not hasattr(lin.adapter, "merge_bias") else lin.adapter.merge_bias(b)

@@ -1,8 +1,8 @@
 """LoRA under its base layer, PEFT's definition: y = x W + s · dropout(x) A B.
 
 Layers are stacked, so `a` is [L, in, r] and `b` is [L, r, out] (PEFT's lora_A.weight is `a[i].T`,
-lora_B.weight is `b[i].T`). A is kaiming-uniform (PEFT's default), B is zero: a fresh adapter leaves
-the model's outputs unchanged. s = alpha / r, or alpha / sqrt(r) with rsLoRA. The factors are fp32
+lora_B.weight is `b[i].T`). A is kaiming-uniform (PEFT's default) or N(0, 1/r) (`lora.init: gaussian`),
+B is zero: a fresh adapter leaves the model's outputs unchanged. s = alpha / r, or alpha / sqrt(r) with rsLoRA. The factors are fp32
 whatever the base dtype, and declare their logical axes where they are made: `a` shards like its
 base's input, `b` like its output, the rank never.
 """
@@ -18,6 +18,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.adapters.base import Ctx
+from jaxft.config import LoraConfig, residual_init
+from jaxft.errors import JaxftError
 
 
 def scale(cfg) -> float:
@@ -27,6 +29,7 @@ def scale(cfg) -> float:
 
 class LoRA(nnx.Module):
     method = "lora"
+    peft_type = "LORA"
 
     def __init__(self, a: jax.Array, b: jax.Array, scale: float, dropout: float = 0.0,
                  axes: tuple[str | None, str | None] = (None, None)):
@@ -34,13 +37,30 @@ class LoRA(nnx.Module):
         self.b = nnx.LoRAParam(b, axes=("rank", axes[1]))  # [L, r, out]
         self.scale, self.dropout = scale, dropout
 
+    @staticmethod
+    def target_names(cfg, model_type: str) -> tuple[str, ...]:
+        """The projections this method adapts (lora.target_modules as given)."""
+        return tuple(cfg.target_modules)
+
     @classmethod
-    def init(cls, kernel_shape, cfg, key: jax.Array, axes=(None, None)) -> LoRA:
-        """A fresh adapter for a stacked kernel [L, in, out]: A kaiming-uniform (a=sqrt(5)), B zero."""
-        L, d_in, d_out = kernel_shape
-        bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(key, (L, d_in, cfg.r), jnp.float32, -bound, bound)
-        return cls(a, jnp.zeros((L, cfg.r, d_out), jnp.float32), scale(cfg), cfg.dropout, axes)
+    def init(cls, lin, cfg, key: jax.Array) -> LoRA:
+        """A fresh adapter for the stacked Linear `lin` (kernel [L, in, out]): A kaiming-uniform (a=sqrt(5))
+        or, with lora.init=gaussian, N(0, 1/r) as PEFT; B zero."""
+        L, d_in, d_out = lin.kernel.shape
+        if cfg.init == "gaussian":
+            a = jax.random.normal(key, (L, d_in, cfg.r), jnp.float32) / cfg.r
+        else:
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key, (L, d_in, cfg.r), jnp.float32, -bound, bound)
+        return cls(a, jnp.zeros((L, cfg.r, d_out), jnp.float32), scale(cfg), cfg.dropout, lin.axes)
+
+    def off(self, x, base, kernel):
+        """The layer with the adapter switched off (Ctx(enabled=False)): the base as loaded."""
+        return base(x)
+
+    def merge_bias(self, bias: jax.Array) -> jax.Array:
+        """The bias a merged export writes (LoRA leaves it alone)."""
+        return bias
 
     def __call__(self, x, base, kernel, ctx: Ctx):
         y = base(x)
@@ -62,18 +82,37 @@ class LoRA(nnx.Module):
         return {f"{name}.lora_A.weight": np.ascontiguousarray(a.T), f"{name}.lora_B.weight": np.ascontiguousarray(b.T)}
 
     @staticmethod
-    def peft_config(cfg) -> dict:
+    def peft_config(cfg, modules=()) -> dict:
         """adapter_config.json keys of this method (only long-standing keys: older PEFT releases load it)."""
         return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-                "use_rslora": cfg.rslora, "use_dora": False, "init_lora_weights": True}
+                "use_rslora": cfg.rslora, "use_dora": bool(cfg.use_dora), "init_lora_weights": True, "bias": "none",
+                "rank_pattern": {}, "alpha_pattern": {}}
 
     @staticmethod
-    def peft_shapes(cfg, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    def config_from_peft(c: dict, where) -> LoraConfig:
+        """A PEFT LoRA adapter_config.json (dict) → jaxft LoraConfig; unsupported settings are one-line errors."""
+        for key, ok in (("bias", c.get("bias", "none") == "none"), ("rank_pattern", not c.get("rank_pattern")),
+                        ("alpha_pattern", not c.get("alpha_pattern")),
+                        ("modules_to_save", not c.get("modules_to_save")),
+                        ("fan_in_fan_out", not c.get("fan_in_fan_out"))):
+            if not ok:
+                raise JaxftError(f"{where}: {key}={c.get(key)!r} is not supported")
+        init = c.get("init_lora_weights", True)
+        if isinstance(init, str) and residual_init(init.lower()):  # its tensors are only valid on W_res
+            raise JaxftError(f"{where}: init_lora_weights={init!r}: the adapter needs PEFT's residual base; save it "
+                             "with save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain LoRA")
+        tm = c["target_modules"]
+        return LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
+                          rslora=bool(c.get("use_rslora")), use_dora=bool(c.get("use_dora")),
+                          target_modules=tuple([tm] if isinstance(tm, str) else tm))
+
+    @staticmethod
+    def peft_shapes(cfg, d_in: int, d_out: int, name: str = "") -> dict[str, tuple[int, ...]]:
         return {"lora_A.weight": (cfg.r, d_in), "lora_B.weight": (d_out, cfg.r)}
 
     @classmethod
-    def from_peft(cls, per_layer: list[dict[str, np.ndarray]], cfg, axes=(None, None)) -> LoRA:
-        """Stack the per-layer PEFT tensors ({suffix: array}) of one module into a LoRA."""
+    def from_peft(cls, per_layer: list[dict[str, np.ndarray]], cfg, lin) -> LoRA:
+        """Stack the per-layer PEFT tensors ({suffix: array}) of one module (under Linear `lin`) into a LoRA."""
         a = np.stack([t["lora_A.weight"].T for t in per_layer])
         b = np.stack([t["lora_B.weight"].T for t in per_layer])
-        return cls(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), scale(cfg), cfg.dropout, axes)
+        return cls(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), scale(cfg), cfg.dropout, lin.axes)

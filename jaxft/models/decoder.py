@@ -96,8 +96,10 @@ class Linear(nnx.Module):
         lead = x.shape[:-1]
         if self.tuning.flat_gemm:  # [B*S, in]: 2-D GEMMs forward and backward (CPU-tuned, see Tuning)
             x = x.reshape(-1, x.shape[-1])
-        if self.adapter is None or not ctx.enabled:
+        if self.adapter is None or (not ctx.enabled and not hasattr(self.adapter, "off")):
             y = self.base(x)
+        elif not ctx.enabled:  # the model as loaded (PiSSA's kernel is a residual: its `off` adds W back)
+            y = self.adapter.off(x, self.base, self.kernel)
         else:
             if ctx.adapter_ids is not None and self.tuning.flat_gemm:  # one id per row of the flattened x
                 ctx = dataclasses.replace(ctx, adapter_ids=jnp.repeat(ctx.adapter_ids, x.shape[0] // lead[0]))

@@ -17,6 +17,10 @@ PROJECTIONS: dict[str, tuple[str, tuple[str, str]]] = {
 }
 HEAD_AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None)}  # output heads beside the backbone
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch (and activations) split over
+# IA3's default targets per family (PEFT 0.21 TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING)
+IA3_TARGETS = {"llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
+               **{t: ("q_proj", "v_proj", "down_proj") for t in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}}
+IA3_FEEDFORWARD = ("down_proj",)  # scaled on their input
 SAVEABLE = ("embed_tokens", "lm_head")  # modules_to_save: trained in full next to an adapter
 TRAINED_HEADS = ("score",)  # new heads beside the backbone: always trained in full (PEFT SEQ_CLS's modules_to_save)
 
