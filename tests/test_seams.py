@@ -23,6 +23,7 @@ from jaxft.generate import Sampling, _run, generate
 from jaxft.losses import sft_loss, token_logprobs
 from jaxft.objective import make_eval_step
 from jaxft.train import init_state, make_optimizer, make_train_step
+from test_lora_train import _batch
 from tiny import save_model
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [12, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72]]
@@ -43,15 +44,6 @@ def _trained_lora(path, seed=0, scale=0.2):
     for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):
         lin.adapter.b[...] = scale * jax.random.normal(jax.random.key(100 + i + seed), lin.adapter.b.shape)
     return model
-
-
-def _batch(B=2, S=16, seed=0, vocab=96):
-    rng = np.random.RandomState(seed)
-    tokens = rng.randint(0, vocab, (B, S)).astype(np.int32)
-    return dict(tokens=tokens, positions=np.tile(np.arange(S, dtype=np.int32), (B, 1)),
-                segment_ids=np.ones((B, S), np.int32),
-                targets=np.concatenate([tokens[:, 1:], np.zeros((B, 1), np.int32)], 1),
-                loss_mask=np.concatenate([np.ones((B, S - 1)), np.zeros((B, 1))], 1).astype(np.float32))
 
 
 # ---------------------------------------------------------------- forward context and adapter protocol
