@@ -369,6 +369,8 @@ def validate(run: RunConfig) -> None:
         (0 <= run.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
         (run.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
         (run.dpo.orpo_lambda >= 0, "dpo.orpo_lambda", "must be >= 0"),
+        (run.reward.center_rewards_coefficient is None or run.reward.center_rewards_coefficient >= 0,
+         "reward.center_rewards_coefficient", "must be >= 0 or null"),  # a range whatever the objective
         (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
          "must be >= 1 or null"),
     ]

@@ -103,9 +103,7 @@ def evaluator(eval_fn, batches, n: int):
 
 def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
     """The reward objective's cross-section validation (jaxft.config.validate runs it)."""
-    c = run.reward.center_rewards_coefficient
-    return [(c is None or c >= 0, "reward.center_rewards_coefficient", "must be >= 0 or null"),
-            (run.eval.file is None, "eval.file", "a reward model generates nothing: objective reward has no "
+    return [(run.eval.file is None, "eval.file", "a reward model generates nothing: objective reward has no "
                                                  "generation metric (its held-out measure is eval_accuracy)")]
 
 
