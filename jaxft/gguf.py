@@ -413,23 +413,12 @@ def write_gguf(tensors: dict[str, np.ndarray], hf_config, tokenizer, out, *, ggu
         raise JaxftError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     arch, _ = export_arch(hf_config)
     items = list(gguf_tensors(tensors, hf_config, gguf_type))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+
+    def keys(w):
         _metadata(w, hf_config, arch, GGUF_TYPES[gguf_type][1], name)
         _tokenizer(w, tokenizer, hf_config, source)
-        for n, x, raw in items:
-            w.add_tensor(n, x, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+
+    return _write(out, arch, keys, items)
 
 
 def write_gguf_lora(peft_tensors: dict[str, np.ndarray], peft_config: dict, hf_config, out, *,
@@ -464,15 +453,24 @@ def write_gguf_lora(peft_tensors: dict[str, np.ndarray], peft_config: dict, hf_c
         if kind == "B.weight" and permute and module.endswith(("q_proj", "k_proj")):
             x = permute_rows(x, heads if module.endswith("q_proj") else kv)
         items.append((f"{name}.weight.lora_{kind[0].lower()}", x))
+
+    def keys(w):
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha * r ** 0.5 if peft_config.get("use_rslora") else alpha)
+
+    return _write(out, arch, keys, [(n, x, None) for n, x in items])
+
+
+def _write(out: Path, arch: str, keys, items) -> Path:
+    """One GGUF file, atomically: keys(writer) adds the metadata, items are (name, array, raw dtype or None)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        w.add_type("adapter")
-        w.add_string("adapter.type", "lora")
-        w.add_float32("adapter.lora.alpha", alpha * r ** 0.5 if peft_config.get("use_rslora") else alpha)
-        for n, x in items:
-            w.add_tensor(n, x)
+        keys(w)
+        for n, x, raw in items:
+            w.add_tensor(n, x, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
