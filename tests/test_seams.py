@@ -139,7 +139,10 @@ def test_plain_layouts_equal_the_cpu_tuned_ones(tiny):
     grads = [jax.grad(lambda p, g=g, f=f: sft_loss(nnx.merge(g, p, f), b)[0])(p)
              for g, p, f in (adapters.split(m, LoraConfig()) for m in (tuned, plain))]
     for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=1e-4)
+        # the layouts sum in different orders: fp32 differences scale with the tensor's largest entry
+        # (here up to ~5), so the bound is 2 ulps-ish of that, not of each element
+        scale = float(jnp.abs(x).max())
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5 * max(scale, 1.0), rtol=0)
 
 
 def test_restore_trainable_reads_params_without_the_optimizer(tmp_path):
