@@ -26,7 +26,7 @@ from jaxft.errors import JaxftError
 from jaxft.models.heads import ScoreModel
 from jaxft.objectives.reward import METRICS, PAIRS, Scorer, make_eval_fn, make_loss, pair_losses
 from jaxft.preference import PairBatches, load_pairs
-from tiny import ARCHS, ROOT, example_tokenizer, make_config
+from tiny import ARCHS, ROOT, example_tokenizer, make_config, spread
 
 RC, RR = [1.0, 0.5, -1.0], [0.0, 0.5, 1.0]
 
@@ -103,13 +103,7 @@ def _seq_cls(arch, path, pad, seed=0):
     """A random HF *ForSequenceClassification (num_labels 1, pad_token_id=pad) of the family, saved."""
     torch.manual_seed(seed)
     cfg = make_config(arch, num_labels=1, pad_token_id=pad, eos_token_id=1)
-    model = tf.AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_((1.0 if "gemma" not in arch else 0.0) + 0.3 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
+    model = spread(tf.AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval(), arch)
     model.save_pretrained(path)
     return model
 

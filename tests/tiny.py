@@ -59,7 +59,11 @@ def make_config(arch: str, **overrides):
 def make_model(arch: str, seed: int = 0, **overrides):
     """A random HF causal LM of the family, in eval mode, fp32."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(make_config(arch, **overrides), dtype=torch.float32).eval()
+    return spread(tf.AutoModelForCausalLM.from_config(make_config(arch, **overrides), dtype=torch.float32).eval(), arch)
+
+
+def spread(model, arch: str):
+    """Redraw every weight with a large spread (norm scales around their family's neutral value), in place."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
