@@ -32,16 +32,32 @@ def _tiny_run(work: Path) -> Path:
     return work / "run"
 
 
+def expected(run, setup) -> tuple[dict, object]:
+    """jaxft's greedy answers to the run's held-out prompts: (the expected.json fields, the tuned model)."""
+    from flax import nnx
+
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.evaluate import heldout
+    from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
+
+    params, meta = restore_trainable(run.train.out_dir, setup.params)
+    items = heldout(run.eval.file or run.data.validation, run.data.format, run.eval.max_examples)
+    prompts = [chat_prompt(setup.tokenizer, m) for m, _ in items]
+    eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
+    out = generate(setup.graphdef, (params, setup.frozen), prompts, eos_ids=eos,
+                   sampling=Sampling(max_new_tokens=run.eval.max_new_tokens))
+    fields = dict(step=meta["step"], prompts=prompts, answers=out.ids(), eos=eos, max_new=run.eval.max_new_tokens,
+                  n_ctx=max(map(len, prompts)) + run.eval.max_new_tokens + 8)
+    return fields, nnx.merge(setup.graphdef, params, setup.frozen)
+
+
 def prepare(run_dir: Path, work: Path):
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from jaxft.checkpoint import restore_trainable
     from jaxft.config import load_config
-    from jaxft.evaluate import heldout
     from jaxft.export import export, hf_config_of
-    from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
     from jaxft.gguf import write_gguf
     from jaxft.peft import merged_tensors
     from jaxft.setup import build
@@ -53,18 +69,10 @@ def prepare(run_dir: Path, work: Path):
     base = nnx.merge(setup.graphdef, setup.params, setup.frozen)  # a fresh adapter: exactly the base model
     write_gguf(merged_tensors(base, np.float32), hf_config_of(setup.model_path), setup.tokenizer, work / "base.gguf",
                gguf_type="f32", source=setup.model_path, overwrite=True)
-    params, meta = restore_trainable(run.train.out_dir, setup.params)
-    items = heldout(run.eval.file or run.data.validation, run.data.format, run.eval.max_examples)
-    prompts = [chat_prompt(setup.tokenizer, m) for m, _ in items]
-    eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
-    out = generate(setup.graphdef, (params, setup.frozen), prompts, eos_ids=eos,
-                   sampling=Sampling(max_new_tokens=run.eval.max_new_tokens))
-    tuned = nnx.merge(setup.graphdef, params, setup.frozen)
-    logits = np.asarray(tuned(jnp.asarray([prompts[0]], jnp.int32))[0][0, -1], np.float32)
-    (work / "expected.json").write_text(json.dumps(dict(
-        step=meta["step"], prompts=prompts, answers=out.ids(), eos=eos, max_new=run.eval.max_new_tokens,
-        logits=logits.tolist(), n_ctx=max(map(len, prompts)) + run.eval.max_new_tokens + 8)))
-    print(f"prepared step {meta['step']} of {run_dir}: {len(prompts)} prompts → {work}")
+    fields, tuned = expected(run, setup)
+    fields["logits"] = np.asarray(tuned(jnp.asarray([fields["prompts"][0]], jnp.int32))[0][0, -1], np.float32).tolist()
+    (work / "expected.json").write_text(json.dumps(fields))
+    print(f"prepared step {fields['step']} of {run_dir}: {len(fields['prompts'])} prompts → {work}")
 
 
 def serve(work: Path) -> int:
@@ -95,7 +103,8 @@ def serve(work: Path) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def main(prepare, serve):
+    """`prepare RUN WORK` | `prepare --tiny WORK` | `serve WORK` (shared with check_vllm.py)."""
     mode, *rest = sys.argv[1:]
     if mode == "prepare":
         work = Path(rest[-1])
@@ -103,3 +112,7 @@ if __name__ == "__main__":
         prepare(_tiny_run(work) if rest[0] == "--tiny" else Path(rest[0]), work)
     else:
         sys.exit(serve(Path(rest[0])))
+
+
+if __name__ == "__main__":
+    main(prepare, serve)

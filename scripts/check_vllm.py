@@ -15,16 +15,15 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_llamacpp import expected, main  # noqa: E402 — the shared prepare and command line
+
 
 def prepare(run_dir: Path, work: Path):
-    import numpy as np  # noqa: F401
     from flax import nnx
 
-    from jaxft.checkpoint import restore_trainable
     from jaxft.config import load_config
-    from jaxft.evaluate import heldout
     from jaxft.export import export, hf_config_of
-    from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
     from jaxft.peft import export_merged
     from jaxft.setup import build
 
@@ -34,19 +33,14 @@ def prepare(run_dir: Path, work: Path):
     setup = build(run)
     base = nnx.merge(setup.graphdef, setup.params, setup.frozen)  # a fresh adapter: exactly the base model
     export_merged(base, setup.tokenizer, hf_config_of(setup.model_path), work / "base", dtype="fp32", overwrite=True)
-    params, meta = restore_trainable(run.train.out_dir, setup.params)
-    items = heldout(run.eval.file or run.data.validation, run.data.format, run.eval.max_examples)
-    prompts = [chat_prompt(setup.tokenizer, m) for m, _ in items]
-    eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
-    out = generate(setup.graphdef, (params, setup.frozen), prompts, eos_ids=eos,
-                   sampling=Sampling(max_new_tokens=run.eval.max_new_tokens))
-    (work / "expected.json").write_text(json.dumps(dict(
-        step=meta["step"], prompts=prompts, answers=out.ids(), eos=eos, max_new=run.eval.max_new_tokens,
-        rank=run.lora.r, max_len=max(map(len, prompts)) + run.eval.max_new_tokens + 8)))
-    print(f"prepared step {meta['step']} of {run_dir}: {len(prompts)} prompts → {work}")
+    fields, _ = expected(run, setup)
+    (work / "expected.json").write_text(json.dumps(dict(fields, rank=run.lora.r, max_len=fields["n_ctx"])))
+    print(f"prepared step {fields['step']} of {run_dir}: {len(fields['prompts'])} prompts → {work}")
 
 
 def serve(work: Path) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")  # a 2-core LoRA prefill can pass 300 s
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -69,18 +63,4 @@ def serve(work: Path) -> int:
 
 
 if __name__ == "__main__":
-    mode, *rest = sys.argv[1:]
-    if mode == "prepare":
-        work = Path(rest[-1])
-        work.mkdir(parents=True, exist_ok=True)
-        if rest[0] == "--tiny":
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from check_llamacpp import _tiny_run
-
-            prepare(_tiny_run(work), work)
-        else:
-            prepare(Path(rest[0]), work)
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")  # a 2-core LoRA prefill can pass 300 s
-        sys.exit(serve(Path(rest[0])))
+    main(prepare, serve)
