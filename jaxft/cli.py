@@ -1,4 +1,5 @@
-"""`jaxft` command line: train | eval | export | score | plan | prepare | task-data | generate | chat | example-model.
+"""`jaxft` command line: train | eval | export | merge-adapters | score | plan | prepare | task-data | generate | chat |
+example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -77,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
+    ma = sub.add_parser("merge-adapters", help="merge LoRA adapters (PEFT directories or jaxft runs) into one PEFT "
+                                               "adapter, as PEFT's add_weighted_adapter")
+    ma.add_argument("adapters", nargs="+", help="PEFT adapter directories and/or jaxft run directories")
+    ma.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter (may be negative)")
+    ma.add_argument("--method", required=True,
+                    help="PEFT's combination_type: linear | cat | svd | ties | dare_linear | dare_ties | "
+                         "magnitude_prune, or ties / dare_linear / dare_ties / magnitude_prune + _svd")
+    ma.add_argument("--density", type=float, default=None, help="kept fraction for ties / dare / magnitude_prune")
+    ma.add_argument("--majority-sign-method", choices=["total", "frequency"], default="total",
+                    help="TIES sign election (ties, dare_ties)")
+    ma.add_argument("--svd-rank", type=int, default=None, help="rank of an svd merge (default: the largest input rank)")
+    ma.add_argument("--seed", type=int, default=0,
+                    help="dare masks: equal to PEFT's under torch.manual_seed(SEED) before add_weighted_adapter")
+    ma.add_argument("--out", required=True)
+    ma.add_argument("--overwrite", action="store_true")
+    ma.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
     sc = sub.add_parser("score", help="score preference pairs (and their accuracy) or completions with a reward model")
     sc.add_argument("model", help="a reward run directory (train.out_dir) or a *ForSequenceClassification model directory")
     sc.add_argument("--input", required=True, help="JSONL of pairs (chosen/rejected[/prompt]) or prompt/completion rows")
@@ -264,6 +281,15 @@ def cmd_export(args):
     print(f"exported step {step} of {args.run} to {out} ({args.format})")
 
 
+def cmd_merge_adapters(args):
+    from jaxft.adapters.merge import merge_adapters
+
+    out = merge_adapters(args.adapters, args.weights, args.method, args.out, density=args.density,
+                         sign_method=args.majority_sign_method, svd_rank=args.svd_rank, seed=args.seed,
+                         overwrite=args.overwrite, strict=args.strict)
+    print(f"merged {len(args.adapters)} adapter(s) ({args.method}) into {out}")
+
+
 def cmd_score(args):
     from jaxft.objectives.reward import score_file
 
@@ -292,7 +318,7 @@ def cmd_task_data(args):
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
             "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export,
-            "plan": cmd_plan, "score": cmd_score}
+            "plan": cmd_plan, "score": cmd_score, "merge-adapters": cmd_merge_adapters}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

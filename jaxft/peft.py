@@ -93,16 +93,20 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str = "", overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory atomically; returns its path."""
+    return write_adapter(adapter_config(model, cfg, base_model), adapter_tensors(model), out_dir, overwrite=overwrite)
+
+
+def write_adapter(config: dict, tensors: dict[str, np.ndarray], out_dir, *, overwrite: bool = False) -> Path:
+    """adapter_config.json + adapter_model.safetensors, written to a temporary directory and renamed into place."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise JaxftError(f"{out}: already exists (pass overwrite to replace it)")
-    config = adapter_config(model, cfg, base_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        save_file(adapter_tensors(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         _publish(tmp, out)
     except BaseException:
