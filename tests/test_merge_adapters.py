@@ -16,7 +16,7 @@ import jaxft
 from jaxft.adapters.merge import combine, merge_adapters, read
 from jaxft.errors import JaxftError
 from jaxft.peft import load_adapter, vllm_problems
-from tiny import make_model, run_cli
+from tiny import make_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 # name: (r, lora_alpha, use_rslora, init_lora_weights); the init decides how many draws PEFT spends before a
@@ -107,6 +107,7 @@ CASES = [  # (adapters, weights, method, seed, PEFT kwargs); negative weights ev
     (["x5", "x1"], [-1.0, 2.0], "dare_linear", 3, dict(density=0.7)),  # init_lora_weights=False first
     (["x1", "x2"], [0.5, 0.5], "dare_ties", 3, dict(density=1.0)),  # density 1: no pruning, no draws
     (["x1", "x5", "x2", "x3"], [0.3, 0.3, -0.3, 0.3], "ties", 0, dict(density=0.9, majority_sign_method="frequency")),
+    (["x2"], [-0.6], "ties", 0, dict(density=0.5)),  # one adapter: PEFT scales it (linear) whatever the method
 ]
 SVD_CASES = [
     (["x1", "x2", "x4"], [1.0, -0.7, 0.4], "svd", 0, {}),  # rank max(4, 4, 8) = 8 of 16
@@ -234,7 +235,7 @@ def _edit_config(src, dst, **changes):
     return dst
 
 
-def test_bad_inputs_are_one_line_errors(llama, tmp_path):
+def test_bad_inputs_are_one_line_errors(llama, tmp_path, capsys):
     root, _ = llama
     _make_sources("llama", tmp_path, {"qonly": (4, 8, False, True)}, targets=["q_proj", "v_proj"])
     _make_sources("llama", tmp_path, {"wide": (4, 8, False, True)}, targets=TARGETS)
@@ -282,9 +283,13 @@ def test_bad_inputs_are_one_line_errors(llama, tmp_path):
     merge_adapters([x1, x2], [1.0, 1.0], "cat", tmp_path / "out", overwrite=True)  # replaced atomically
     assert read(tmp_path / "out").config["r"] == 8 and sorted(p.name for p in tmp_path.iterdir() if
                                                               p.name.startswith(".")) == []
-    r = run_cli("merge-adapters", x1, x2, "--weights", "1", "-0.5", "--method", "cat", "--out", tmp_path / "cli")
-    assert r.returncode == 0 and "merged 2 adapter(s) (cat)" in r.stdout, r.stderr
+    from jaxft.cli import main  # the command line in process (tiny.run_cli costs a fresh jax import per call)
+
+    assert main(["merge-adapters", str(x1), str(x2), "--weights", "1", "-0.5", "--method", "cat",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert "merged 2 adapter(s) (cat)" in capsys.readouterr().out
     for k, v in combine([read(x1), read(x2)], [1.0, -0.5], "cat")[1].items():
         np.testing.assert_array_equal(read(tmp_path / "cli").tensors[k], v)
-    r = run_cli("merge-adapters", x1, x2, "--weights", "1", "--method", "cat", "--out", tmp_path / "cli2")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--weights: 1 weight(s)" in r.stderr
+    assert main(["merge-adapters", str(x1), str(x2), "--weights", "1", "--method", "cat", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxft: error: --weights: 1 weight(s)") and err.count("\n") == 1

@@ -187,8 +187,9 @@ def _merge_module(ads: list[Adapter], weights: list[float], module: str, method:
 def combine(ads: list[Adapter], weights: list[float], method: str, *, density: float | None = None,
             sign_method: str = "total", svd_rank: int | None = None, seed: int = 0) -> tuple[dict, dict]:
     """PEFT's add_weighted_adapter over adapters read from disk → (adapter_config dict, tensors)."""
-    method = "linear" if len(ads) == 1 else method  # PEFT: one adapter can only be scaled
     modules = check(ads, weights, method, density=density, sign_method=sign_method, svd_rank=svd_rank)
+    if len(ads) == 1:  # PEFT: one adapter can only be scaled, whatever the method
+        method, svd_rank = "linear", None
     ranks = [ad.config["r"] for ad in ads]
     rank = sum(ranks) if method == "cat" else (svd_rank or max(ranks)) if method in BY_DELTA else ranks[0]
     draws = None
@@ -271,30 +272,32 @@ def check(ads: list[Adapter], weights: list[float], method: str, *, density, sig
     return modules
 
 
+def _adapted(ad: Adapter) -> list[str]:
+    """One adapter's modules in PEFT's order, each with an A [r, in] and a B [out, r]."""
+    names = set()
+    for key in ad.tensors:
+        module, _, kind = key.rpartition(".lora_")
+        m = _MODULE.match(module)
+        if kind not in ("A.weight", "B.weight") or m is None or m.group(3) not in PROJECTIONS:
+            raise JaxftError(f"{ad.where}: tensor {key} is not a LoRA factor of a decoder layer projection")
+        names.add(module)
+    for m in names:
+        a, b = ad.tensors.get(f"{m}.lora_A.weight"), ad.tensors.get(f"{m}.lora_B.weight")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or not a.shape[0] == b.shape[1] == ad.config["r"]:
+            raise JaxftError(f"{ad.where}: module {m}: lora_A / lora_B are missing or not [r, in] / [out, r] "
+                             f"with r={ad.config['r']}")
+    return sorted(names, key=_module_order)
+
+
 def _modules(ads: list[Adapter]) -> list[str]:
-    """The adapted modules (equal across adapters, with equal in / out sizes and each adapter's own rank)."""
-    first = ads[0]
-    for ad in ads:
-        names = set()
-        for key, t in ad.tensors.items():
-            module, _, kind = key.rpartition(".lora_")
-            if kind not in ("A.weight", "B.weight") or not _MODULE.match(module) \
-                    or _MODULE.match(module).group(3) not in PROJECTIONS:
-                raise JaxftError(f"{ad.where}: tensor {key} is not a LoRA factor of a decoder layer projection")
-            names.add(module)
-        for m in names:
-            a, b = _factors(ad, m) if f"{m}.lora_B.weight" in ad.tensors and f"{m}.lora_A.weight" in ad.tensors \
-                else (None, None)
-            if a is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != ad.config["r"] or b.shape[1] != a.shape[0]:
-                raise JaxftError(f"{ad.where}: module {m}: lora_A / lora_B are missing or not [r, in] / [out, r] "
-                                 f"with r={ad.config['r']}")
-        if ad is first:
-            modules = sorted(names, key=_module_order)
-            continue
-        diff = sorted(set(modules) ^ names, key=_module_order)
+    """The adapted modules, the same in every adapter with the same in / out sizes (one base)."""
+    first, modules = ads[0], _adapted(ads[0])
+    for ad in ads[1:]:
+        names = _adapted(ad)
+        diff = sorted(set(modules) ^ set(names), key=_module_order)
         if diff:
-            where = ad.where if diff[0] not in names else first.where
-            raise JaxftError(f"{where}: does not adapt {diff[0]} (the adapters target different modules)")
+            raise JaxftError(f"{ad.where if diff[0] not in names else first.where}: does not adapt {diff[0]} "
+                             "(the adapters target different modules)")
         for m in modules:
             (a0, b0), (a, b) = _factors(first, m), _factors(ad, m)
             if a.shape[1] != a0.shape[1] or b.shape[0] != b0.shape[0]:
