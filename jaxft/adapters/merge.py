@@ -28,7 +28,9 @@ new adapter's layers come first (`_init_draws`), then one mask per tensor in PEF
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import re
@@ -324,7 +326,8 @@ def read(path) -> Adapter:
         from jaxft.config import load_config
         from jaxft.export import export
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
+            # (its vLLM notes would be about this input; the merged adapter is checked at the end)
             export(load_config(p / "config.json", []), "peft", Path(tmp) / "adapter")
             return dataclasses.replace(read(Path(tmp) / "adapter"), where=str(p))
     raise JaxftError(f"{p}: neither a PEFT adapter directory (adapter_config.json) nor a jaxft run directory "
