@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="TIES sign election (ties, dare_ties)")
     ma.add_argument("--svd-rank", type=int, default=None, help="rank of an svd merge (default: the largest input rank)")
     ma.add_argument("--seed", type=int, default=0,
-                    help="dare masks: equal to PEFT's under torch.manual_seed(SEED) before add_weighted_adapter")
+                    help="dare masks: PEFT's (on CPU) after torch.manual_seed(SEED) and add_weighted_adapter")
     ma.add_argument("--out", required=True)
     ma.add_argument("--overwrite", action="store_true")
     ma.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")

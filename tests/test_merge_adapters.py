@@ -184,8 +184,12 @@ def test_merged_adapter_logits_in_peft_equal_jaxft_and_peft_own_merge(arch, meth
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = _peft_with(arch, tmp_path, ["y1", "y2"])
-        _peft_merge(pm, ["y1", "y2"], [0.7, -1.3], method, **kw)
+        _, ref = _peft_merge(pm, ["y1", "y2"], [0.7, -1.3], method, **kw)
         pm.set_adapter(f"merged{_count[0]}")
+    ours = read(out).tensors
+    assert set(ours) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=0, err_msg=k)
     loaded = _peft_load(make_model(arch), out)
     with torch.no_grad():
         peft_own, peft_file = pm(torch.tensor(toks)).logits.numpy(), loaded(torch.tensor(toks)).logits.numpy()

@@ -257,7 +257,7 @@ def check(ads: list[Adapter], weights: list[float], method: str, *, density, sig
         if not _same_base(c.get("base_model_name_or_path") or "", ads[0].config.get("base_model_name_or_path") or ""):
             raise JaxftError(f"{where}: base model {c['base_model_name_or_path']!r} is not the first adapter's "
                              f"({ads[0].config['base_model_name_or_path']!r}); adapters of different bases "
-                             "cannot be merged")
+                             "cannot be merged (the same model under two names: edit one adapter_config.json)")
         if type(c["target_modules"]) is not type(ads[0].config["target_modules"]):
             raise JaxftError(f"{where}: target_modules {c['target_modules']!r} mixes a regex string and a list "
                              f"with {ads[0].where}'s {ads[0].config['target_modules']!r} (PEFT refuses it too)")
