@@ -419,3 +419,63 @@ def make_optimizer(run, total_steps: int, params):
     tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
                      optax.add_decayed_weights(cfg.weight_decay, decay_mask), scale_by_schedules())
     return optax.chain(clip(cfg.clip_norm), tx) if cfg.clip_norm else tx
+
+
+# ---------------------------------------------------------------- serving handoff (jaxft export --format peft)
+
+
+def vllm_command(base: str, folders: dict[str, Path], ranks: list[int]) -> str:
+    """The `vllm serve` line that serves every adapter of the bank over its base in one engine."""
+    import shlex
+
+    r = bucket(max(ranks))
+    mods = " ".join(shlex.quote(f"{n}={p}") for n, p in folders.items())
+    return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {mods} --max-loras {len(folders)} "
+            f"--max-lora-rank {r}")
+
+
+def export_peft(model, out, *, base_model: str = "", strict: bool = False, overwrite: bool = False,
+                say=print) -> Path:
+    """One PEFT adapter folder per bank adapter (`out/<name>/`, each loadable by PEFT and vLLM on its own)
+    and `out/serve_vllm.sh`, after vLLM's rules check of each; written to a temporary directory and
+    renamed into place."""
+    import shutil
+    import tempfile
+
+    from jaxft.peft import _publish, adapter_config, adapter_tensors, export_adapter, vllm_problems
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    names, configs = names_of(model), banks(model)[0][1].adapter.configs
+    problems = []
+    for n, (name, cfg) in enumerate(zip(names, configs)):
+        saved = views(model, n)
+        try:
+            found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
+        finally:
+            restore(model, saved)
+        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
+        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
+    for p in problems:
+        say(f"jaxft: vLLM: {p}")
+    if problems and strict:
+        raise JaxftError(f"the adapters break {len(problems)} vLLM rule(s) (see above); nothing written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for n, (name, cfg) in enumerate(zip(names, configs)):
+            saved = views(model, n)
+            try:
+                export_adapter(model, cfg, tmp / name, base_model=base_model)
+            finally:
+                restore(model, saved)
+        final = {name: out.absolute() / name for name in names}
+        cmd = vllm_command(base_model, final, [c.r for c in configs])
+        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(cmd)
+    return out
