@@ -454,7 +454,7 @@ def adapter_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
         r = a.r or run.lora.r
         rows += [(bool(a.name) and not any(c in a.name for c in "/= ,") and a.name != "__base__", f"{k}.name",
                   f"{_show(a.name)}: give each adapter a name (no '/', '=', ',' or space)"),
-                 (names.count(a.name) == 1, f"{k}.name", f"{a.name!r} is used twice"),
+                 (names.index(a.name) == i, f"{k}.name", f"{a.name!r} is used twice"),
                  (bool(a.train), f"{k}.train", "no training file given"),
                  (a.r is None or a.r >= 1, f"{k}.r", "must be >= 1"),
                  (a.alpha is None or a.alpha > 0, f"{k}.alpha", "must be > 0"),

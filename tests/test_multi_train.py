@@ -56,8 +56,14 @@ def _factors(model_dir, run_dir, name=None):
     return entries[0]
 
 
-def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, data, tmp_path):
-    joint, last = _joint(chat_model, data, tmp_path)
+@pytest.fixture(scope="module")
+def joint(chat_model, data, tmp_path_factory):
+    """(run directory, last logged row) of the joint run on one device."""
+    return _joint(chat_model, data, tmp_path_factory.mktemp("joint"))
+
+
+def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, data, joint, tmp_path):
+    joint, last = joint
     assert {"loss_alpha", "loss_beta"} <= set(last)
     for s in SPECS:  # the same adapter trained alone: its own file, r / alpha / lr / seed
         lora = {k: s[k] for k in ("r", "alpha", "rslora", "target_modules") if k in s}
@@ -99,8 +105,8 @@ def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, dat
             np.testing.assert_allclose(ours, pm(torch.tensor(toks)).logits.numpy(), atol=1e-4, rtol=0)
 
 
-def test_joint_training_on_8_devices_equals_one(chat_model, data, tmp_path):
-    one, last1 = _joint(chat_model, data, tmp_path, "one")
+def test_joint_training_on_8_devices_equals_one(chat_model, data, joint, tmp_path):
+    one, last1 = joint
     eight, last8 = _joint(chat_model, data, tmp_path, "eight", fsdp=8)
     for s in SPECS:
         np.testing.assert_allclose(last8[f"loss_{s['name']}"], last1[f"loss_{s['name']}"], atol=1e-5, rtol=0)
