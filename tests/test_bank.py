@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 import jaxft
 from jaxft.adapters import bank
@@ -22,7 +22,8 @@ def _peft_pair(arch, root):
     """A PEFT model with two trained-looking adapters (r=4 α=8 on attention; r=8 α=4 rsLoRA on all linears),
     saved as PEFT's multi-adapter folder: `default` at `root`, `b` in `root/b`."""
     torch.manual_seed(0)
-    pm = get_peft_model(make_model(arch), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    pm = get_peft_model(make_model(arch), PeftLoraConfig(r=4, lora_alpha=8,
+                                                         target_modules=["q_proj", "v_proj", "o_proj"]))
     pm.add_adapter("b", PeftLoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in pm.named_parameters():
