@@ -293,6 +293,8 @@ def cmd_eval(args):
     from jaxft.evaluate import evaluate, format_table
 
     run = _run_config(args.config, args.overrides)
+    if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
+        args.adapter = [run.train.out_dir]
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
         from jaxft.compare import compare
 

@@ -68,7 +68,7 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
         results = _validation(run, graphdef, params, frozen, tokenizer, variants, results)
     out_dir = Path(run.train.out_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    file = run.eval.file or run.data.validation
+    file = run.eval.file or run.data.validation or next((a.validation for a in run.adapters if a.validation), None)
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts = [p for _ in variants for p, _ in items]

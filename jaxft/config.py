@@ -440,6 +440,7 @@ def adapter_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
     if not run.adapters:
         return []
     from jaxft.adapters.bank import RANK_BUCKETS, bucket
+    from jaxft.models.names import PROJECTIONS
 
     names = [a.name for a in run.adapters]
     r0 = run.adapters[0].r or run.lora.r
@@ -460,6 +461,8 @@ def adapter_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
                  (a.alpha is None or a.alpha > 0, f"{k}.alpha", "must be > 0"),
                  (a.lr is None or a.lr > 0, f"{k}.lr", "must be > 0"),
                  (a.seed is None or a.seed >= 0, f"{k}.seed", "must be >= 0"),
+                 *[(m in (*PROJECTIONS, "all-linear"), f"{k}.target_modules", f"{_show(m)} is not one of "
+                    f"{', '.join(PROJECTIONS)}, all-linear") for m in a.target_modules or ()],
                  (bucket(r) == bucket(r0), f"{k}.r", f"r={r} is outside the rank bucket {bucket(r0)} of adapters[0] "
                   f"(r={r0}); one bank pads to its largest rank, so ranks share one of {RANK_BUCKETS}")]
     return rows

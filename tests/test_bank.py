@@ -35,7 +35,7 @@ def _peft_pair(arch, root):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path):
+def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path, monkeypatch):
     save_model(arch, tmp_path / "base")
     pm = _peft_pair(arch, tmp_path / "adapters")
     toks = np.random.RandomState(0).randint(0, 96, (len(ROWS), 12))
@@ -47,8 +47,10 @@ def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path
     assert names == ("default", "b")
     ids = bank.ids(model, ROWS)
     np.testing.assert_array_equal(ids, [0, 1, -1, 0, 1])
-    ours = np.asarray(model(jnp.asarray(toks), ctx=Ctx(adapter_ids=jnp.asarray(ids)))[0])
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    for rows in (0, 10**6):  # both forms of the bank: one-hot GEMM over all adapters, per-row gather (decode)
+        monkeypatch.setattr(bank, "GATHER_ROWS", rows)
+        ours = np.asarray(model(jnp.asarray(toks), ctx=Ctx(adapter_ids=jnp.asarray(ids)))[0])
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
     for name, sub in (("default", ""), ("b", "b"), ("__base__", None)):  # each row alone, one plain adapter
         single = jaxft.load_pretrained(tmp_path / "base")
@@ -151,3 +153,43 @@ def test_bad_banks_are_one_line_errors(tmp_path):
     bank.load(model, [f"a={tmp_path / 'r4'}"])
     with pytest.raises(JaxftError, match="unknown adapter 'zzz'"):
         bank.ids(model, ["a", "zzz"], where="prompts.jsonl line 2")
+
+
+def test_joint_train_step_compiles_once_and_plain_layout_matches(tmp_path):
+    from flax import nnx
+
+    from jaxft.config import load_config
+    from jaxft.models.decoder import PLAIN
+    from jaxft.objectives.multi import make_loss
+    from jaxft.train import init_state, make_train_step
+
+    save_model("llama", tmp_path / "base")
+    run = load_config(None, ["adapters=[{name: a, train: x, r: 4}, {name: b, train: y, r: 8, lr: 1e-3}]",
+                             "optim.warmup_steps=0"])
+    model = bank.attach_for_training(jaxft.load_pretrained(tmp_path / "base"), run)
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    tx = bank.make_optimizer(run, 10, params)
+    step = make_train_step(graphdef, tx, make_loss(("a", "b")))
+    rng = np.random.RandomState(0)
+
+    def batch():
+        t = rng.randint(0, 96, (1, 4, 8)).astype(np.int32)
+        return dict(tokens=t, positions=np.broadcast_to(np.arange(8, dtype=np.int32), t.shape).copy(),
+                    segment_ids=np.ones_like(t), targets=np.roll(t, -1, -1), loss_mask=np.ones(t.shape, np.float32),
+                    adapter_ids=np.asarray([[0, 0, 1, 1]], np.int32), adapter_targets=np.full((1, 4), 16.0, np.float32))
+
+    dev = jax.devices()[0]  # committed arrays, as jaxft.train places them (uncommitted ones are another key)
+    state, m1 = step(jax.device_put(init_state(params, tx), dev), frozen, batch())
+    state, m2 = step(state, frozen, batch())
+    assert step._cache_size() == 1 and float(m1["loss_a"]) != float(m2["loss_a"])
+    assert float(m2["loss"]) == pytest.approx(float(m2["loss_a"]) + float(m2["loss_b"]), rel=1e-6)
+
+    trained = nnx.merge(graphdef, state["params"], frozen)  # the trained bank, CPU-tuned vs plain layouts
+    plain = jaxft.load_pretrained(tmp_path / "base", tuning=PLAIN)
+    toks, ids = jnp.asarray(rng.randint(0, 96, (3, 8))), jnp.asarray([1, -1, 0])
+    want = np.asarray(trained(toks, ctx=Ctx(adapter_ids=ids))[0])
+    configs = bank.banks(trained)[0][1].adapter.configs
+    entries = [bank.Entry(n, c, {p: (np.asarray(lin.adapter.a[:, i, :, :c.r]), np.asarray(lin.adapter.b[:, i, :c.r]))
+                                 for p, lin in bank.banks(trained)}) for i, (n, c) in enumerate(zip(("a", "b"), configs))]
+    bank.install(plain, entries)
+    np.testing.assert_allclose(np.asarray(plain(toks, ctx=Ctx(adapter_ids=ids))[0]), want, atol=2e-5, rtol=0)

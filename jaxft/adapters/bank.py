@@ -14,7 +14,8 @@ layer the forward is two 2-D GEMMs over all adapters at once, with a one-hot per
     xa = xa · (onehot(ids) · s)[:, :, None]   # keeps only the row's adapter, scaled by its own s
     y  = base(x) + xa @ B_cat          # [M, out]   B_cat [N·r, out]
 
-so there is no loop over adapters and no merge; an id outside [0, N) (e.g. -1, PEFT's "__base__")
+so there is no loop over adapters and no merge (decode steps, with few rows, gather each row's A and B
+instead: `GATHER_ROWS`); an id outside [0, N) (e.g. -1, PEFT's "__base__")
 selects nothing: the base model. Adapters of smaller rank are zero-padded to r; the zeros add
 nothing forward and get zero gradients (their partner factor is zero), so they stay zero in
 training. All adapters of a bank share one rank bucket (`bucket`: vLLM's --max-lora-rank values), so
@@ -41,6 +42,9 @@ from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names=; id -1 here
+# At most this many rows (B·S) gather each row's factors ([M, in, r], cheap for decode's M = B); more
+# rows (prefill, training) run all N adapters as one [in, N·r] GEMM with a one-hot, never [M, in, r].
+GATHER_ROWS = 64
 RANK_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (jaxft.peft.VLLM_RANKS)
 
 
@@ -76,11 +80,20 @@ class LoRABank(nnx.Module):
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)  # [N, in, r], [N, r, out]
         N, d_in, r = a.shape
-        pick = (ctx.adapter_ids[:, None] == jnp.arange(N)).astype(x.dtype) * jnp.asarray(self.scales, x.dtype)  # [M, N]
-        xa = jnp.dot(x, a.transpose(1, 0, 2).reshape(d_in, N * r))  # [M, N·r]
+        x2 = x.reshape(-1, d_in)  # [M, in] (already flat with Tuning.flat_gemm; [B, S, in] otherwise)
+        ids = ctx.adapter_ids
+        if ids.shape[0] != x2.shape[0]:  # one id per sequence: repeat it over the sequence's positions
+            ids = jnp.repeat(ids, x2.shape[0] // ids.shape[0])
+        if x2.shape[0] <= GATHER_ROWS:  # decode: each row's own factors, gathered (BGMV), one LoRA's work
+            s = jnp.where((ids >= 0) & (ids < N), jnp.asarray(self.scales, x.dtype)[jnp.clip(ids, 0, N - 1)], 0)
+            k = jnp.clip(ids, 0, N - 1)
+            xa = jnp.einsum("mi,mir->mr", x2, a[k]) * s[:, None]  # [M, r]
+            return y + jnp.einsum("mr,mro->mo", xa, b[k]).reshape(y.shape).astype(y.dtype)
+        pick = (ids[:, None] == jnp.arange(N)).astype(x.dtype) * jnp.asarray(self.scales, x.dtype)  # [M, N]
+        xa = jnp.dot(x2, a.transpose(1, 0, 2).reshape(d_in, N * r))  # [M, N·r]
         xa = (xa.reshape(-1, N, r) * pick[:, :, None]).reshape(-1, N * r)
         xa = checkpoint_name(xa, "proj")  # kept under remat "proj", so x A never runs twice
-        return y + jnp.dot(xa, b.reshape(N * r, -1)).astype(y.dtype)
+        return y + jnp.dot(xa, b.reshape(N * r, -1)).reshape(y.shape).astype(y.dtype)
 
     def merge(self, kernel):
         raise JaxftError("an adapter bank has no single merged kernel; export or merge one adapter at a time")
@@ -278,8 +291,11 @@ def _run_config(path: Path):
 def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list[Entry]:
     """Read each (name, directory) into an Entry, using `model` (its adapter slots are left empty) for the
     shape checks of jaxft.peft.load_adapter. base: the base model's path, checked against jaxft runs'."""
+    from jaxft import adapters
     from jaxft.peft import load_adapter
 
+    for _, lin in adapters.targets(model, ("all-linear",)):  # start from the bare base
+        lin.adapter = None
     entries, runs = [], {}
     for name, d in sources:
         if _is_peft(d):
