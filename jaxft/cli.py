@@ -27,6 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter (PEFT directory or jaxft run; a bare DIR: a PEFT multi-adapter folder or a "
+                        "multi-adapter run, all its adapters); repeat for several, served from one bank")
+    p.add_argument("--use", action="append", default=[], metavar="NAME",
+                   help="the adapter (or base) that answers: once for every prompt, or once per --prompt "
+                        "(generate: default every adapter answers every prompt; chat: the first, /use NAME switches)")
 
 
 INTERMIXED = ("train", "eval", "plan", "prepare")  # commands whose flags may come before, after or between
@@ -59,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("config", help="YAML run config, or a run directory (its config.json)")
     e.add_argument("overrides", nargs="*", help="section.key=value")
     e.add_argument("--base-only", action="store_true", help="evaluate the base model only (no run needed)")
+    e.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="score the base and each of these adapters side by side (mixed-adapter batches); repeatable")
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
     pr.add_argument("inputs", nargs="+")
     pr.add_argument("--out", required=True)
@@ -130,7 +138,7 @@ def _sampling(args):
 
 
 def _load(args):
-    """(generator, tokenizer, eos ids) for the model argument, with the load time on stderr."""
+    """(generator, tokenizer, eos ids) for the model argument (+ the --adapter bank), with the load time on stderr."""
     import jax.numpy as jnp
 
     from jaxft.generate import Generator, eos_token_ids
@@ -143,8 +151,33 @@ def _load(args):
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     model = load_pretrained(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
+    if args.adapter:
+        from jaxft.adapters import bank
+
+        names = bank.load(model, args.adapter, base=str(path))
+        print(f"adapters: {', '.join(names)}", file=sys.stderr)
+    elif args.use:
+        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
+
+
+def _rows(args, gen, n_prompts: int) -> tuple[list[int], list[str | None]]:
+    """(prompt index, adapter name) per generated row: --use once (every prompt), once per prompt, or, with
+    adapters and no --use, every adapter on every prompt; without adapters one row per prompt."""
+    from jaxft.adapters import bank
+
+    if not args.adapter:
+        return list(range(n_prompts)), [None] * n_prompts
+    names = gen.adapter_names
+    if not args.use:
+        return [i for _ in names for i in range(n_prompts)], [n for n in names for _ in range(n_prompts)]
+    if len(args.use) not in (1, n_prompts):
+        raise JaxftError(f"--use: give it once or once per --prompt ({n_prompts}), not {len(args.use)} times")
+    use = args.use * n_prompts if len(args.use) == 1 else args.use
+    bank.ids(names, use, where="--use")  # unknown names: one line
+    return list(range(n_prompts)), use
+
 
 
 def _messages(system, history):
@@ -159,12 +192,13 @@ def cmd_generate(args):
     prompts = [tok(p, add_special_tokens=True)["input_ids"] if args.raw
                else chat_prompt(tok, _messages(args.system, [{"role": "user", "content": p}]))
                for p in args.prompt]
+    which, use = _rows(args, gen, len(prompts))
     t0 = time.perf_counter()
-    answers = gen(prompts, eos_ids=eos, sampling=sampling)
+    answers = gen([prompts[i] for i in which], eos_ids=eos, sampling=sampling, adapters=use if args.adapter else None)
     n = sum(map(len, answers))
-    for i, ids in enumerate(answers):
+    for i, u, ids in zip(which, use, answers):
         if len(answers) > 1:
-            print(f"--- [{i}] {args.prompt[i]}")
+            print(f"--- [{i}]{f' ({u})' if u else ''} {args.prompt[i]}")
         print(tok.decode(ids, skip_special_tokens=True).strip())
     print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
@@ -196,6 +230,13 @@ def cmd_chat(args):
     gen, tok, eos = _load(args)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
+    use = None
+    if args.adapter:
+        from jaxft.adapters import bank
+
+        names = gen.adapter_names
+        use = args.use[0] if args.use else names[0]
+        bank.ids(names, [use], where="--use")
     stream = _Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
     if interactive:
         print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
@@ -212,13 +253,21 @@ def cmd_chat(args):
         if line == "/reset":
             history = []
             continue
+        if line.startswith("/use ") and args.adapter:  # switch adapter (or base) mid-conversation
+            try:
+                bank.ids(names, [line[5:].strip()], where="/use")
+                use = line[5:].strip()
+                print(f"(now answering: {use})")
+            except JaxftError as e:
+                print(f"jaxft: {e}")
+            continue
         if not interactive:
             print(f"you> {line}")
         history.append({"role": "user", "content": line})
         stream.start()
         print("model> ", end="", flush=True)
         answer = gen([chat_prompt(tok, _messages(args.system, history))], eos_ids=eos, sampling=sampling,
-                     on_token=stream)[0]
+                     on_token=stream, adapters=None if use is None else [use])[0]
         print()
         history.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
 
@@ -261,6 +310,15 @@ def cmd_eval(args):
     from jaxft.evaluate import evaluate, format_table
 
     run = _run_config(args.config, args.overrides)
+    if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
+        args.adapter = [run.train.out_dir]
+    if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
+        from jaxft.compare import compare
+
+        results = compare(run, args.adapter)
+        print(format_table(results))
+        print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl, compare.png)")
+        return
     results = evaluate(run, base_only=args.base_only)
     print(format_table(results))
     print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl)")

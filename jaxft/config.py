@@ -129,6 +129,22 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of a multi-adapter run (`adapters:`, jaxft.adapters.bank): unset keys inherit lora.* /
+    optim.lr / train.seed. Every adapter trains on its own data against the one frozen base."""
+
+    name: str = ""  # its output name: metrics loss_<name>, export folder <out>/<name>
+    train: str = ""  # its training file (as data.train; the other data.* keys are shared)
+    validation: str | None = None  # its validation file (eval loss per adapter)
+    r: int | None = None
+    alpha: float | None = None
+    rslora: bool | None = None
+    target_modules: tuple[str, ...] | None = None
+    lr: float | None = None
+    seed: int | None = None  # its adapter's init (the train.seed of its one-adapter run; default train.seed)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
     fsdp: int = 1
@@ -153,6 +169,7 @@ class RunConfig:
     dpo: DpoConfig = DpoConfig()
     reward: RewardConfig = RewardConfig()
     mesh: MeshConfig = MeshConfig()
+    adapters: tuple[AdapterSpec, ...] = ()  # several adapters trained at once (jaxft.adapters.bank)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -193,6 +210,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)) or value not in args:
             raise JaxftError(f"{key}: {_show(value)} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and dataclasses.is_dataclass(args[0]):  # a list of sections (adapters:)
+        if not isinstance(value, (list, tuple)):
+            raise JaxftError(f"{key}: expected a list of mappings, got {_show(value)}")
+        return tuple(_build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value))
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -250,6 +271,9 @@ def _check_numbers(cfg: Any, prefix: str = "") -> None:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             _check_numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, v in enumerate(value):
+                _check_numbers(v, f"{prefix}{f.name}[{i}].")
         else:
             _check_number(value, f"{prefix}{f.name}")
 
@@ -405,9 +429,43 @@ def validate(run: RunConfig) -> None:
                 "a quantized base cannot be fine-tuned in full; set lora.enabled=true or quant.base=none"),
                (not (run.quant.lm_head and "lm_head" in run.lora.modules_to_save), "quant.lm_head",
                 "lm_head cannot be both quantized and trained (lora.modules_to_save)")]
+    checks += adapter_checks(run)
     for ok, key, msg in checks:
         if not ok:
             raise JaxftError(f"{key}: {msg}")
+
+
+def adapter_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
+    """The `adapters:` section (multi-adapter training, jaxft.adapters.bank): what one bank can hold."""
+    if not run.adapters:
+        return []
+    from jaxft.adapters.bank import RANK_BUCKETS, bucket
+    from jaxft.models.names import PROJECTIONS
+
+    names = [a.name for a in run.adapters]
+    r0 = run.adapters[0].r or run.lora.r
+    rows = [(run.objective == "sft", "adapters", f"multi-adapter training supports objective sft, not {run.objective}"),
+            (run.lora.enabled and run.lora.method == "lora" and not run.lora.use_dora and run.lora.init in
+             ("kaiming", "gaussian"), "adapters", "needs plain LoRA (lora.enabled, method lora, no DoRA / PiSSA)"),
+            (not run.lora.modules_to_save and not run.lora.init_adapter, "adapters",
+             "lora.modules_to_save / lora.init_adapter do not apply to a multi-adapter run"),
+            (not run.data.train, "data.train", "a multi-adapter run reads adapters[i].train instead; leave it empty")]
+    for i, a in enumerate(run.adapters):
+        k = f"adapters[{i}]"
+        r = a.r or run.lora.r
+        rows += [(bool(a.name) and not any(c in a.name for c in "/= ,") and a.name != "__base__", f"{k}.name",
+                  f"{_show(a.name)}: give each adapter a name (no '/', '=', ',' or space)"),
+                 (names.index(a.name) == i, f"{k}.name", f"{a.name!r} is used twice"),
+                 (bool(a.train), f"{k}.train", "no training file given"),
+                 (a.r is None or a.r >= 1, f"{k}.r", "must be >= 1"),
+                 (a.alpha is None or a.alpha > 0, f"{k}.alpha", "must be > 0"),
+                 (a.lr is None or a.lr > 0, f"{k}.lr", "must be > 0"),
+                 (a.seed is None or a.seed >= 0, f"{k}.seed", "must be >= 0"),
+                 *[(m in (*PROJECTIONS, "all-linear"), f"{k}.target_modules", f"{_show(m)} is not one of "
+                    f"{', '.join(PROJECTIONS)}, all-linear") for m in a.target_modules or ()],
+                 (bucket(r) == bucket(r0), f"{k}.r", f"r={r} is outside the rank bucket {bucket(r0)} of adapters[0] "
+                  f"(r={r0}); one bank pads to its largest rank, so ranks share one of {RANK_BUCKETS}")]
+    return rows
 
 
 def check_files(run: RunConfig, training: bool = True) -> None:
@@ -418,7 +476,10 @@ def check_files(run: RunConfig, training: bool = True) -> None:
 
     validate(run)
     needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file)]
-    if training:
+    needed += [(f"adapters[{i}].{k}", getattr(a, k)) for i, a in enumerate(run.adapters) for k in ("train", "validation")]
+    if training and run.adapters:
+        pass  # each adapter names its own training file (checked above)
+    elif training:
         needed.insert(0, ("data.train", run.data.train or None))
         if not run.data.train:
             raise JaxftError("data.train: no training file given")

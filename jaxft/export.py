@@ -54,7 +54,15 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
         raise JaxftError(f"{run.train.out_dir}: a reward model (score head) has no GGUF export; use --format merged")
     if fmt in ("peft", "gguf-lora") and not run.lora.enabled:
         raise JaxftError(f"{run.train.out_dir}: a full fine-tuning run has no adapter; use --format merged or gguf")
-    if fmt == "peft":
+    if run.adapters and fmt != "peft":
+        raise JaxftError(f"{run.train.out_dir}: a multi-adapter run exports --format peft (one folder per adapter); "
+                         "for a merged model, export it, then merge one adapter's folder")
+    if fmt == "peft" and run.adapters:  # one folder per adapter + the vLLM command line serving them all
+        from jaxft.adapters.bank import export_peft
+
+        path = export_peft(model, out, base_model=str(setup.model_path), strict=strict, overwrite=overwrite,
+                           say=lambda m: print(m, file=sys.stderr))
+    elif fmt == "peft":
         problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
         if hasattr(model, "score"):  # a reward model: its head is trained in full (modules_to_save)
             problems.append("a reward model's adapter carries its score head as modules_to_save, which vLLM's "

@@ -192,13 +192,24 @@ class Generator:
     """
 
     def __init__(self, model: Decoder, ctx: Ctx = ON, mesh=None):
+        from jaxft.adapters.bank import names_of
+
         self.graphdef, self.state = nnx.split(model)
         self.ctx, self.mesh = ctx, mesh
+        self.adapter_names = names_of(model)  # an adapter bank's names (id = position), or ()
 
     def __call__(self, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
-                 on_token: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
-        """The new token ids of each prompt, without the EOS that ended it."""
-        return generate(self.graphdef, (self.state,), prompts, eos_ids=eos_ids, sampling=sampling, ctx=self.ctx,
+                 on_token: Callable[[np.ndarray], None] | None = None,
+                 adapters: list[str | None] | None = None) -> list[list[int]]:
+        """The new token ids of each prompt, without the EOS that ended it. adapters: with an adapter bank
+        (jaxft.adapters.bank), the adapter name of each prompt (None / "base": the base model)."""
+        ctx = self.ctx
+        if adapters is not None:
+            from jaxft.adapters import bank
+
+            ids = bank.ids(self.adapter_names, adapters)
+            ctx = dataclasses.replace(ctx, adapter_ids=jnp.asarray(ids))
+        return generate(self.graphdef, (self.state,), prompts, eos_ids=eos_ids, sampling=sampling, ctx=ctx,
                         mesh=self.mesh, on_token=on_token).ids()
 
 

@@ -72,6 +72,10 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
         if got.method == "lora" and (got.r, got.alpha, got.rslora) != (run.lora.r, run.lora.alpha, run.lora.rslora):
             raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
                              f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
+    elif run.adapters:  # a multi-adapter run: one bank of fresh adapters (jaxft.adapters.bank)
+        from jaxft.adapters import bank
+
+        bank.attach_for_training(model, run)
     elif run.lora.enabled:
         adapters.attach(model, run.lora, jax.random.key(run.train.seed))
     if requant:

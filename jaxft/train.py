@@ -158,7 +158,12 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     obj = objective(run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
 
-    tx = make_optimizer(run.optim, run.train.steps, setup.params)
+    if run.adapters:  # N adapters' own optimizers on the bank's adapter axis
+        from jaxft.adapters.bank import make_optimizer as bank_optimizer
+
+        tx = bank_optimizer(run, run.train.steps, setup.params)
+    else:
+        tx = make_optimizer(run.optim, run.train.steps, setup.params)
     state, state_sh = sharding.sharded_init(lambda p: init_state(p, tx), setup.params, mesh, run.mesh.strategy)
     ckpts = Checkpoints(out, run.train.keep)
     start = 0

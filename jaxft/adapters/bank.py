@@ -1,0 +1,497 @@
+"""An adapter bank: N named LoRA adapters over one frozen base, applied per row in one batched forward.
+
+    bank.install(model, entries)                        # entries: [Entry(name, cfg, factors)]
+    model(tokens, ctx=Ctx(adapter_ids=jnp.array([0, 1, -1])))   # row 0: adapter 0, row 1: 1, row 2: the base
+
+Conventions (as jaxft.models.decoder): L layers · N adapters · M rows of the flattened input (B·S) ·
+r the bank's rank (the largest of its adapters) · in / out the projection's dims.
+
+Every adapted projection holds a `LoRABank` with `a [L, N, in, r]` and `b [L, N, r, out]` — the layers
+lead, as for every stacked parameter (the layer scan slices them), then the adapter axis. Within a
+layer the forward is two 2-D GEMMs over all adapters at once, with a one-hot per row:
+
+    xa = x @ A_cat                     # [M, N·r]   A_cat = A laid side by side [in, N·r]
+    xa = xa · (onehot(ids) · s)[:, :, None]   # keeps only the row's adapter, scaled by its own s
+    y  = base(x) + xa @ B_cat          # [M, out]   B_cat [N·r, out]
+
+so there is no loop over adapters and no merge (decode steps, with few rows, gather each row's A and B
+instead: `GATHER_ROWS`); an id outside [0, N) (e.g. -1, PEFT's "__base__")
+selects nothing: the base model. Adapters of smaller rank are zero-padded to r; the zeros add
+nothing forward and get zero gradients (their partner factor is zero), so they stay zero in
+training. All adapters of a bank share one rank bucket (`bucket`: vLLM's --max-lora-rank values), so
+padding never costs more than the bucket.
+
+Sources: PEFT directories (one adapter each), PEFT's multi-adapter folder (`default` at the root,
+others in `<name>/`), jaxft runs (one adapter, or every adapter of a multi-adapter run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxft.adapters.base import Ctx
+from jaxft.config import LoraConfig
+from jaxft.errors import JaxftError
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names=; id -1 here
+# At most this many rows (B·S) gather each row's factors ([M, in, r], cheap for decode's M = B); more
+# rows (prefill, training) run all N adapters as one [in, N·r] GEMM with a one-hot, never [M, in, r].
+GATHER_ROWS = 64
+RANK_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (jaxft.peft.VLLM_RANKS)
+
+
+def bucket(r: int) -> int:
+    """The rank bucket of rank r: the smallest vLLM --max-lora-rank value >= r."""
+    return next((v for v in RANK_BUCKETS if v >= r), r)
+
+
+class LoRABank(nnx.Module):
+    """N LoRA adapters under one (stacked) Linear: a [L, N, in, r], b [L, N, r, out] (fp32)."""
+
+    method = "bank"
+
+    def __init__(self, a, b, configs: tuple[LoraConfig, ...], names: tuple[str, ...], present: tuple[bool, ...],
+                 dropout: float = 0.0, axes: tuple[str | None, str | None] = (None, None)):
+        self.a = nnx.LoRAParam(a, axes=("adapter", axes[0], "rank"))  # per layer; the scan adds `layers`
+        self.b = nnx.LoRAParam(b, axes=("adapter", "rank", axes[1]))
+        self.configs, self.names, self.present, self.dropout = tuple(configs), tuple(names), tuple(present), dropout
+        self.scales = tuple(_scale(c) for c in configs)
+
+    def off(self, x, base, kernel):
+        return base(x)
+
+    def merge_bias(self, bias):
+        return bias
+
+    def __call__(self, x, base, kernel, ctx: Ctx):
+        if ctx.adapter_ids is None:
+            raise JaxftError("an adapter bank needs Ctx(adapter_ids=...): one adapter id per row (-1 = the base)")
+        y = base(x)
+        if self.dropout and ctx.dropout_key is not None:
+            keep = jax.random.bernoulli(ctx.dropout_key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)  # [N, in, r], [N, r, out]
+        N, d_in, r = a.shape
+        x2 = x.reshape(-1, d_in)  # [M, in] (already flat with Tuning.flat_gemm; [B, S, in] otherwise)
+        ids = ctx.adapter_ids
+        if ids.shape[0] != x2.shape[0]:  # one id per sequence: repeat it over the sequence's positions
+            ids = jnp.repeat(ids, x2.shape[0] // ids.shape[0])
+        if x2.shape[0] <= GATHER_ROWS:  # decode: each row's own factors, gathered (BGMV), one LoRA's work
+            s = jnp.where((ids >= 0) & (ids < N), jnp.asarray(self.scales, x.dtype)[jnp.clip(ids, 0, N - 1)], 0)
+            k = jnp.clip(ids, 0, N - 1)
+            xa = jnp.einsum("mi,mir->mr", x2, a[k]) * s[:, None]  # [M, r]
+            return y + jnp.einsum("mr,mro->mo", xa, b[k]).reshape(y.shape).astype(y.dtype)
+        pick = (ids[:, None] == jnp.arange(N)).astype(x.dtype) * jnp.asarray(self.scales, x.dtype)  # [M, N]
+        xa = jnp.dot(x2, a.transpose(1, 0, 2).reshape(d_in, N * r))  # [M, N·r]
+        xa = (xa.reshape(-1, N, r) * pick[:, :, None]).reshape(-1, N * r)
+        xa = checkpoint_name(xa, "proj")  # kept under remat "proj", so x A never runs twice
+        return y + jnp.dot(xa, b.reshape(N * r, -1)).reshape(y.shape).astype(y.dtype)
+
+    def merge(self, kernel):
+        raise JaxftError("an adapter bank has no single merged kernel; export or merge one adapter at a time")
+
+    def view(self, n: int, lin):
+        """Adapter n alone as a plain jaxft LoRA (its own rank, unpadded), or None where it adapts nothing."""
+        from jaxft.adapters.lora import LoRA
+
+        if not self.present[n]:
+            return None
+        c = self.configs[n]
+        return LoRA(self.a[:, n, :, :c.r], self.b[:, n, :c.r, :], self.scales[n], c.dropout, lin.axes)
+
+
+def _scale(cfg: LoraConfig) -> float:
+    from jaxft.adapters.lora import scale
+
+    return scale(cfg)
+
+
+# ---------------------------------------------------------------- building a bank
+
+
+@dataclasses.dataclass
+class Entry:
+    """One adapter of a bank: its name, LoRA settings, and factors per module path
+    ({path: (a [L, in, r], b [L, r, out])}); `base` = the base model it was trained on ("" = unknown)."""
+
+    name: str
+    cfg: LoraConfig
+    factors: dict[tuple, tuple[np.ndarray, np.ndarray]]
+    base: str = ""
+    source: str = ""
+
+
+def check(entries: list[Entry]) -> None:
+    """One-line errors for a set of adapters that cannot share a bank."""
+    if not entries:
+        raise JaxftError("an adapter bank needs at least one adapter")
+    seen = set()
+    for e in entries:
+        where = f"adapter {e.name!r} ({e.source})" if e.source else f"adapter {e.name!r}"
+        if not e.name or e.name == BASE or any(ch in e.name for ch in "/= ,"):
+            raise JaxftError(f"{where}: not a usable adapter name (non-empty, not {BASE}, no '/', '=', ',' or space)")
+        if e.name in seen:
+            raise JaxftError(f"{where}: two adapters are named {e.name!r}")
+        seen.add(e.name)
+        if e.cfg.use_dora or e.cfg.method != "lora":
+            raise JaxftError(f"{where}: only plain LoRA adapters can share a bank (DoRA / IA3 cannot be mixed per row, "
+                             "as in PEFT)")
+        if e.cfg.modules_to_save:
+            raise JaxftError(f"{where}: modules_to_save={list(e.cfg.modules_to_save)} cannot be mixed per row")
+    first = entries[0]
+    for e in entries[1:]:
+        if bucket(e.cfg.r) != bucket(first.cfg.r):
+            raise JaxftError(f"adapter {e.name!r}: r={e.cfg.r} is outside the rank bucket of {first.name!r} "
+                             f"(r={first.cfg.r}, bucket {bucket(first.cfg.r)}); a bank pads every adapter to its "
+                             f"largest rank, so its ranks must share one of {', '.join(map(str, RANK_BUCKETS))}")
+    bases = {e.base: e for e in entries if e.base}
+    if len(bases) > 1:
+        (b1, e1), (b2, e2) = list(bases.items())[:2]
+        raise JaxftError(f"adapters {e1.name!r} and {e2.name!r} were trained on different bases ({b1} vs {b2})")
+
+
+def install(model, entries: list[Entry], dropout: float = 0.0):
+    """Put a LoRABank holding `entries` (in order: id n = entries[n]) under every projection any of them
+    adapts; returns the model. Factors are zero-padded to the largest rank."""
+    from jaxft import adapters
+
+    check(entries)
+    r = max(e.cfg.r for e in entries)
+    names, configs = tuple(e.name for e in entries), tuple(e.cfg for e in entries)
+    paths = {p for e in entries for p in e.factors}
+    unknown = [(e, p) for e in entries for p in e.factors if p not in dict(adapters.targets(model, ("all-linear",)))]
+    if unknown:
+        raise JaxftError(f"adapter {unknown[0][0].name!r}: module {'.'.join(map(str, unknown[0][1]))} is not a "
+                         "projection of the base model")
+    for path, lin in adapters.targets(model, ("all-linear",)):
+        if path not in paths:
+            lin.adapter = None
+            continue
+        L, d_in, d_out = lin.kernel.shape
+        a, b = np.zeros((L, len(entries), d_in, r), np.float32), np.zeros((L, len(entries), r, d_out), np.float32)
+        for n, e in enumerate(entries):
+            if path in e.factors:
+                fa, fb = (np.asarray(t, np.float32) for t in e.factors[path])
+                if fa.shape != (L, d_in, e.cfg.r) or fb.shape != (L, e.cfg.r, d_out):
+                    raise JaxftError(f"adapter {e.name!r}: {'.'.join(map(str, path))} has factors {list(fa.shape)} / "
+                                     f"{list(fb.shape)}, the base needs {[L, d_in, e.cfg.r]} / {[L, e.cfg.r, d_out]} "
+                                     "(adapters of a different base?)")
+                a[:, n, :, :e.cfg.r], b[:, n, :e.cfg.r, :] = fa, fb
+        present = tuple(path in e.factors for e in entries)
+        lin.adapter = LoRABank(jnp.asarray(a), jnp.asarray(b), configs, names, present, dropout, lin.axes)
+    return model
+
+
+def banks(model) -> list[tuple[tuple, object]]:
+    """(path, Linear) of every projection holding a LoRABank."""
+    from jaxft import adapters
+
+    return [(p, lin) for p, lin in adapters.adapted(model) if isinstance(lin.adapter, LoRABank)]
+
+
+def names_of(model) -> tuple[str, ...]:
+    found = banks(model)
+    return found[0][1].adapter.names if found else ()
+
+
+def ids(model_or_names, rows: list[str | None], where: str = "adapter") -> np.ndarray:
+    """Adapter names per row → ids [B] int32 (None / "__base__" / "base" → -1); an unknown name is an error."""
+    names = model_or_names if isinstance(model_or_names, (tuple, list)) else names_of(model_or_names)
+    out = []
+    for name in rows:
+        if name in (None, BASE, "base"):
+            out.append(-1)
+        elif name in names:
+            out.append(names.index(name))
+        else:
+            raise JaxftError(f"{where}: unknown adapter {name!r} (known: {', '.join(names) or 'none'}, base)")
+    return np.asarray(out, np.int32)
+
+
+def views(model, n: int):
+    """The model with adapter n alone under every projection, as plain LoRA modules (in place; returns the
+    saved banks for `restore`)."""
+    saved = {}
+    for path, lin in banks(model):
+        saved[path] = lin.adapter
+        lin.adapter = lin.adapter.view(n, lin)
+    return saved
+
+
+def restore(model, saved: dict) -> None:
+    from jaxft import adapters
+
+    for path, lin in adapters.targets(model, ("all-linear",)):
+        if path in saved:
+            lin.adapter = saved[path]
+
+
+def _harvest(model) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """{path: (a, b)} of the plain LoRA adapters attached to the model (then detached)."""
+    from jaxft import adapters
+
+    out = {}
+    for path, lin in adapters.adapted(model):
+        out[path] = (np.asarray(lin.adapter.a[...], np.float32), np.asarray(lin.adapter.b[...], np.float32))
+        lin.adapter = None
+    return out
+
+
+# ---------------------------------------------------------------- sources: PEFT directories and jaxft runs
+
+
+def _is_peft(d: Path) -> bool:
+    return (d / "adapter_config.json").is_file()
+
+
+def _is_run(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
+
+
+def expand(specs: list[str]) -> list[tuple[str, Path]]:
+    """--adapter values → (name, directory): NAME=DIR, or a bare DIR that names its adapters itself (a PEFT
+    multi-adapter folder: `default` at its root, others in sub-folders; a jaxft multi-adapter run: its
+    adapters' names; a single adapter: the folder's name)."""
+    out = []
+    for s in specs:
+        name, sep, d = s.partition("=")
+        if not sep:
+            name, d = "", s
+        path = Path(d).expanduser()
+        if not path.is_dir():
+            raise JaxftError(f"--adapter {s}: {path}: no such directory")
+        if name:
+            out.append((name, path))
+            continue
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and _is_peft(p))
+        if _is_peft(path) or subs:
+            out += ([("default" if subs else path.name, path)] if _is_peft(path) else []) + [(p.name, p) for p in subs]
+        elif _is_run(path):
+            run = _run_config(path)
+            out += [(a.name, path) for a in run.adapters] or [(path.name, path)]
+        else:
+            raise JaxftError(f"--adapter {s}: {path} is neither a PEFT adapter directory nor a jaxft run")
+    return out
+
+
+def _run_config(path: Path):
+    from jaxft.config import load_config
+
+    return load_config(path / "config.json")
+
+
+def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list[Entry]:
+    """Read each (name, directory) into an Entry, using `model` (its adapter slots are left empty) for the
+    shape checks of jaxft.peft.load_adapter. base: the base model's path, checked against jaxft runs'."""
+    from jaxft import adapters
+    from jaxft.peft import load_adapter
+
+    for _, lin in adapters.targets(model, ("all-linear",)):  # start from the bare base
+        lin.adapter = None
+    entries, runs = [], {}
+    for name, d in sources:
+        if _is_peft(d):
+            c = json.loads((d / "adapter_config.json").read_text())
+            cfg = load_adapter(model, d)
+            entries.append(Entry(name, cfg, _harvest(model), str(c.get("base_model_name_or_path") or ""), str(d)))
+        elif _is_run(d):
+            if d not in runs:
+                runs[d] = _read_run(model, d, base)
+            got = runs[d]
+            match = [e for e in got if e.name == name] or (got if len(got) == 1 else [])
+            if not match:
+                raise JaxftError(f"--adapter {name}={d}: the run has no adapter {name!r} "
+                                 f"(it has {', '.join(e.name for e in got)})")
+            entries.append(dataclasses.replace(match[0], name=name))
+        else:
+            raise JaxftError(f"{d}: neither a PEFT adapter directory (adapter_config.json) nor a jaxft run")
+    return entries
+
+
+def _read_run(model, d: Path, base: str) -> list[Entry]:
+    """The adapter(s) of a jaxft run's newest checkpoint."""
+    from jaxft import adapters
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.setup import resolve_model
+
+    run = _run_config(d)
+    trained_on = str(resolve_model(run.model.path))
+    if base and Path(trained_on).resolve() != Path(base).resolve():
+        raise JaxftError(f"{d}: the run trained on {trained_on}, not on the base {base} (adapters of different bases)")
+    if run.adapters:
+        install(model, fresh_entries(model, run))
+    elif run.lora.enabled and adapters.method_of(run.lora) == "lora" and not run.lora.modules_to_save:
+        adapters.attach(model, run.lora, jax.random.key(0))
+    else:
+        raise JaxftError(f"{d}: only LoRA runs (no DoRA / IA3 / PiSSA / modules_to_save / full fine-tuning) can "
+                         "join an adapter bank")
+    _, params, _ = nnx.split(model, nnx.LoRAParam, ...)
+    restored, _ = restore_trainable(d, params)
+    nnx.update(model, restored)
+    if not run.adapters:
+        return [Entry(d.name, run.lora, _harvest(model), trained_on, str(d))]
+    out = []
+    for n, spec in enumerate(run.adapters):
+        saved = views(model, n)
+        out.append(Entry(spec.name, spec_lora(run, spec), _harvest(model), trained_on, str(d)))
+        restore(model, saved)
+    for _, lin in banks(model):
+        lin.adapter = None
+    return out
+
+
+def load(model, specs: list[str], base: str = "") -> tuple[str, ...]:
+    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names."""
+    entries = load_entries(model, expand(specs), base)
+    install(model, entries)
+    return tuple(e.name for e in entries)
+
+
+# ---------------------------------------------------------------- multi-adapter training (config `adapters:`)
+
+
+def spec_lora(run, spec) -> LoraConfig:
+    """The LoraConfig of one `adapters:` entry: its own r / alpha / rslora / target_modules over `lora:`."""
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return dataclasses.replace(run.lora, r=pick(spec.r, run.lora.r), alpha=pick(spec.alpha, run.lora.alpha),
+                               rslora=pick(spec.rslora, run.lora.rslora),
+                               target_modules=pick(spec.target_modules, run.lora.target_modules), init_adapter=None)
+
+
+def spec_seed(run, spec) -> int:
+    return run.train.seed if spec.seed is None else spec.seed
+
+
+def fresh_entries(model, run) -> list[Entry]:
+    """Freshly initialised adapters of a multi-adapter run: adapter n is exactly what
+    `jaxft.adapters.attach(model, its LoraConfig, key(its seed))` makes for a one-adapter run."""
+    from jaxft.adapters.lora import LoRA
+    from jaxft import adapters
+
+    out = []
+    for spec in run.adapters:
+        cfg = spec_lora(run, spec)
+        key = jax.random.key(spec_seed(run, spec))
+        factors = {}
+        for i, (path, lin) in enumerate(adapters.targets(model, cfg.target_modules)):
+            m = LoRA.init(lin, cfg, jax.random.fold_in(key, i))
+            factors[path] = (np.asarray(m.a[...]), np.asarray(m.b[...]))
+        out.append(Entry(spec.name, cfg, factors))
+    return out
+
+
+def attach_for_training(model, run):
+    """The bank a multi-adapter run trains (config `adapters:`), in place; returns the model."""
+    return install(model, fresh_entries(model, run), dropout=run.lora.dropout)
+
+
+def make_optimizer(run, total_steps: int, params):
+    """The optimizer of a multi-adapter run: N separate runs' optimizers on the stacked adapter axis.
+
+    What jaxft.train.make_optimizer does for one adapter, per adapter n: global-norm clipping over adapter
+    n's slices only, AdamW (elementwise, so stacking changes nothing), and adapter n's own learning rate
+    schedule (its adapters[n].lr, else optim.lr; LoRA+'s B ratio on top). Every trainable leaf is a bank
+    factor [L, N, ...] (adapters: admits no modules_to_save), so axis 1 is the adapter axis everywhere."""
+    import optax
+
+    from jaxft.train import NO_DECAY_LEAVES, _leaf_names, schedule
+
+    cfg = run.optim
+    scheds = [schedule(dataclasses.replace(cfg, lr=cfg.lr if a.lr is None else a.lr), total_steps)
+              for a in run.adapters]
+    names = _leaf_names(params)
+    mult = jax.tree.map(lambda n: cfg.lora_b_lr_ratio if n == "b" else 1.0, names)
+    decay_mask = jax.tree.map(lambda n: n not in NO_DECAY_LEAVES, names)
+    along = lambda v, t: v.reshape((1, -1) + (1,) * (t.ndim - 2)).astype(t.dtype)  # noqa: E731 — [N] on axis 1
+
+    def clip(max_norm):
+        def update(updates, state, params=None):
+            sq = sum(jnp.sum(jnp.square(t), axis=tuple(i for i in range(t.ndim) if i != 1))
+                     for t in jax.tree.leaves(updates))
+            norm = jnp.sqrt(sq)  # [N]: each adapter's own global norm
+            trigger = norm < max_norm
+            return jax.tree.map(lambda t: jnp.where(along(trigger, t), t, (t / along(norm, t)) * max_norm),
+                                updates), state
+        return optax.GradientTransformation(optax.init_empty_state, update)
+
+    def scale_by_schedules():
+        def init(params):
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+        def update(updates, state, params=None):
+            lrs = jnp.stack([s(state.count) for s in scheds])  # [N]
+            new = jax.tree.map(lambda g, m: along(-(lrs * m) if m != 1.0 else -lrs, g) * g, updates, mult)
+            return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        return optax.GradientTransformation(init, update)
+
+    tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                     optax.add_decayed_weights(cfg.weight_decay, decay_mask), scale_by_schedules())
+    return optax.chain(clip(cfg.clip_norm), tx) if cfg.clip_norm else tx
+
+
+# ---------------------------------------------------------------- serving handoff (jaxft export --format peft)
+
+
+def vllm_command(base: str, folders: dict[str, Path], ranks: list[int]) -> str:
+    """The `vllm serve` line that serves every adapter of the bank over its base in one engine."""
+    import shlex
+
+    r = bucket(max(ranks))
+    mods = " ".join(shlex.quote(f"{n}={p}") for n, p in folders.items())
+    return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {mods} --max-loras {len(folders)} "
+            f"--max-lora-rank {r}")
+
+
+def export_peft(model, out, *, base_model: str = "", strict: bool = False, overwrite: bool = False,
+                say=print) -> Path:
+    """One PEFT adapter folder per bank adapter (`out/<name>/`, each loadable by PEFT and vLLM on its own)
+    and `out/serve_vllm.sh`, after vLLM's rules check of each; written to a temporary directory and
+    renamed into place."""
+    import shutil
+    import tempfile
+
+    from jaxft.peft import _publish, adapter_config, adapter_tensors, export_adapter, vllm_problems
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    names, configs = names_of(model), banks(model)[0][1].adapter.configs
+    problems = []
+    for n, (name, cfg) in enumerate(zip(names, configs)):
+        saved = views(model, n)
+        try:
+            found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
+        finally:
+            restore(model, saved)
+        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
+        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
+    for p in problems:
+        say(f"jaxft: vLLM: {p}")
+    if problems and strict:
+        raise JaxftError(f"the adapters break {len(problems)} vLLM rule(s) (see above); nothing written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for n, (name, cfg) in enumerate(zip(names, configs)):
+            saved = views(model, n)
+            try:
+                export_adapter(model, cfg, tmp / name, base_model=base_model)
+            finally:
+                restore(model, saved)
+        final = {name: out.absolute() / name for name in names}
+        cmd = vllm_command(base_model, final, [c.r for c in configs])
+        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(cmd)
+    return out
