@@ -206,7 +206,9 @@ def load_gguf_tokenizer(path):
 
 # HF model_type → (llama.cpp architecture, Q/K rows permuted)
 EXPORT_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                        "qwen3": ("qwen3", False), "gemma2": ("gemma2", False)}
+                        "qwen3": ("qwen3", False), "gemma": ("gemma", False), "gemma2": ("gemma2", False),
+                        "gemma3_text": ("gemma3", False)}
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 default when the file states none: every 6th layer global
 GGUF_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
               "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
               "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -253,22 +255,49 @@ def export_arch(hf_config) -> tuple[str, bool]:
     kind = rope.get("rope_type", "default")
     if kind not in ("default", "linear", "llama3"):
         raise JaxftError(f"GGUF export: rope_type {kind!r} is not supported")
-    if mt == "gemma2":
-        head_dim = hf_config.head_dim
-        if hf_config.query_pre_attn_scalar != head_dim:
-            raise JaxftError(f"GGUF export: gemma2 query_pre_attn_scalar={hf_config.query_pre_attn_scalar} "
-                             f"differs from head_dim={head_dim}; llama.cpp scales attention by 1/sqrt(head_dim)")
+    if mt.startswith("gemma"):
+        _check_gemma(hf_config)
     window = getattr(hf_config, "sliding_window", None)
     windowed = getattr(hf_config, "use_sliding_window", False) if mt.startswith("qwen") else window is not None
-    if mt != "gemma2" and windowed and window and window < hf_config.max_position_embeddings:
+    if mt not in ("gemma2", "gemma3_text") and windowed and window and window < hf_config.max_position_embeddings:
         raise JaxftError(f"GGUF export: {mt} sliding_window={window} is not represented in llama.cpp's "
                          f"{EXPORT_ARCHITECTURES[mt][0]} architecture")
     return EXPORT_ARCHITECTURES[mt]
 
 
+def _check_gemma(c) -> None:
+    """What llama.cpp's gemma / gemma2 / gemma3 graphs hard-code and an HF config may say otherwise."""
+    mt = c.model_type
+    act = getattr(c, "hidden_activation", None) if mt != "gemma" else getattr(c, "hidden_act", None)
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise JaxftError(f"GGUF export: {mt} activation {act!r}: llama.cpp's gemma graphs use the tanh GELU")
+    if mt in ("gemma", "gemma2") and not c.tie_word_embeddings:  # their graphs read no output.weight
+        raise JaxftError(f"GGUF export: {mt} tie_word_embeddings=false: llama.cpp's {mt} uses the embeddings "
+                         f"as the output head")
+    if mt != "gemma" and c.query_pre_attn_scalar != c.head_dim:
+        raise JaxftError(f"GGUF export: {mt} query_pre_attn_scalar={c.query_pre_attn_scalar} "
+                         f"differs from head_dim={c.head_dim}; llama.cpp scales attention by 1/sqrt(head_dim)")
+    if mt == "gemma3_text":
+        if c.attn_logit_softcapping:
+            raise JaxftError(f"GGUF export: gemma3 attn_logit_softcapping={c.attn_logit_softcapping}: llama.cpp's "
+                             f"gemma3 has no attention soft-cap")
+        local = dict((getattr(c, "rope_parameters", None) or {}).get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise JaxftError(f"GGUF export: gemma3 sliding_attention rope_type {local['rope_type']!r}: llama.cpp "
+                             f"scales no sliding-layer rope")
+
+
+def _gemma3_swa_layers(c) -> list[bool] | None:
+    """Which layers slide, when that is not llama.cpp's default pattern (so the file must say it)."""
+    swa = [t == "sliding_attention" for t in c.layer_types]
+    n = GEMMA3_SWA_PATTERN
+    return None if swa == [i % n < n - 1 for i in range(len(swa))] else swa
+
+
 def _rope_parameters(hf_config) -> dict:
+    """The rope of the (full-attention) layers: llama.cpp's `rope.*` keys describe these."""
     rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    rope = dict(rope)
+    rope = dict(rope.get("full_attention", rope))
     rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     return rope
 
@@ -298,7 +327,8 @@ def _metadata(w: gguf.GGUFWriter, hf_config, arch: str, file_type, name: str):
     w.add_head_count(heads)
     w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or heads)
     rope = _rope_parameters(c)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch != "gemma" or rope["rope_theta"] != 10000.0:  # the converter's gemma writes none: llama.cpp's default
+        w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     if getattr(c, "head_dim", None):  # as the converter: whenever the config states it
         w.add_key_length(head_dim)
@@ -313,12 +343,67 @@ def _metadata(w: gguf.GGUFWriter, hf_config, arch: str, file_type, name: str):
         w.add_attn_logit_softcapping(float(c.attn_logit_softcapping or 0.0))
         w.add_final_logit_softcapping(float(c.final_logit_softcapping or 0.0))
         w.add_sliding_window(int(c.sliding_window))
+    if arch == "gemma3":
+        local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention")
+        if local and "rope_theta" in local:
+            w.add_rope_freq_base_swa(float(local["rope_theta"]))
+        if c.final_logit_softcapping:
+            w.add_final_logit_softcapping(float(c.final_logit_softcapping))
+        if "sliding_attention" in c.layer_types:
+            w.add_sliding_window(int(c.sliding_window))
+            if (swa := _gemma3_swa_layers(c)) is not None:  # the converter leaves llama.cpp's default pattern
+                w.add_sliding_window_pattern(swa)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
-    """tokenizer.ggml.*: copied field by field from a GGUF base; from the HF tokenizer files otherwise."""
+def _looks_special(text: str) -> bool:
+    """The converter's `does_token_look_special`: added tokens some models leave unmarked as special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>")) or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _sentencepiece(w: gguf.GGUFWriter, d: Path, hf_config, arch: str):
+    """A SentencePiece vocabulary (tokenizer.model) as the converter writes it for the gemma family: pieces,
+    scores and types padded to the embedding rows, added tokens over them (`_set_vocab_sentencepiece`), then
+    Gemma's end-of-turn id and no space prefix (`GemmaModel.set_vocab`...)."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    T, n = gguf.TokenType, hf_config.vocab_size
+    tokens, scores, types = [f"[PAD{i}]" for i in range(n)], [-10000.0] * n, [T.UNUSED] * n
+    for i in range(min(sp.vocab_size(), n)):
+        kind = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else T.UNUSED if sp.IsUnused(i)
+                else T.BYTE if sp.IsByte(i) else T.NORMAL)
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), kind
+    added = json.loads((d / "added_tokens.json").read_text()) if (d / "added_tokens.json").is_file() else {}
+    for text, i in added.items():
+        if i < n:
+            tokens[i], scores[i], types[i] = text, -1000.0, T.USER_DEFINED
+    config = d / "tokenizer_config.json"
+    for i, t in (json.loads(config.read_text()).get("added_tokens_decoder", {}) if config.is_file() else {}).items():
+        i, text = int(i), t["content"]
+        if i < n:
+            special = t.get("special") or _looks_special(text)
+            tokens[i], scores[i] = text if special else text.replace("\u2581", " "), -1000.0
+            types[i] = T.CONTROL if special else T.USER_DEFINED
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(d, n_vocab=n).add_to_gguf(w, quiet=True)
+    if arch == "gemma":  # the converter's CodeGemma ids; only eot has a key in this gguf-py
+        special = gguf.SpecialVocab(d, load_merges=False, special_token_types=["eot"])
+        special._set_special_token("eot", 107)
+        special.chat_template = None  # written above
+        special.add_to_gguf(w, quiet=True)
+    w.add_add_space_prefix(False)
+
+
+def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None, arch: str = ""):
+    """tokenizer.ggml.*: copied field by field from a GGUF base; from the HF tokenizer files otherwise
+    (a gemma family's tokenizer.model as SentencePiece, like the converter; else tokenizer.json's BPE)."""
     if source is not None and source.suffix == ".gguf":
         reader = gguf.GGUFReader(source)
         for key, field in reader.fields.items():
@@ -327,6 +412,8 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None):
                 sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
                 w.add_key_value(key, field.contents(), vtype, sub_type=sub)
         return
+    if arch.startswith("gemma") and source is not None and (source / "tokenizer.model").is_file():
+        return _sentencepiece(w, source, hf_config, arch)
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -416,7 +503,7 @@ def write_gguf(tensors: dict[str, np.ndarray], hf_config, tokenizer, out, *, ggu
 
     def keys(w):
         _metadata(w, hf_config, arch, GGUF_TYPES[gguf_type][1], name)
-        _tokenizer(w, tokenizer, hf_config, source)
+        _tokenizer(w, tokenizer, hf_config, source, arch)
 
     return _write(out, arch, keys, items)
 

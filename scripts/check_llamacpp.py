@@ -3,6 +3,7 @@ each answer the held-out prompts greedily with jaxft's own answers; next-token l
 
     python scripts/check_llamacpp.py prepare RUN WORK     # jaxft's venv: GGUF files + jaxft's answers
     python scripts/check_llamacpp.py prepare --tiny WORK  # ... of a tiny random model trained 4 steps
+    python scripts/check_llamacpp.py prepare --families WORK  # f32 GGUFs of tiny random gemma / gemma3 + logits
     python scripts/check_llamacpp.py serve WORK           # llama-cpp-python's venv: compare, print N/N
 
 scripts/check_llamacpp.sh runs the three steps with the two virtualenvs. Exits 1 when an answer differs.
@@ -75,10 +76,64 @@ def prepare(run_dir: Path, work: Path):
     print(f"prepared step {fields['step']} of {run_dir}: {len(fields['prompts'])} prompts → {work}")
 
 
+# families whose GGUF transformers' loader cannot read (gemma) or reads only with the original config
+# (gemma3: its layer types and per-type rope): llama.cpp itself checks the logits of jaxft's files
+FAMILY_TOLERANCE = 1e-3  # max |logit diff| / max |logit|: llama.cpp's f32 kernels, tanh-GELU table included
+
+
+def prepare_families(work: Path):
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers as tf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import jaxft
+    from jaxft.gguf import write_gguf
+    from jaxft.peft import merged_tensors
+    from tiny import example_tokenizer, make_model, save_spm_gemma
+
+    d = work / "gemma"
+    save_spm_gemma(d, seed=3)
+    made = {"gemma": (d, list(range(2, 300, 23)))}
+    d = work / "gemma3"
+    make_model("gemma3_text", 3, vocab_size=49152, query_pre_attn_scalar=32, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2).save_pretrained(d)
+    example_tokenizer().save_pretrained(d)
+    made["gemma3"] = (d, [1, 17, 250, 3000, 42, 7, 9000, 12, 600, 2, 77, 5])
+    out = {}
+    for name, (d, ids) in made.items():
+        model = jaxft.load_pretrained(d)
+        f = write_gguf(merged_tensors(model, np.float32), tf.AutoConfig.from_pretrained(d), example_tokenizer(),
+                       work / f"{name}.gguf", gguf_type="f32", source=d, overwrite=True)
+        out[name] = dict(file=f.name, ids=ids, logits=np.asarray(model(jnp.asarray([ids]))[0][0]).tolist())
+    (work / "families.json").write_text(json.dumps(out))
+    print(f"prepared {', '.join(out)} → {work}")
+
+
+def serve_families(work: Path) -> int:
+    import numpy as np
+    from llama_cpp import Llama
+
+    failed = 0
+    for name, e in json.loads((work / "families.json").read_text()).items():
+        llm = Llama(model_path=str(work / e["file"]), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+        llm.eval(e["ids"])
+        got, want = np.asarray(llm.scores[:len(e["ids"])]), np.asarray(e["logits"])
+        diff, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+        same = int((got.argmax(-1) == want.argmax(-1)).sum())
+        ok = diff <= FAMILY_TOLERANCE * scale and same == len(e["ids"])
+        print(f"llama.cpp {name} f32 GGUF: logits max |diff| {diff:.2e} (scale {scale:.1f}), argmax "
+              f"{same}/{len(e['ids'])} identical{'' if ok else '  FAILED'}")
+        failed += not ok
+    return 1 if failed else 0
+
+
 def serve(work: Path) -> int:
     import numpy as np
     from llama_cpp import Llama
 
+    if (work / "families.json").is_file():
+        return serve_families(work)
     e = json.loads((work / "expected.json").read_text())
     failed = 0
     for label, kw in (("merged GGUF", dict(model_path=str(work / "model.gguf"))),
@@ -115,4 +170,8 @@ def main(prepare, serve):
 
 
 if __name__ == "__main__":
-    main(prepare, serve)
+    if sys.argv[1:3] == ["prepare", "--families"]:
+        Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
+        prepare_families(Path(sys.argv[3]))
+    else:
+        main(prepare, serve)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp (llama-cpp-python, in a virtualenv of its own) answers with jaxft's GGUF exports as jaxft does.
 #   bash scripts/check_llamacpp.sh [RUN]     # no RUN: a tiny random model trained 4 steps
+#   bash scripts/check_llamacpp.sh --families  # f32 GGUFs of tiny gemma / gemma3: llama.cpp logits vs jaxft
 # llama-cpp-python is source-only on the package registry: its wheel is built once (~15 min on 2 cores:
 # portable, no native-CPU code, no multimodal parts) and cached in $JAXFT_CACHE/wheels.
 . "$(dirname "$0")/_venv.sh" test

@@ -20,14 +20,26 @@ from jaxft.errors import JaxftError
 from jaxft.gguf import _tokenizer, _unpermute_rows, permute_rows, write_gguf, write_gguf_lora
 from jaxft.peft import adapter_config, adapter_tensors, merged_tensors
 from test_sft import task_data  # noqa: F401 — the shared task-data fixture
-from tiny import ROOT, example_tokenizer, run_cli, save_chat_model
+from tiny import ROOT, example_tokenizer, run_cli, save_chat_model, save_spm_gemma
 
 # families llama.cpp knows; gemma2 as its GGUF can express it (attention scaled by 1/sqrt(head_dim), and
-# transformers' loader then assumes its default soft-caps and query_pre_attn_scalar of 256)
+# transformers' loader then assumes its default soft-caps and query_pre_attn_scalar of 256); gemma3 with a
+# global layer between sliding ones (not llama.cpp's default every-6th pattern: the file must state it) and
+# its own rope per layer type; gemma (1) with a SentencePiece tokenizer.model, as Gemma checkpoints ship
 FAMILIES = {"llama": {}, "llama_mqa_tied_bias_headdim": {}, "llama3_rope": {}, "llama_linear_rope": {},
             "qwen2": {}, "qwen3": {},
             "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-                           final_logit_softcapping=30.0)}
+                           final_logit_softcapping=30.0),
+            "gemma3_text": dict(query_pre_attn_scalar=32, num_hidden_layers=3),
+            "gemma": {}}
+TRANSFORMERS_READS = sorted(set(FAMILIES) - {"gemma"})  # its GGUF loader has no `gemma` (1) architecture
+
+
+def _save(d, arch):
+    if arch == "gemma":
+        save_spm_gemma(d)
+    else:
+        save_chat_model(d, arch, **FAMILIES[arch])
 
 
 def _adapted(path, rslora=False):
@@ -42,7 +54,7 @@ def _adapted(path, rslora=False):
 
 def _export(tmp_path, arch, gguf_type="f32"):
     d = tmp_path / "hf"
-    save_chat_model(d, arch, **FAMILIES[arch])
+    _save(d, arch)
     model, cfg = _adapted(d)
     hf_config = tf.AutoConfig.from_pretrained(d)
     out = write_gguf(merged_tensors(model, np.float32), hf_config, example_tokenizer(), tmp_path / f"m-{gguf_type}.gguf",
@@ -62,7 +74,7 @@ def _hf_logits(path, config=None):
         return m(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
 
 
-@pytest.mark.parametrize("arch", sorted(FAMILIES))
+@pytest.mark.parametrize("arch", TRANSFORMERS_READS)
 def test_f32_gguf_loaded_by_transformers_gives_the_merged_logits(arch, tmp_path):
     model, _, hf_config, out = _export(tmp_path, arch)
     want = np.asarray(model(jnp.asarray(IDS))[0])
@@ -205,12 +217,20 @@ def test_refusals(tmp_path):
     for key, value in (("use_dora", True), ("modules_to_save", ["lm_head"])):
         with pytest.raises(JaxftError, match=f"GGUF LoRA export: {key}=.*use --format gguf"):
             write_gguf_lora(peft, {**pcfg, key: value}, c, tmp_path / "x.gguf")
-    gemma = tf.AutoConfig.for_model("gemma", **{k: getattr(c, k) for k in ("vocab_size", "hidden_size")})
-    with pytest.raises(JaxftError, match="model_type 'gemma' is not supported"):
-        write_gguf({}, gemma, None, tmp_path / "g.gguf")
-    g2 = tf.Gemma2Config(head_dim=16, query_pre_attn_scalar=24)
-    with pytest.raises(JaxftError, match="query_pre_attn_scalar=24 differs from head_dim=16"):
-        write_gguf({}, g2, None, tmp_path / "g.gguf")
+    phi3 = tf.AutoConfig.for_model("phi3", **{k: getattr(c, k) for k in ("vocab_size", "hidden_size")})
+    with pytest.raises(JaxftError, match="model_type 'phi3' is not supported"):
+        write_gguf({}, phi3, None, tmp_path / "g.gguf")
+    for config, match in (
+            (tf.Gemma2Config(head_dim=16, query_pre_attn_scalar=24), "query_pre_attn_scalar=24 differs from head_dim=16"),
+            (tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=24), "gemma3_text query_pre_attn_scalar=24"),
+            (tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, rope_parameters=dict(
+                full_attention=dict(rope_type="default", rope_theta=1e6),
+                sliding_attention=dict(rope_type="linear", rope_theta=1e4, factor=2.0))),
+             "sliding_attention rope_type 'linear'"),
+            (tf.GemmaConfig(tie_word_embeddings=False), "gemma tie_word_embeddings=false"),
+            (tf.GemmaConfig(hidden_act="gelu"), "gemma activation 'gelu'")):
+        with pytest.raises(JaxftError, match=match):
+            write_gguf({}, config, None, tmp_path / "g.gguf")
     mistral = tf.MistralConfig(sliding_window=5, max_position_embeddings=256)
     with pytest.raises(JaxftError, match="sliding_window=5 is not represented"):
         write_gguf({}, mistral, None, tmp_path / "g.gguf")
@@ -276,15 +296,21 @@ def _converter():
     return root
 
 
-# llama family only: the converter's Qwen2 path names the pre-tokenizer by its probe-text hash alone and does
-# not recognize this (SmolLM2) vocabulary there, so it refuses to convert the tiny qwen2 model
-@pytest.mark.parametrize("arch,gguf_type", [("llama", "f32"), ("llama", "q8_0"), ("llama_mqa_tied_bias_headdim", "bf16")])
+# not qwen2: the converter's Qwen2 path names the pre-tokenizer by its probe-text hash alone and does not
+# recognize this (SmolLM2) vocabulary there, so it refuses to convert the tiny qwen2 model; not gemma2: the
+# converter's gemma2 takes only a SentencePiece tokenizer.model, and llama.cpp's gemma2 graph scales the
+# sliding window pattern as Gemma 2 ships it (jaxft's gemma2 export is pinned by the transformers test)
+@pytest.mark.parametrize("arch,gguf_type", [("llama", "f32"), ("llama", "q8_0"), ("llama_mqa_tied_bias_headdim", "bf16"),
+                                            ("gemma", "f32"), ("gemma", "bf16"), ("gemma3_text", "f32")])
 def test_equals_llamacpps_own_converter(arch, gguf_type, tmp_path):
     """Against convert_hf_to_gguf.py on the same base weights: every tensor byte-identical (names, types,
-    row order) and every key equal, but the free-form general.name / size_label and tokenizer.ggml.pre:
-    the converter names the pre-tokenizer by a hash of a probe text's token ids, which cannot tell
-    this vocabulary's GPT-2 split from SmolLM's digit split and says `smollm`; jaxft reads the split off
-    tokenizer.json and says `gpt-2`; and jaxft states add_eos_token where the converter leaves the default."""
+    row order, gemma's 1 + w norms) and every key equal, but the free-form general.name / size_label and,
+    for a BPE vocabulary, tokenizer.ggml.pre: the converter names the pre-tokenizer by a hash of a probe
+    text's token ids, which cannot tell this vocabulary's GPT-2 split from SmolLM's digit split and says
+    `smollm`; jaxft reads the split off tokenizer.json and says `gpt-2`; and jaxft states add_eos_token where
+    the converter leaves the default. The gemma (1) model has a SentencePiece tokenizer.model: its pieces,
+    scores and types are the converter's too. The gemma3 one has a global layer between two sliding ones:
+    jaxft states that pattern, which the converter leaves to llama.cpp's every-6th default (wrong here)."""
     import subprocess
     import sys
 
@@ -292,7 +318,7 @@ def test_equals_llamacpps_own_converter(arch, gguf_type, tmp_path):
     if root is None:
         pytest.skip("llama-cpp-python's sdist (its converter) could not be fetched from the package registry")
     d = tmp_path / "hf"
-    save_chat_model(d, arch)
+    _save(d, arch)
     base = jaxft.load_pretrained(d)
     ours = write_gguf(merged_tensors(base, np.float32), tf.AutoConfig.from_pretrained(d), example_tokenizer(),
                       tmp_path / "ours.gguf", gguf_type=gguf_type, source=d)
@@ -304,11 +330,15 @@ def test_equals_llamacpps_own_converter(arch, gguf_type, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(tmp_path / "theirs.gguf")
-    free = {"general.name", "general.size_label", "tokenizer.ggml.pre"}
+    free = {"general.name", "general.size_label"} | ({"tokenizer.ggml.pre"} if arch != "gemma" else set())
     ka = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.") and k not in free}
     kb = {k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.") and k not in free}
-    # jaxft states add_eos_token = false explicitly where the converter leaves llama.cpp's default (false)
-    assert ka.pop("tokenizer.ggml.add_eos_token") is False and "tokenizer.ggml.add_eos_token" not in kb
+    if arch != "gemma":  # BPE: jaxft states add_eos_token (and add_bos_token) = false where the converter leaves
+        for k in ("tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_bos_token"):  # llama.cpp's default
+            if k not in kb:
+                assert ka.pop(k) is False, k
+    if arch == "gemma3_text":
+        assert ka.pop("gemma3.attention.sliding_window_pattern") == [True, False, True]
     assert ka.keys() == kb.keys()
     for k in ka:
         assert ka[k] == kb[k], k

@@ -102,3 +102,20 @@ def save_chat_model(path, arch: str = "llama", seed: int = 0, **overrides):
     model.save_pretrained(path)
     example_tokenizer().save_pretrained(path)
     return model
+
+
+def save_spm_gemma(path, seed: int = 0):
+    """A tiny Gemma (weights spread) with a 320-piece SentencePiece tokenizer.model (as Gemma checkpoints ship)
+    under 384 embedding rows."""
+    import io
+
+    import sentencepiece as spm
+
+    path = Path(path)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["The quick brown fox jumps over the lazy dog."] * 50),
+                                   model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    make_model("gemma", seed, vocab_size=384, num_hidden_layers=2, pad_token_id=0, eos_token_id=1,
+               bos_token_id=2).save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
