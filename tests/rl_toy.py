@@ -46,3 +46,26 @@ def emit_k(prompts, completions, completion_ids, **kw):
         body = [i for i in ids if i != 2]
         out.append(sum(i == TARGET for i in body) / max(len(body), 1))
     return out
+
+
+# Fixed rollouts of RL.md §1.9(g) (EOS = 2 here): two prompts, G = 4, one completion truncated at L = 4.
+P0, P1 = [5, 6, 7], [8, 9]
+COMPLETIONS = [[10, 11, 2], [12, 2], [13, 14, 15, 16], [17, 2], [18, 2], [19, 20, 2], [21, 2], [22, 23, 24, 2]]
+TABLE = {"r1": [1, 0, 0, 1, 0.3, 0.9, 0.5, 0.1], "r2": [0.3, 0.9, 0.5, 0.1, 2, 2, None, 2]}
+NONE_ROWS: set = set()  # completion indices for which r1 returns None (set by a test)
+
+
+def _lookup(name, completion_ids):
+    out = []
+    for ids in completion_ids:
+        i = COMPLETIONS.index(list(ids))
+        out.append(None if name == "r1" and i in NONE_ROWS else TABLE[name][i])
+    return out
+
+
+def r1(prompts, completions, completion_ids, **kw):
+    return _lookup("r1", completion_ids)
+
+
+def r2(prompts, completions, completion_ids, **kw):
+    return _lookup("r2", completion_ids)

@@ -155,7 +155,11 @@ class RolloutSource:
         mesh = _mesh_of(params)
         gen = generate(self.setup.graphdef, (params, self.setup.frozen), [p.ids for p in chosen], eos_ids=self.eos,
                        sampling=dataclasses.replace(self.sampling, seed=seed), mesh=mesh)
-        N, L = self.N, self.L
+        return self.assemble(chosen, gen, r)
+
+    def assemble(self, chosen: list, gen, r: int = 0) -> Rollout:
+        """The Rollout of sampled completions (a jaxft.generate.Generated, one row per entry of `chosen`)."""
+        N, L = len(chosen), self.L
         comp, lp, ent = (np.zeros((N, L), dt) for dt in (np.int32, np.float32, np.float32))
         n = gen.tokens.shape[1]
         comp[:, :n], lp[:, :n], ent[:, :n] = gen.tokens, gen.logprobs, gen.entropies
