@@ -243,3 +243,110 @@ def test_training_logps_equal_trl_at_the_sampling_temperature(toy_model, tmp_pat
     got = completion_logps(nnx.merge(setup.graphdef, setup.params, setup.frozen), rows, ON, 0.7)
     m = out["completion_mask"].numpy() > 0
     np.testing.assert_allclose(np.asarray(got)[m], want.numpy()[m], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- RLOO
+
+
+def _trl_rloo_loss(logp, old_seq, adv, mask, entropy, eps_low, eps_high):
+    from trl import RLOOTrainer
+
+    lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    me = types.SimpleNamespace(epsilon_low=eps_low, epsilon_high=eps_high, aux_loss_enabled=False,
+                               model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
+                               _metrics=defaultdict(lambda: defaultdict(list)))
+    me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
+    B, T = mask.shape
+    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
+                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
+                  old_logps=torch.tensor(old_seq), advantages=torch.tensor(adv))
+    loss = RLOOTrainer._compute_loss(me, None, inputs)
+    loss.backward()
+    return float(loss), lp.grad.numpy(), {k: v[0] for k, v in me._metrics["train"].items()}
+
+
+def test_rloo_loss_gradient_and_metrics_equal_trl(x64):
+    for seed, (eps_low, eps_high) in enumerate([(0.2, 0.2), (0.2, 0.28), (0.1, 0.05)]):
+        logp, old, _, adv, mask, entropy = _random(seed)
+        old_seq = (old * mask).sum(-1)
+        want_loss, want_grad, want_m = _trl_rloo_loss(logp, old_seq, adv, mask, entropy, eps_low, eps_high)
+        f = lambda lp: pg.rloo_loss(lp, old_seq, adv, mask, eps_low, eps_high, entropy=entropy)  # noqa: E731
+        (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+        np.testing.assert_allclose(float(loss), want_loss, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-12, atol=1e-12)
+        assert set(metrics) == set(want_m)
+        for k, v in want_m.items():
+            tol = 1e-7 if "clip" in k else 1e-12  # TRL counts clipped sequences in float32
+            np.testing.assert_allclose(float(metrics[k]), v, rtol=tol, atol=tol, err_msg=k)
+
+
+def test_rloo_rl_md_check_values(x64):
+    """RL.md §2: the loss of two sequences, and the advantages of §1.9(g)'s rewards (and with KL in the reward)."""
+    logp = np.array([[-1.0, -2.0], [-1.5, 0.0]])
+    mask = np.array([[1.0, 1.0], [1.0, 0.0]])
+    (loss, m), grad = jax.value_and_grad(lambda lp: pg.rloo_loss(lp, np.array([-3.1, -1.2]), np.array([1.0, -1.0]),
+                                                                 mask, 0.2, 0.2), has_aux=True)(jnp.asarray(logp))
+    np.testing.assert_allclose(float(loss), -0.152585, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), [[-0.552585, -0.552585], [0, 0]], atol=1e-6)
+    assert float(m["clip_ratio/low_mean"]) == 0.5
+    r = np.array([[1, 0, 0, 1, 0.3, 0.9, 0.5, 0.1]]).T
+    A, _ = pg.rloo_advantages(r, np.ones(1), 4)
+    np.testing.assert_allclose(A, [0.666667, -0.666667, -0.666667, 0.666667, -0.2, 0.6, 0.066667, -0.466667], atol=1e-6)
+    A, _ = pg.rloo_advantages(r, np.ones(1), 4, normalize=True)
+    np.testing.assert_allclose(A, [1.138356, -1.138356, -1.138356, 1.138356, -0.341507, 1.02452, 0.113836, -0.796849],
+                               atol=1e-6)
+    A, _ = pg.rloo_advantages(r[:4], np.ones(1), 4, kl=np.array([0.2, -0.1, 0, 0.4]), beta=0.05)
+    np.testing.assert_allclose(A, [0.661667, -0.651667, -0.658333, 0.648333], atol=1e-6)
+
+
+def test_rloo_advantages_and_kl_equal_a_real_trainer(toy_model, tmp_path):
+    """A real RLOOTrainer (generation replaced by the fixed rollouts) against jaxft's rloo objective: the
+    policy is a perturbed copy of the toy model and the reference the original (full fine-tuning: jaxft's
+    reference is the initial weights), so the KL in the reward is not 0."""
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.setup import build
+
+    pert = tmp_path / "perturbed"
+    model = AutoModelForCausalLM.from_pretrained(toy_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(pert)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (toy_model / f).exists():
+            (pert / f).write_bytes((toy_model / f).read_bytes())
+    C = rl_toy.COMPLETIONS
+    for beta, normalize, clip in [(0.0, False, None), (0.05, False, None), (0.05, True, (0.0, 0.6))]:
+        tr = _trl_trainer(pert, tmp_path / "trl", cls="rloo", beta=beta, normalize_advantages=normalize,
+                          reward_clip_range=clip)
+        if beta:
+            tr.ref_model.load_state_dict(AutoModelForCausalLM.from_pretrained(toy_model).state_dict())
+        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))], None, None)
+        tr._generate_single_turn = lambda ids, images, mm: [list(c) for c in C[:len(ids)]]
+        out = tr._generate_and_score_completions([{"prompt": "t0 t1"}] * 8)
+        want = {k: v[0] for k, v in tr._metrics["train"].items()}
+        ov = ["lora.enabled=false", f"rloo.beta={beta}", f"rloo.normalize_advantages={normalize}"]
+        ov += [f"rloo.reward_clip_range=[{clip[0]},{clip[1]}]"] if clip else []
+        run, setup, obj = _jaxft(toy_model, tmp_path / "jaxft", "rloo", overrides=ov + ["lora.enabled=false"])
+        if "perturbed" not in _SETUPS:
+            _SETUPS["perturbed"] = build(dataclasses_replace_model(run, pert))
+        policy = _SETUPS["perturbed"].params
+        ro = obj.train.assemble(_fixed_prompts(), _fixed_generated())
+        rows, stats = obj.train.finish(ro, policy)
+        case = (beta, normalize, clip)
+        np.testing.assert_allclose(rows["advantages"], out["advantages"].numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=str(case))
+        if beta:
+            np.testing.assert_allclose(rows["old_seq"], out["old_logps"].numpy(), rtol=0, atol=1e-5, err_msg=str(case))
+        for k in ("reward", "reward_std", "frac_reward_zero_std", "kl", "rewards/r1/mean", "rewards/r2/std"):
+            if k in want:
+                np.testing.assert_allclose(stats[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{case} {k}")
+        assert ("kl" in stats) == bool(beta)
+
+
+def dataclasses_replace_model(run, path):
+    import dataclasses
+
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, path=str(path)))
