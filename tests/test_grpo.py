@@ -350,3 +350,103 @@ def dataclasses_replace_model(run, path):
     import dataclasses
 
     return dataclasses.replace(run, model=dataclasses.replace(run.model, path=str(path)))
+
+
+def test_grpo_rl_md_check_values(x64):
+    """RL.md §1.9 (a)-(e), from TRL's own code."""
+    r = np.array([[1, 0, 0, 1, 2, 2, 2, 2]], float).T
+    for scale, want in [("group", [0.865875, -0.865875, -0.865875, 0.865875, 0, 0, 0, 0]),
+                        ("batch", [0.564012, -0.564012, -0.564012, 0.564012, 0, 0, 0, 0]),
+                        ("none", [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])]:
+        A, st = pg.group_advantages(r, np.ones(1), 4, scale)
+        np.testing.assert_allclose(A, want, atol=1e-6)
+    assert pg.group_advantages(r, np.ones(1), 4)[1]["frac_reward_zero_std"] == 0.5
+    two = np.array([[1, 0, 0, 1], [0.3, 0.9, 0.5, 0.1]]).T
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4)[0], [1.024395, -0.146342, -1.317079, 0.439027],
+                               atol=1e-6)
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4, aggregation="normalize_then_sum")[0],
+                               [0.767066, 0.810833, -1.293032, -0.284867], atol=1e-6)
+    two[1, 1] = np.nan
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4)[0], [0.972922, -1.226728, -0.380709, 0.634514],
+                               atol=1e-6)
+
+    def run(loss_type, logp, old, adv, mask, ref=None, **kw):
+        cfg = pg.PgLoss(loss_type=loss_type, max_completion_length=kw.pop("L", 4), **kw)
+        f = lambda lp: pg.grpo_loss(lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv),  # noqa: E731
+                                    mask, cfg, num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1),
+                                    spg=kw_items.get("spg", 1))
+        (loss, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+        return float(loss), np.asarray(g), m
+
+    kw_items = {}
+    logp = np.array([[-1, -2, -0.5, 0], [-1.5, 0, 0, 0]])
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], float)
+    for t, loss, g1, g2 in [("grpo", 0.0, -0.166667, 0.5), ("bnpo", -0.5, -0.25, 0.25), ("dapo", -0.5, -0.25, 0.25),
+                            ("dr_grpo", -0.25, -0.125, 0.125), ("luspo", -1.0, -0.5, 0.5)]:
+        got, g, _ = run(t, logp, None, [1, -1], mask)
+        np.testing.assert_allclose([got, g[0, 0], g[1, 0]], [loss, g1, g2], atol=1e-6, err_msg=t)
+    got, g, _ = run("cispo", logp, None, [1, -1], mask)  # ε_high = 0.2 caps the weight at 0.2
+    np.testing.assert_allclose([got, g[0, 0], g[1, 0]], [0.1, -0.05, 0.05], atol=1e-6)
+    new, old = np.array([[-0.8, -1.3], [-0.8, -1.3]]), np.full((2, 2), -1.0)
+    m2 = np.ones((2, 2))
+    got, g, m = run("dapo", new, old, [1, -1], m2)
+    np.testing.assert_allclose(got, 0.020146, atol=1e-6)
+    np.testing.assert_allclose(g, [[0, -0.185205], [0.305351, 0]], atol=1e-6)
+    np.testing.assert_allclose([float(m[k]) for k in ("clip_ratio/low_mean", "clip_ratio/high_mean",
+                                                      "clip_ratio/region_mean", "clip_ratio/low_min",
+                                                      "clip_ratio/high_max")], [0.25, 0.25, 0.5, 0.0, 0.5])
+    got, g, _ = run("dapo", new, old, [1, -1], m2, eps_high=0.28)
+    np.testing.assert_allclose([got, *g.ravel()], [0.014795, -0.305351, -0.185205, 0.305351, 0], atol=1e-6)
+    got, g, _ = run("grpo", new, old, [1, -1], m2, level="sequence")  # GSPO
+    np.testing.assert_allclose([got, *g.ravel()], [0.0, -0.237807, -0.237807, 0.237807, 0.237807], atol=1e-6)
+    one = np.ones((1, 2))
+    got, g, _ = run("dapo", np.full((1, 2), -0.3), np.full((1, 2), -1.0), [-1], one)
+    np.testing.assert_allclose([got, *g.ravel()], [2.013753, 1.006876, 1.006876], atol=1e-6)
+    got, g, _ = run("dapo", np.full((1, 2), -0.3), np.full((1, 2), -1.0), [-1], one, delta=1.5)
+    np.testing.assert_allclose([got, *g.ravel()], [1.5, 0, 0], atol=1e-6)
+    ref = np.array([[-1.5, -1.0]])
+    got, g, m = run("dapo", np.array([[-1.0, -2.0]]), None, [0.5], one, ref=ref, beta=0.04)
+    np.testing.assert_allclose([got, float(m["kl"]), *g.ravel()], [-0.483504, 0.412406, -0.24, -0.27], atol=1e-6)
+    got, g, m = run("dapo", np.array([[-1.0, -2.0]]), None, [0.5], one, ref=ref, beta=0.04, bias_correction_kl=False)
+    np.testing.assert_allclose(g.ravel(), [-0.242131, -0.284366], atol=1e-6)
+    kw_items.update(n=8, ga=2, spg=2)
+    got, _, _ = run("dapo", np.array([[-1.0, -2.0]]), None, [1.0], one)
+    np.testing.assert_allclose(got, -0.25, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the objective end to end
+
+import json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_overrides(toy_model, out, **extra):
+    o = {"model.path": toy_model, "data.train": toy_model / "prompts.jsonl", "data.max_length": 32,
+         "rollout.reward_funcs": f"[{TOY}:emit_k]", "rollout.max_completion_length": 8, "rollout.num_generations": 8,
+         "train.batch_size": 16, "train.grad_accum": 1, "lora.enabled": False, "optim.lr": 1e-2,
+         "optim.warmup_steps": 0, "optim.schedule": "constant", "train.out_dir": out, "eval.file": "null",
+         "data.validation": "null", "train.save_every": 0}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _rows(out):
+    return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(toy_model, tmp_path):
+    from tiny import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", ROOT / "configs" / "grpo_lora.yaml", *_toy_overrides(toy_model, out, **{"train.steps": 20}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out)
+    for k in ("reward", "reward_std", "rewards/emit_k/mean", "rewards/emit_k/std", "frac_reward_zero_std",
+              "entropy", "clip_ratio/region_mean", "clip_ratio/high_max", "completions/mean_length",
+              "completions/clipped_ratio", "completions/mean_terminated_length", "time/rollout", "time/score",
+              "loss", "grad_norm", "completions"):
+        assert k in rows[0], k
+    assert "kl" not in rows[0]  # beta = 0: no reference
+    first, last = rows[0]["reward"], np.mean([x["reward"] for x in rows[-3:]])
+    assert first < 0.1 and last > 0.6, (first, last)
