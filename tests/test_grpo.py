@@ -435,13 +435,20 @@ def _rows(out):
     return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(toy_model, tmp_path):
+@pytest.fixture(scope="module")
+def learned(toy_model, tmp_path_factory):
+    """A 20-step GRPO run of the toy model through `jaxft train` (checkpoints at 10 and 20)."""
     from tiny import run_cli
 
-    out = tmp_path / "run"
-    r = run_cli("train", ROOT / "configs" / "grpo_lora.yaml", *_toy_overrides(toy_model, out, **{"train.steps": 20}))
+    out = tmp_path_factory.mktemp("learned") / "run"
+    r = run_cli("train", ROOT / "configs" / "grpo_lora.yaml",
+                *_toy_overrides(toy_model, out, **{"train.steps": 20, "train.save_every": 10}))
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = _rows(out)
+    return out
+
+
+def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(learned):
+    rows = _rows(learned)
     for k in ("reward", "reward_std", "rewards/emit_k/mean", "rewards/emit_k/std", "frac_reward_zero_std",
               "entropy", "clip_ratio/region_mean", "clip_ratio/high_max", "completions/mean_length",
               "completions/clipped_ratio", "completions/mean_terminated_length", "time/rollout", "time/score",
@@ -450,3 +457,27 @@ def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(toy_model, tmp_
     assert "kl" not in rows[0]  # beta = 0: no reference
     first, last = rows[0]["reward"], np.mean([x["reward"] for x in rows[-3:]])
     assert first < 0.1 and last > 0.6, (first, last)
+
+
+def test_resume_reproduces_the_run(toy_model, learned, tmp_path):
+    """The run cut after its step-10 checkpoint (the step-20 one and later rows gone, as after a kill) and
+    resumed: the same rollouts (sampler keys from seed and step) and bit-identical metrics."""
+    import shutil
+
+    from jaxft.config import load_config
+    from jaxft.train import train
+
+    out = tmp_path / "run"
+    shutil.copytree(learned, out)
+    shutil.rmtree(out / "checkpoints" / "20")
+    rows = _rows(learned)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 10))
+    run = load_config(ROOT / "configs" / "grpo_lora.yaml",
+                      _toy_overrides(toy_model, out, **{"train.steps": 20, "train.save_every": 10}))
+    train(run, resume=True, progress=False)
+    got = _rows(out)
+    assert [r["step"] for r in got] == [r["step"] for r in rows]
+    for want, have in zip(rows, got):
+        for k, v in want.items():
+            if not k.startswith("time/") and k not in ("elapsed", "tokens_per_s"):
+                assert have[k] == v, (want["step"], k)
