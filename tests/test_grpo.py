@@ -481,3 +481,48 @@ def test_resume_reproduces_the_run(toy_model, learned, tmp_path):
         for k, v in want.items():
             if not k.startswith("time/") and k not in ("elapsed", "tokens_per_s"):
                 assert have[k] == v, (want["step"], k)
+
+
+def _one_step(toy_model, tmp, overrides, mesh=None):
+    """One GRPO optimizer step (SGD, lr 1) on the fixed rollouts: (new trainable weights, metrics)."""
+    import optax
+
+    from jaxft import sharding
+    from jaxft.train import init_state, make_train_step
+
+    run, setup, obj = _jaxft(toy_model, tmp, overrides=["grpo.beta=0.04", *overrides])
+    params, frozen = setup.params, setup.frozen
+    # a nonzero adapter, so that the adapters-on policy differs from the adapters-off reference
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
+    src = obj.train
+    if mesh is not None:
+        params = sharding.place(params, sharding.tree_shardings(params, mesh, "fsdp"))
+        frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, "fsdp"))
+        src.wrap = lambda b: sharding.ShardedBatches(b, mesh)
+    ro = src.assemble(_fixed_prompts(), _fixed_generated())
+    rows, _ = src.finish(ro, params)
+    tx = optax.sgd(1.0)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state, metrics = step(init_state(params, tx), frozen, src.place(rows))
+    return jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+import contextlib  # noqa: E402
+
+
+def test_accumulation_and_devices_do_not_change_the_step(toy_model, tmp_path):
+    """dapo with KL: (B = 8, accumulation 1) == (B = 4, accumulation 2) on a 4-device mesh == 8 devices."""
+    from jaxft import sharding
+    from jaxft.config import MeshConfig
+
+    p1, m1 = _one_step(toy_model, tmp_path, [])
+    p2, m2 = _one_step(toy_model, tmp_path, ["train.batch_size=4", "train.grad_accum=2"],
+                       mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2)))
+    p8, m8 = _one_step(toy_model, tmp_path, [], mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=4)))
+    assert m1["grad_norm"] > 0 and m1["kl"] > 0
+    for p, m in ((p2, m2), (p8, m8)):
+        for k in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
