@@ -526,3 +526,38 @@ def test_accumulation_and_devices_do_not_change_the_step(toy_model, tmp_path):
             np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: final-logit soft-cap
+def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
+    """The sampler's log-probs (temperature 0.7) equal the training forward's on the same tokens (fp32), and
+    the adapters-off forward of a LoRA model equals the base model's."""
+    from flax import nnx
+
+    import jaxft
+    from jaxft import adapters
+    from jaxft.adapters.base import OFF, ON
+    from jaxft.config import LoraConfig
+    from jaxft.generate import Sampling, generate
+    from jaxft.objectives.rollout import completion_logps, layout
+    from tiny import save_model
+
+    save_model(arch, tmp_path)
+    base = jaxft.load_pretrained(tmp_path)
+    model = jaxft.load_pretrained(tmp_path)
+    cfg = LoraConfig(r=4, alpha=8)
+    adapters.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, cfg)
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    gen = generate(graphdef, (params, frozen), prompts, eos_ids={95}, sampling=Sampling(0.7, max_new_tokens=12, seed=3))
+    L = gen.tokens.shape[1]
+    tokens, pos, seg = layout(prompts, gen.tokens, gen.lengths)
+    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((len(prompts), L), np.float32))
+    keep = np.arange(L)[None] < gen.lengths[:, None]
+    lp = completion_logps(nnx.merge(graphdef, params, frozen), rows, ON, 0.7)
+    assert np.abs(np.asarray(lp) - gen.logprobs)[keep].max() <= 1e-5
+    off = completion_logps(nnx.merge(graphdef, params, frozen), rows, OFF, 0.7)
+    plain = completion_logps(base, rows, ON, 0.7)
+    assert np.abs(np.asarray(off) - np.asarray(plain))[keep].max() <= 1e-6
+    assert np.abs(np.asarray(off) - np.asarray(lp))[keep].max() > 1e-3  # the adapter does change them
