@@ -9,8 +9,8 @@ model head an objective trains when it is not the LM head (jaxft.setup.build bui
 
 from __future__ import annotations
 
-from jaxft.objectives import dpo, reward, sft
+from jaxft.objectives import dpo, grpo, reward, sft
 
-OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make}
-CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks}
+OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make, "grpo": grpo.make, "rloo": grpo.make_rloo}
+CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks, "grpo": grpo.checks, "rloo": grpo.checks}
 HEADS = {"reward": "score"}  # jaxft.models.heads.ScoreModel; the others: the causal LM (Decoder)
