@@ -9,8 +9,8 @@ model head an objective trains when it is not the LM head (jaxft.setup.build bui
 
 from __future__ import annotations
 
-from jaxft.objectives import dpo, reward, sft
+from jaxft.objectives import dpo, ppo, reward, sft
 
-OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make}
-CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks}
-HEADS = {"reward": "score"}  # jaxft.models.heads.ScoreModel; the others: the causal LM (Decoder)
+OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make, "ppo": ppo.make}
+CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks, "ppo": ppo.checks}
+HEADS = {"reward": "score", "ppo": "value"}  # heads.ScoreModel, heads.PolicyWithValue; the others: the Decoder

@@ -1,0 +1,460 @@
+"""PPO with a reward model (TRL 1.12's experimental PPOTrainer, the last TRL release that had it).
+
+    obj = make(run, setup, say, wrap)      # a jaxft.objective.Objective over a PolicyWithValue
+
+Conventions: N rollout rows · P prompt length (left-padded, one bucket for the whole dataset) · T =
+ppo.response_length · B micro-batch rows · A = train.grad_accum · M = ppo.num_mini_batches.
+
+One rollout batch is N = B·A·M prompts. Its first optimizer step samples a response per prompt from the
+current weights (jaxft.generate, temperature + 1e-7 as TRL) and scores it; then num_ppo_epochs passes,
+each over a fresh permutation cut into M minibatches of A micro-batches, are that many optimizer steps
+(`train.steps` counts optimizer steps). Per response token t (0-based), with s = index of the last kept
+token (the first EOS, or T − 1) and W = the generated width (TRL's `responses.shape[1]`):
+
+    logp, ref     log-probs at temperature (policy: adapters on; reference: adapters off, no weight copy)
+    padding       t > s (logp = ref := 1.0, TRL's INVALID_LOGPROB);  value padding  t > s + 1 (V := 0)
+    kl            k1: logp − ref   |   k3: (e^(ref−logp) − 1) − (ref − logp)
+    reward        −kl_coef·kl, plus the score at t = s + 1 (s when s + 1 = W) — the reward model's score
+                  at the last kept token, minus missing_eos_penalty without an EOS
+    GAE           δ_t = r_t + γV_{t+1} − V_t,  A_t = δ_t + γλA_{t+1};  returns = A + V;  A whitened over
+                  t ≤ s (Bessel variance, rsqrt(var + 1e-8)), 0 on padding; optional reward whitening first
+    loss          masked_mean(max(−A·ρ, −A·clip(ρ, 1 ± cliprange)), t ≤ s)
+                  + vf_coef · 0.5 · masked_mean(max((v−R)², (clip(v, V ± cliprange_value)−R)²), t ≤ s + 1)
+
+Means are per micro-batch, as TRL's; the loss returns (mean·B, B, metric means·B), so a step's loss
+and metrics are the mean over its micro-batches. Metrics (TRL's names): objective/{kl, entropy,
+non_score_reward, rlhf_reward, scores} of the rows a step trains on, policy/{approxkl_avg,
+clipfrac_avg, entropy_avg}, loss/{policy_avg, value_avg}, val/{clipfrac_avg, ratio}.
+
+The rollout batch (tokens, masks, old log-probs and values, advantages, returns) is written to
+<out_dir>/rollouts/ when sampled, so a run resumed mid-batch continues on the same rollouts; sampling
+is seeded by (train.seed, rollout index) and minibatch permutations by (data.seed, rollout, epoch).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.adapters.base import OFF, ON, Ctx
+from jaxft.config import PpoConfig, RunConfig
+from jaxft.errors import JaxftError
+from jaxft.losses import token_logprobs
+from jaxft.objective import Objective
+
+INVALID_LOGPROB = 1.0  # TRL's fill value on padding: logp − ref = 0 there
+TEMPERATURE_EPS = 1e-7  # TRL samples and scores at temperature + 1e-7
+ROW_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores")
+METRICS = (*ROW_METRICS, "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
+           "loss/value_avg", "val/clipfrac_avg", "val/ratio")
+
+
+# ---------------------------------------------------------------- pure functions of arrays
+
+
+def masked_mean(x, mask):
+    return jnp.sum(x * mask) / jnp.sum(mask)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True):
+    """(x − mean)·rsqrt(var + 1e-8) over the masked entries, var Bessel-corrected (TRL's masked_whiten)."""
+    mean = masked_mean(x, mask)
+    n = jnp.sum(mask)
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards, values, gamma: float, lam: float):
+    """Advantages [N, T] by generalized advantage estimation, backwards over t (V_T = 0)."""
+    next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
+    delta = rewards + gamma * next_values - values  # [N, T]
+
+    def back(last, d):
+        last = d + gamma * lam * last
+        return last, last
+
+    _, adv = jax.lax.scan(back, jnp.zeros_like(delta[:, 0]), delta.T, reverse=True)
+    return adv.T
+
+
+def score_rollout(logp, ref, values, scores, seq_len, stopped, width, cfg: PpoConfig) -> dict:
+    """Rewards, advantages and returns of a rollout batch (TRL 1.12 PPOTrainer.train, steps 3–6).
+
+    logp, ref, values [N, T] fp32 (raw: any value on padding); scores [N] (the reward model's); seq_len
+    [N] index of each row's last kept token; stopped [N] bool (an EOS came); width: the generated width
+    W ≤ T (TRL's arrays are W wide; the positions ≥ W here are padding and change nothing).
+    Returns [N, T] logprobs, values, rewards, advantages, returns, kl, masks (mask_p: t ≤ s, mask_v:
+    t ≤ s + 1 and t < W, mask_w: t < W) and [N] scores (after the EOS penalty) and per-row sums.
+    """
+    T = logp.shape[1]
+    t = jnp.arange(T)[None, :]
+    pad = t > seq_len[:, None]  # [N, T]
+    pad_v = (t > seq_len[:, None] + 1) | (t >= width)
+    logp, ref = jnp.where(pad, INVALID_LOGPROB, logp), jnp.where(pad, INVALID_LOGPROB, ref)
+    values = jnp.where(pad_v, 0.0, values)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~stopped)
+    logr = ref - logp
+    kl = -logr if cfg.kl_estimator == "k1" else jnp.expm1(logr) - logr
+    non_score = -cfg.kl_coef * kl
+    end = jnp.where(seq_len + 1 < width, seq_len + 1, seq_len)  # one past the last kept token, if it exists
+    rewards = non_score + jax.nn.one_hot(end, T, dtype=non_score.dtype) * scores[:, None]
+    if cfg.whiten_rewards:
+        rewards = jnp.where(pad_v, 0.0, masked_whiten(rewards, ~pad_v, shift_mean=False))
+    adv = gae(rewards, values, cfg.gamma, cfg.lam)
+    returns = adv + values
+    adv = jnp.where(pad, 0.0, masked_whiten(adv, ~pad))
+    f = lambda m: m.astype(logp.dtype)  # noqa: E731
+    return dict(logprobs=logp, values=values, rewards=rewards, advantages=adv, returns=returns, kl=kl,
+                scores=scores, mask_p=f(~pad), mask_v=f(~pad_v), mask_w=f(jnp.broadcast_to(t < width, pad.shape)),
+                kl_sum=kl.sum(1), entropy_sum=(-logp * f(~pad)).sum(1), non_score_sum=non_score.sum(1))
+
+
+def ppo_losses(new_logp, vpred, mb: dict, cfg: PpoConfig):
+    """The clipped policy and value losses of one micro-batch → (loss·B, B, {metric: value·B}).
+
+    new_logp, vpred [B, T] fp32 from the current weights; mb holds the rollout's logprobs, values,
+    advantages, returns and masks [B, T] (see `score_rollout`). Means over the micro-batch as TRL's."""
+    B = new_logp.shape[0]
+    m_p, m_v, m_w = mb["mask_p"], mb["mask_v"], mb["mask_w"]
+    new_logp = jnp.where(m_p > 0, new_logp, INVALID_LOGPROB)
+    vpred = jnp.where(m_v > 0, vpred, 0.0)
+    old_v, ret, adv = mb["values"], mb["returns"], mb["advantages"]
+    v_clip = jnp.clip(vpred, old_v - cfg.cliprange_value, old_v + cfg.cliprange_value)
+    vf1, vf2 = (vpred - ret) ** 2, (v_clip - ret) ** 2
+    vf_loss = 0.5 * masked_mean(jnp.maximum(vf1, vf2), m_v)
+    diff = new_logp - mb["logprobs"]
+    ratio = jnp.exp(diff)
+    pg1, pg2 = -adv * ratio, -adv * jnp.clip(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
+    pg_loss = masked_mean(jnp.maximum(pg1, pg2), m_p)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    sg = jax.lax.stop_gradient
+    metrics = {"loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
+               "policy/clipfrac_avg": masked_mean((pg2 > pg1).astype(ratio.dtype), m_p),
+               "val/clipfrac_avg": masked_mean((vf2 > vf1).astype(ratio.dtype), m_v),
+               "policy/approxkl_avg": 0.5 * masked_mean(diff ** 2, m_w),  # TRL: over every position < W
+               "val/ratio": masked_mean(ratio, m_w)}
+    return loss * B, jnp.asarray(B, jnp.float32), {k: sg(v) * B for k, v in metrics.items()}
+
+
+def row_metrics(mb: dict) -> dict:
+    """Sums over the micro-batch's rows of the rollout's per-row objective/* values."""
+    return {"objective/kl": mb["kl_sum"].sum(), "objective/entropy": mb["entropy_sum"].sum(),
+            "objective/non_score_reward": mb["non_score_sum"].sum(), "objective/scores": mb["scores"].sum(),
+            "objective/rlhf_reward": (mb["non_score_sum"] + mb["scores"]).sum()}
+
+
+# ---------------------------------------------------------------- the model's side
+
+
+def policy_forward(model, mb: dict, ctx: Ctx, temperature: float, values: bool = True):
+    """Response log-probs [B, T] at `temperature` and value estimates [B, T] (or None) of a rollout
+    micro-batch: tokens/positions/segment_ids [B, P + T] (prompt, then response), responses [B, T].
+    Token t is predicted from position P − 1 + t, and its value is read there too (TRL's shift)."""
+    T = mb["responses"].shape[1]
+    h, _ = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], ctx=ctx)
+    hr = h[:, h.shape[1] - T - 1:-1]  # [B, T, D]
+    lp = token_logprobs(model, hr, mb["responses"], temperature=temperature + TEMPERATURE_EPS)
+    return lp, (model.values(hr) if values else None), hr
+
+
+def _entropy(model, hr, temperature: float, mask):
+    """Mean over the masked tokens of the sampling distribution's entropy, outside the gradient (TRL
+    averages every position < W; the padding positions' logits are not defined the same way here)."""
+    z = model.logits(jax.lax.stop_gradient(hr)).astype(jnp.float32) / (temperature + TEMPERATURE_EPS)  # [B, T, V]
+    ent = jax.nn.logsumexp(z, axis=-1) - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)  # [B, T]
+    return masked_mean(jax.lax.stop_gradient(ent), mask)
+
+
+def make_loss(cfg: PpoConfig):
+    """loss_fn(model, micro-batch, ctx) → (loss·B, B, {metric: ·B}) for a PolicyWithValue."""
+
+    def loss_fn(model, mb, ctx: Ctx = ON):
+        lp, v, hr = policy_forward(model, mb, ctx, cfg.temperature)
+        s, c, sums = ppo_losses(lp, v, mb, cfg)
+        sums["policy/entropy_avg"] = _entropy(model, hr, cfg.temperature, mb["mask_p"]) * c
+        return s, c, {**sums, **row_metrics(mb)}
+
+    return loss_fn
+
+
+def make_rollout_fn(graphdef, rm_graphdef, cfg: PpoConfig):
+    """jit (params, frozen, rm_weights, mb) → old logprobs, values, reference logprobs [B, T] and the
+    reward model's score [B] at each row's last kept token (position P + seq_len)."""
+
+    def fn(params, frozen, rm_weights, mb):
+        model = nnx.merge(graphdef, params, frozen)
+        lp, v, _ = policy_forward(model, mb, ON, cfg.temperature)
+        ref, _, _ = policy_forward(model, mb, OFF, cfg.temperature, values=False)
+        rm = nnx.merge(rm_graphdef, *rm_weights)
+        h, _ = rm.model(mb["tokens"], mb["positions"], mb["segment_ids"])  # [B, P + T, D]
+        at = h.shape[1] - mb["responses"].shape[1] + mb["seq_len"]  # [B]
+        last = jnp.take_along_axis(h, at[:, None, None], axis=1)[:, 0]  # [B, D]
+        score = rm.score(last.astype(jnp.float32))[:, 0]
+        return dict(logp=lp, values=v, ref=jax.lax.stop_gradient(ref), score=score)
+
+    return jax.jit(fn)
+
+
+# ---------------------------------------------------------------- rollouts on the host
+
+
+def layout(prompts: list[np.ndarray], tokens: np.ndarray, lengths: np.ndarray, P: int, T: int) -> dict:
+    """The forward batch of sampled rows: prompts left-padded to P, responses right after, to T.
+
+    tokens [N, W] as sampled (W ≤ T), lengths [N] (up to and including the first EOS). Returns
+    tokens / positions / segment_ids [N, P + T] (segment 0 = padding: before the prompt and after the
+    last kept token), responses [N, T] (0 after it) and seq_len [N] (index of the last kept token)."""
+    N, W = tokens.shape
+    seq_len = lengths.astype(np.int32) - 1
+    keep = np.arange(T)[None, :] <= seq_len[:, None]  # [N, T]
+    responses = np.where(keep, np.pad(tokens, ((0, 0), (0, T - W))), 0).astype(np.int32)
+    ids, seg, pos = np.zeros((N, P + T), np.int32), np.zeros((N, P + T), np.int32), np.zeros((N, P + T), np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        ids[i, P - n:P], seg[i, P - n:P], pos[i, P - n:P] = p, 1, np.arange(n)
+        pos[i, P:] = n + np.arange(T)
+    ids[:, P:], seg[:, P:] = responses, keep
+    return dict(tokens=ids, positions=pos, segment_ids=seg, responses=responses, seq_len=seq_len)
+
+
+class _Rows:
+    """The current rollout batch's arrays and the row order of each optimizer step, in the shape
+    jaxft.sharding.ShardedBatches reads (`batch(i)`: micro-batch i of the step being served; each
+    process assembles the whole micro-batch, devices take their rows)."""
+
+    row_subsets = False
+
+    def __init__(self, batch_size: int, seq_len: int):
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.arrays: dict[str, np.ndarray] = {}
+        self.order = np.zeros(0, np.int64)  # rows of the step being served, micro-batch after micro-batch
+
+    def __len__(self) -> int:
+        return max(len(self.order) // self.batch_size, 1)
+
+    def batch(self, i: int, rows=slice(None)) -> dict[str, np.ndarray]:
+        B = self.batch_size
+        idx = self.order[i * B:(i + 1) * B][rows]
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def step(self, step: int, accum: int) -> dict[str, np.ndarray]:
+        mbs = [self.batch(step * accum + j) for j in range(accum)]
+        return {k: np.stack([m[k] for m in mbs]) for k in mbs[0]}
+
+
+FORWARD_KEYS = ("tokens", "positions", "segment_ids", "responses", "seq_len")
+TRAIN_KEYS = ("tokens", "positions", "segment_ids", "responses", "logprobs", "values", "advantages", "returns",
+              "mask_p", "mask_v", "mask_w", "scores", "kl_sum", "entropy_sum", "non_score_sum")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
+
+
+class RolloutSource:
+    """The PPO BatchSource: `source(step, params)` → the micro-batches [A, B, ...] of optimizer step `step`.
+
+    Keys (placed by `wrap`): tokens / positions / segment_ids [A, B, P + T]; responses, logprobs, values,
+    advantages, returns, mask_p, mask_v, mask_w [A, B, T]; scores, kl_sum, entropy_sum, non_score_sum
+    [A, B]. All of them are computed outside the gradient, once per rollout batch, from the weights of
+    that batch's first step: sampling, the policy's log-probs and values, the adapter-off reference's
+    log-probs, the reward model's score, then `score_rollout`.
+    """
+
+    def __init__(self, run: RunConfig, setup, prompts: list[np.ndarray], reward, wrap, say=lambda *a: None):
+        from jaxft.generate import eos_token_ids
+
+        c, t = run.ppo, run.train
+        self.cfg, self.run, self.setup, self.prompts, self.say = c, run, setup, prompts, say
+        self.B, self.A, self.M = t.batch_size, t.grad_accum, c.num_mini_batches
+        self.N = self.B * self.A * self.M
+        self.per_rollout = c.num_ppo_epochs * self.M  # optimizer steps per rollout batch
+        self.P, self.T = -(-max(len(p) for p in prompts) // 32) * 32, c.response_length
+        self.rows = _Rows(self.B, self.P + self.T)
+        self.placed = wrap(self.rows)
+        self.mesh = getattr(self.placed, "mesh", None)
+        self.eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
+        self.reward_graphdef, self.reward_weights = reward
+        self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, c)
+        self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c), static_argnums=())
+        self.dir = Path(t.out_dir) / "rollouts"
+        self.index = None  # which rollout batch self.rows holds
+
+    def __len__(self) -> int:
+        return max(len(self.prompts) // self.B, 1)
+
+    def close(self) -> None:
+        pass
+
+    def _prompt_rows(self, k: int) -> list[int]:
+        """The N prompt indices of rollout batch k: epoch after epoch over a seeded shuffle of the prompts."""
+        n, out = len(self.prompts), []
+        for i in range(k * self.N, (k + 1) * self.N):
+            epoch, j = divmod(i, n)
+            out.append(int(np.random.default_rng(_seed(self.run.data.seed, epoch)).permutation(n)[j]))
+        return out
+
+    def _sample(self, k: int, params) -> dict[str, np.ndarray]:
+        """Rollout batch k from the weights `params`: sample, forward, score, advantages (host arrays)."""
+        from jaxft.generate import Sampling, generate
+
+        prompts = [self.prompts[i] for i in self._prompt_rows(k)]
+        s = Sampling(temperature=self.cfg.temperature + TEMPERATURE_EPS, max_new_tokens=self.T,
+                     seed=_seed(self.run.train.seed, k))
+        gen = generate(self.setup.graphdef, (params, self.setup.frozen), [p.tolist() for p in prompts],
+                       eos_ids=self.eos, sampling=s, mesh=self.mesh)
+        fwd = layout(prompts, gen.tokens, gen.lengths, self.P, self.T)
+        self.rows.arrays, outs = fwd, []
+        for i in range(self.N // self.B):  # the forward passes in micro-batches, as training runs them
+            self.rows.order = np.arange(i * self.B, (i + 1) * self.B)
+            mb = self.placed.batch(0)
+            outs.append(jax.device_get(self.rollout_fn(params, self.setup.frozen, self.reward_weights, mb)))
+        got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        scored = jax.device_get(self.score_fn(got["logp"], got["ref"], got["values"], got["score"], fwd["seq_len"],
+                                              gen.stopped, np.int32(gen.tokens.shape[1])))
+        return {**{k: fwd[k] for k in FORWARD_KEYS}, **{k: np.asarray(scored[k]) for k in TRAIN_KEYS if k in scored}}
+
+    def _load(self, k: int, params) -> dict[str, np.ndarray]:
+        """Rollout batch k: sampled at its first step (and saved), read back when a run resumes inside it."""
+        path = self.dir / f"{k}.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                return dict(f)
+        raise JaxftError(f"{path}: missing; a PPO run resumed inside a rollout batch needs the rollouts it "
+                         f"trained on (written beside the checkpoints)")
+
+    def _save(self, k: int, arrays: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{k}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.dir / f"{k}.npz")
+        for old in self.dir.glob("*.npz"):  # a resume needs only the newest batch
+            if old.stem.isdigit() and int(old.stem) < k:
+                old.unlink()
+
+    def __call__(self, step: int, params) -> dict:
+        k, i = divmod(step - 1, self.per_rollout)
+        if self.index != k:
+            if i == 0:
+                arrays = self._sample(k, params)
+                self._save(k, arrays)
+            else:
+                arrays = self._load(k, params)
+            self.rows.arrays, self.index = arrays, k
+        epoch, mb = divmod(i, self.M)
+        perm = np.random.default_rng(_seed(self.run.data.seed, k, epoch)).permutation(self.N)
+        self.rows.order = perm[mb * self.A * self.B:(mb + 1) * self.A * self.B]
+        return self.placed.step(0, self.A)
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
+    """PPO's validation (jaxft.config.validate runs it when objective = ppo)."""
+    c, lora = run.ppo, run.lora
+    return [
+        (c.reward_model is not None, "ppo.reward_model", "is required: a jaxft reward run directory or a "
+                                                         "*ForSequenceClassification model"),
+        (lora.enabled and not lora.modules_to_save, "lora.enabled", "PPO trains a LoRA policy: its reference "
+                                                                     "is the adapter switched off (no modules_to_save)"),
+        (lora.dropout == 0, "lora.dropout", "must be 0 for ppo (TRL disables dropout: the first ratio must be 1)"),
+        (c.num_ppo_epochs >= 1, "ppo.num_ppo_epochs", "must be >= 1"),
+        (c.num_mini_batches >= 1, "ppo.num_mini_batches", "must be >= 1"),
+        (c.response_length >= 1, "ppo.response_length", "must be >= 1"),
+        (c.temperature > 0, "ppo.temperature", "must be > 0 (PPO samples)"),
+        (c.kl_coef >= 0, "ppo.kl_coef", "must be >= 0"),
+        (c.cliprange > 0, "ppo.cliprange", "must be > 0"),
+        (c.cliprange_value > 0, "ppo.cliprange_value", "must be > 0"),
+        (c.vf_coef >= 0, "ppo.vf_coef", "must be >= 0"),
+        (0 <= c.gamma <= 1, "ppo.gamma", "must be in [0, 1]"),
+        (0 <= c.lam <= 1, "ppo.lam", "must be in [0, 1]"),
+        (run.train.batch_size * run.train.grad_accum * c.num_mini_batches >= 2, "train.batch_size",
+         "a rollout batch (batch_size * grad_accum * num_mini_batches) needs >= 2 rows to whiten advantages"),
+        (run.data.max_length > c.response_length, "data.max_length",
+         f"must exceed ppo.response_length ({c.response_length}): prompts get the rest"),
+        (run.eval.file is None, "eval.file", "objective ppo has no generation metric during training; evaluate "
+                                             "the exported policy with jaxft eval"),
+    ]
+
+
+def load_reward(path: str, setup):
+    """The frozen reward model (graphdef, (params, frozen)) on one device, checked against the policy."""
+    from jaxft.objectives.reward import Scorer
+
+    scorer = Scorer.load(path)
+    rm = nnx.merge(scorer.graphdef, scorer.params, scorer.frozen)
+    vocab = setup.frozen["model"]["embed_tokens"]["embedding"].shape[0]  # the reward model reads the policy's ids
+    if rm.config.vocab_size != vocab:
+        raise JaxftError(f"ppo.reward_model: {path} has a vocabulary of {rm.config.vocab_size} tokens, the policy "
+                         f"{vocab}; PPO scores the policy's token ids, so both need the same tokenizer")
+    return scorer.graphdef, (scorer.params, scorer.frozen), rm.score.kernel[...]
+
+
+def init_value_head(setup, kernel) -> None:
+    """Start the value head from the reward model's score kernel [D, 1] (TRL's example initializes the
+    value model from the reward model), on the head's own sharding."""
+    old = setup.params["value_head"]["kernel"]
+    if tuple(kernel.shape) != tuple(old.shape):
+        raise JaxftError(f"ppo.value_init=reward: the reward model's score head is {list(kernel.shape)}, the "
+                         f"policy's value head {list(old.shape)} (different hidden sizes); use ppo.value_init=random")
+    old.set_value(jax.device_put(jnp.asarray(kernel, old.get_value().dtype), old.get_value().sharding))
+
+
+def load_prompts(run: RunConfig, tokenizer, say=lambda *a: None) -> list[np.ndarray]:
+    """Prompt token ids of data.train: `prompt` (string or messages) rows, or `messages` rows without their
+    final assistant turn, rendered with the chat template; prompts longer than data.max_length −
+    ppo.response_length are dropped and counted."""
+    from jaxft.generate import chat_prompt
+    from jaxft.prepare import read_rows
+
+    limit = run.data.max_length - run.ppo.response_length
+    out, bad, long = [], 0, 0
+    for rec in read_rows(run.data.train):
+        row = rec.row
+        msgs = None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            msgs = [{"role": "user", "content": row["prompt"]}]
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), list):
+            msgs = row["prompt"]
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            msgs = row["messages"][:-1] if row["messages"] and row["messages"][-1].get("role") == "assistant" \
+                else row["messages"]
+        if not msgs:
+            if run.data.strict:
+                raise JaxftError(f"{rec.where}: not a prompt row (prompt or messages)")
+            bad += 1
+            continue
+        if run.data.system_prompt and msgs[0].get("role") != "system":
+            msgs = [{"role": "system", "content": run.data.system_prompt}, *msgs]
+        ids = np.asarray(chat_prompt(tokenizer, msgs), np.int32)
+        if len(ids) > limit:
+            long += 1
+            continue
+        out.append(ids)
+    say(f"train prompts: {len(out)} ({bad} skipped, {long} longer than {limit} tokens dropped)")
+    if not out:
+        raise JaxftError(f"data.train: {run.data.train}: no usable prompt rows")
+    return out
+
+
+def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
+    """The PPO objective over setup's PolicyWithValue: the rollout source, the clipped losses, no validation."""
+    source = None
+    if train:
+        graphdef, weights, kernel = load_reward(run.ppo.reward_model, setup)
+        if run.ppo.value_init == "reward":
+            init_value_head(setup, kernel)
+        source = RolloutSource(run, setup, load_prompts(run, setup.tokenizer, say), (graphdef, weights), wrap, say)
+    return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo), count_name="episodes", metrics=METRICS,
+                     headline=())
