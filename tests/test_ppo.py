@@ -168,7 +168,8 @@ def _overrides(toy, out, **extra):
     o = {"model.path": toy / "policy", "ppo.reward_model": toy / "reward", "data.train": toy / "train.jsonl",
          "data.max_length": 64, "ppo.response_length": 6, "ppo.temperature": 1.0, "ppo.num_ppo_epochs": 2,
          "train.batch_size": 8, "train.grad_accum": 1, "lora.r": 4, "lora.alpha": 8, "optim.lr": 3e-3,
-         "optim.schedule": "constant", "ppo.kl_coef": 0.01, "train.out_dir": out, "ppo.value_init": "random"}
+         "optim.schedule": "constant", "ppo.kl_coef": 0.01, "train.out_dir": out, "ppo.value_init": "random",
+         "ppo.missing_eos_penalty": None}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -181,12 +182,102 @@ def test_tiny_policy_learns_the_toy_reward(toy, tmp_path):
     from jaxft.train import train
 
     run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run", **{
-        "train.steps": 24, "train.save_every": 24}))
+        "train.steps": 32, "train.save_every": 32, "train.batch_size": 16}))
     train(run, progress=False)
     rows = _rows(tmp_path / "run")
-    assert all(k in rows[0] for k in ("loss", "episodes", *METRICS))
-    first = np.mean([r["objective/scores"] for r in rows[:4]])
-    last = np.mean([r["objective/scores"] for r in rows[-4:]])
-    assert last > first + 0.2, (first, last)
+    assert all(k in rows[0] for k in ("loss", "episodes", *METRICS)) and rows[0]["episodes"] == 16
+    scores = [r["objective/scores"] for r in rows[::2]]  # one per rollout batch (2 epochs each)
+    first, last = np.mean(scores[:4]), np.mean(scores[-4:])
+    assert last > first + 0.3, scores
     assert rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)  # the first step is exactly on-policy
     assert rows[0]["policy/approxkl_avg"] < 1e-9 and rows[0]["policy/clipfrac_avg"] == 0.0
+
+
+def _cli_train(args):
+    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_and_resume_inside_a_rollout_batch_reproduces_the_run(toy, tmp_path):
+    """The checkpoint at step 7 falls inside a rollout batch (2 optimizer steps each): the run killed after
+    it and resumed reads that batch's rollouts back for step 8, samples step 9's batch again from the
+    restored weights, and logs bit-identical rows (CPU)."""
+    cfg = ROOT / "configs" / "ppo_lora.yaml"
+    common = {"train.steps": 40, "train.save_every": 7, "train.keep": 1, "ppo.missing_eos_penalty": 0.5}
+    run = tmp_path / "run"
+    p = _cli_train([cfg, *_overrides(toy, run, **common)])
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:  # kill it once it has logged step 9 (checkpoint at 7)
+        if (run / "metrics.jsonl").exists() and max((r["step"] for r in _rows(run)), default=0) >= 9:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    _, err = p.communicate()
+    assert p.returncode == -signal.SIGKILL, err
+    before = {x["step"]: x for x in _rows(run)}
+    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved == [7], saved  # inside a rollout batch (the next checkpoint, 14, not reached)
+    r = _cli_train([cfg, *_overrides(toy, run, **common), "--resume"])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert f"(step {saved[-1]})" in err
+    after = {x["step"]: x for x in _rows(run)}
+    assert sorted(after) == list(range(1, 41))
+    again = [s for s in before if s > 7]
+    assert len(again) >= 2
+    for s in again:  # logged before the kill and again after the resume
+        for k in ("loss", "grad_norm", *METRICS):
+            assert after[s][k] == before[s][k], (s, k)
+
+
+def test_step_rollout_and_sampler_compile_once_for_new_weights(toy, tmp_path):
+    from jaxft.generate import _run
+    from jaxft.objectives import ppo
+    from jaxft.setup import build
+    from jaxft.train import init_state, make_optimizer, make_train_step
+
+    run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run"))
+    setup = build(run)
+    obj = ppo.make(run, setup)
+    tx = make_optimizer(run.optim, 10, setup.params)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    state = jax.device_put(init_state(setup.params, tx), jax.devices()[0])
+    before = _run._cache_size()
+    losses = []
+    for s in (1, 2, 3, 4):  # two rollout batches (steps 1 and 3 sample), four optimizer steps
+        state, m = step(state, setup.frozen, obj.train(s, state["params"]))
+        losses.append(float(m["loss"]))
+    assert step._cache_size() == 1 and obj.train.rollout_fn._cache_size() == 1
+    assert obj.train.score_fn._cache_size() == 1 and _run._cache_size() - before <= 1
+    assert len(set(losses)) == 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("ppo.reward_model=null", "ppo.reward_model: is required"),
+    ("lora.enabled=false", "lora.enabled: PPO trains a LoRA policy"),
+    ("lora.modules_to_save=[lm_head]", "lora.enabled: PPO trains a LoRA policy"),
+    ("lora.dropout=0.1", "lora.dropout: must be 0 for ppo"),
+    ("ppo.kl_estimator=k2", "ppo.kl_estimator: 'k2' is not one of 'k1', 'k3'"),
+    ("ppo.gamma=1.5", r"ppo.gamma: must be in \[0, 1\]"),
+    ("ppo.num_ppo_epochs=0", "ppo.num_ppo_epochs: must be >= 1"),
+    ("ppo.temperature=0", "ppo.temperature: must be > 0"),
+    ("ppo.response_length=300", r"data.max_length: must exceed ppo.response_length \(300\)"),
+    ("train.batch_size=1", "train.batch_size: a rollout batch"),
+    ("ppo.value_init=zero", "ppo.value_init: 'zero' is not one of 'reward', 'random'"),
+])
+def test_bad_config_is_one_line(override, message):
+    with pytest.raises(JaxftError, match=message) as e:
+        load_config(ROOT / "configs" / "ppo_lora.yaml", [override])
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(ROOT / "configs" / "ppo_lora.yaml"))
+
+
+def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):
+    from jaxft.objectives import ppo
+    from jaxft.setup import build
+    from tiny import save_model
+
+    save_model("llama", tmp_path / "small")  # vocabulary 96
+    run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run", **{
+        "ppo.reward_model": tmp_path / "small"}))
+    with pytest.raises(JaxftError, match="ppo.reward_model: .* has a vocabulary of 96 tokens, the policy 49152"):
+        ppo.make(run, build(run))

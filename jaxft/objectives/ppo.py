@@ -286,6 +286,8 @@ class RolloutSource:
         self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, c)
         self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c), static_argnums=())
         self.dir = Path(t.out_dir) / "rollouts"
+        # rollout batches a kept checkpoint may resume inside (jaxft.checkpoint keeps train.keep of them)
+        self.kept = (t.keep * t.save_every) // self.per_rollout + 2
         self.index = None  # which rollout batch self.rows holds
 
     def __len__(self) -> int:
@@ -322,7 +324,7 @@ class RolloutSource:
                                               gen.stopped, np.int32(gen.tokens.shape[1])))
         return {**{k: fwd[k] for k in FORWARD_KEYS}, **{k: np.asarray(scored[k]) for k in TRAIN_KEYS if k in scored}}
 
-    def _load(self, k: int, params) -> dict[str, np.ndarray]:
+    def _load(self, k: int) -> dict[str, np.ndarray]:
         """Rollout batch k: sampled at its first step (and saved), read back when a run resumes inside it."""
         path = self.dir / f"{k}.npz"
         if path.is_file():
@@ -338,8 +340,8 @@ class RolloutSource:
         tmp = self.dir / f".{k}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, self.dir / f"{k}.npz")
-        for old in self.dir.glob("*.npz"):  # a resume needs only the newest batch
-            if old.stem.isdigit() and int(old.stem) < k:
+        for old in self.dir.glob("*.npz"):
+            if old.stem.isdigit() and int(old.stem) <= k - self.kept:
                 old.unlink()
 
     def __call__(self, step: int, params) -> dict:
@@ -349,7 +351,7 @@ class RolloutSource:
                 arrays = self._sample(k, params)
                 self._save(k, arrays)
             else:
-                arrays = self._load(k, params)
+                arrays = self._load(k)
             self.rows.arrays, self.index = arrays, k
         epoch, mb = divmod(i, self.M)
         perm = np.random.default_rng(_seed(self.run.data.seed, k, epoch)).permutation(self.N)
