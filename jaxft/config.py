@@ -129,6 +129,53 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """On-policy sampling and rewards, shared by the RL objectives (jaxft/objectives/rollout.py, rewards.py).
+
+    train.batch_size counts completions per micro-batch (TRL's per_device_train_batch_size); a step's
+    generation batch is batch_size × grad_accum completions = that / num_generations prompts."""
+
+    num_generations: int | None = None  # G completions per prompt; None = the objective's default (grpo 8, rloo 2)
+    max_completion_length: int = 256  # new tokens per completion (TRL: 512)
+    temperature: float = 1.0  # sampling AND training log-probs (TRL); > 0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    reward_funcs: tuple[str, ...] = ("json_fields",)  # built-in names, module:function or path/to/file.py:function
+    reward_weights: tuple[float, ...] | None = None  # one per reward function; None = all 1.0
+    mask_truncated_completions: bool = False  # completions without EOS: no loss (still in the group statistics)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO and its variants (objective: grpo); TRL 1.16 GRPOConfig's names and defaults."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = "dapo"
+    beta: float = 0.0  # k3 KL coefficient; 0 = no reference forward at all
+    epsilon: float = 0.2  # clip range (low)
+    epsilon_high: float | None = None  # None = epsilon (DAPO: 0.28; CISPO: the ratio cap, e.g. 5.0)
+    delta: float | None = None  # two-sided clip: the ratio capped at delta (INTELLECT-2)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    use_bias_correction_kl: bool = True  # KL multiplied by the (differentiable) ratio
+    num_iterations: int = 1  # optimizer steps per generation batch (μ); > 1 stores the old log-probs
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+
+@dataclasses.dataclass(frozen=True)
+class RlooConfig:
+    """RLOO (objective: rloo); TRL 1.16 RLOOConfig's names and defaults."""
+
+    beta: float = 0.05  # sequence-level k1 KL subtracted from the reward
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    normalize_advantages: bool = False
+    reward_clip_range: tuple[float, ...] | None = None  # (low, high)
+
+
+@dataclasses.dataclass(frozen=True)
 class PpoConfig:
     """PPO with a reward model (objective: ppo); see jaxft/objectives/ppo.py (TRL 1.12 PPOConfig's keys)."""
 
@@ -136,8 +183,7 @@ class PpoConfig:
     value_init: Literal["reward", "random"] = "reward"  # value head from the reward model's score (TRL's example)
     num_ppo_epochs: int = 4  # optimizer passes over each rollout batch
     num_mini_batches: int = 1  # rollout batch = train.batch_size * train.grad_accum * num_mini_batches prompts
-    response_length: int = 53  # new tokens sampled per prompt
-    temperature: float = 0.7  # sampling and training log-probs at temperature + 1e-7, as TRL
+    # sampling: rollout.max_completion_length (TRL's response_length, 53) and rollout.temperature (TRL: 0.7)
     kl_coef: float = 0.05
     kl_estimator: Literal["k1", "k3"] = "k1"
     cliprange: float = 0.2
@@ -173,6 +219,9 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
     dpo: DpoConfig = DpoConfig()
     reward: RewardConfig = RewardConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    rloo: RlooConfig = RlooConfig()
     ppo: PpoConfig = PpoConfig()
     mesh: MeshConfig = MeshConfig()
 
@@ -346,6 +395,34 @@ def _init_ok(init: str) -> bool:
     return init.startswith("pissa_niter_") and k.isdigit() and int(k) >= 1
 
 
+def rl_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
+    """Ranges of the rollout / grpo / rloo sections, whatever the objective."""
+    r, g, o = run.rollout, run.grpo, run.rloo
+    return [
+        (r.num_generations is None or r.num_generations >= 2, "rollout.num_generations", "must be >= 2 or null"),
+        (r.max_completion_length >= 1, "rollout.max_completion_length", "must be >= 1"),
+        (r.temperature > 0, "rollout.temperature", "must be > 0 (the log-probs are taken at this temperature)"),
+        (r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)"),
+        (0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]"),
+        (bool(r.reward_funcs), "rollout.reward_funcs", "is empty"),
+        (r.reward_weights is None or len(r.reward_weights) == len(r.reward_funcs), "rollout.reward_weights",
+         f"has {len(r.reward_weights or ())} values for {len(r.reward_funcs)} reward functions"),
+        (g.beta >= 0, "grpo.beta", "must be >= 0"),
+        (0 <= g.epsilon < 1, "grpo.epsilon", "must be in [0, 1)"),
+        (g.epsilon_high is None or g.epsilon_high >= 0, "grpo.epsilon_high", "must be >= 0 or null"),
+        (g.delta is None or g.delta > 1, "grpo.delta", "must be > 1 or null"),
+        (g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1"),
+        (g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0, "grpo.sapo_temperature_pos", "must be > 0"),
+        (o.beta >= 0, "rloo.beta", "must be >= 0"),
+        (0 <= o.epsilon < 1, "rloo.epsilon", "must be in [0, 1)"),
+        (o.epsilon_high is None or o.epsilon_high >= 0, "rloo.epsilon_high", "must be >= 0 or null"),
+        (o.num_iterations >= 1, "rloo.num_iterations", "must be >= 1"),
+        (o.reward_clip_range is None or (len(o.reward_clip_range) == 2
+                                         and o.reward_clip_range[0] <= o.reward_clip_range[1]),
+         "rloo.reward_clip_range", "must be [low, high] with low <= high, or null"),
+    ]
+
+
 def validate(run: RunConfig) -> None:
     """Impossible values, each a one-line error naming the key."""
     _check_numbers(run)
@@ -395,6 +472,7 @@ def validate(run: RunConfig) -> None:
          "reward.center_rewards_coefficient", "must be >= 0 or null"),  # a range whatever the objective
         (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
          "must be >= 1 or null"),
+        *rl_checks(run),
     ]
     from jaxft.objectives import CHECKS  # each objective validates its own section against the others
 

@@ -66,8 +66,15 @@ def _rows(n: int) -> int:
 def token_logprob(logits, tok, temperature: float):
     """log p(tok) [B] under softmax(logits / T) — T = 1 for greedy decoding — over the whole vocabulary
     (top-k / top-p truncation is not renormalized: the training forward's log-probs match it)."""
+    return _logprob_entropy(logits, tok, temperature)[0]
+
+
+def _logprob_entropy(logits, tok, temperature: float):
+    """(log p(tok) [B], entropy [B] in nats) of softmax(logits / T) over the whole vocabulary."""
     z = logits / temperature if temperature > 0 else logits
-    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
+    lsm = jax.nn.log_softmax(z, axis=-1)
+    entropy = -jnp.sum(jnp.exp(lsm) * lsm, axis=-1)
+    return jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0], entropy
 
 
 @dataclasses.dataclass
@@ -76,6 +83,7 @@ class Generated:
 
     tokens [B, n] int: every sampled token (EOS included; what follows it is filler)
     logprobs [B, n] fp32: each token's log-prob at the sampling temperature
+    entropies [B, n] fp32: the entropy (nats) of the temperature-scaled distribution each token came from
     lengths [B]: tokens up to and including the first EOS (n when none came); stopped [B]: an EOS came
     """
 
@@ -83,6 +91,7 @@ class Generated:
     logprobs: np.ndarray
     lengths: np.ndarray
     stopped: np.ndarray
+    entropies: np.ndarray | None = None
 
     def ids(self) -> list[list[int]]:
         """Each row's new token ids without the EOS that ended it."""
@@ -103,14 +112,15 @@ def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx,
     def pick(h, key):
         logits = model.logits(h[:, -1]).astype(jnp.float32)  # [B, V]
         tok = sample_logits(logits, key, sampling).astype(jnp.int32)
-        return tok, token_logprob(logits, tok, T)
+        return tok, *_logprob_entropy(logits, tok, T)
 
     cache = model.init_cache(B, P + length)
     h, cache = model.hidden(tokens, positions, segment_ids, cache, ctx)
     key, sub = jax.random.split(key)
-    tok, lp = pick(h, sub)
+    tok, lp, ent = pick(h, sub)
     out_tok = jnp.zeros((B, length), jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((B, length), jnp.float32).at[:, 0].set(lp)
+    out_ent = jnp.zeros((B, length), jnp.float32).at[:, 0].set(ent)
     done = ~alive | jnp.isin(tok, eos)
     if on_token is not None:
         io_callback(on_token, None, tok, ordered=True)
@@ -123,15 +133,15 @@ def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx,
         i, tok, pos, cache, done, key, outs = c
         key, sub = jax.random.split(key)
         h, cache = model.hidden(tok[:, None], pos[:, None], jnp.ones_like(tok)[:, None], cache, ctx)
-        tok, lp = pick(h, sub)
+        tok, lp, ent = pick(h, sub)
         if on_token is not None:
             io_callback(on_token, None, tok, ordered=True)
-        outs = (outs[0].at[:, i].set(tok), outs[1].at[:, i].set(lp))
+        outs = (outs[0].at[:, i].set(tok), outs[1].at[:, i].set(lp), outs[2].at[:, i].set(ent))
         return i + 1, tok, pos + 1, cache, done | jnp.isin(tok, eos), key, outs
 
-    start = (jnp.ones((), jnp.int32), tok, positions[:, -1] + 1, cache, done, key, (out_tok, out_lp))
-    n, *_, (out_tok, out_lp) = jax.lax.while_loop(cond, body, start)
-    return out_tok, out_lp, n
+    start = (jnp.ones((), jnp.int32), tok, positions[:, -1] + 1, cache, done, key, (out_tok, out_lp, out_ent))
+    n, *_, (out_tok, out_lp, out_ent) = jax.lax.while_loop(cond, body, start)
+    return out_tok, out_lp, out_ent, n
 
 
 def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
@@ -170,7 +180,7 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
         rows = NamedSharding(mesh, batch_spec(mesh, R))
         args = tuple(jax.device_put(a, rows) for a in args)
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        out_tok, out_lp, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
+        out_tok, out_lp, out_ent, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
                                   np.int32(sampling.max_new_tokens), ctx, graphdef=graphdef,
                                   sampling=dataclasses.replace(sampling, max_new_tokens=0, seed=0),
                                   length=_bucket(sampling.max_new_tokens), on_token=on_token)
@@ -179,7 +189,7 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
     is_eos = np.isin(toks, eos)
     stopped = is_eos.any(axis=1)
     lengths = np.where(stopped, is_eos.argmax(axis=1) + 1, n)
-    return Generated(toks, lps, lengths, stopped)
+    return Generated(toks, lps, lengths, stopped, np.asarray(out_ent)[:B, :n])
 
 
 class Generator:

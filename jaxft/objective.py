@@ -36,6 +36,9 @@ class BatchSource(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `host_metrics(step) -> {name: float}`, measured by the source itself (an on-policy source's
+    # rewards, completion lengths and rollout time), logged with step `step`'s row.
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
@@ -47,6 +50,7 @@ class Objective:
     metrics: tuple[str, ...] = ()  # the loss's metric names, logged per step
     headline: tuple[str, ...] = ()  # eval metrics printed next to the validation loss
     heldout: str | None = None  # default file of held-out chat rows for `jaxft eval`'s generation metric
+    progress: tuple[str, ...] = ()  # step metrics shown on the progress bar next to the loss (RL: reward, kl)
 
 
 class Prefetched:

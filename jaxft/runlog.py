@@ -99,7 +99,8 @@ class RunLog:
                    skipped=not m["finite"], **{k: m[k] for k in self.obj.metrics if k in m})
         if step % self.run.train.log_every == 0 or step == self.run.train.steps:
             self.metrics.write(row)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:.0f}")
+        shown = {k.replace("/", "_"): f"{m[k]:.4g}" for k in self.obj.progress if k in m}
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", **shown, tok_s=f"{rate:.0f}")
         if m["bad_steps"] >= self.run.train.max_bad_steps:
             raise JaxftError(f"stopped at step {step}: loss, gradients or updated weights were NaN/Inf for "
                              f"{m['bad_steps']} steps in a row (updates skipped; no checkpoint written). "

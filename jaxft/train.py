@@ -200,6 +200,8 @@ def _loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: R
     try:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, frozen, obj.train(step, state["params"]))
+            if hasattr(obj.train, "host_metrics"):  # what the source measured itself (RL: rewards, rollout time)
+                metrics = {**metrics, **obj.train.host_metrics(step)}
             log.step(step, metrics)
             end = step == t.steps
             if obj.evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or end):

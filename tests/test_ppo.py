@@ -18,7 +18,7 @@ import transformers as tf
 
 from jaxft.config import PpoConfig, load_config
 from jaxft.errors import JaxftError
-from jaxft.objectives.ppo import METRICS, layout, ppo_losses, row_metrics, score_rollout
+from jaxft.objectives.ppo import METRICS, ppo_losses, responses_of, row_metrics, score_rollout
 from tiny import ROOT, example_tokenizer, make_config
 
 # ---------------------------------------------------------------- golden values
@@ -48,10 +48,10 @@ def test_rl_md_section_4_check_values():
     cfg = PpoConfig(kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, missing_eos_penalty=1.0)
     tokens = np.array([[7, 8, 1, 9, 9], [7, 8, 9, 10, 11]])
     lengths = np.array([3, 5])  # up to and including the first EOS (jaxft.generate's `lengths`)
-    fwd = layout([np.array([4, 5])] * 2, tokens, lengths, 3, 5)
-    assert fwd["seq_len"].tolist() == [2, 4]
-    assert fwd["responses"].tolist() == [[7, 8, 1, 0, 0], [7, 8, 9, 10, 11]]
-    out, g = _score(logp, ref, values, [1.0, 0.5], fwd["seq_len"], [True, False], 5, cfg)
+    responses, seq_len = responses_of(tokens, lengths, 6)
+    assert seq_len.tolist() == [2, 4]
+    assert responses.tolist() == [[7, 8, 1, 0, 0, 0], [7, 8, 9, 10, 11, 0]]
+    out, g = _score(logp, ref, values, [1.0, 0.5], seq_len, [True, False], 5, cfg)
     close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)  # noqa: E731
     close(g["scores"], [1.0, -0.5])
     close(1 - g["mask_p"], [[0, 0, 0, 1, 1], [0] * 5])  # padding_mask
@@ -166,7 +166,8 @@ def toy(tmp_path_factory):
 
 def _overrides(toy, out, **extra):
     o = {"model.path": toy / "policy", "ppo.reward_model": toy / "reward", "data.train": toy / "train.jsonl",
-         "data.max_length": 64, "ppo.response_length": 6, "ppo.temperature": 1.0, "ppo.num_ppo_epochs": 2,
+         "data.max_length": 64, "rollout.max_completion_length": 6, "rollout.temperature": 1.0,
+         "ppo.num_ppo_epochs": 2,
          "train.batch_size": 8, "train.grad_accum": 1, "lora.r": 4, "lora.alpha": 8, "optim.lr": 3e-3,
          "optim.schedule": "constant", "ppo.kl_coef": 0.01, "train.out_dir": out, "ppo.value_init": "random",
          "ppo.missing_eos_penalty": None}
@@ -260,8 +261,10 @@ def test_step_rollout_and_sampler_compile_once_for_new_weights(toy, tmp_path):
     ("ppo.kl_estimator=k2", "ppo.kl_estimator: 'k2' is not one of 'k1', 'k3'"),
     ("ppo.gamma=1.5", r"ppo.gamma: must be in \[0, 1\]"),
     ("ppo.num_ppo_epochs=0", "ppo.num_ppo_epochs: must be >= 1"),
-    ("ppo.temperature=0", "ppo.temperature: must be > 0"),
-    ("ppo.response_length=300", r"data.max_length: must exceed ppo.response_length \(300\)"),
+    ("rollout.num_generations=4", "rollout.num_generations: ppo samples one response per prompt"),
+    ("rollout.reward_funcs=[exact_match]", "rollout.reward_funcs: ppo scores with ppo.reward_model"),
+    ("rollout.mask_truncated_completions=true", "rollout.mask_truncated_completions: not a PPO option"),
+    ("eval.file=x.jsonl", "eval.file: objective ppo has no generation metric"),
     ("train.batch_size=1", "train.batch_size: a rollout batch"),
     ("ppo.value_init=zero", "ppo.value_init: 'zero' is not one of 'reward', 'random'"),
 ])
@@ -277,6 +280,7 @@ def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):
     from tiny import save_model
 
     save_model("llama", tmp_path / "small")  # vocabulary 96
+    example_tokenizer().save_pretrained(tmp_path / "small")
     run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run", **{
         "ppo.reward_model": tmp_path / "small"}))
     with pytest.raises(JaxftError, match="ppo.reward_model: .* has a vocabulary of 96 tokens, the policy 49152"):

@@ -34,6 +34,7 @@ is seeded by (train.seed, rollout index) and minibatch permutations by (data.see
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -46,6 +47,7 @@ from jaxft.config import PpoConfig, RunConfig
 from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective
+from jaxft.prompts import load_prompts
 
 INVALID_LOGPROB = 1.0  # TRL's fill value on padding: logp − ref = 0 there
 TEMPERATURE_EPS = 1e-7  # TRL samples and scores at temperature + 1e-7
@@ -173,26 +175,26 @@ def _entropy(model, hr, temperature: float, mask):
     return masked_mean(jax.lax.stop_gradient(ent), mask)
 
 
-def make_loss(cfg: PpoConfig):
+def make_loss(cfg: PpoConfig, temperature: float):
     """loss_fn(model, micro-batch, ctx) → (loss·B, B, {metric: ·B}) for a PolicyWithValue."""
 
     def loss_fn(model, mb, ctx: Ctx = ON):
-        lp, v, hr = policy_forward(model, mb, ctx, cfg.temperature)
+        lp, v, hr = policy_forward(model, mb, ctx, temperature)
         s, c, sums = ppo_losses(lp, v, mb, cfg)
-        sums["policy/entropy_avg"] = _entropy(model, hr, cfg.temperature, mb["mask_p"]) * c
+        sums["policy/entropy_avg"] = _entropy(model, hr, temperature, mb["mask_p"]) * c
         return s, c, {**sums, **row_metrics(mb)}
 
     return loss_fn
 
 
-def make_rollout_fn(graphdef, rm_graphdef, cfg: PpoConfig):
+def make_rollout_fn(graphdef, rm_graphdef, temperature: float):
     """jit (params, frozen, rm_weights, mb) → old logprobs, values, reference logprobs [B, T] and the
     reward model's score [B] at each row's last kept token (position P + seq_len)."""
 
     def fn(params, frozen, rm_weights, mb):
         model = nnx.merge(graphdef, params, frozen)
-        lp, v, _ = policy_forward(model, mb, ON, cfg.temperature)
-        ref, _, _ = policy_forward(model, mb, OFF, cfg.temperature, values=False)
+        lp, v, _ = policy_forward(model, mb, ON, temperature)
+        ref, _, _ = policy_forward(model, mb, OFF, temperature, values=False)
         rm = nnx.merge(rm_graphdef, *rm_weights)
         h, _ = rm.model(mb["tokens"], mb["positions"], mb["segment_ids"])  # [B, P + T, D]
         at = h.shape[1] - mb["responses"].shape[1] + mb["seq_len"]  # [B]
@@ -206,51 +208,14 @@ def make_rollout_fn(graphdef, rm_graphdef, cfg: PpoConfig):
 # ---------------------------------------------------------------- rollouts on the host
 
 
-def layout(prompts: list[np.ndarray], tokens: np.ndarray, lengths: np.ndarray, P: int, T: int) -> dict:
-    """The forward batch of sampled rows: prompts left-padded to P, responses right after, to T.
-
-    tokens [N, W] as sampled (W ≤ T), lengths [N] (up to and including the first EOS). Returns
-    tokens / positions / segment_ids [N, P + T] (segment 0 = padding: before the prompt and after the
-    last kept token), responses [N, T] (0 after it) and seq_len [N] (index of the last kept token)."""
-    N, W = tokens.shape
+def responses_of(tokens: np.ndarray, lengths: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled tokens [N, W] (W ≤ T) and lengths [N] (up to and including the first EOS) → the responses
+    [N, T] (0 after the last kept token) and seq_len [N] (the index of that token)."""
     seq_len = lengths.astype(np.int32) - 1
-    keep = np.arange(T)[None, :] <= seq_len[:, None]  # [N, T]
-    responses = np.where(keep, np.pad(tokens, ((0, 0), (0, T - W))), 0).astype(np.int32)
-    ids, seg, pos = np.zeros((N, P + T), np.int32), np.zeros((N, P + T), np.int32), np.zeros((N, P + T), np.int32)
-    for i, p in enumerate(prompts):
-        n = len(p)
-        ids[i, P - n:P], seg[i, P - n:P], pos[i, P - n:P] = p, 1, np.arange(n)
-        pos[i, P:] = n + np.arange(T)
-    ids[:, P:], seg[:, P:] = responses, keep
-    return dict(tokens=ids, positions=pos, segment_ids=seg, responses=responses, seq_len=seq_len)
+    keep = np.arange(T)[None, :] <= seq_len[:, None]
+    return np.where(keep, np.pad(tokens, ((0, 0), (0, T - tokens.shape[1]))), 0).astype(np.int32), seq_len
 
 
-class _Rows:
-    """The current rollout batch's arrays and the row order of each optimizer step, in the shape
-    jaxft.sharding.ShardedBatches reads (`batch(i)`: micro-batch i of the step being served; each
-    process assembles the whole micro-batch, devices take their rows)."""
-
-    row_subsets = False
-
-    def __init__(self, batch_size: int, seq_len: int):
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.arrays: dict[str, np.ndarray] = {}
-        self.order = np.zeros(0, np.int64)  # rows of the step being served, micro-batch after micro-batch
-
-    def __len__(self) -> int:
-        return max(len(self.order) // self.batch_size, 1)
-
-    def batch(self, i: int, rows=slice(None)) -> dict[str, np.ndarray]:
-        B = self.batch_size
-        idx = self.order[i * B:(i + 1) * B][rows]
-        return {k: v[idx] for k, v in self.arrays.items()}
-
-    def step(self, step: int, accum: int) -> dict[str, np.ndarray]:
-        mbs = [self.batch(step * accum + j) for j in range(accum)]
-        return {k: np.stack([m[k] for m in mbs]) for k in mbs[0]}
-
-
-FORWARD_KEYS = ("tokens", "positions", "segment_ids", "responses", "seq_len")
 TRAIN_KEYS = ("tokens", "positions", "segment_ids", "responses", "logprobs", "values", "advantages", "returns",
               "mask_p", "mask_v", "mask_w", "scores", "kl_sum", "entropy_sum", "non_score_sum")
 
@@ -262,76 +227,82 @@ def _seed(*parts: int) -> int:
 class RolloutSource:
     """The PPO BatchSource: `source(step, params)` → the micro-batches [A, B, ...] of optimizer step `step`.
 
-    Keys (placed by `wrap`): tokens / positions / segment_ids [A, B, P + T]; responses, logprobs, values,
-    advantages, returns, mask_p, mask_v, mask_w [A, B, T]; scores, kl_sum, entropy_sum, non_score_sum
-    [A, B]. All of them are computed outside the gradient, once per rollout batch, from the weights of
-    that batch's first step: sampling, the policy's log-probs and values, the adapter-off reference's
-    log-probs, the reward model's score, then `score_rollout`.
+    Keys (placed by `wrap`): tokens / positions / segment_ids [A, B, P + T] (jaxft.objectives.rollout.layout);
+    responses, logprobs, values, advantages, returns, mask_p, mask_v, mask_w [A, B, T]; scores, kl_sum,
+    entropy_sum, non_score_sum [A, B]. All of them are computed outside the gradient, once per rollout
+    batch, from the weights of that batch's first step: sampling, the policy's log-probs and values, the
+    adapter-off reference's log-probs, the reward model's score, then `score_rollout`.
     """
 
-    def __init__(self, run: RunConfig, setup, prompts: list[np.ndarray], reward, wrap, say=lambda *a: None):
+    def __init__(self, run: RunConfig, setup, prompts: list, reward, wrap=lambda b: b, say=lambda *a: None):
         from jaxft.generate import eos_token_ids
 
-        c, t = run.ppo, run.train
-        self.cfg, self.run, self.setup, self.prompts, self.say = c, run, setup, prompts, say
+        c, t, r = run.ppo, run.train, run.rollout
+        self.cfg, self.run, self.setup, self.prompts, self.wrap, self.say = c, run, setup, prompts, wrap, say
         self.B, self.A, self.M = t.batch_size, t.grad_accum, c.num_mini_batches
         self.N = self.B * self.A * self.M
+        if len(prompts) < self.N:
+            raise JaxftError(f"data.train: {len(prompts)} usable prompts, but a rollout batch needs {self.N} "
+                             f"(train.batch_size × train.grad_accum × ppo.num_mini_batches)")
         self.per_rollout = c.num_ppo_epochs * self.M  # optimizer steps per rollout batch
-        self.P, self.T = -(-max(len(p) for p in prompts) // 32) * 32, c.response_length
-        self.rows = _Rows(self.B, self.P + self.T)
-        self.placed = wrap(self.rows)
-        self.mesh = getattr(self.placed, "mesh", None)
+        self.T, self.temperature = r.max_completion_length, r.temperature
         self.eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
         self.reward_graphdef, self.reward_weights = reward
-        self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, c)
-        self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c), static_argnums=())
+        self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, self.temperature)
+        self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c))
         self.dir = Path(t.out_dir) / "rollouts"
         # rollout batches a kept checkpoint may resume inside (jaxft.checkpoint keeps train.keep of them)
         self.kept = (t.keep * t.save_every) // self.per_rollout + 2
-        self.index = None  # which rollout batch self.rows holds
+        self.index, self.arrays, self.metrics, self.fresh = None, {}, {}, False
 
     def __len__(self) -> int:
-        return max(len(self.prompts) // self.B, 1)
+        return (len(self.prompts) // self.N) * self.A * self.M
 
     def close(self) -> None:
-        pass
+        self.arrays = {}
 
-    def _prompt_rows(self, k: int) -> list[int]:
-        """The N prompt indices of rollout batch k: epoch after epoch over a seeded shuffle of the prompts."""
-        n, out = len(self.prompts), []
-        for i in range(k * self.N, (k + 1) * self.N):
-            epoch, j = divmod(i, n)
-            out.append(int(np.random.default_rng(_seed(self.run.data.seed, epoch)).permutation(n)[j]))
-        return out
+    def pick(self, k: int) -> list:
+        """The N prompts of rollout batch k: a seeded shuffle per epoch, an incomplete last batch of an epoch
+        skipped (TRL's PPO dataloader: shuffle, drop_last)."""
+        per_epoch = len(self.prompts) // self.N
+        epoch, chunk = divmod(k, per_epoch)
+        order = np.random.default_rng([self.run.data.seed, epoch]).permutation(len(self.prompts))
+        return [self.prompts[i] for i in order[chunk * self.N:(chunk + 1) * self.N]]
 
-    def _sample(self, k: int, params) -> dict[str, np.ndarray]:
+    def sample(self, k: int, params) -> dict[str, np.ndarray]:
         """Rollout batch k from the weights `params`: sample, forward, score, advantages (host arrays)."""
         from jaxft.generate import Sampling, generate
+        from jaxft.objectives.rollout import _mesh_of, _Split, layout
 
-        prompts = [self.prompts[i] for i in self._prompt_rows(k)]
-        s = Sampling(temperature=self.cfg.temperature + TEMPERATURE_EPS, max_new_tokens=self.T,
-                     seed=_seed(self.run.train.seed, k))
-        gen = generate(self.setup.graphdef, (params, self.setup.frozen), [p.tolist() for p in prompts],
-                       eos_ids=self.eos, sampling=s, mesh=self.mesh)
-        fwd = layout(prompts, gen.tokens, gen.lengths, self.P, self.T)
-        self.rows.arrays, outs = fwd, []
-        for i in range(self.N // self.B):  # the forward passes in micro-batches, as training runs them
-            self.rows.order = np.arange(i * self.B, (i + 1) * self.B)
-            mb = self.placed.batch(0)
-            outs.append(jax.device_get(self.rollout_fn(params, self.setup.frozen, self.reward_weights, mb)))
+        r = self.run.rollout
+        ids = [p.ids for p in self.pick(k)]
+        s = Sampling(temperature=r.temperature + TEMPERATURE_EPS, top_k=r.top_k, top_p=r.top_p,
+                     max_new_tokens=self.T, seed=_seed(self.run.train.seed, k))
+        t0 = time.perf_counter()
+        gen = generate(self.setup.graphdef, (params, self.setup.frozen), ids, eos_ids=self.eos, sampling=s,
+                       mesh=_mesh_of(params))
+        t1 = time.perf_counter()
+        responses, seq_len = responses_of(gen.tokens, gen.lengths, self.T)
+        tokens, positions, segment_ids = layout(ids, responses, seq_len + 1)
+        fwd = dict(tokens=tokens, positions=positions, segment_ids=segment_ids, responses=responses, seq_len=seq_len)
+        split = self.wrap(_Split(fwd, self.N // self.B, self.B))  # the forward passes in training's micro-batches
+        outs = [jax.device_get(self.rollout_fn(params, self.setup.frozen, self.reward_weights, split.batch(i)))
+                for i in range(self.N // self.B)]
         got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        scored = jax.device_get(self.score_fn(got["logp"], got["ref"], got["values"], got["score"], fwd["seq_len"],
+        scored = jax.device_get(self.score_fn(got["logp"], got["ref"], got["values"], got["score"], seq_len,
                                               gen.stopped, np.int32(gen.tokens.shape[1])))
-        return {**{k: fwd[k] for k in FORWARD_KEYS}, **{k: np.asarray(scored[k]) for k in TRAIN_KEYS if k in scored}}
+        self.metrics = {"time/rollout": t1 - t0, "time/score": time.perf_counter() - t1,
+                        "val/num_eos_tokens": float(np.isin(gen.tokens, self.eos).sum())}
+        return {**fwd, **{k: np.asarray(scored[k]) for k in TRAIN_KEYS if k in scored}}
 
     def _load(self, k: int) -> dict[str, np.ndarray]:
-        """Rollout batch k: sampled at its first step (and saved), read back when a run resumes inside it."""
+        """Rollout batch k as its first step saved it (a run resumed inside the batch trains on it again)."""
         path = self.dir / f"{k}.npz"
-        if path.is_file():
-            with np.load(path) as f:
-                return dict(f)
-        raise JaxftError(f"{path}: missing; a PPO run resumed inside a rollout batch needs the rollouts it "
-                         f"trained on (written beside the checkpoints)")
+        if not path.is_file():
+            raise JaxftError(f"{path}: missing; a PPO run resumed inside a rollout batch needs the rollouts it "
+                             f"trained on (written beside the checkpoints)")
+        with np.load(path) as f:
+            return dict(f)
 
     def _save(self, k: int, arrays: dict) -> None:
         if jax.process_index() != 0:
@@ -345,18 +316,27 @@ class RolloutSource:
                 old.unlink()
 
     def __call__(self, step: int, params) -> dict:
+        from jaxft.objectives.rollout import _Split
+
         k, i = divmod(step - 1, self.per_rollout)
+        self.fresh = False
         if self.index != k:
             if i == 0:
-                arrays = self._sample(k, params)
-                self._save(k, arrays)
+                jax.block_until_ready(params)  # the previous step's update is not part of the rollout's time
+                self.arrays, self.fresh = self.sample(k, params), True
+                self._save(k, self.arrays)
             else:
-                arrays = self._load(k)
-            self.rows.arrays, self.index = arrays, k
+                self.say(f"\nstep {step}: resumed inside rollout batch {k}; its saved rollouts are read back")
+                self.arrays = self._load(k)
+            self.index = k
         epoch, mb = divmod(i, self.M)
-        perm = np.random.default_rng(_seed(self.run.data.seed, k, epoch)).permutation(self.N)
-        self.rows.order = perm[mb * self.A * self.B:(mb + 1) * self.A * self.B]
-        return self.placed.step(0, self.A)
+        rows = np.random.default_rng([self.run.data.seed, k, epoch]).permutation(self.N)[
+            mb * self.A * self.B:(mb + 1) * self.A * self.B]
+        return self.wrap(_Split({key: v[rows] for key, v in self.arrays.items()}, self.A, self.B)).step(0, self.A)
+
+    def host_metrics(self, step: int) -> dict:
+        """The sampling step's timings and EOS count (TRL's val/num_eos_tokens); {} on the other steps."""
+        return {k: np.float64(v) for k, v in self.metrics.items()} if self.fresh else {}
 
 
 # ---------------------------------------------------------------- the objective
@@ -364,7 +344,9 @@ class RolloutSource:
 
 def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
     """PPO's validation (jaxft.config.validate runs it when objective = ppo)."""
-    c, lora = run.ppo, run.lora
+    from jaxft.config import RolloutConfig
+
+    c, lora, r = run.ppo, run.lora, run.rollout
     return [
         (c.reward_model is not None, "ppo.reward_model", "is required: a jaxft reward run directory or a "
                                                          "*ForSequenceClassification model"),
@@ -373,8 +355,6 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
         (lora.dropout == 0, "lora.dropout", "must be 0 for ppo (TRL disables dropout: the first ratio must be 1)"),
         (c.num_ppo_epochs >= 1, "ppo.num_ppo_epochs", "must be >= 1"),
         (c.num_mini_batches >= 1, "ppo.num_mini_batches", "must be >= 1"),
-        (c.response_length >= 1, "ppo.response_length", "must be >= 1"),
-        (c.temperature > 0, "ppo.temperature", "must be > 0 (PPO samples)"),
         (c.kl_coef >= 0, "ppo.kl_coef", "must be >= 0"),
         (c.cliprange > 0, "ppo.cliprange", "must be > 0"),
         (c.cliprange_value > 0, "ppo.cliprange_value", "must be > 0"),
@@ -383,8 +363,11 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
         (0 <= c.lam <= 1, "ppo.lam", "must be in [0, 1]"),
         (run.train.batch_size * run.train.grad_accum * c.num_mini_batches >= 2, "train.batch_size",
          "a rollout batch (batch_size * grad_accum * num_mini_batches) needs >= 2 rows to whiten advantages"),
-        (run.data.max_length > c.response_length, "data.max_length",
-         f"must exceed ppo.response_length ({c.response_length}): prompts get the rest"),
+        (r.num_generations is None, "rollout.num_generations", "ppo samples one response per prompt (leave null)"),
+        (r.reward_funcs == RolloutConfig.reward_funcs and r.reward_weights is None, "rollout.reward_funcs",
+         "ppo scores with ppo.reward_model (token level, TRL's); reward functions are for grpo / rloo"),
+        (not r.mask_truncated_completions, "rollout.mask_truncated_completions",
+         "not a PPO option; use ppo.missing_eos_penalty"),
         (run.eval.file is None, "eval.file", "objective ppo has no generation metric during training; evaluate "
                                              "the exported policy with jaxft eval"),
     ]
@@ -413,43 +396,6 @@ def init_value_head(setup, kernel) -> None:
     old.set_value(jax.device_put(jnp.asarray(kernel, old.get_value().dtype), old.get_value().sharding))
 
 
-def load_prompts(run: RunConfig, tokenizer, say=lambda *a: None) -> list[np.ndarray]:
-    """Prompt token ids of data.train: `prompt` (string or messages) rows, or `messages` rows without their
-    final assistant turn, rendered with the chat template; prompts longer than data.max_length −
-    ppo.response_length are dropped and counted."""
-    from jaxft.generate import chat_prompt
-    from jaxft.prepare import read_rows
-
-    limit = run.data.max_length - run.ppo.response_length
-    out, bad, long = [], 0, 0
-    for rec in read_rows(run.data.train):
-        row = rec.row
-        msgs = None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            msgs = [{"role": "user", "content": row["prompt"]}]
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), list):
-            msgs = row["prompt"]
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            msgs = row["messages"][:-1] if row["messages"] and row["messages"][-1].get("role") == "assistant" \
-                else row["messages"]
-        if not msgs:
-            if run.data.strict:
-                raise JaxftError(f"{rec.where}: not a prompt row (prompt or messages)")
-            bad += 1
-            continue
-        if run.data.system_prompt and msgs[0].get("role") != "system":
-            msgs = [{"role": "system", "content": run.data.system_prompt}, *msgs]
-        ids = np.asarray(chat_prompt(tokenizer, msgs), np.int32)
-        if len(ids) > limit:
-            long += 1
-            continue
-        out.append(ids)
-    say(f"train prompts: {len(out)} ({bad} skipped, {long} longer than {limit} tokens dropped)")
-    if not out:
-        raise JaxftError(f"data.train: {run.data.train}: no usable prompt rows")
-    return out
-
-
 def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
     """The PPO objective over setup's PolicyWithValue: the rollout source, the clipped losses, no validation."""
     source = None
@@ -457,6 +403,8 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
         graphdef, weights, kernel = load_reward(run.ppo.reward_model, setup)
         if run.ppo.value_init == "reward":
             init_value_head(setup, kernel)
-        source = RolloutSource(run, setup, load_prompts(run, setup.tokenizer, say), (graphdef, weights), wrap, say)
-    return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo), count_name="episodes", metrics=METRICS,
-                     headline=())
+        prompts, report = load_prompts(run.data, setup.tokenizer, "train")
+        say(f"train prompts: {report.summary()}")
+        source = RolloutSource(run, setup, prompts, (graphdef, weights), wrap, say)
+    return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo, run.rollout.temperature),
+                     count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"))

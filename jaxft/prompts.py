@@ -1,0 +1,113 @@
+"""Prompt-only rows for on-policy objectives (GRPO, RLOO, PPO): rows → prompts, token ids, reward columns.
+
+    prompts, report = load_prompts(run.data, tokenizer, "train")
+    prompts[0].ids      # [5, 9, ...]: chat template with the generation prompt, or the plain text's tokens
+    prompts[0].prompt   # what reward functions see: a string, or a list of {"role", "content"} messages
+    prompts[0].columns  # every other column of the row, e.g. {"solution": '{"name": ...}'}
+
+Row formats (TRL's, plus the project's chat files):
+- `prompt`: a string (tokenized as plain text, with the tokenizer's special tokens, as TRL does) or a list
+  of messages (conversational: chat template + generation prompt);
+- `messages`: a conversation; when it ends with an assistant turn, that turn is removed and its content
+  becomes the `solution` column (the quickstart task's files work as they are, the answer is the reference).
+  `prompt_completion` rows likewise: the completion becomes `solution`.
+
+Every column other than prompt / messages / completion is passed to the reward functions as a keyword
+argument (one value per completion). A prompt longer than data.max_length tokens is dropped and counted
+(TRL never truncates prompts). Nothing here imports jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxft.config import DataConfig
+from jaxft.data import DataReport, bad_row
+from jaxft.errors import JaxftError
+from jaxft.prepare import ROLES, RowError, _messages, _typename
+
+PROMPT_KEYS = ("prompt", "messages", "completion")
+
+
+@dataclasses.dataclass
+class Prompt:
+    ids: list[int]  # token ids fed to the sampler
+    prompt: str | list[dict]  # as reward functions receive it
+    columns: dict[str, Any]  # the row's other columns (+ "solution" from a final assistant turn)
+    where: str = "row"
+
+
+def parse_prompt(row: Any) -> tuple[str | list[dict], dict[str, Any]]:
+    """A row → (prompt string or message list, extra columns), or RowError."""
+    if not isinstance(row, dict):
+        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+    columns = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    if row.get("prompt") is not None:
+        p = row["prompt"]
+        if isinstance(p, list):
+            p = _messages(p, "prompt", ROLES)
+        elif not isinstance(p, str):
+            raise RowError("wrong type", f"'prompt' is a {_typename(p)}, expected a string or a list of messages")
+        if isinstance(row.get("completion"), (str, list)) and "solution" not in columns:
+            c = row["completion"]
+            columns["solution"] = c if isinstance(c, str) else next(
+                (m.get("content") for m in reversed(c) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    elif row.get("messages") is not None:
+        p = _messages(row["messages"], "messages", ROLES)
+        if p and p[-1]["role"] == "assistant":
+            columns.setdefault("solution", p[-1]["content"])
+            p = p[:-1]
+        if not any(m["role"] == "user" for m in p):
+            raise RowError("no user turn", "the conversation has no user turn to answer")
+    else:
+        raise RowError("missing field", f"no 'prompt' or 'messages' column (columns: {', '.join(row) or 'none'})")
+    if (p if isinstance(p, str) else "".join(m["content"] for m in p)).strip() == "":
+        raise RowError("empty prompt", "the prompt is empty")
+    return p, columns
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt: chat template with the generation prompt, or the plain text's tokens."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if system_prompt and not any(m["role"] == "system" for m in prompt):
+        prompt = [{"role": "system", "content": system_prompt}] + prompt
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list[Prompt], DataReport]:
+    """The prompts of a split (data.train / data.validation / validation_fraction, as for SFT) and a
+    report; bad rows are skipped and counted (data.strict: the first raises). No usable row: JaxftError."""
+    from jaxft.data import _split_records
+
+    source, records = _split_records(cfg, split)
+    report = DataReport(rows=len(records))
+    if source is None:
+        return [], report
+    out = []
+    for rec in records:
+        try:
+            if isinstance(rec.row, RowError):
+                raise rec.row
+            p, columns = parse_prompt(rec.row)
+            try:
+                ids = encode_prompt(tokenizer, p, cfg.system_prompt)
+            except Exception as e:  # a chat template that rejects the conversation
+                raise RowError("template error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            if not ids:
+                raise RowError("empty prompt", "the prompt has no tokens")
+            if len(ids) > cfg.max_length:
+                report.dropped += 1
+                continue
+            out.append(Prompt(ids, p, columns, rec.where))
+        except RowError as e:
+            bad_row(cfg, report, rec.where, e)
+    report.examples = len(out)
+    report.tokens = sum(len(p.ids) for p in out)
+    if not out:
+        raise JaxftError(f"{source}: no usable prompts ({report.skipped} bad, {report.dropped} longer than "
+                         f"data.max_length={cfg.max_length}" + (f"; first: {report.first_errors[0]}"
+                                                                 if report.first_errors else "") + ")")
+    return out, report
