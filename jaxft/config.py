@@ -192,6 +192,26 @@ class RlooConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PpoConfig:
+    """PPO with a reward model (objective: ppo); see jaxft/objectives/ppo.py (TRL 1.12 PPOConfig's keys)."""
+
+    reward_model: str | None = None  # a jaxft reward run directory or a *ForSequenceClassification model
+    value_init: Literal["reward", "random"] = "reward"  # value head from the reward model's score (TRL's example)
+    num_ppo_epochs: int = 4  # optimizer passes over each rollout batch
+    num_mini_batches: int = 1  # rollout batch = train.batch_size * train.grad_accum * num_mini_batches prompts
+    # sampling: rollout.max_completion_length (TRL's response_length, 53) and rollout.temperature (TRL: 0.7)
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
     fsdp: int = 1
@@ -218,6 +238,7 @@ class RunConfig:
     rollout: RolloutConfig = RolloutConfig()
     grpo: GrpoConfig = GrpoConfig()
     rloo: RlooConfig = RlooConfig()
+    ppo: PpoConfig = PpoConfig()
     mesh: MeshConfig = MeshConfig()
     adapters: tuple[AdapterSpec, ...] = ()  # several adapters trained at once (jaxft.adapters.bank)
 
@@ -235,7 +256,7 @@ def _plain(x):
 
 INT_RANGE = (-2**31, 2**31 - 1)  # every integer key: counts, sizes and seeds all fit int32 (JAX's default)
 NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "lora.init_adapter", "dpo.cache_dir",
-            "mesh.coordinator_address")  # paths / addresses: "" would silently mean the current directory
+            "mesh.coordinator_address", "ppo.reward_model")  # paths / addresses: "" would silently mean the current directory
 
 
 def _show(value: Any) -> str:

@@ -164,7 +164,8 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     """Load a causal LM (a Decoder) from a local HF directory or a .gguf file; with head="score", a
     ScoreModel (jaxft.models.heads) instead, from a causal LM checkpoint (`lm_head` unused, the new
     `score` drawn as transformers draws it: normal(0, initializer_range), key `seed`) or from a
-    `*ForSequenceClassification` one (its `score.weight` read; num_labels != 1 refused).
+    `*ForSequenceClassification` one (its `score.weight` read; num_labels != 1 refused); with head="value",
+    a PolicyWithValue (the causal LM and a new value head, normal(0, 0.02), key `seed`).
 
     dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
     sharding(path, shape, axes) → the parameter's Sharding (axes: its declared logical axes); default: the
@@ -189,6 +190,11 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
         abstract = nnx.eval_shape(lambda: ScoreModel(cfg, pad_id=pad, rngs=nnx.Rngs(0), **kw))
         if init_std is not None:
             fresh[("score", "kernel")] = init_std * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
+    elif head == "value":  # PPO's policy: the causal LM plus a new value head (jaxft.objectives.ppo fills it)
+        from jaxft.models.heads import PolicyWithValue
+
+        abstract = nnx.eval_shape(lambda: PolicyWithValue(cfg, rngs=nnx.Rngs(0), **kw))
+        fresh[("value_head", "kernel")] = 0.02 * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
     else:
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kw))
     graphdef, state = nnx.split(abstract)

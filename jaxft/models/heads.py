@@ -1,4 +1,5 @@
 """Heads beside the Backbone. ScoreModel = HF's `*ForSequenceClassification` with num_labels = 1: a reward model.
+PolicyWithValue = a causal LM (Decoder) with a value head beside its LM head: PPO's policy and value model.
 
 Conventions as in jaxft.models.decoder (B batch · S length · D hidden).
 
@@ -17,7 +18,7 @@ from flax import nnx
 
 from jaxft.adapters.base import ON, Ctx
 from jaxft.models.config import DecoderConfig
-from jaxft.models.decoder import CPU_TUNED, REMAT_POLICIES, Backbone, Linear, Tuning
+from jaxft.models.decoder import CPU_TUNED, REMAT_POLICIES, Backbone, Decoder, Linear, Tuning
 
 
 def pooled_index(tokens, segment_ids, pad_id: int):
@@ -58,3 +59,26 @@ class ScoreModel(nnx.Module):
         idx = pooled_index(tokens, segment_ids, self.pad_id)  # [B]
         last = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]  # [B, D]
         return self.score(last.astype(jnp.float32))[:, 0]
+
+
+class PolicyWithValue(Decoder):
+    """A causal LM (the Decoder: `model.`, `lm_head`) and a value head `value_head.kernel` [D, 1] (no bias,
+    fp32 compute) over the same final hidden states: one backbone, one trainable tree (adapters + the
+    value head, jaxft.adapters.trainable_filter), one optimizer.
+
+    TRL's PPO value model is a second `*ForSequenceClassification` whose `score` runs at every position;
+    here that head shares the policy's backbone, and PPO starts it from a reward model's `score` kernel.
+    Everything a Decoder does (generate, log-probs, exports of the policy) ignores the value head.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
+                 tuning: Tuning = CPU_TUNED, init_std: float = 0.02, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, tuning=tuning, rngs=rngs)
+        self.value_head = Linear(cfg.hidden_size, 1, bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+                                 rngs=rngs, name="value_head", tuning=tuning)
+        self.value_head.kernel[...] = (init_std * jax.random.normal(rngs.params(), (cfg.hidden_size, 1))).astype(
+            param_dtype)
+
+    def values(self, h):
+        """Final hidden states h [..., D] → value estimates [...] fp32."""
+        return self.value_head(h.astype(jnp.float32))[..., 0]

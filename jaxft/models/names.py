@@ -15,14 +15,17 @@ PROJECTIONS: dict[str, tuple[str, tuple[str, str]]] = {
     "up_proj": ("mlp", ("embed", "mlp")),
     "down_proj": ("mlp", ("mlp", "embed")),
 }
-HEAD_AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None)}  # output heads beside the backbone
+HEAD_AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None),  # output heads beside the backbone
+             "value_head": ("embed", None)}
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch (and activations) split over
 # IA3's default targets per family (PEFT 0.21 TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING)
 IA3_TARGETS = {"llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
                **{t: ("q_proj", "v_proj", "down_proj") for t in ("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}}
 IA3_FEEDFORWARD = ("down_proj",)  # scaled on their input
 SAVEABLE = ("embed_tokens", "lm_head")  # modules_to_save: trained in full next to an adapter
-TRAINED_HEADS = ("score",)  # new heads beside the backbone: always trained in full (PEFT SEQ_CLS's modules_to_save)
+# new heads beside the backbone, always trained in full: a reward model's score (PEFT SEQ_CLS's modules_to_save)
+# and PPO's value head (jaxft.models.heads.PolicyWithValue)
+TRAINED_HEADS = ("score", "value_head")
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:
