@@ -29,6 +29,7 @@ constitution, prompts, settings); a mismatch is an error rather than a silent mi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config import RunConfig
-from jaxft.constitution import Constitution, Principle, load_constitution
+from jaxft.constitution import Principle, load_constitution
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, _bucket, _rows, eos_token_ids, generate
 from jaxft.prepare import RowError, _messages, read_rows, write_jsonl_atomic
@@ -216,8 +217,6 @@ class Policy:
 
             rows = NamedSharding(self.mesh, batch_spec(self.mesh, R))
             args = tuple(jax.device_put(a, rows) for a in args)
-        import contextlib
-
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             lp = _option_logprobs(self.weights, *args, opts, graphdef=self.graphdef)
         return np.asarray(lp, np.float64)[:len(ids)]

@@ -19,7 +19,7 @@ from jaxft.constitution import load_constitution
 from jaxft.errors import JaxftError
 from jaxft.objectives import dpo, reward
 from jaxft.preference import PairBatches, load_pairs
-from jaxft.task import make_examples, write_task_files
+from jaxft.task import make_examples
 from tiny import example_tokenizer, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,19 +227,20 @@ def test_label_averages_principles_and_orders_by_hand(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(chat_model, tmp_path_factory):
+    """Short prompts (few shape buckets, few compiles), 2 chunks of 2; one uninterrupted revise and label."""
     d = tmp_path_factory.mktemp("cai")
-    write_task_files(d / "data", 3, 0, 2, seed=0)
-    run = load_config(None, [f"model.path={chat_model}", f"cai.prompts={d / 'data' / 'train.jsonl'}",
-                             f"cai.constitution={TASK}", f"cai.out_dir={d / 'out'}", "cai.batch_size=2",
-                             "cai.max_new_tokens=6", "cai.few_shot=false", "cai.principles_per_pair=2",
-                             "cai.temperature=1.0"])
-    return run, cai.load_policy(run), d
+    prompts = _write(d / "prompts.jsonl", [{"prompt": w} for w in ("Name a city.", "Say hi.", "Add 2 and 2.", "Why?")])
+    run = load_config(None, [f"model.path={chat_model}", f"cai.prompts={prompts}", f"cai.constitution={TASK}",
+                             f"cai.out_dir={d / 'out'}", "cai.batch_size=2", "cai.max_new_tokens=6",
+                             "cai.few_shot=false", "cai.principles_per_pair=2", "cai.temperature=1.0"])
+    policy = cai.load_policy(run)
+    return run, policy, cai.revise(run, d / "whole", policy), cai.label(run, d / "label", policy)
 
 
 def test_feedback_probabilities_equal_transformers(chat_model, tiny_run):
     from transformers import AutoModelForCausalLM
 
-    run, policy, _ = tiny_run
+    run, policy, *_ = tiny_run
     tok = policy.tokenizer
     prompt = [{"role": "user", "content": "Which city?"}]
     q = load_constitution(TASK).principles[1].compare
@@ -264,7 +265,7 @@ def test_feedback_probabilities_equal_transformers(chat_model, tiny_run):
 
 
 def test_option_scoring_compiles_once_for_new_weights(tiny_run):
-    _, policy, _ = tiny_run
+    policy = tiny_run[1]
     texts = ["<|im_start|>user\nhello there<|im_end|>\n(", "<|im_start|>user\nbye<|im_end|>\n("]
     policy.option_logprobs(texts, 2)
     before = cai._option_logprobs._cache_size()
@@ -275,9 +276,9 @@ def test_option_scoring_compiles_once_for_new_weights(tiny_run):
 
 
 def test_revise_resume_after_a_crash_equals_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
-    run, policy, _ = tiny_run
-    whole = cai.revise(run, tmp_path / "whole", policy)
-    assert whole["prompts"] == 3 and whole["sft_rows"] + sum(whole["skipped"].values()) == 3
+    run, policy, whole, _ = tiny_run
+    assert whole["prompts"] == 4 and whole["sft_rows"] + sum(whole["skipped"].values()) == 4
+    done = Path(whole["out"]).parent
     real, writes = cai.write_chunk, []
 
     def crash_on_second(path, rows):
@@ -293,26 +294,24 @@ def test_revise_resume_after_a_crash_equals_an_uninterrupted_run(tiny_run, tmp_p
     monkeypatch.setattr(cai, "write_chunk", real)
     cai.revise(run, tmp_path / "resumed", policy)
     for f in ("sft.jsonl", "trace.jsonl", "chunks/00000.jsonl", "chunks/00001.jsonl"):
-        assert (tmp_path / "resumed" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
-    trace = [json.loads(x) for x in (tmp_path / "whole" / "trace.jsonl").read_text().splitlines()]
+        assert (tmp_path / "resumed" / f).read_bytes() == (done / f).read_bytes(), f
+    trace = [json.loads(x) for x in (done / "trace.jsonl").read_text().splitlines()]
     assert all(len(t["steps"]) == 1 and t["steps"][0]["tokens"][0] <= 6 for t in trace if not t["skipped"])
     other = dataclasses.replace(run, cai=dataclasses.replace(run.cai, temperature=0.5))
     with pytest.raises(JaxftError, match="holds chunks of other settings"):
-        cai.revise(other, tmp_path / "whole", policy)
+        cai.revise(other, done, policy)
 
 
 def test_outputs_train_as_sft_and_dpo(tiny_run, tmp_path):
     """sft.jsonl and pairs.jsonl (with confidence) go through `jaxft train` unchanged."""
     from jaxft.train import train
 
-    run, policy, d = tiny_run
-    rev = cai.revise(run, tmp_path / "revise", policy)
-    lab = cai.label(run, tmp_path / "label", policy)
-    assert lab["pairs"] + sum(lab["skipped"].values()) == 3
-    pairs = [json.loads(x) for x in (tmp_path / "label" / "pairs.jsonl").read_text().splitlines()]
+    run, _, rev, lab = tiny_run
+    assert lab["pairs"] + sum(lab["skipped"].values()) == 4
+    pairs = [json.loads(x) for x in Path(lab["out"]).read_text().splitlines()]
     assert all(set(p) == {"prompt", "chosen", "rejected", "confidence"} and p["confidence"] >= 0.5 for p in pairs)
     common = [f"model.path={run.model.path}", "train.steps=1", "train.batch_size=2", "lora.r=4", "lora.alpha=8",
-              "data.max_length=192", "data.validation=null", "eval.file=null"]
+              "data.max_length=128", "data.validation=null", "eval.file=null"]
     last = train(load_config(ROOT / "configs" / "sft_lora.yaml", common + [
         f"data.train={rev['out']}", f"train.out_dir={tmp_path / 'sft'}"]), progress=False)
     assert math.isfinite(last["loss"]) and last["step"] == 1
