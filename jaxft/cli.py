@@ -1,4 +1,4 @@
-"""`jaxft` command line: train | eval | export | merge-adapters | score | plan | prepare | task-data | generate | chat |
+"""`jaxft` command line: train | eval | export | merge-adapters | score | plan | prepare | task-data | generate | chat | cai |
 example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
@@ -35,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser):
                         "(generate: default every adapter answers every prompt; chat: the first, /use NAME switches)")
 
 
-INTERMIXED = ("train", "eval", "plan", "prepare")  # commands whose flags may come before, after or between
+INTERMIXED = ("train", "eval", "plan", "prepare", "cai")  # commands whose flags may come before, after or between
 # their positional arguments (`jaxft train CFG --resume train.steps=10`): parsed by their own sub-parser's
 # parse_intermixed_args, which argparse does not support on a parser with sub-commands.
 
@@ -122,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--pairs", action="store_true",
                     help="also write train_pairs.jsonl / validation_pairs.jsonl (chosen = correct, rejected = wrong)")
+    ca = sub.add_parser("cai", help="Constitutional AI: revise (critique → revision SFT data), label (AI-feedback "
+                                    "preference pairs), run (revise → SFT → label → DPO, with a summary table)")
+    ca.add_argument("stage", choices=["revise", "label", "run"])
+    ca.add_argument("config", help="YAML run config with a cai: section (e.g. configs/cai_task.yaml)")
+    ca.add_argument("overrides", nargs="*", help="section.key=value")
     parser.commands = sub.choices  # name → sub-parser, for _parse
     return parser
 
@@ -374,9 +379,24 @@ def cmd_task_data(args):
     print(" ".join(f"{k}={v}" for k, v in paths.items()))
 
 
+def cmd_cai(args):
+    from jaxft import cai
+
+    run = _run_config(args.config, args.overrides)
+    if not run.cai.prompts:
+        raise JaxftError("cai.prompts: no prompt file given")
+    if args.stage == "run":
+        from jaxft.cai_run import run_all
+
+        run_all(run)
+        return
+    summary = (cai.revise if args.stage == "revise" else cai.label)(run)
+    print(json.dumps({k: v for k, v in summary.items() if k != "stats"}))
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
             "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export,
-            "plan": cmd_plan, "score": cmd_score, "merge-adapters": cmd_merge_adapters}
+            "plan": cmd_plan, "score": cmd_score, "merge-adapters": cmd_merge_adapters, "cai": cmd_cai}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -212,6 +212,34 @@ class PpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CaiConfig:
+    """Constitutional AI data stages (`jaxft cai revise | label | run`); see jaxft/cai.py."""
+
+    constitution: str = "configs/constitutions/default.yaml"  # YAML, or a released JSON layout (jaxft/constitution.py)
+    feedback_constitution: str | None = None  # the comparison questions `label` asks (default: constitution)
+    prompts: str = ""  # prompts: chat rows (turns after the last user turn are dropped) or `prompt` rows
+    label_prompts: str | None = None  # prompts of the feedback stage (default: prompts)
+    heldout: str | None = None  # held-out rows (prompt + reference answer) for `cai run`'s summary table
+    max_prompts: int = 0  # use the first N prompts (0 = all)
+    out_dir: str = "runs/cai"  # one folder per stage: revise/ sft/ label/ dpo/ (or reward/) summary/
+    revisions: int = 1  # critique → revision rounds per prompt, a principle drawn for each
+    few_shot: bool = True  # the constitution's worked examples as earlier chat turns
+    batch_size: int = 16  # prompts per generation call; also the unit of resume (one chunk)
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # sampling of answers, critiques and revisions (0 = greedy)
+    top_p: float = 1.0
+    seed: int = 0
+    feedback_model: str | None = None  # the judge (any supported model); None = the policy that answered
+    principles_per_pair: int = 4  # comparison questions asked per pair (drawn without replacement)
+    both_orders: bool = True  # ask with (A, B) and (B, A), cancelling the judge's position bias
+    clamp: tuple[float, ...] = ()  # [lo, hi]: clip P(first answer better), e.g. [0.4, 0.6]
+    label_batch_size: int = 16  # feedback prompts per scoring call
+    final: Literal["dpo", "reward"] = "dpo"  # `cai run`'s last stage: DPO on the pairs, or a reward model
+    sft: tuple[str, ...] = ()  # key=value overrides of the SFT stage's run (`cai run`)
+    dpo: tuple[str, ...] = ()  # key=value overrides of the DPO / reward stage's run
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = 1  # devices per mesh axis; -1 fills the remaining devices (e.g. fsdp: -1)
     fsdp: int = 1
@@ -239,6 +267,7 @@ class RunConfig:
     grpo: GrpoConfig = GrpoConfig()
     rloo: RlooConfig = RlooConfig()
     ppo: PpoConfig = PpoConfig()
+    cai: CaiConfig = CaiConfig()
     mesh: MeshConfig = MeshConfig()
     adapters: tuple[AdapterSpec, ...] = ()  # several adapters trained at once (jaxft.adapters.bank)
 
@@ -256,7 +285,7 @@ def _plain(x):
 
 INT_RANGE = (-2**31, 2**31 - 1)  # every integer key: counts, sizes and seeds all fit int32 (JAX's default)
 NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "lora.init_adapter", "dpo.cache_dir",
-            "mesh.coordinator_address", "ppo.reward_model")  # paths / addresses: "" would silently mean the current directory
+            "mesh.coordinator_address", "ppo.reward_model", "cai.out_dir")  # paths / addresses: "" would silently mean the current directory
 
 
 def _show(value: Any) -> str:
@@ -497,6 +526,17 @@ def validate(run: RunConfig) -> None:
         (run.dpo.max_prompt_length is None or run.dpo.max_prompt_length >= 1, "dpo.max_prompt_length",
          "must be >= 1 or null"),
         *rl_checks(run),
+        (run.cai.max_prompts >= 0, "cai.max_prompts", "must be >= 0 (0 = all)"),
+        (run.cai.revisions >= 1, "cai.revisions", "must be >= 1"),
+        (run.cai.batch_size >= 1, "cai.batch_size", "must be >= 1"),
+        (run.cai.label_batch_size >= 1, "cai.label_batch_size", "must be >= 1"),
+        (run.cai.max_new_tokens >= 1, "cai.max_new_tokens", "must be >= 1"),
+        (run.cai.temperature >= 0, "cai.temperature", "must be >= 0 (0 = greedy)"),
+        (0 < run.cai.top_p <= 1, "cai.top_p", "must be in (0, 1]"),
+        (run.cai.seed >= 0, "cai.seed", "must be >= 0"),
+        (run.cai.principles_per_pair >= 1, "cai.principles_per_pair", "must be >= 1"),
+        (not run.cai.clamp or (len(run.cai.clamp) == 2 and 0 <= run.cai.clamp[0] <= 0.5 <= run.cai.clamp[1] <= 1),
+         "cai.clamp", "must be [] or [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1"),
     ]
     from jaxft.objectives import CHECKS  # each objective validates its own section against the others
 

@@ -35,6 +35,7 @@ class PairExample:
     chosen: Example
     rejected: Example
     margin: float = 0.0  # the row's optional `margin` (the reward model's −log σ(r_c − r_r − margin))
+    confidence: float | None = None  # the row's optional `confidence`: P(chosen is better), a soft label
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
@@ -72,13 +73,15 @@ def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train")
     if source is None:
         return [], report
     encoder = Encoder(tokenizer, False, cfg.system_prompt)
-    rendered, margins = [], []
+    rendered, margins, confidences = [], [], []
     for rec in records:
         try:
             if isinstance(rec.row, RowError):
                 raise rec.row
             sides = [encoder.render(side, rec.where) for side in parse_pair(rec.row)]
-            margins.append(_margin(rec.row))
+            margin, confidence = _margin(rec.row), _confidence(rec.row)
+            margins.append(margin)
+            confidences.append((confidence, rec.where))
             rendered += sides
         except RowError as e:
             bad_row(cfg, report, rec.where, e)
@@ -91,7 +94,12 @@ def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train")
                 bad_row(cfg, report, doc.where, c if isinstance(c, RowError) else r)
             elif (pair := fit_pair(c, r, cfg.max_length, dpo, report)) is not None:
                 pair.margin = margins[i // 2 + k]
+                pair.confidence = confidences[i // 2 + k][0]
                 pairs.append(pair)
+    given = [c is not None for c, _ in confidences]
+    if any(given) and not all(given):
+        raise JaxftError(f"{confidences[given.index(not given[0])][1]}: 'confidence' is given on some rows only "
+                         "(a soft label on every row, or on none)")
     report.examples = len(pairs)
     report.tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     report.target_tokens = int(sum(p.chosen.loss_mask.sum() + p.rejected.loss_mask.sum() for p in pairs))
@@ -108,6 +116,16 @@ def _margin(row: dict) -> float:
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
         raise RowError("bad margin", f"'margin' must be a finite number, got {str(m)[:40]!r}")
     return float(m)
+
+
+def _confidence(row: dict) -> float | None:
+    """The optional per-pair `confidence` (P(chosen is better), e.g. from `jaxft cai label`): in [0, 1]."""
+    c = row.get("confidence")
+    if c is None:
+        return None
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+        raise RowError("bad confidence", f"'confidence' must be a number in [0, 1], got {str(c)[:40]!r}")
+    return float(c)
 
 
 def fit_pair(chosen, rejected, max_length: int, dpo: DpoConfig, report: DataReport) -> PairExample | None:
@@ -136,8 +154,10 @@ class PairBatches(Batches):
     """Deterministic batches of pairs (see `jaxft.data.Batches`; never packed): batch(i) is
     tokens, positions, segment_ids, targets, loss_mask [2B, S] with the B chosen sequences first and
     their rejected ones in the same order after them; pair_mask [B] (0 for the empty rows that top up
-    an epoch's last batch), pair_index [B] (-1 there) and margin [B] (the rows' `margin`, 0 without). With `ref_logps` [N, 2] (the reference's
-    chosen / rejected log-probs of every pair), also ref_logps [2B]."""
+    an epoch's last batch), pair_index [B] (-1 there) and margin [B] (the rows' `margin`, 0 without).
+    With soft labels (every row's `confidence` c), also confidence [B] = c and smoothing [B] = 1 − c, the
+    latter taken in float64 before the cast so that c = 1 − ε gives exactly the constant-ε weights. With
+    `ref_logps` [N, 2] (the reference's chosen / rejected log-probs of every pair), also ref_logps [2B]."""
 
     row_subsets = False  # batch(i) is always whole: jaxft.sharding.ShardedBatches slices it per device
 
@@ -160,6 +180,9 @@ class PairBatches(Batches):
                      2 * B, self.seq_len)
         out["pair_mask"], out["pair_index"] = (idx >= 0).astype(np.float32), idx
         out["margin"] = np.array([p.margin if p else 0.0 for p in pairs], np.float32)  # [B]
+        if self.examples[0].confidence is not None:  # every pair has one (load_pairs checks)
+            c = np.array([p.confidence if p else 1.0 for p in pairs], np.float64)
+            out["confidence"], out["smoothing"] = c.astype(np.float32), (1.0 - c).astype(np.float32)  # [B]
         if self.ref_logps is not None:
             ref = np.where(idx[:, None] >= 0, self.ref_logps[np.maximum(idx, 0)], 0.0)  # [B, 2]
             out["ref_logps"] = np.concatenate([ref[:, 0], ref[:, 1]]).astype(np.float32)

@@ -40,6 +40,7 @@ from flax import nnx
 
 from jaxft.adapters.base import OFF, ON, Ctx
 from jaxft.config import DpoConfig, RunConfig
+from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches
 
@@ -53,19 +54,25 @@ def log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-def _smoothed(z, eps):
+SOFT_LABELS = ("sigmoid", "simpo")  # the losses a per-pair `confidence` (per-pair label smoothing) applies to
+
+
+def _smoothed(z, eps, soft=None):
+    """−(1−ε) log σ(z) − ε log σ(−z); soft = (confidence, 1 − confidence) [B] replaces (1 − ε, ε) per pair."""
+    if soft is not None:
+        return -soft[0] * jax.nn.log_sigmoid(z) - soft[1] * jax.nn.log_sigmoid(-z)
     return -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
 
 
-def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_r=None):
+def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_r=None, soft=None):
     """Per-pair losses [B] and per-pair metrics {name: [B]} from summed completion log-probs [B]
     (policy and, unless reference-free, reference) and completion lengths [B]. ORPO's NLL term is
-    added by the caller."""
+    added by the caller. soft: (confidence, 1 − confidence) [B], the pairs' soft labels (sigmoid, simpo)."""
     b, eps = cfg.beta, cfg.label_smoothing
     if cfg.loss_type in REFERENCE_FREE:
         avg_c, avg_r = chosen / len_c, rejected / len_r
         if cfg.loss_type == "simpo":
-            loss, scale = _smoothed(b * (avg_c - avg_r) - cfg.simpo_gamma, eps), b
+            loss, scale = _smoothed(b * (avg_c - avg_r) - cfg.simpo_gamma, eps, soft), b
         else:
             log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
             loss, scale = -cfg.orpo_lambda * jax.nn.log_sigmoid(log_odds), cfg.orpo_lambda
@@ -74,7 +81,7 @@ def pair_losses(cfg: DpoConfig, chosen, rejected, len_c, len_r, ref_c=None, ref_
         ratio_c, ratio_r = chosen - ref_c, rejected - ref_r
         z = b * (ratio_c - ratio_r)
         loss = {
-            "sigmoid": lambda: _smoothed(z, eps),
+            "sigmoid": lambda: _smoothed(z, eps, soft),
             "robust": lambda: (-(1 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1 - 2 * eps),
             "hinge": lambda: jax.nn.relu(1 - z),
             "ipo": lambda: (ratio_c / len_c - ratio_r / len_r - 1 / (2 * b)) ** 2,
@@ -117,7 +124,8 @@ def make_loss(cfg: DpoConfig):
             r = batch["ref_logps"] if "ref_logps" in batch else reference_logps(model, batch)
             r = jnp.where(real, r, -1.0)
             ref = (r[:B], r[B:])
-        losses, metrics = pair_losses(cfg, logps[:B], logps[B:], lengths[:B], lengths[B:], *ref)
+        soft = (batch["confidence"], batch["smoothing"]) if "confidence" in batch else None
+        losses, metrics = pair_losses(cfg, logps[:B], logps[B:], lengths[:B], lengths[B:], *ref, soft=soft)
         total, pairs = jnp.sum(losses * m), jnp.sum(m)
         if cfg.loss_type == "orpo":  # TRL: mean NLL over the chosen sequences' prompt and completion tokens
             seg = batch["segment_ids"][:B]
@@ -204,6 +212,13 @@ def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda 
     if not pairs:
         return None
     say(f"{split} pairs: {report.summary()}")
+    if pairs[0].confidence is not None:  # soft labels: per-pair label smoothing 1 − confidence (cDPO per pair)
+        if run.dpo.loss_type not in SOFT_LABELS:
+            raise JaxftError(f"dpo.loss_type: {run.dpo.loss_type} has no label smoothing, but the {split} pairs carry "
+                             f"a 'confidence' column (soft labels need one of {', '.join(SOFT_LABELS)})")
+        if run.dpo.label_smoothing:
+            raise JaxftError(f"dpo.label_smoothing: {run.dpo.label_smoothing} and a 'confidence' column in the {split} "
+                             "pairs: each pair's smoothing is 1 − confidence; set dpo.label_smoothing=0")
     ref = None
     if run.dpo.reference == "cache" and run.dpo.loss_type not in REFERENCE_FREE:
         ref = cached_reference(run, setup, pairs, say)

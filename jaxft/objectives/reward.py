@@ -10,6 +10,8 @@ r = the score at each row's last non-pad token (jaxft.models.heads). Per pair, w
 `margin` m and c = reward.center_rewards_coefficient:
 
     loss      −log σ(r_c − r_r − m)  (+ c · (r_c + r_r)²  when c is set; TRL adds c · mean((r_c + r_r)²))
+              with a `confidence` column p (soft labels, e.g. `jaxft cai label`): −p log σ(d) − (1 − p) log σ(−d),
+              d = r_c − r_r − m
     accuracy  r_c > r_r (strict: a tie counts 0)       margin  r_c − r_r       mean_reward  (r_c + r_r) / 2
 
 min_reward / max_reward are extrema, not sums. In training (per step) they are the smallest / largest of
@@ -39,10 +41,15 @@ METRICS = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
 PAIRS = DpoConfig(truncate_prompt=False)  # TRL drops over-length pairs: no prompt truncation
 
 
-def pair_losses(chosen, rejected, margin=None, center: float | None = None):
-    """Per-pair losses [B] and per-pair metrics {name: [B]} from the scores r_c, r_r [B] (fp32)."""
+def pair_losses(chosen, rejected, margin=None, center: float | None = None, soft=None):
+    """Per-pair losses [B] and per-pair metrics {name: [B]} from the scores r_c, r_r [B] (fp32).
+    soft = (p, 1 − p) [B], the pairs' soft labels: the Bradley–Terry cross-entropy −p log σ(d) − (1−p) log σ(−d)."""
     delta = chosen - rejected
-    loss = -jax.nn.log_sigmoid(delta if margin is None else delta - margin)
+    d = delta if margin is None else delta - margin
+    if soft is None:
+        loss = -jax.nn.log_sigmoid(d)
+    else:
+        loss = -soft[0] * jax.nn.log_sigmoid(d) - soft[1] * jax.nn.log_sigmoid(-d)
     if center is not None:
         loss = loss + center * (chosen + rejected) ** 2
     return loss, {"accuracy": (chosen > rejected).astype(delta.dtype), "margin": delta,
@@ -54,7 +61,8 @@ def _forward(model, batch: dict, ctx: Ctx, center):
     m = batch["pair_mask"]  # [B]
     B = m.shape[0]
     r = model(batch["tokens"], batch["positions"], batch["segment_ids"], ctx)  # [2B] fp32
-    losses, per_pair = pair_losses(r[:B], r[B:], batch.get("margin"), center)
+    soft = (batch["confidence"], batch["smoothing"]) if "confidence" in batch else None
+    losses, per_pair = pair_losses(r[:B], r[B:], batch.get("margin"), center, soft)
     pairs = jnp.sum(m)
     sums = {k: jnp.sum(v * m) for k, v in per_pair.items()}
     real = jnp.concatenate([m, m]) > 0
