@@ -14,7 +14,6 @@ temporaries, from XLA's memory analysis: the CPU has no device peak counter). Ti
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
@@ -31,16 +30,9 @@ from jaxft.example import example_model
 from jaxft.generate import Sampling, generate
 from jaxft.train import init_state, make_optimizer, make_train_step
 
+from bench_generate import timed  # scripts/ is on the path when a script runs
+
 TARGETS = ("all-linear",)
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def random_entries(model, n, r=8, seed=0):
