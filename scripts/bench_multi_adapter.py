@@ -178,6 +178,7 @@ def main():
     ap.add_argument("--train-len", type=int, default=64)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
     args.banks = [int(x) for x in args.banks.split(",")]
     path = example_model()
@@ -185,10 +186,11 @@ def main():
     prompts = [[int(t) for t in p] for p in prompts]
     print(f"SmolLM2-135M fp32, CPU x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; {args.rows} rows, "
           f"{args.new_tokens} new tokens, LoRA r=8 on all linear layers")
-    rows, base = decode(args, path, prompts)
-    for name, tps, c in rows:
-        print(f"  jaxft {name:<32} {tps:8.1f} tok/s  ({tps / base:.2f}x one adapter; first call {c:.1f}s)")
-    if not args.no_peft:
+    if not args.no_decode:
+        rows, base = decode(args, path, prompts)
+        for name, tps, c in rows:
+            print(f"  jaxft {name:<32} {tps:8.1f} tok/s  ({tps / base:.2f}x one adapter; first call {c:.1f}s)")
+    if not (args.no_peft or args.no_decode):
         for name, tps in peft_decode(args, path, prompts):
             print(f"  {name:<38} {tps:8.1f} tok/s")
     if not args.no_train:
