@@ -13,41 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.adapters import bank
-from jaxft.adapters.base import Ctx
 from jaxft.config import RunConfig, check_files
 from jaxft.errors import JaxftError
 
 
-def mixed_answers(graphdef, weights, tokenizer, prompts: list[list[dict]], rows: list[int], *, eos, max_new_tokens: int,
-                  batch_size: int, system_prompt=None, progress: str = "") -> list[str]:
-    """Greedy answers, prompt i under adapter id rows[i], in mixed batches of batch_size rows."""
-    from jaxft.evaluate import _with_system
-    from jaxft.generate import Sampling, chat_prompt, generate
-
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [chat_prompt(tokenizer, _with_system(m, system_prompt)) for m in prompts[i:i + batch_size]]
-        ctx = Ctx(adapter_ids=jnp.asarray(rows[i:i + batch_size], jnp.int32))
-        out = generate(graphdef, weights, ids, eos_ids=eos, sampling=Sampling(max_new_tokens=max_new_tokens),
-                       ctx=ctx).ids()
-        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
-        if progress:
-            print(f"\r{progress}: {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return answers
-
-
 def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
     """{"base": metrics, <adapter>: metrics, ...}: validation loss (SFT) and the generation metric."""
-    from jaxft.evaluate import heldout
+    from jaxft.evaluate import generate_answers, heldout
     from jaxft.generate import eos_token_ids
     from jaxft.hf import load_pretrained, load_tokenizer
     from jaxft.metrics import score
@@ -73,10 +51,10 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts = [p for _ in variants for p, _ in items]
         rows = [v for v in variants.values() for _ in items]
-        answers = mixed_answers(graphdef, (params, frozen), tokenizer, prompts, rows,
-                                eos=eos_token_ids(tokenizer, path), max_new_tokens=run.eval.max_new_tokens,
-                                batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt,
-                                progress="generating (mixed adapters)" if progress else "")
+        answers = generate_answers(graphdef, (params, frozen), tokenizer, prompts, adapter_ids=rows,
+                                   eos=eos_token_ids(tokenizer, path), max_new_tokens=run.eval.max_new_tokens,
+                                   batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt,
+                                   progress="generating (mixed adapters)" if progress else "")
         refs, n = [r for _, r in items], len(items)
         predictions = {k: answers[j * n:(j + 1) * n] for j, k in enumerate(variants)}
         for k in variants:

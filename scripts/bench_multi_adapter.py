@@ -14,7 +14,6 @@ temporaries, from XLA's memory analysis: the CPU has no device peak counter). Ti
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
@@ -31,16 +30,9 @@ from jaxft.example import example_model
 from jaxft.generate import Sampling, generate
 from jaxft.train import init_state, make_optimizer, make_train_step
 
+from bench_generate import timed  # scripts/ is on the path when a script runs
+
 TARGETS = ("all-linear",)
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def random_entries(model, n, r=8, seed=0):
@@ -186,6 +178,7 @@ def main():
     ap.add_argument("--train-len", type=int, default=64)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
     args.banks = [int(x) for x in args.banks.split(",")]
     path = example_model()
@@ -193,10 +186,11 @@ def main():
     prompts = [[int(t) for t in p] for p in prompts]
     print(f"SmolLM2-135M fp32, CPU x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; {args.rows} rows, "
           f"{args.new_tokens} new tokens, LoRA r=8 on all linear layers")
-    rows, base = decode(args, path, prompts)
-    for name, tps, c in rows:
-        print(f"  jaxft {name:<32} {tps:8.1f} tok/s  ({tps / base:.2f}x one adapter; first call {c:.1f}s)")
-    if not args.no_peft:
+    if not args.no_decode:
+        rows, base = decode(args, path, prompts)
+        for name, tps, c in rows:
+            print(f"  jaxft {name:<32} {tps:8.1f} tok/s  ({tps / base:.2f}x one adapter; first call {c:.1f}s)")
+    if not (args.no_peft or args.no_decode):
         for name, tps in peft_decode(args, path, prompts):
             print(f"  {name:<38} {tps:8.1f} tok/s")
     if not args.no_train:

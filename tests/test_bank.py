@@ -1,5 +1,7 @@
 """Adapter bank (jaxft.adapters.bank): mixed-adapter batches against PEFT's adapter_names=, and bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,33 @@ def test_joint_train_step_compiles_once_and_plain_layout_matches(tmp_path):
                                  for p, lin in bank.banks(trained)}) for i, (n, c) in enumerate(zip(("a", "b"), configs))]
     bank.install(plain, entries)
     np.testing.assert_allclose(np.asarray(plain(toks, ctx=Ctx(adapter_ids=ids))[0]), want, atol=2e-5, rtol=0)
+
+
+def test_bank_optimizer_equals_one_optimizer_per_adapter():
+    """Clipping (one adapter over the norm, one under), AdamW, weight decay, LoRA+ and per-adapter lr schedules."""
+    import optax
+
+    from jaxft.config import load_config
+    from jaxft.train import make_optimizer
+
+    run = load_config(None, ["adapters=[{name: a, train: x, lr: 1e-2}, {name: b, train: y, lr: 3e-3}]",
+                             "optim.clip_norm=1.0", "optim.weight_decay=0.1", "optim.lora_b_lr_ratio=4",
+                             "optim.warmup_steps=2"])
+    rng = np.random.RandomState(0)
+    params = {"x": {"a": jnp.asarray(rng.randn(3, 2, 5, 4), jnp.float32),  # [L, N, in, r]
+                    "b": jnp.asarray(rng.randn(3, 2, 4, 6), jnp.float32)}}
+    tx = bank.make_optimizer(run, 10, params)
+    state, p = tx.init(params), params
+    singles = [(make_optimizer(dataclasses.replace(run.optim, lr=lr), 10, jax.tree.map(lambda t: t[:, n], params)),
+                jax.tree.map(lambda t: t[:, n], params)) for n, lr in enumerate((1e-2, 3e-3))]
+    singles = [(t, t.init(q), q) for t, q in singles]
+    for step in range(4):
+        g = jax.tree.map(lambda t: jnp.asarray(rng.randn(*t.shape), jnp.float32)
+                         * jnp.asarray([0.01, 10.0])[None, :, None, None], params)  # a under the clip, b over it
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+        for n, (t, s, q) in enumerate(singles):
+            un, s = t.update(jax.tree.map(lambda x: x[:, n], g), s, q)
+            q = optax.apply_updates(q, un)
+            singles[n] = (t, s, q)
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x[:, n], y, atol=1e-6, rtol=0), p, q)  # fp32 ulps

@@ -26,6 +26,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("multi_data")
     for i, s in enumerate(SPECS):
         (d / f"{s['name']}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(24, seed=10 + i)))
+        (d / f"{s['name']}_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(4, seed=20 + i)))
     return d
 
 
@@ -39,8 +40,9 @@ def _write(path, chat_model, out, **sections):
     return path
 
 
-def _joint(chat_model, data, tmp_path, name="joint", **mesh):
-    adapters = [{**s, "train": str(data / f"{s['name']}.jsonl")} for s in SPECS]
+def _joint(chat_model, data, tmp_path, name="joint", validation=False, **mesh):
+    adapters = [{**s, "train": str(data / f"{s['name']}.jsonl"),
+                 **({"validation": str(data / f"{s['name']}_val.jsonl")} if validation else {})} for s in SPECS]
     cfg = _write(tmp_path / f"{name}.yaml", chat_model, tmp_path / name, adapters=adapters,
                  **({"mesh": mesh} if mesh else {}))
     last = train(load_config(cfg), progress=False)
@@ -58,12 +60,13 @@ def _factors(model_dir, run_dir, name=None):
 @pytest.fixture(scope="module")
 def joint(chat_model, data, tmp_path_factory):
     """(run directory, last logged row) of the joint run on one device."""
-    return _joint(chat_model, data, tmp_path_factory.mktemp("joint"))
+    return _joint(chat_model, data, tmp_path_factory.mktemp("joint"), validation=True)
 
 
 def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, data, joint, tmp_path):
     joint, last = joint
-    assert {"loss_alpha", "loss_beta"} <= set(last)
+    assert {"loss_alpha", "loss_beta", "eval_loss_alpha", "eval_loss_beta"} <= set(last)
+    assert last["eval_loss"] == pytest.approx((last["eval_loss_alpha"] + last["eval_loss_beta"]) / 2)
     for s in SPECS:  # the same adapter trained alone: its own file, r / alpha / lr / seed
         lora = {k: s[k] for k in ("r", "alpha", "rslora", "target_modules") if k in s}
         cfg = _write(tmp_path / f"{s['name']}.yaml", chat_model, tmp_path / s["name"],

@@ -417,9 +417,8 @@ def make_optimizer(run, total_steps: int, params):
             sq = sum(jnp.sum(jnp.square(t), axis=tuple(i for i in range(t.ndim) if i != 1))
                      for t in jax.tree.leaves(updates))
             norm = jnp.sqrt(sq)  # [N]: each adapter's own global norm
-            trigger = norm < max_norm
-            return jax.tree.map(lambda t: jnp.where(along(trigger, t), t, (t / along(norm, t)) * max_norm),
-                                updates), state
+            keep = lambda t: (norm < max_norm).reshape(along(norm, t).shape)  # noqa: E731 — per adapter, as optax
+            return jax.tree.map(lambda t: jnp.where(keep(t), t, (t / along(norm, t)) * max_norm), updates), state
         return optax.GradientTransformation(optax.init_empty_state, update)
 
     def scale_by_schedules():
