@@ -54,7 +54,8 @@ TEMPERATURE_EPS = 1e-7  # TRL samples and scores at temperature + 1e-7
 ROW_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores")
 METRICS = (*ROW_METRICS, "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
-           "loss/value_avg", "val/clipfrac_avg", "val/ratio")
+           "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+           "val/num_eos_tokens", "time/rollout", "time/score")  # the last three: the sampling step's only
 
 
 # ---------------------------------------------------------------- pure functions of arrays
