@@ -290,7 +290,6 @@ def test_step_rollout_and_sampler_compile_once_for_new_weights(toy, tmp_path):
     ("rollout.num_generations=4", "rollout.num_generations: ppo samples one response per prompt"),
     ("rollout.reward_funcs=[exact_match]", "rollout.reward_funcs: ppo scores with ppo.reward_model"),
     ("rollout.mask_truncated_completions=true", "rollout.mask_truncated_completions: not a PPO option"),
-    ("eval.file=x.jsonl", "eval.file: objective ppo has no generation metric"),
     ("train.batch_size=1", "train.batch_size: a rollout batch"),
     ("ppo.value_init=zero", "ppo.value_init: 'zero' is not one of 'reward', 'random'"),
 ])
@@ -298,6 +297,21 @@ def test_bad_config_is_one_line(override, message):
     with pytest.raises(JaxftError, match=message) as e:
         load_config(ROOT / "configs" / "ppo_lora.yaml", [override])
     assert "\n" not in str(e.value) and str(e.value).startswith(str(ROOT / "configs" / "ppo_lora.yaml"))
+
+
+def test_sharded_run_equals_one_device(toy, tmp_path):
+    """The same PPO run on one device and on 4 (data × fsdp): sampling, rollout scoring and steps agree."""
+    from jaxft.train import train
+
+    rows = {}
+    for name, mesh in (("one", {}), ("mesh", {"mesh.data": 2, "mesh.fsdp": 2})):
+        train(load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / name, **{
+            "train.steps": 4, "train.save_every": 4, **mesh})), progress=False)
+        rows[name] = _rows(tmp_path / name)
+    for a, b in zip(rows["one"], rows["mesh"], strict=True):
+        for k in ("loss", "grad_norm", *METRICS):
+            if k in a and not k.startswith("time/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
 
 
 def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):

@@ -237,6 +237,7 @@ class RolloutSource:
 
     def __init__(self, run: RunConfig, setup, prompts: list, reward, wrap=lambda b: b, say=lambda *a: None):
         from jaxft.generate import eos_token_ids
+        from jaxft.objectives.rollout import _mesh_of
 
         c, t, r = run.ppo, run.train, run.rollout
         self.cfg, self.run, self.setup, self.prompts, self.wrap, self.say = c, run, setup, prompts, wrap, say
@@ -249,6 +250,12 @@ class RolloutSource:
         self.T, self.temperature = r.max_completion_length, r.temperature
         self.eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
         self.reward_graphdef, self.reward_weights = reward
+        mesh = _mesh_of(setup.params)
+        if mesh is not None:  # the reward model's weights on the policy's mesh, sharded by the same rules
+            from jaxft import sharding
+
+            self.reward_weights = sharding.place(self.reward_weights, sharding.tree_shardings(
+                self.reward_weights, mesh, run.mesh.strategy))
         self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, self.temperature)
         self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c))
         self.dir = Path(t.out_dir) / "rollouts"
@@ -369,8 +376,6 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
          "ppo scores with ppo.reward_model (token level, TRL's); reward functions are for grpo / rloo"),
         (not r.mask_truncated_completions, "rollout.mask_truncated_completions",
          "not a PPO option; use ppo.missing_eos_penalty"),
-        (run.eval.file is None, "eval.file", "objective ppo has no generation metric during training; evaluate "
-                                             "the exported policy with jaxft eval"),
     ]
 
 
@@ -408,4 +413,5 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
         say(f"train prompts: {report.summary()}")
         source = RolloutSource(run, setup, prompts, (graphdef, weights), wrap, say)
     return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo, run.rollout.temperature),
-                     count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"))
+                     count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"),
+                     heldout=run.data.validation)
