@@ -170,7 +170,7 @@ def _overrides(toy, out, **extra):
          "ppo.num_ppo_epochs": 2,
          "train.batch_size": 8, "train.grad_accum": 1, "lora.r": 4, "lora.alpha": 8, "optim.lr": 3e-3,
          "optim.schedule": "constant", "ppo.kl_coef": 0.01, "train.out_dir": out, "ppo.value_init": "random",
-         "ppo.missing_eos_penalty": None}
+         "ppo.missing_eos_penalty": None, "eval.file": None}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -179,7 +179,7 @@ def _rows(out):
     return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_policy_learns_the_toy_reward(toy, tmp_path):
+def test_tiny_policy_learns_the_toy_reward_on_one_device_and_on_a_mesh(toy, tmp_path):
     from jaxft.train import train
 
     run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run", **{
@@ -193,6 +193,15 @@ def test_tiny_policy_learns_the_toy_reward(toy, tmp_path):
     assert rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)  # the first step is exactly on-policy
     assert rows[0]["policy/approxkl_avg"] < 1e-9 and rows[0]["policy/clipfrac_avg"] == 0.0
     assert "time/rollout" in rows[0] and "time/rollout" not in rows[1] and rows[0]["val/num_eos_tokens"] >= 0
+
+    # the same run's first 4 steps on 4 devices (data × fsdp): sampling, rollout scoring and steps agree
+    train(load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "mesh", **{
+        "train.steps": 4, "train.save_every": 4, "train.batch_size": 16, "mesh.data": 2, "mesh.fsdp": 2})),
+        progress=False)
+    for a, b in zip(rows[:4], _rows(tmp_path / "mesh"), strict=True):
+        for k in ("loss", "grad_norm", *METRICS):
+            if k in a and not k.startswith("time/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
 
     # the trained policy exports as a plain causal LM (no value head) with the policy's logits
     from flax import nnx
@@ -297,21 +306,6 @@ def test_bad_config_is_one_line(override, message):
     with pytest.raises(JaxftError, match=message) as e:
         load_config(ROOT / "configs" / "ppo_lora.yaml", [override])
     assert "\n" not in str(e.value) and str(e.value).startswith(str(ROOT / "configs" / "ppo_lora.yaml"))
-
-
-def test_sharded_run_equals_one_device(toy, tmp_path):
-    """The same PPO run on one device and on 4 (data × fsdp): sampling, rollout scoring and steps agree."""
-    from jaxft.train import train
-
-    rows = {}
-    for name, mesh in (("one", {}), ("mesh", {"mesh.data": 2, "mesh.fsdp": 2})):
-        train(load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / name, **{
-            "train.steps": 4, "train.save_every": 4, **mesh})), progress=False)
-        rows[name] = _rows(tmp_path / name)
-    for a, b in zip(rows["one"], rows["mesh"], strict=True):
-        for k in ("loss", "grad_norm", *METRICS):
-            if k in a and not k.startswith("time/"):
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
 
 
 def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):
