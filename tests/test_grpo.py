@@ -561,3 +561,38 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
     plain = completion_logps(base, rows, ON, 0.7)
     assert np.abs(np.asarray(off) - np.asarray(plain))[keep].max() <= 1e-6
     assert np.abs(np.asarray(off) - np.asarray(lp))[keep].max() > 1e-3  # the adapter does change them
+
+
+def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(toy_model, tmp_path):
+    """Two rollouts and two steps with new weights: one compile each (sampler, reference forward, step);
+    beta = 0 computes no reference log-probs at all."""
+    import optax
+
+    from jaxft.generate import _run
+    from jaxft.train import init_state, make_train_step
+
+    def perturbed(params, seed):
+        return jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), params)
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0.04", "rollout.max_completion_length=6",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    src, params = obj.train, setup.params
+    batch = src(1, perturbed(params, 1))
+    assert "ref_logps" in batch and "old_logps" not in batch
+    before = _run._cache_size()
+    batch2 = src(2, perturbed(params, 2))
+    assert _run._cache_size() == before and src.forward._cache_size() == 1
+    assert src.host_metrics(2)["time/rollout"] > 0 and src.host_metrics(1) == {}
+    tx = optax.adam(1e-3)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    state = jax.device_put(init_state(perturbed(params, 3), tx), jax.devices()[0])  # committed, as the output
+    state, _ = step(state, setup.frozen, batch)
+    state, m = step(state, setup.frozen, batch2)
+    assert step._cache_size() == 1 and np.isfinite(float(m["loss"]))
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0", "grpo.num_iterations=2",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    b1 = obj.train(1, setup.params)
+    assert "ref_logps" not in b1 and "old_logps" in b1  # μ = 2 stores the old log-probs, no reference
+    assert obj.train(2, perturbed(setup.params, 4)) is b1  # the generation batch is reused, not resampled
+    assert obj.train.host_metrics(2) == {}

@@ -135,6 +135,7 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
             return rows, stats
 
         source, funcs = _source(run, setup, say, wrap, finish)
+        source.forward = forward  # the reference / old-policy forward (its compile count is tested)
     extra = ("kl",) * (g.beta != 0.0) + (("cispo_clip_ratio",) if g.loss_type == "cispo" else
                                          () if g.loss_type == "sapo" else CLIP)
     return Objective(name="grpo", train=source, loss_fn=loss_fn, evaluate=None, count_name="completions",
@@ -187,6 +188,7 @@ def make_rloo(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, trai
             return rows, stats
 
         source, funcs = _source(run, setup, say, wrap, finish)
+        source.forward = forward
     extra = ("kl",) * (o.beta != 0.0) + CLIP
     return Objective(name="rloo", train=source, loss_fn=loss_fn, evaluate=None, count_name="completions",
                      metrics=_metric_names(funcs, extra), headline=(), heldout=run.data.validation,
