@@ -596,3 +596,47 @@ def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(t
     assert "ref_logps" not in b1 and "old_logps" in b1  # μ = 2 stores the old log-probs, no reference
     assert obj.train(2, perturbed(setup.params, 4)) is b1  # the generation batch is reused, not resampled
     assert obj.train.host_metrics(2) == {}
+
+
+def test_bad_reward_functions_and_prompt_rows_are_one_line_errors(tmp_path):
+    from jaxft.config import DataConfig
+    from jaxft.errors import JaxftError
+    from jaxft.objectives.rewards import load_reward_funcs, score_all
+    from jaxft.prompts import load_prompts
+
+    args = (["p"] * 2, ["c"] * 2, [[1], [2]], {})
+    for fn, msg in [("raises", "reward function raises: raised RuntimeError: scorer offline"),
+                    ("short", "reward function short: returned 1 values for 2 completions"),
+                    ("nan", "reward function nan: value 0 is nan"),
+                    ("text", "reward function text: value 0 is a str")]:
+        with pytest.raises(JaxftError, match=msg):
+            score_all(load_reward_funcs([f"rl_toy:{fn}"], 8), *args)
+    for spec, msg in [("nope", "is not a built-in"), ("rl_toy:missing", "has no function 'missing'"),
+                      ("no_such_module:f", "cannot import no_such_module"), ("regex:(", "not a valid regular"),
+                      (f"{tmp_path}/absent.py:f", "no such file"), ("overlong:99", "the cache must be")]:
+        with pytest.raises(JaxftError, match=msg):
+            load_reward_funcs([spec], 8)
+    with pytest.raises(JaxftError, match="needs a 'solution' column"):
+        score_all(load_reward_funcs(["json_fields"], 8), *args)
+    funcs = load_reward_funcs(["json_fields", "json_valid", "exact_match", r"regex:\{.*\}", "length_penalty",
+                               "overlong:2", f"{TOY}:emit_k"], 4)
+    assert [n for n, _ in funcs] == ["json_fields", "json_valid", "exact_match", "regex", "length_penalty",
+                                     "overlong", "emit_k"]
+    got = score_all(funcs, ["p", "p"], ['{"a": 1, "b": 2}', "no"], [[10, 10, 10, 2], [10]],
+                    {"solution": ['{"a": 1, "b": 3}', None]})
+    np.testing.assert_allclose(got[0], [0.5, 1, 0, 1, -1.0, -1.0, 1])
+    np.testing.assert_allclose(got[1], [np.nan, 0, np.nan, 0, -0.25, 0.0, 1])  # None → NaN
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}], "k": 1},
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "B"}]},
+            {"prompt": "plain", "solution": "C"}, {"messages": [{"role": "assistant", "content": "x"}]},
+            {"other": 1}, {"prompt": "x " * 50}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tiny import example_tokenizer
+
+    prompts, report = load_prompts(DataConfig(train=str(f), max_length=40), example_tokenizer())
+    assert [p.columns.get("solution") for p in prompts] == ["A", "B", "C"]
+    assert prompts[0].prompt == [{"role": "user", "content": "hi"}] and prompts[0].columns["k"] == 1
+    assert prompts[2].prompt == "plain"
+    assert (report.skipped, report.dropped) == (2, 1), report.summary()
