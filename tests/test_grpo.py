@@ -640,3 +640,48 @@ def test_bad_reward_functions_and_prompt_rows_are_one_line_errors(tmp_path):
     assert prompts[0].prompt == [{"role": "user", "content": "hi"}] and prompts[0].columns["k"] == 1
     assert prompts[2].prompt == "plain"
     assert (report.skipped, report.dropped) == (2, 1), report.summary()
+
+
+def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, tmp_path):
+    """configs/grpo_lora.yaml's shape on the quickstart task (chat prompts, `solution` from the final
+    assistant turn, json_fields reward) with a tiny chat model and KL: trains, `jaxft eval` scores the
+    held-out answers, and the adapter exports as PEFT and loads with equal logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.config import load_config
+    from jaxft.evaluate import evaluate
+    from jaxft.export import export
+    from jaxft.task import write_task_files
+    from jaxft.train import train
+
+    paths = write_task_files(tmp_path / "data", 8, 4, 4, seed=0)
+    out = tmp_path / "run"
+    run = load_config(ROOT / "configs" / "grpo_lora.yaml", [
+        f"model.path={chat_model}", f"data.train={paths['train']}", f"data.validation={paths['validation']}",
+        f"eval.file={paths['test']}", "eval.max_examples=4", "eval.max_new_tokens=8", "rollout.max_completion_length=8",
+        "rollout.num_generations=2", "train.batch_size=4", "train.grad_accum=1", "train.steps=2",
+        "train.save_every=2", f"train.out_dir={out}", "grpo.beta=0.04",
+        "rollout.reward_funcs=[json_fields,length_penalty]", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"])
+    last = train(run, progress=False)
+    assert "kl" in last and "rewards/json_fields/mean" in last and "rewards/length_penalty/mean" in last
+    assert last["completions"] == 4
+    res = evaluate(run, progress=False)
+    assert {"valid_json", "exact", "field_accuracy"} <= set(res["tuned"]) and res["tuned"]["n"] == 4
+    path, step = export(run, "peft", tmp_path / "peft", dtype="fp32")
+    assert step == 2
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    ids = torch.tensor([[1, 5, 9, 300, 2000]])
+    tuned = PeftModel.from_pretrained(base, str(path)).eval()
+    from flax import nnx
+
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.setup import build
+
+    setup = build(run)
+    params, _ = restore_trainable(out, setup.params)
+    want = tuned(ids).logits.detach().numpy()
+    got = np.asarray(nnx.merge(setup.graphdef, params, setup.frozen)(jnp.asarray(ids.numpy()))[0])
+    assert np.abs(got - want).max() < 2e-4
+    plain = AutoModelForCausalLM.from_pretrained(chat_model)(ids).logits.detach().numpy()
+    assert np.abs(want - plain).max() > 1e-4  # the adapter trained
