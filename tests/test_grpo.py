@@ -323,7 +323,8 @@ def test_rloo_advantages_and_kl_equal_a_real_trainer(toy_model, tmp_path):
                           reward_clip_range=clip)
         if beta:
             tr.ref_model.load_state_dict(AutoModelForCausalLM.from_pretrained(toy_model).state_dict())
-        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))], None, None)
+        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))],
+                                                None, None)
         tr._generate_single_turn = lambda ids, images, mm: [list(c) for c in C[:len(ids)]]
         out = tr._generate_and_score_completions([{"prompt": "t0 t1"}] * 8)
         want = {k: v[0] for k, v in tr._metrics["train"].items()}
@@ -372,9 +373,9 @@ def test_grpo_rl_md_check_values(x64):
 
     def run(loss_type, logp, old, adv, mask, ref=None, **kw):
         cfg = pg.PgLoss(loss_type=loss_type, max_completion_length=kw.pop("L", 4), **kw)
-        f = lambda lp: pg.grpo_loss(lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv),  # noqa: E731
-                                    mask, cfg, num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1),
-                                    spg=kw_items.get("spg", 1))
+        f = lambda lp: pg.grpo_loss(  # noqa: E731
+            lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv), mask, cfg,
+            num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1), spg=kw_items.get("spg", 1))
         (loss, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
         return float(loss), np.asarray(g), m
 

@@ -127,11 +127,13 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
             t0 = time.perf_counter()
             if ref is not None:  # once per generation batch, before any update (TRL)
                 w, ctx = ref.weights(params)
-                rows["ref_logps"] = per_micro_batch(lambda b: forward(w, setup.frozen, b, ctx), rows, run.train.batch_size)
+                rows["ref_logps"] = per_micro_batch(lambda b: forward(w, setup.frozen, b, ctx), rows,
+                                                    run.train.batch_size)
             if g.num_iterations > 1:
                 rows["old_logps"] = per_micro_batch(lambda b: forward(params, setup.frozen, b, ON), rows,
                                                     run.train.batch_size)
-            stats.update(pg.reward_stats(ro.rewards, weights, _names(src.funcs)), **{"time/reference": time.perf_counter() - t0})
+            stats.update(pg.reward_stats(ro.rewards, weights, _names(src.funcs)),
+                         **{"time/reference": time.perf_counter() - t0})
             return rows, stats
 
         source, funcs = _source(run, setup, say, wrap, finish)
