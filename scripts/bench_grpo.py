@@ -197,15 +197,8 @@ def main():
     busy = bench_sft.busy_processes()
     if busy:
         print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a in ("--json", "--only"):
-            skip = True
-        elif not a.startswith(("--json=", "--only=")):
-            argv.append(a)
     sides = [s for s in SIDES if not args.only or s in args.only]
+    argv = bench_sft.worker_argv(sys.argv[1:])
     results = {s: summarize(bench_sft.run_worker(s, argv, __file__), args) for s in sides}
     print(f"\nGRPO step, SmolLM2-135M-Instruct fp32, LoRA r={args.rank} on q,k,v,o,gate,up,down: {args.prompts} "
           f"prompts "
@@ -219,10 +212,7 @@ def main():
         print(f"{r['framework']:<14} | {r['step_s']:>7.2f} | {r['rollout_s']:>9.2f} | {r['ref_s']:>9.2f} | "
               f"{r['train_s']:>7.2f} | {r['tokens_per_s']:>8.1f} | {r['completion_len']:>9.1f} | "
               f"{r['peak_rss_gb']:>11.2f} | {r['first_step_s']:>12.1f}")
-    for r in results.values():
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-        print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the machine"
-              + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    print("\n".join(bench_sft.noise_lines(results)))
     if len(results) == 2:
         j, t = results["jaxft"], results["trl"]
         print(f"jaxft/trl step speed: {t['step_s'] / j['step_s']:.2f}x; tokens/s: "

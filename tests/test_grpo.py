@@ -29,6 +29,14 @@ def _accelerator():
                                  gather_for_metrics=lambda x: x, device="cpu")
 
 
+def _trl_inputs(mask, adv, **extra):
+    """The tensors `_compute_loss` reads besides the log-probs (one dummy prompt token per row)."""
+    B, T = mask.shape
+    return dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
+                completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
+                advantages=torch.tensor(adv), **extra)
+
+
 def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga, spg):
     """TRL's GRPOTrainer._compute_loss (training mode) → (loss, d loss / d logp, metrics)."""
     from trl import GRPOTrainer
@@ -45,10 +53,7 @@ def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga,
         model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
         _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  advantages=torch.tensor(adv), num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
+    inputs = _trl_inputs(mask, adv, num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
     if old is not None:
         inputs["old_per_token_logps"] = torch.tensor(old)
     if cfg.beta:
@@ -256,10 +261,7 @@ def _trl_rloo_loss(logp, old_seq, adv, mask, entropy, eps_low, eps_high):
                                model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
                                _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  old_logps=torch.tensor(old_seq), advantages=torch.tensor(adv))
+    inputs = _trl_inputs(mask, adv, old_logps=torch.tensor(old_seq))
     loss = RLOOTrainer._compute_loss(me, None, inputs)
     loss.backward()
     return float(loss), lp.grad.numpy(), {k: v[0] for k, v in me._metrics["train"].items()}

@@ -91,6 +91,14 @@ def _metric_names(funcs, extra) -> tuple[str, ...]:
             "time/reference")
 
 
+def _forwards(run, setup, beta: float, say):
+    """The jitted no-gradient forward (reference / old log-probs) and the Reference (None when beta = 0)."""
+    ref = Reference(run, setup) if beta != 0.0 else None
+    if ref is not None:
+        say(f"reference: {ref.kind}")
+    return make_forward(setup.graphdef, run.rollout.temperature), ref
+
+
 def _scaled(loss, metrics, mask, n_total):
     """(loss × N, B, metrics × B): see the module docstring."""
     B = mask.shape[0]
@@ -113,10 +121,7 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
 
     source, funcs, ref = None, [], None
     if train:
-        forward = make_forward(setup.graphdef, T)
-        ref = Reference(run, setup) if g.beta != 0.0 else None
-        if ref is not None:
-            say(f"reference: {ref.kind}")
+        forward, ref = _forwards(run, setup, g.beta, say)
 
         def finish(src, ro, params):
             weights = _weights(run, src.funcs)
@@ -162,10 +167,7 @@ def make_rloo(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, trai
 
     source, funcs = None, []
     if train:
-        forward = make_forward(setup.graphdef, T)
-        ref = Reference(run, setup) if o.beta != 0.0 else None
-        if ref is not None:
-            say(f"reference: {ref.kind}")
+        forward, ref = _forwards(run, setup, o.beta, say)
 
         def finish(src, ro, params):
             weights = _weights(run, src.funcs)
