@@ -29,6 +29,14 @@ def _accelerator():
                                  gather_for_metrics=lambda x: x, device="cpu")
 
 
+def _trl_inputs(mask, adv, **extra):
+    """The tensors `_compute_loss` reads besides the log-probs (one dummy prompt token per row)."""
+    B, T = mask.shape
+    return dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
+                completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
+                advantages=torch.tensor(adv), **extra)
+
+
 def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga, spg):
     """TRL's GRPOTrainer._compute_loss (training mode) → (loss, d loss / d logp, metrics)."""
     from trl import GRPOTrainer
@@ -45,10 +53,7 @@ def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga,
         model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
         _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  advantages=torch.tensor(adv), num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
+    inputs = _trl_inputs(mask, adv, num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
     if old is not None:
         inputs["old_per_token_logps"] = torch.tensor(old)
     if cfg.beta:
@@ -256,10 +261,7 @@ def _trl_rloo_loss(logp, old_seq, adv, mask, entropy, eps_low, eps_high):
                                model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
                                _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  old_logps=torch.tensor(old_seq), advantages=torch.tensor(adv))
+    inputs = _trl_inputs(mask, adv, old_logps=torch.tensor(old_seq))
     loss = RLOOTrainer._compute_loss(me, None, inputs)
     loss.backward()
     return float(loss), lp.grad.numpy(), {k: v[0] for k, v in me._metrics["train"].items()}
@@ -323,7 +325,8 @@ def test_rloo_advantages_and_kl_equal_a_real_trainer(toy_model, tmp_path):
                           reward_clip_range=clip)
         if beta:
             tr.ref_model.load_state_dict(AutoModelForCausalLM.from_pretrained(toy_model).state_dict())
-        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))], None, None)
+        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))],
+                                                None, None)
         tr._generate_single_turn = lambda ids, images, mm: [list(c) for c in C[:len(ids)]]
         out = tr._generate_and_score_completions([{"prompt": "t0 t1"}] * 8)
         want = {k: v[0] for k, v in tr._metrics["train"].items()}
@@ -350,3 +353,338 @@ def dataclasses_replace_model(run, path):
     import dataclasses
 
     return dataclasses.replace(run, model=dataclasses.replace(run.model, path=str(path)))
+
+
+def test_grpo_rl_md_check_values(x64):
+    """RL.md §1.9 (a)-(e), from TRL's own code."""
+    r = np.array([[1, 0, 0, 1, 2, 2, 2, 2]], float).T
+    for scale, want in [("group", [0.865875, -0.865875, -0.865875, 0.865875, 0, 0, 0, 0]),
+                        ("batch", [0.564012, -0.564012, -0.564012, 0.564012, 0, 0, 0, 0]),
+                        ("none", [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])]:
+        A, st = pg.group_advantages(r, np.ones(1), 4, scale)
+        np.testing.assert_allclose(A, want, atol=1e-6)
+    assert pg.group_advantages(r, np.ones(1), 4)[1]["frac_reward_zero_std"] == 0.5
+    two = np.array([[1, 0, 0, 1], [0.3, 0.9, 0.5, 0.1]]).T
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4)[0], [1.024395, -0.146342, -1.317079, 0.439027],
+                               atol=1e-6)
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4, aggregation="normalize_then_sum")[0],
+                               [0.767066, 0.810833, -1.293032, -0.284867], atol=1e-6)
+    two[1, 1] = np.nan
+    np.testing.assert_allclose(pg.group_advantages(two, np.ones(2), 4)[0], [0.972922, -1.226728, -0.380709, 0.634514],
+                               atol=1e-6)
+
+    def run(loss_type, logp, old, adv, mask, ref=None, **kw):
+        cfg = pg.PgLoss(loss_type=loss_type, max_completion_length=kw.pop("L", 4), **kw)
+        f = lambda lp: pg.grpo_loss(  # noqa: E731
+            lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv), mask, cfg,
+            num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1), spg=kw_items.get("spg", 1))
+        (loss, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+        return float(loss), np.asarray(g), m
+
+    kw_items = {}
+    logp = np.array([[-1, -2, -0.5, 0], [-1.5, 0, 0, 0]])
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], float)
+    for t, loss, g1, g2 in [("grpo", 0.0, -0.166667, 0.5), ("bnpo", -0.5, -0.25, 0.25), ("dapo", -0.5, -0.25, 0.25),
+                            ("dr_grpo", -0.25, -0.125, 0.125), ("luspo", -1.0, -0.5, 0.5)]:
+        got, g, _ = run(t, logp, None, [1, -1], mask)
+        np.testing.assert_allclose([got, g[0, 0], g[1, 0]], [loss, g1, g2], atol=1e-6, err_msg=t)
+    got, g, _ = run("cispo", logp, None, [1, -1], mask)  # ε_high = 0.2 caps the weight at 0.2
+    np.testing.assert_allclose([got, g[0, 0], g[1, 0]], [0.1, -0.05, 0.05], atol=1e-6)
+    new, old = np.array([[-0.8, -1.3], [-0.8, -1.3]]), np.full((2, 2), -1.0)
+    m2 = np.ones((2, 2))
+    got, g, m = run("dapo", new, old, [1, -1], m2)
+    np.testing.assert_allclose(got, 0.020146, atol=1e-6)
+    np.testing.assert_allclose(g, [[0, -0.185205], [0.305351, 0]], atol=1e-6)
+    np.testing.assert_allclose([float(m[k]) for k in ("clip_ratio/low_mean", "clip_ratio/high_mean",
+                                                      "clip_ratio/region_mean", "clip_ratio/low_min",
+                                                      "clip_ratio/high_max")], [0.25, 0.25, 0.5, 0.0, 0.5])
+    got, g, _ = run("dapo", new, old, [1, -1], m2, eps_high=0.28)
+    np.testing.assert_allclose([got, *g.ravel()], [0.014795, -0.305351, -0.185205, 0.305351, 0], atol=1e-6)
+    got, g, _ = run("grpo", new, old, [1, -1], m2, level="sequence")  # GSPO
+    np.testing.assert_allclose([got, *g.ravel()], [0.0, -0.237807, -0.237807, 0.237807, 0.237807], atol=1e-6)
+    one = np.ones((1, 2))
+    got, g, _ = run("dapo", np.full((1, 2), -0.3), np.full((1, 2), -1.0), [-1], one)
+    np.testing.assert_allclose([got, *g.ravel()], [2.013753, 1.006876, 1.006876], atol=1e-6)
+    got, g, _ = run("dapo", np.full((1, 2), -0.3), np.full((1, 2), -1.0), [-1], one, delta=1.5)
+    np.testing.assert_allclose([got, *g.ravel()], [1.5, 0, 0], atol=1e-6)
+    ref = np.array([[-1.5, -1.0]])
+    got, g, m = run("dapo", np.array([[-1.0, -2.0]]), None, [0.5], one, ref=ref, beta=0.04)
+    np.testing.assert_allclose([got, float(m["kl"]), *g.ravel()], [-0.483504, 0.412406, -0.24, -0.27], atol=1e-6)
+    got, g, m = run("dapo", np.array([[-1.0, -2.0]]), None, [0.5], one, ref=ref, beta=0.04, bias_correction_kl=False)
+    np.testing.assert_allclose(g.ravel(), [-0.242131, -0.284366], atol=1e-6)
+    kw_items.update(n=8, ga=2, spg=2)
+    got, _, _ = run("dapo", np.array([[-1.0, -2.0]]), None, [1.0], one)
+    np.testing.assert_allclose(got, -0.25, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the objective end to end
+
+import json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_overrides(toy_model, out, **extra):
+    o = {"model.path": toy_model, "data.train": toy_model / "prompts.jsonl", "data.max_length": 32,
+         "rollout.reward_funcs": f"[{TOY}:emit_k]", "rollout.max_completion_length": 8, "rollout.num_generations": 8,
+         "train.batch_size": 16, "train.grad_accum": 1, "lora.enabled": False, "optim.lr": 1e-2,
+         "optim.warmup_steps": 0, "optim.schedule": "constant", "train.out_dir": out, "eval.file": "null",
+         "data.validation": "null", "train.save_every": 0}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _rows(out):
+    return [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def learned(toy_model, tmp_path_factory):
+    """A 20-step GRPO run of the toy model through `jaxft train` (checkpoints at 10 and 20)."""
+    from tiny import run_cli
+
+    out = tmp_path_factory.mktemp("learned") / "run"
+    r = run_cli("train", ROOT / "configs" / "grpo_lora.yaml",
+                *_toy_overrides(toy_model, out, **{"train.steps": 20, "train.save_every": 10}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(learned):
+    rows = _rows(learned)
+    for k in ("reward", "reward_std", "rewards/emit_k/mean", "rewards/emit_k/std", "frac_reward_zero_std",
+              "entropy", "clip_ratio/region_mean", "clip_ratio/high_max", "completions/mean_length",
+              "completions/clipped_ratio", "completions/mean_terminated_length", "time/rollout", "time/score",
+              "loss", "grad_norm", "completions"):
+        assert k in rows[0], k
+    assert "kl" not in rows[0]  # beta = 0: no reference
+    first, last = rows[0]["reward"], np.mean([x["reward"] for x in rows[-3:]])
+    assert first < 0.1 and last > 0.6, (first, last)
+
+
+def test_resume_reproduces_the_run(toy_model, learned, tmp_path):
+    """The run cut after its step-10 checkpoint (the step-20 one and later rows gone, as after a kill) and
+    resumed: the same rollouts (sampler keys from seed and step) and bit-identical metrics."""
+    import shutil
+
+    from jaxft.config import load_config
+    from jaxft.train import train
+
+    out = tmp_path / "run"
+    shutil.copytree(learned, out)
+    shutil.rmtree(out / "checkpoints" / "20")
+    rows = _rows(learned)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 10))
+    run = load_config(ROOT / "configs" / "grpo_lora.yaml",
+                      _toy_overrides(toy_model, out, **{"train.steps": 20, "train.save_every": 10}))
+    train(run, resume=True, progress=False)
+    got = _rows(out)
+    assert [r["step"] for r in got] == [r["step"] for r in rows]
+    for want, have in zip(rows, got):
+        for k, v in want.items():
+            if not k.startswith("time/") and k not in ("elapsed", "tokens_per_s"):
+                assert have[k] == v, (want["step"], k)
+
+
+def _one_step(toy_model, tmp, overrides, mesh=None):
+    """One GRPO optimizer step (SGD, lr 1) on the fixed rollouts: (new trainable weights, metrics)."""
+    import optax
+
+    from jaxft import sharding
+    from jaxft.train import init_state, make_train_step
+
+    run, setup, obj = _jaxft(toy_model, tmp, overrides=["grpo.beta=0.04", *overrides])
+    params, frozen = setup.params, setup.frozen
+    # a nonzero adapter, so that the adapters-on policy differs from the adapters-off reference
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
+    src = obj.train
+    if mesh is not None:
+        params = sharding.place(params, sharding.tree_shardings(params, mesh, "fsdp"))
+        frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, "fsdp"))
+        src.wrap = lambda b: sharding.ShardedBatches(b, mesh)
+    ro = src.assemble(_fixed_prompts(), _fixed_generated())
+    rows, _ = src.finish(ro, params)
+    tx = optax.sgd(1.0)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state, metrics = step(init_state(params, tx), frozen, src.place(rows))
+    return jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+import contextlib  # noqa: E402
+
+
+def test_accumulation_and_devices_do_not_change_the_step(toy_model, tmp_path):
+    """dapo with KL: (B = 8, accumulation 1) == (B = 4, accumulation 2) on a 4-device mesh == 8 devices."""
+    from jaxft import sharding
+    from jaxft.config import MeshConfig
+
+    p1, m1 = _one_step(toy_model, tmp_path, [])
+    p2, m2 = _one_step(toy_model, tmp_path, ["train.batch_size=4", "train.grad_accum=2"],
+                       mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2)))
+    p8, m8 = _one_step(toy_model, tmp_path, [], mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=4)))
+    assert m1["grad_norm"] > 0 and m1["kl"] > 0
+    for p, m in ((p2, m2), (p8, m8)):
+        for k in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+            np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: final-logit soft-cap
+def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
+    """The sampler's log-probs (temperature 0.7) equal the training forward's on the same tokens (fp32), and
+    the adapters-off forward of a LoRA model equals the base model's."""
+    from flax import nnx
+
+    import jaxft
+    from jaxft import adapters
+    from jaxft.adapters.base import OFF, ON
+    from jaxft.config import LoraConfig
+    from jaxft.generate import Sampling, generate
+    from jaxft.objectives.rollout import completion_logps, layout
+    from tiny import save_model
+
+    save_model(arch, tmp_path)
+    base = jaxft.load_pretrained(tmp_path)
+    model = jaxft.load_pretrained(tmp_path)
+    cfg = LoraConfig(r=4, alpha=8)
+    adapters.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, cfg)
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    gen = generate(graphdef, (params, frozen), prompts, eos_ids={95}, sampling=Sampling(0.7, max_new_tokens=12, seed=3))
+    L = gen.tokens.shape[1]
+    tokens, pos, seg = layout(prompts, gen.tokens, gen.lengths)
+    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((len(prompts), L), np.float32))
+    keep = np.arange(L)[None] < gen.lengths[:, None]
+    lp = completion_logps(nnx.merge(graphdef, params, frozen), rows, ON, 0.7)
+    assert np.abs(np.asarray(lp) - gen.logprobs)[keep].max() <= 1e-5
+    off = completion_logps(nnx.merge(graphdef, params, frozen), rows, OFF, 0.7)
+    plain = completion_logps(base, rows, ON, 0.7)
+    assert np.abs(np.asarray(off) - np.asarray(plain))[keep].max() <= 1e-6
+    assert np.abs(np.asarray(off) - np.asarray(lp))[keep].max() > 1e-3  # the adapter does change them
+
+
+def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(toy_model, tmp_path):
+    """Two rollouts and two steps with new weights: one compile each (sampler, reference forward, step);
+    beta = 0 computes no reference log-probs at all."""
+    import optax
+
+    from jaxft.generate import _run
+    from jaxft.train import init_state, make_train_step
+
+    def perturbed(params, seed):
+        return jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), params)
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0.04", "rollout.max_completion_length=6",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    src, params = obj.train, setup.params
+    batch = src(1, perturbed(params, 1))
+    assert "ref_logps" in batch and "old_logps" not in batch
+    before = _run._cache_size()
+    batch2 = src(2, perturbed(params, 2))
+    assert _run._cache_size() == before and src.forward._cache_size() == 1
+    assert src.host_metrics(2)["time/rollout"] > 0 and src.host_metrics(1) == {}
+    tx = optax.adam(1e-3)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    state = jax.device_put(init_state(perturbed(params, 3), tx), jax.devices()[0])  # committed, as the output
+    state, _ = step(state, setup.frozen, batch)
+    state, m = step(state, setup.frozen, batch2)
+    assert step._cache_size() == 1 and np.isfinite(float(m["loss"]))
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0", "grpo.num_iterations=2",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    b1 = obj.train(1, setup.params)
+    assert "ref_logps" not in b1 and "old_logps" in b1  # μ = 2 stores the old log-probs, no reference
+    assert obj.train(2, perturbed(setup.params, 4)) is b1  # the generation batch is reused, not resampled
+    assert obj.train.host_metrics(2) == {}
+
+
+def test_bad_reward_functions_and_prompt_rows_are_one_line_errors(tmp_path):
+    from jaxft.config import DataConfig
+    from jaxft.errors import JaxftError
+    from jaxft.objectives.rewards import load_reward_funcs, score_all
+    from jaxft.prompts import load_prompts
+
+    args = (["p"] * 2, ["c"] * 2, [[1], [2]], {})
+    for fn, msg in [("raises", "reward function raises: raised RuntimeError: scorer offline"),
+                    ("short", "reward function short: returned 1 values for 2 completions"),
+                    ("nan", "reward function nan: value 0 is nan"),
+                    ("text", "reward function text: value 0 is a str")]:
+        with pytest.raises(JaxftError, match=msg):
+            score_all(load_reward_funcs([f"rl_toy:{fn}"], 8), *args)
+    for spec, msg in [("nope", "is not a built-in"), ("rl_toy:missing", "has no function 'missing'"),
+                      ("no_such_module:f", "cannot import no_such_module"), ("regex:(", "not a valid regular"),
+                      (f"{tmp_path}/absent.py:f", "no such file"), ("overlong:99", "the cache must be")]:
+        with pytest.raises(JaxftError, match=msg):
+            load_reward_funcs([spec], 8)
+    with pytest.raises(JaxftError, match="needs a 'solution' column"):
+        score_all(load_reward_funcs(["json_fields"], 8), *args)
+    funcs = load_reward_funcs(["json_fields", "json_valid", "exact_match", r"regex:\{.*\}", "length_penalty",
+                               "overlong:2", f"{TOY}:emit_k"], 4)
+    assert [n for n, _ in funcs] == ["json_fields", "json_valid", "exact_match", "regex", "length_penalty",
+                                     "overlong", "emit_k"]
+    got = score_all(funcs, ["p", "p"], ['{"a": 1, "b": 2}', "no"], [[10, 10, 10, 2], [10]],
+                    {"solution": ['{"a": 1, "b": 3}', None]})
+    np.testing.assert_allclose(got[0], [0.5, 1, 0, 1, -1.0, -1.0, 1])
+    np.testing.assert_allclose(got[1], [np.nan, 0, np.nan, 0, -0.25, 0.0, 1])  # None → NaN
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}], "k": 1},
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "B"}]},
+            {"prompt": "plain", "solution": "C"}, {"messages": [{"role": "assistant", "content": "x"}]},
+            {"other": 1}, {"prompt": "x " * 50}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tiny import example_tokenizer
+
+    prompts, report = load_prompts(DataConfig(train=str(f), max_length=40), example_tokenizer())
+    assert [p.columns.get("solution") for p in prompts] == ["A", "B", "C"]
+    assert prompts[0].prompt == [{"role": "user", "content": "hi"}] and prompts[0].columns["k"] == 1
+    assert prompts[2].prompt == "plain"
+    assert (report.skipped, report.dropped) == (2, 1), report.summary()
+
+
+def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, tmp_path):
+    """configs/grpo_lora.yaml's shape on the quickstart task (chat prompts, `solution` from the final
+    assistant turn, json_fields reward) with a tiny chat model and KL: trains, `jaxft eval` scores the
+    held-out answers, and the adapter exports as PEFT and loads with equal logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.config import load_config
+    from jaxft.evaluate import evaluate
+    from jaxft.export import export
+    from jaxft.task import write_task_files
+    from jaxft.train import train
+
+    paths = write_task_files(tmp_path / "data", 8, 4, 4, seed=0)
+    out = tmp_path / "run"
+    run = load_config(ROOT / "configs" / "grpo_lora.yaml", [
+        f"model.path={chat_model}", f"data.train={paths['train']}", f"data.validation={paths['validation']}",
+        f"eval.file={paths['test']}", "eval.max_examples=4", "eval.max_new_tokens=8", "rollout.max_completion_length=8",
+        "rollout.num_generations=2", "train.batch_size=4", "train.grad_accum=1", "train.steps=2",
+        "train.save_every=2", f"train.out_dir={out}", "grpo.beta=0.04",
+        "rollout.reward_funcs=[json_fields,length_penalty]", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"])
+    last = train(run, progress=False)
+    assert "kl" in last and "rewards/json_fields/mean" in last and "rewards/length_penalty/mean" in last
+    assert last["completions"] == 4
+    res = evaluate(run, progress=False)
+    assert {"valid_json", "exact", "field_accuracy"} <= set(res["tuned"]) and res["tuned"]["n"] == 4
+    path, step = export(run, "peft", tmp_path / "peft", dtype="fp32")
+    assert step == 2
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    ids = torch.tensor([[1, 5, 9, 300, 2000]])
+    tuned = PeftModel.from_pretrained(base, str(path)).eval()
+    from flax import nnx
+
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.setup import build
+
+    setup = build(run)
+    params, _ = restore_trainable(out, setup.params)
+    want = tuned(ids).logits.detach().numpy()
+    got = np.asarray(nnx.merge(setup.graphdef, params, setup.frozen)(jnp.asarray(ids.numpy()))[0])
+    assert np.abs(got - want).max() < 2e-4
+    plain = AutoModelForCausalLM.from_pretrained(chat_model)(ids).logits.detach().numpy()
+    assert np.abs(want - plain).max() > 1e-4  # the adapter trained
