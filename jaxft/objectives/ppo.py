@@ -2,16 +2,20 @@
 
     obj = make(run, setup, say, wrap)      # a jaxft.objective.Objective over a PolicyWithValue
 
-Conventions: N rollout rows · P prompt length (left-padded, one bucket for the whole dataset) · T =
-ppo.response_length · B micro-batch rows · A = train.grad_accum · M = ppo.num_mini_batches.
+Conventions: N rollout rows · P prompt length (left-padded to a multiple of 32, jaxft.objectives.rollout.layout)
+· T = rollout.max_completion_length (TRL's response_length) · B micro-batch rows · A = train.grad_accum ·
+M = ppo.num_mini_batches.
 
 One rollout batch is N = B·A·M prompts. Its first optimizer step samples a response per prompt from the
-current weights (jaxft.generate, temperature + 1e-7 as TRL) and scores it; then num_ppo_epochs passes,
+current weights (jaxft.generate at rollout.temperature + 1e-7, as TRL) and scores it; the old log-probs and
+values come from one forward pass of those weights (so the first ratio is exactly 1); then num_ppo_epochs passes,
 each over a fresh permutation cut into M minibatches of A micro-batches, are that many optimizer steps
 (`train.steps` counts optimizer steps). Per response token t (0-based), with s = index of the last kept
 token (the first EOS, or T − 1) and W = the generated width (TRL's `responses.shape[1]`):
 
     logp, ref     log-probs at temperature (policy: adapters on; reference: adapters off, no weight copy)
+    values        the value head at the position that predicts token t (TRL's shift); s + 1 reads the last
+                  kept token itself, so no padding position is ever read
     padding       t > s (logp = ref := 1.0, TRL's INVALID_LOGPROB);  value padding  t > s + 1 (V := 0)
     kl            k1: logp − ref   |   k3: (e^(ref−logp) − 1) − (ref − logp)
     reward        −kl_coef·kl, plus the score at t = s + 1 (s when s + 1 = W) — the reward model's score
@@ -358,8 +362,8 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
     return [
         (c.reward_model is not None, "ppo.reward_model", "is required: a jaxft reward run directory or a "
                                                          "*ForSequenceClassification model"),
-        (lora.enabled and not lora.modules_to_save, "lora.enabled", "PPO trains a LoRA policy: its reference "
-                                                                     "is the adapter switched off (no modules_to_save)"),
+        (lora.enabled and not lora.modules_to_save, "lora.enabled",
+         "PPO trains a LoRA policy: its reference is the adapter switched off (no modules_to_save)"),
         (lora.dropout == 0, "lora.dropout", "must be 0 for ppo (TRL disables dropout: the first ratio must be 1)"),
         (c.num_ppo_epochs >= 1, "ppo.num_ppo_epochs", "must be >= 1"),
         (c.num_mini_batches >= 1, "ppo.num_mini_batches", "must be >= 1"),
