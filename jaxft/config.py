@@ -284,8 +284,9 @@ def _plain(x):
 
 
 INT_RANGE = (-2**31, 2**31 - 1)  # every integer key: counts, sizes and seeds all fit int32 (JAX's default)
+# paths / addresses: "" would silently mean the current directory
 NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "lora.init_adapter", "dpo.cache_dir",
-            "mesh.coordinator_address", "ppo.reward_model", "cai.out_dir")  # paths / addresses: "" would silently mean the current directory
+            "mesh.coordinator_address", "ppo.reward_model", "cai.out_dir")
 
 
 def _show(value: Any) -> str:

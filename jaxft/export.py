@@ -50,6 +50,8 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     setup = build(run)
     params, meta = restore_trainable(run.train.out_dir, setup.params)
     model = nnx.merge(setup.graphdef, params, setup.frozen)
+    if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone
+        model.value_head = None
     if fmt in ("gguf", "gguf-lora") and hasattr(model, "score"):
         raise JaxftError(f"{run.train.out_dir}: a reward model (score head) has no GGUF export; use --format merged")
     if fmt in ("peft", "gguf-lora") and not run.lora.enabled:

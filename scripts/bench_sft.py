@@ -276,6 +276,29 @@ def run_worker(name: str, argv: list[str], script: str = __file__, label: str | 
         return dict(json.loads(out.read_text()), wall_s=wall, own_cpu_s=own, others_cpu_s=others)
 
 
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line minus --json / --only (what every side's worker gets)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--json", "--only"):
+            skip = True
+        elif not a.startswith(("--json=", "--only=")):
+            out.append(a)
+    return out
+
+
+def noise_lines(results: dict) -> list[str]:
+    """Per side: its worker's wall time and the share of the machine other processes took meanwhile."""
+    lines = []
+    for r in results.values():
+        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
+        lines.append(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "
+                     f"machine" + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    return lines
+
+
 def busy_processes() -> list[str]:
     """Other processes using CPU right now (a noisy machine skews the figures): 'pid name %cpu'."""
     import psutil

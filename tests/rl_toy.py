@@ -69,3 +69,19 @@ def r1(prompts, completions, completion_ids, **kw):
 
 def r2(prompts, completions, completion_ids, **kw):
     return _lookup("r2", completion_ids)
+
+
+def raises(prompts, completions, completion_ids, **kw):
+    raise RuntimeError("scorer offline")
+
+
+def short(prompts, completions, completion_ids, **kw):
+    return [1.0]
+
+
+def nan(prompts, completions, completion_ids, **kw):
+    return [float("nan")] * len(completions)
+
+
+def text(prompts, completions, completion_ids, **kw):
+    return ["1.0"] * len(completions)

@@ -29,6 +29,14 @@ def _accelerator():
                                  gather_for_metrics=lambda x: x, device="cpu")
 
 
+def _trl_inputs(mask, adv, **extra):
+    """The tensors `_compute_loss` reads besides the log-probs (one dummy prompt token per row)."""
+    B, T = mask.shape
+    return dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
+                completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
+                advantages=torch.tensor(adv), **extra)
+
+
 def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga, spg):
     """TRL's GRPOTrainer._compute_loss (training mode) → (loss, d loss / d logp, metrics)."""
     from trl import GRPOTrainer
@@ -45,10 +53,7 @@ def _trl_grpo(cfg: pg.PgLoss, logp, old, ref, adv, mask, entropy, num_items, ga,
         model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
         _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  advantages=torch.tensor(adv), num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
+    inputs = _trl_inputs(mask, adv, num_items_in_batch=torch.tensor(float(num_items), dtype=torch.float64))
     if old is not None:
         inputs["old_per_token_logps"] = torch.tensor(old)
     if cfg.beta:
@@ -256,10 +261,7 @@ def _trl_rloo_loss(logp, old_seq, adv, mask, entropy, eps_low, eps_high):
                                model=types.SimpleNamespace(training=True), accelerator=_accelerator(),
                                _metrics=defaultdict(lambda: defaultdict(list)))
     me._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.tensor(entropy), None)
-    B, T = mask.shape
-    inputs = dict(prompt_ids=torch.zeros((B, 1), dtype=torch.long), prompt_mask=torch.ones((B, 1), dtype=torch.long),
-                  completion_ids=torch.zeros((B, T), dtype=torch.long), completion_mask=torch.tensor(mask),
-                  old_logps=torch.tensor(old_seq), advantages=torch.tensor(adv))
+    inputs = _trl_inputs(mask, adv, old_logps=torch.tensor(old_seq))
     loss = RLOOTrainer._compute_loss(me, None, inputs)
     loss.backward()
     return float(loss), lp.grad.numpy(), {k: v[0] for k, v in me._metrics["train"].items()}
@@ -323,7 +325,8 @@ def test_rloo_advantages_and_kl_equal_a_real_trainer(toy_model, tmp_path):
                           reward_clip_range=clip)
         if beta:
             tr.ref_model.load_state_dict(AutoModelForCausalLM.from_pretrained(toy_model).state_dict())
-        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))], None, None)
+        tr._tokenize_prompts = lambda prompts: ([(rl_toy.P0, rl_toy.P1)[i // 4] for i in range(len(prompts))],
+                                                None, None)
         tr._generate_single_turn = lambda ids, images, mm: [list(c) for c in C[:len(ids)]]
         out = tr._generate_and_score_completions([{"prompt": "t0 t1"}] * 8)
         want = {k: v[0] for k, v in tr._metrics["train"].items()}
@@ -372,9 +375,9 @@ def test_grpo_rl_md_check_values(x64):
 
     def run(loss_type, logp, old, adv, mask, ref=None, **kw):
         cfg = pg.PgLoss(loss_type=loss_type, max_completion_length=kw.pop("L", 4), **kw)
-        f = lambda lp: pg.grpo_loss(lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv),  # noqa: E731
-                                    mask, cfg, num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1),
-                                    spg=kw_items.get("spg", 1))
+        f = lambda lp: pg.grpo_loss(  # noqa: E731
+            lp, jax.lax.stop_gradient(lp) if old is None else old, ref, np.asarray(adv), mask, cfg,
+            num_items=kw_items.get("n", mask.sum()), ga=kw_items.get("ga", 1), spg=kw_items.get("spg", 1))
         (loss, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
         return float(loss), np.asarray(g), m
 
@@ -561,3 +564,127 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
     plain = completion_logps(base, rows, ON, 0.7)
     assert np.abs(np.asarray(off) - np.asarray(plain))[keep].max() <= 1e-6
     assert np.abs(np.asarray(off) - np.asarray(lp))[keep].max() > 1e-3  # the adapter does change them
+
+
+def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(toy_model, tmp_path):
+    """Two rollouts and two steps with new weights: one compile each (sampler, reference forward, step);
+    beta = 0 computes no reference log-probs at all."""
+    import optax
+
+    from jaxft.generate import _run
+    from jaxft.train import init_state, make_train_step
+
+    def perturbed(params, seed):
+        return jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), params)
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0.04", "rollout.max_completion_length=6",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    src, params = obj.train, setup.params
+    batch = src(1, perturbed(params, 1))
+    assert "ref_logps" in batch and "old_logps" not in batch
+    before = _run._cache_size()
+    batch2 = src(2, perturbed(params, 2))
+    assert _run._cache_size() == before and src.forward._cache_size() == 1
+    assert src.host_metrics(2)["time/rollout"] > 0 and src.host_metrics(1) == {}
+    tx = optax.adam(1e-3)
+    step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    state = jax.device_put(init_state(perturbed(params, 3), tx), jax.devices()[0])  # committed, as the output
+    state, _ = step(state, setup.frozen, batch)
+    state, m = step(state, setup.frozen, batch2)
+    assert step._cache_size() == 1 and np.isfinite(float(m["loss"]))
+
+    run, setup, obj = _jaxft(toy_model, tmp_path, overrides=["grpo.beta=0", "grpo.num_iterations=2",
+                                                              "rollout.reward_funcs=[rl_toy:emit_k]"])
+    b1 = obj.train(1, setup.params)
+    assert "ref_logps" not in b1 and "old_logps" in b1  # μ = 2 stores the old log-probs, no reference
+    assert obj.train(2, perturbed(setup.params, 4)) is b1  # the generation batch is reused, not resampled
+    assert obj.train.host_metrics(2) == {}
+
+
+def test_bad_reward_functions_and_prompt_rows_are_one_line_errors(tmp_path):
+    from jaxft.config import DataConfig
+    from jaxft.errors import JaxftError
+    from jaxft.objectives.rewards import load_reward_funcs, score_all
+    from jaxft.prompts import load_prompts
+
+    args = (["p"] * 2, ["c"] * 2, [[1], [2]], {})
+    for fn, msg in [("raises", "reward function raises: raised RuntimeError: scorer offline"),
+                    ("short", "reward function short: returned 1 values for 2 completions"),
+                    ("nan", "reward function nan: value 0 is nan"),
+                    ("text", "reward function text: value 0 is a str")]:
+        with pytest.raises(JaxftError, match=msg):
+            score_all(load_reward_funcs([f"rl_toy:{fn}"], 8), *args)
+    for spec, msg in [("nope", "is not a built-in"), ("rl_toy:missing", "has no function 'missing'"),
+                      ("no_such_module:f", "cannot import no_such_module"), ("regex:(", "not a valid regular"),
+                      (f"{tmp_path}/absent.py:f", "no such file"), ("overlong:99", "the cache must be")]:
+        with pytest.raises(JaxftError, match=msg):
+            load_reward_funcs([spec], 8)
+    with pytest.raises(JaxftError, match="needs a 'solution' column"):
+        score_all(load_reward_funcs(["json_fields"], 8), *args)
+    funcs = load_reward_funcs(["json_fields", "json_valid", "exact_match", r"regex:\{.*\}", "length_penalty",
+                               "overlong:2", f"{TOY}:emit_k"], 4)
+    assert [n for n, _ in funcs] == ["json_fields", "json_valid", "exact_match", "regex", "length_penalty",
+                                     "overlong", "emit_k"]
+    got = score_all(funcs, ["p", "p"], ['{"a": 1, "b": 2}', "no"], [[10, 10, 10, 2], [10]],
+                    {"solution": ['{"a": 1, "b": 3}', None]})
+    np.testing.assert_allclose(got[0], [0.5, 1, 0, 1, -1.0, -1.0, 1])
+    np.testing.assert_allclose(got[1], [np.nan, 0, np.nan, 0, -0.25, 0.0, 1])  # None → NaN
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}], "k": 1},
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "B"}]},
+            {"prompt": "plain", "solution": "C"}, {"messages": [{"role": "assistant", "content": "x"}]},
+            {"other": 1}, {"prompt": "x " * 50}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tiny import example_tokenizer
+
+    prompts, report = load_prompts(DataConfig(train=str(f), max_length=40), example_tokenizer())
+    assert [p.columns.get("solution") for p in prompts] == ["A", "B", "C"]
+    assert prompts[0].prompt == [{"role": "user", "content": "hi"}] and prompts[0].columns["k"] == 1
+    assert prompts[2].prompt == "plain"
+    assert (report.skipped, report.dropped) == (2, 1), report.summary()
+
+
+def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, tmp_path):
+    """configs/grpo_lora.yaml's shape on the quickstart task (chat prompts, `solution` from the final
+    assistant turn, json_fields reward) with a tiny chat model and KL: trains, `jaxft eval` scores the
+    held-out answers, and the adapter exports as PEFT and loads with equal logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.config import load_config
+    from jaxft.evaluate import evaluate
+    from jaxft.export import export
+    from jaxft.task import write_task_files
+    from jaxft.train import train
+
+    paths = write_task_files(tmp_path / "data", 8, 4, 4, seed=0)
+    out = tmp_path / "run"
+    run = load_config(ROOT / "configs" / "grpo_lora.yaml", [
+        f"model.path={chat_model}", f"data.train={paths['train']}", f"data.validation={paths['validation']}",
+        f"eval.file={paths['test']}", "eval.max_examples=4", "eval.max_new_tokens=8", "rollout.max_completion_length=8",
+        "rollout.num_generations=2", "train.batch_size=4", "train.grad_accum=1", "train.steps=2",
+        "train.save_every=2", f"train.out_dir={out}", "grpo.beta=0.04",
+        "rollout.reward_funcs=[json_fields,length_penalty]", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"])
+    last = train(run, progress=False)
+    assert "kl" in last and "rewards/json_fields/mean" in last and "rewards/length_penalty/mean" in last
+    assert last["completions"] == 4
+    res = evaluate(run, progress=False)
+    assert {"valid_json", "exact", "field_accuracy"} <= set(res["tuned"]) and res["tuned"]["n"] == 4
+    path, step = export(run, "peft", tmp_path / "peft", dtype="fp32")
+    assert step == 2
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
+    ids = torch.tensor([[1, 5, 9, 300, 2000]])
+    tuned = PeftModel.from_pretrained(base, str(path)).eval()
+    from flax import nnx
+
+    from jaxft.checkpoint import restore_trainable
+    from jaxft.setup import build
+
+    setup = build(run)
+    params, _ = restore_trainable(out, setup.params)
+    want = tuned(ids).logits.detach().numpy()
+    got = np.asarray(nnx.merge(setup.graphdef, params, setup.frozen)(jnp.asarray(ids.numpy()))[0])
+    assert np.abs(got - want).max() < 2e-4
+    plain = AutoModelForCausalLM.from_pretrained(chat_model)(ids).logits.detach().numpy()
+    assert np.abs(want - plain).max() > 1e-4  # the adapter trained

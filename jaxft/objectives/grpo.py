@@ -91,6 +91,14 @@ def _metric_names(funcs, extra) -> tuple[str, ...]:
             "time/reference")
 
 
+def _forwards(run, setup, beta: float, say):
+    """The jitted no-gradient forward (reference / old log-probs) and the Reference (None when beta = 0)."""
+    ref = Reference(run, setup) if beta != 0.0 else None
+    if ref is not None:
+        say(f"reference: {ref.kind}")
+    return make_forward(setup.graphdef, run.rollout.temperature), ref
+
+
 def _scaled(loss, metrics, mask, n_total):
     """(loss × N, B, metrics × B): see the module docstring."""
     B = mask.shape[0]
@@ -113,10 +121,7 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
 
     source, funcs, ref = None, [], None
     if train:
-        forward = make_forward(setup.graphdef, T)
-        ref = Reference(run, setup) if g.beta != 0.0 else None
-        if ref is not None:
-            say(f"reference: {ref.kind}")
+        forward, ref = _forwards(run, setup, g.beta, say)
 
         def finish(src, ro, params):
             weights = _weights(run, src.funcs)
@@ -127,14 +132,17 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
             t0 = time.perf_counter()
             if ref is not None:  # once per generation batch, before any update (TRL)
                 w, ctx = ref.weights(params)
-                rows["ref_logps"] = per_micro_batch(lambda b: forward(w, setup.frozen, b, ctx), rows, run.train.batch_size)
+                rows["ref_logps"] = per_micro_batch(lambda b: forward(w, setup.frozen, b, ctx), rows,
+                                                    run.train.batch_size)
             if g.num_iterations > 1:
                 rows["old_logps"] = per_micro_batch(lambda b: forward(params, setup.frozen, b, ON), rows,
                                                     run.train.batch_size)
-            stats.update(pg.reward_stats(ro.rewards, weights, _names(src.funcs)), **{"time/reference": time.perf_counter() - t0})
+            stats.update(pg.reward_stats(ro.rewards, weights, _names(src.funcs)),
+                         **{"time/reference": time.perf_counter() - t0})
             return rows, stats
 
         source, funcs = _source(run, setup, say, wrap, finish)
+        source.forward = forward  # the reference / old-policy forward (its compile count is tested)
     extra = ("kl",) * (g.beta != 0.0) + (("cispo_clip_ratio",) if g.loss_type == "cispo" else
                                          () if g.loss_type == "sapo" else CLIP)
     return Objective(name="grpo", train=source, loss_fn=loss_fn, evaluate=None, count_name="completions",
@@ -159,10 +167,7 @@ def make_rloo(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, trai
 
     source, funcs = None, []
     if train:
-        forward = make_forward(setup.graphdef, T)
-        ref = Reference(run, setup) if o.beta != 0.0 else None
-        if ref is not None:
-            say(f"reference: {ref.kind}")
+        forward, ref = _forwards(run, setup, o.beta, say)
 
         def finish(src, ro, params):
             weights = _weights(run, src.funcs)
@@ -187,6 +192,7 @@ def make_rloo(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, trai
             return rows, stats
 
         source, funcs = _source(run, setup, say, wrap, finish)
+        source.forward = forward
     extra = ("kl",) * (o.beta != 0.0) + CLIP
     return Objective(name="rloo", train=source, loss_fn=loss_fn, evaluate=None, count_name="completions",
                      metrics=_metric_names(funcs, extra), headline=(), heldout=run.data.validation,

@@ -2,16 +2,20 @@
 
     obj = make(run, setup, say, wrap)      # a jaxft.objective.Objective over a PolicyWithValue
 
-Conventions: N rollout rows · P prompt length (left-padded, one bucket for the whole dataset) · T =
-ppo.response_length · B micro-batch rows · A = train.grad_accum · M = ppo.num_mini_batches.
+Conventions: N rollout rows · P prompt length (left-padded to a multiple of 32, jaxft.objectives.rollout.layout)
+· T = rollout.max_completion_length (TRL's response_length) · B micro-batch rows · A = train.grad_accum ·
+M = ppo.num_mini_batches.
 
 One rollout batch is N = B·A·M prompts. Its first optimizer step samples a response per prompt from the
-current weights (jaxft.generate, temperature + 1e-7 as TRL) and scores it; then num_ppo_epochs passes,
+current weights (jaxft.generate at rollout.temperature + 1e-7, as TRL) and scores it; the old log-probs and
+values come from one forward pass of those weights (so the first ratio is exactly 1); then num_ppo_epochs passes,
 each over a fresh permutation cut into M minibatches of A micro-batches, are that many optimizer steps
 (`train.steps` counts optimizer steps). Per response token t (0-based), with s = index of the last kept
 token (the first EOS, or T − 1) and W = the generated width (TRL's `responses.shape[1]`):
 
     logp, ref     log-probs at temperature (policy: adapters on; reference: adapters off, no weight copy)
+    values        the value head at the position that predicts token t (TRL's shift); s + 1 reads the last
+                  kept token itself, so no padding position is ever read
     padding       t > s (logp = ref := 1.0, TRL's INVALID_LOGPROB);  value padding  t > s + 1 (V := 0)
     kl            k1: logp − ref   |   k3: (e^(ref−logp) − 1) − (ref − logp)
     reward        −kl_coef·kl, plus the score at t = s + 1 (s when s + 1 = W) — the reward model's score
@@ -54,7 +58,8 @@ TEMPERATURE_EPS = 1e-7  # TRL samples and scores at temperature + 1e-7
 ROW_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores")
 METRICS = (*ROW_METRICS, "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
-           "loss/value_avg", "val/clipfrac_avg", "val/ratio")
+           "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+           "val/num_eos_tokens", "time/rollout", "time/score")  # the last three: the sampling step's only
 
 
 # ---------------------------------------------------------------- pure functions of arrays
@@ -236,6 +241,7 @@ class RolloutSource:
 
     def __init__(self, run: RunConfig, setup, prompts: list, reward, wrap=lambda b: b, say=lambda *a: None):
         from jaxft.generate import eos_token_ids
+        from jaxft.objectives.rollout import _mesh_of
 
         c, t, r = run.ppo, run.train, run.rollout
         self.cfg, self.run, self.setup, self.prompts, self.wrap, self.say = c, run, setup, prompts, wrap, say
@@ -248,6 +254,12 @@ class RolloutSource:
         self.T, self.temperature = r.max_completion_length, r.temperature
         self.eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
         self.reward_graphdef, self.reward_weights = reward
+        mesh = _mesh_of(setup.params)
+        if mesh is not None:  # the reward model's weights on the policy's mesh, sharded by the same rules
+            from jaxft import sharding
+
+            self.reward_weights = sharding.place(self.reward_weights, sharding.tree_shardings(
+                self.reward_weights, mesh, run.mesh.strategy))
         self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, self.temperature)
         self.score_fn = jax.jit(lambda *a: score_rollout(*a, cfg=c))
         self.dir = Path(t.out_dir) / "rollouts"
@@ -350,8 +362,8 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
     return [
         (c.reward_model is not None, "ppo.reward_model", "is required: a jaxft reward run directory or a "
                                                          "*ForSequenceClassification model"),
-        (lora.enabled and not lora.modules_to_save, "lora.enabled", "PPO trains a LoRA policy: its reference "
-                                                                     "is the adapter switched off (no modules_to_save)"),
+        (lora.enabled and not lora.modules_to_save, "lora.enabled",
+         "PPO trains a LoRA policy: its reference is the adapter switched off (no modules_to_save)"),
         (lora.dropout == 0, "lora.dropout", "must be 0 for ppo (TRL disables dropout: the first ratio must be 1)"),
         (c.num_ppo_epochs >= 1, "ppo.num_ppo_epochs", "must be >= 1"),
         (c.num_mini_batches >= 1, "ppo.num_mini_batches", "must be >= 1"),
@@ -368,8 +380,6 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
          "ppo scores with ppo.reward_model (token level, TRL's); reward functions are for grpo / rloo"),
         (not r.mask_truncated_completions, "rollout.mask_truncated_completions",
          "not a PPO option; use ppo.missing_eos_penalty"),
-        (run.eval.file is None, "eval.file", "objective ppo has no generation metric during training; evaluate "
-                                             "the exported policy with jaxft eval"),
     ]
 
 
@@ -407,4 +417,5 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
         say(f"train prompts: {report.summary()}")
         source = RolloutSource(run, setup, prompts, (graphdef, weights), wrap, say)
     return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo, run.rollout.temperature),
-                     count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"))
+                     count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"),
+                     heldout=run.data.validation)

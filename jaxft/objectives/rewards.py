@@ -68,7 +68,8 @@ def json_valid_reward(prompts, completions, completion_ids, **kw) -> list[float]
 
 
 def exact_match_reward(prompts, completions, completion_ids, solution=None, **kw) -> list[float | None]:
-    return [None if r is None else _exact(_text(c), str(r)) for c, r in zip(completions, _solutions(solution, "exact_match"))]
+    refs = _solutions(solution, "exact_match")
+    return [None if r is None else _exact(_text(c), str(r)) for c, r in zip(completions, refs)]
 
 
 def regex_reward(pattern: str) -> Callable:
@@ -164,7 +165,8 @@ def load_reward_funcs(specs, max_completion_length: int) -> list[tuple[str, Call
             out.append((getattr(_load_user(spec), "__name__", arg), _load_user(spec)))
         else:
             raise JaxftError(f"rollout.reward_funcs: {spec!r} is not a built-in ({', '.join(BUILTIN)}, regex:PATTERN, "
-                             f"length_penalty, overlong:CACHE, reward_model:PATH) nor module:function / file.py:function")
+                             f"length_penalty, overlong:CACHE, reward_model:PATH) nor module:function / "
+                             f"file.py:function")
     names = [n for n, _ in out]
     return [(n if names.count(n) == 1 else f"{n}_{i}", f) for i, (n, f) in enumerate(out)]
 
@@ -180,8 +182,8 @@ def score_all(funcs, prompts: list, completions: list, completion_ids: list[list
         except JaxftError:
             raise
         except Exception as e:
-            raise JaxftError(f"reward function {name}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                             ) from None
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise JaxftError(f"reward function {name}: raised {type(e).__name__}: {first}") from None
         try:
             got = list(got)
         except TypeError:
