@@ -157,7 +157,7 @@ _SETUPS = {}
 
 
 def _jaxft(toy_model, tmp, objective="grpo", overrides=()):
-    """(run, setup, objective) on the toy model; the model is loaded once per directory."""
+    """(run, setup, objective) on the toy model; the model is loaded once per directory and adapter kind."""
     from jaxft.config import load_config
     from jaxft.setup import build, objective as make_objective
 
@@ -165,9 +165,10 @@ def _jaxft(toy_model, tmp, objective="grpo", overrides=()):
                              f"data.train={toy_model / 'prompts.jsonl'}", "data.max_length=16",
                              "rollout.reward_funcs=[rl_toy:r1,rl_toy:r2]", "rollout.max_completion_length=4",
                              "rollout.num_generations=4", "train.batch_size=8", f"train.out_dir={tmp}", *overrides])
-    if str(toy_model) not in _SETUPS:
-        _SETUPS[str(toy_model)] = build(run)
-    setup = _SETUPS[str(toy_model)]
+    key = (str(toy_model), run.lora.enabled)  # LoRA and full fine-tuning split the weights differently
+    if key not in _SETUPS:
+        _SETUPS[key] = build(run)
+    setup = _SETUPS[key]
     return run, setup, make_objective(run, setup)
 
 

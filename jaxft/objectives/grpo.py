@@ -32,7 +32,7 @@ import numpy as np
 from jaxft.adapters.base import ON, Ctx
 from jaxft.config import RunConfig
 from jaxft.objective import Objective
-from jaxft.objectives import policy_gradient as pg
+import jaxft.objectives.policy_gradient as pg
 from jaxft.objectives.rollout import Reference, RolloutSource, completion_logps, make_forward, per_micro_batch
 
 DEFAULT_G = {"grpo": 8, "rloo": 2}

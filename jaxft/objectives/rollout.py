@@ -130,7 +130,6 @@ class RolloutSource:
             raise JaxftError("tokenizer: no EOS token id; a completion could never end")
         self.sampling = Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_new_tokens=self.L)
         self.cached: tuple[int, dict, dict] | None = None
-        self.metrics: dict[int, dict] = {}
         self.fresh_step = None
 
     def __len__(self) -> int:
