@@ -58,7 +58,8 @@ def decode(args, path, prompts):
     for p, lin in adapters.targets(one, TARGETS):  # the baseline: one plain adapter
         lin.adapter = adapters.LoRA(jnp.asarray(e.factors[p][0]), jnp.asarray(e.factors[p][1]), 2.0, 0.0, lin.axes)
     g, s = nnx.split(one)
-    run = lambda g=g, s=s, ctx=Ctx(): generate(g, (s,), prompts, eos_ids=[], sampling=sampling, ctx=ctx)  # noqa: E731
+    base_ctx = Ctx()
+    run = lambda g=g, s=s, ctx=base_ctx: generate(g, (s,), prompts, eos_ids=[], sampling=sampling, ctx=ctx)  # noqa: E731
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0

@@ -215,7 +215,7 @@ def test_bank_optimizer_equals_one_optimizer_per_adapter():
     singles = [(make_optimizer(dataclasses.replace(run.optim, lr=lr), 10, jax.tree.map(lambda t: t[:, n], params)),
                 jax.tree.map(lambda t: t[:, n], params)) for n, lr in enumerate((1e-2, 3e-3))]
     singles = [(t, t.init(q), q) for t, q in singles]
-    for step in range(4):
+    for _ in range(4):
         g = jax.tree.map(lambda t: jnp.asarray(rng.randn(*t.shape), jnp.float32)
                          * jnp.asarray([0.01, 10.0])[None, :, None, None], params)  # a under the clip, b over it
         u, state = tx.update(g, state, p)

@@ -17,9 +17,9 @@ def has_validation(run) -> bool:
 def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
     """SFT batches (each wrapped by `wrap`, e.g. into sharded global batches), loss and validation."""
     if run.adapters:  # several adapters at once (jaxft.objectives.multi)
-        from jaxft.objectives import multi
+        from jaxft.objectives.multi import make as make_multi
 
-        return multi.make(run, setup, say, wrap, train)
+        return make_multi(run, setup, say, wrap, train)
     from jaxft.data import Batches, load_examples
 
     def batches(split: str, batch_size: int):
