@@ -382,3 +382,18 @@ def test_cli_bad_constitution_is_one_line(tmp_path):
                 f"cai.prompts={prompts}", f"cai.out_dir={tmp_path / 'out'}")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "principle 'kind': revision: missing" in r.stderr
+
+
+def test_sharded_mesh_gives_the_same_answers_and_labels(tiny_run):
+    """Rows split over a data=2 mesh (weights placed on it): the same greedy answers and option log-probs."""
+    from jaxft.generate import Sampling
+    from jaxft.sharding import make_mesh
+
+    run, policy, *_ = tiny_run
+    mesh_run = dataclasses.replace(run, mesh=dataclasses.replace(run.mesh, data=2))
+    sharded = cai.load_policy(mesh_run, mesh=make_mesh(mesh_run.mesh))
+    convs = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Name a city."}]]
+    greedy = Sampling(max_new_tokens=4)
+    assert [a["text"] for a in sharded.answer(convs, greedy)] == [a["text"] for a in policy.answer(convs, greedy)]
+    texts = [cai.render(policy.tokenizer, c) + cai.FEEDBACK_PREFIX for c in convs]
+    np.testing.assert_allclose(sharded.option_logprobs(texts, 2), policy.option_logprobs(texts, 2), atol=1e-5)
