@@ -228,7 +228,7 @@ def test_refusals(tmp_path):
                 sliding_attention=dict(rope_type="linear", rope_theta=1e4, factor=2.0))),
              "sliding_attention rope_type 'linear'"),
             (tf.GemmaConfig(tie_word_embeddings=False), "gemma tie_word_embeddings=false"),
-            (tf.GemmaConfig(hidden_act="gelu"), "gemma activation 'gelu'")):
+            (tf.GemmaConfig(hidden_act="silu"), "gemma activation .silu.")):
         with pytest.raises(JaxftError, match=match):
             write_gguf({}, config, None, tmp_path / "g.gguf")
     mistral = tf.MistralConfig(sliding_window=5, max_position_embeddings=256)
