@@ -449,9 +449,14 @@ def _init_ok(init: str) -> bool:
     return init.startswith("pissa_niter_") and k.isdigit() and int(k) >= 1
 
 
+def _override_ok(o: str) -> bool:
+    key = o.split("=", 1)[0]
+    return "=" in o and "." in key and all(part.isidentifier() for part in key.split("."))
+
+
 def rl_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
-    """Ranges of the rollout / grpo / rloo sections, whatever the objective."""
-    r, g, o = run.rollout, run.grpo, run.rloo
+    """Ranges of the rollout / grpo / rloo / ppo sections, whatever the objective."""
+    r, g, o, p = run.rollout, run.grpo, run.rloo, run.ppo
     return [
         (r.num_generations is None or r.num_generations >= 2, "rollout.num_generations", "must be >= 2 or null"),
         (r.max_completion_length >= 1, "rollout.max_completion_length", "must be >= 1"),
@@ -459,6 +464,9 @@ def rl_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
         (r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)"),
         (0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]"),
         (bool(r.reward_funcs), "rollout.reward_funcs", "is empty"),
+        *[(":" in f or f in ("json_fields", "json_valid", "exact_match", "length_penalty"), "rollout.reward_funcs",
+           f"{_show(f)} is not a built-in (json_fields, json_valid, exact_match, length_penalty, regex:PATTERN, "
+           f"overlong:CACHE, reward_model:PATH) nor module:function / file.py:function") for f in r.reward_funcs],
         (r.reward_weights is None or len(r.reward_weights) == len(r.reward_funcs), "rollout.reward_weights",
          f"has {len(r.reward_weights or ())} values for {len(r.reward_funcs)} reward functions"),
         (g.beta >= 0, "grpo.beta", "must be >= 0"),
@@ -466,11 +474,22 @@ def rl_checks(run: RunConfig) -> list[tuple[bool, str, str]]:
         (g.epsilon_high is None or g.epsilon_high >= 0, "grpo.epsilon_high", "must be >= 0 or null"),
         (g.delta is None or g.delta > 1, "grpo.delta", "must be > 1 or null"),
         (g.num_iterations >= 1, "grpo.num_iterations", "must be >= 1"),
-        (g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0, "grpo.sapo_temperature_pos", "must be > 0"),
+        (g.sapo_temperature_pos > 0, "grpo.sapo_temperature_pos", "must be > 0"),
+        (g.sapo_temperature_neg > 0, "grpo.sapo_temperature_neg", "must be > 0"),
         (o.beta >= 0, "rloo.beta", "must be >= 0"),
         (0 <= o.epsilon < 1, "rloo.epsilon", "must be in [0, 1)"),
         (o.epsilon_high is None or o.epsilon_high >= 0, "rloo.epsilon_high", "must be >= 0 or null"),
         (o.num_iterations >= 1, "rloo.num_iterations", "must be >= 1"),
+        (p.num_ppo_epochs >= 1, "ppo.num_ppo_epochs", "must be >= 1"),
+        (p.num_mini_batches >= 1, "ppo.num_mini_batches", "must be >= 1"),
+        (p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0"),
+        (p.cliprange > 0, "ppo.cliprange", "must be > 0"),
+        (p.cliprange_value > 0, "ppo.cliprange_value", "must be > 0"),
+        (p.vf_coef >= 0, "ppo.vf_coef", "must be >= 0"),
+        (0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]"),
+        (0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]"),
+        (p.missing_eos_penalty is None or p.missing_eos_penalty >= 0, "ppo.missing_eos_penalty",
+         "must be >= 0 or null (it is subtracted from the score)"),
         (o.reward_clip_range is None or (len(o.reward_clip_range) == 2
                                          and o.reward_clip_range[0] <= o.reward_clip_range[1]),
          "rloo.reward_clip_range", "must be [low, high] with low <= high, or null"),
@@ -528,6 +547,8 @@ def validate(run: RunConfig) -> None:
          "must be >= 1 or null"),
         *rl_checks(run),
         (run.cai.max_prompts >= 0, "cai.max_prompts", "must be >= 0 (0 = all)"),
+        *[(_override_ok(o), f"cai.{k}", f"{_show(o)} is not a section.key=value override")
+          for k in ("sft", "dpo") for o in getattr(run.cai, k)],
         (run.cai.revisions >= 1, "cai.revisions", "must be >= 1"),
         (run.cai.batch_size >= 1, "cai.batch_size", "must be >= 1"),
         (run.cai.label_batch_size >= 1, "cai.label_batch_size", "must be >= 1"),
