@@ -141,10 +141,12 @@ def test_nan_weights_stop_the_run_without_checkpoint(tmp_path, task_data):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                                           if not {"objective: dpo", "objective: reward"} & set(p.read_text().splitlines())))
+                                           if not {f"objective: {o}" for o in ("dpo", "reward", "grpo", "rloo", "ppo")}
+                                           & set(p.read_text().splitlines())))
 def test_every_config_runs(config, chat_model, task_data, tmp_path):
     """Each shipped SFT config, pointed at the tiny model, trains 2 steps and evaluates (DPO and reward configs
-    need preference pairs: tests/test_dpo.py and tests/test_reward.py run them)."""
+    need preference pairs: tests/test_dpo.py and tests/test_reward.py run them; the RL configs need prompts and
+    rewards: tests/test_grpo.py and tests/test_ppo.py run them)."""
     from jaxft.evaluate import evaluate
     from jaxft.train import train
 
