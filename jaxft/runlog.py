@@ -122,8 +122,9 @@ class RunLog:
         self.metrics.close()
 
 
-def plot_losses(metrics_path: Path, out_png: Path):
-    """Training loss (and validation loss) against step, written to a PNG."""
+def plot_losses(metrics_path: Path, out_png: Path, extra: tuple[str, ...] = ()):
+    """Training loss (and validation loss) against step, written to a PNG; `extra` step metrics (the
+    objective's progress names: an RL run's reward and KL, whose loss says little) get a panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,15 +133,22 @@ def plot_losses(metrics_path: Path, out_png: Path):
     rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in extra}
+    series = {k: v for k, v in series.items() if v}
+    fig, axes = plt.subplots(1 + len(series), 1, figsize=(7, 4 + 2.5 * len(series)), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (per counted unit)")
     ax.grid(alpha=0.3)
     ax.legend()
+    for a, (k, pts) in zip(axes[1:, 0], series.items()):
+        a.plot(*zip(*pts), lw=1, color="tab:green")
+        a.set_ylabel(k)
+        a.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)

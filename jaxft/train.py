@@ -189,7 +189,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         log.close()
         ckpts.close()
     if primary:
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        plot_losses(out / "metrics.jsonl", out / "loss.png", obj.progress)
     say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
     return log.last
 

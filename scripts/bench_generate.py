@@ -1,9 +1,13 @@
 """Load time and greedy decode tokens/s of SmolLM2-135M-Instruct: jaxft next to transformers, one run.
 
     python scripts/bench_generate.py [--new-tokens 64] [--repeats 3] [--batches 1,8,32]
+                                     [--task-prompts G] [--temperature T]
 
 Both load the same GGUF (the example model) to float32 and decode greedily on the CPU with a KV
-cache; EOS is ignored so both produce exactly --new-tokens tokens. jaxft runs `jaxft.generate.generate`
+cache; EOS is ignored so both produce exactly --new-tokens tokens. `--task-prompts G` uses the quickstart
+task's chat prompts instead (130-180 tokens), each repeated G times in consecutive rows (a GRPO generation
+batch: `--batches 16 --task-prompts 8` is configs/grpo_lora.yaml's rollout), and `--temperature T > 0` samples
+(no top-k / top-p) on both sides, as a rollout does; rows are then compared only for length. jaxft runs `jaxft.generate.generate`
 (prefill + while_loop decode in one compiled program per shape bucket, weights as arguments). Prints
 medians, ratios, the compile (first-call) time and the CPU flags.
 """
@@ -36,6 +40,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--task-prompts", type=int, default=0, metavar="G",
+                    help="quickstart task prompts, each repeated G times (0: the short chat prompts)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     args = ap.parse_args()
     path = example_model()
     flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
@@ -55,11 +62,21 @@ def main():
     asks = ["Tell me about {}.", "Write a haiku about {}.", "Explain {} to a child.", "List three facts about {}."]
     prompts = [a.format(t) for t in topics for a in asks]  # 32 distinct prompts
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    if args.task_prompts:
+        from jaxft.task import make_examples, prompt_and_answer
+
+        task = [chat_prompt(tok, prompt_and_answer(r)[0]) for r in make_examples(64, seed=0)]
+        ids = [p for p in task for _ in range(args.task_prompts)]
     graphdef, state = nnx.split(model)
+    # transformers' defaults from the GGUF's generation config would add top-k / top-p: switch them off.
+    sample_kw = (dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature
+                 else dict(do_sample=False))
     gen = lambda b, s: generate(graphdef, (state,), b, eos_ids={-1}, sampling=s).ids()  # noqa: E731
     n = args.new_tokens
-    sampling = Sampling(max_new_tokens=n)
-    print(f"\ngreedy decode, {n} new tokens, median of {args.repeats}")
+    sampling = Sampling(temperature=args.temperature, max_new_tokens=n)
+    what = f"sampled at temperature {args.temperature:g}" if args.temperature else "greedy decode"
+    src = f"task prompts x {args.task_prompts}" if args.task_prompts else "short chat prompts"
+    print(f"\n{what}, {n} new tokens, {src}, median of {args.repeats}")
     print(f"{'batch':>5}  {'jaxft tok/s':>12}  {'transformers tok/s':>18}  {'ratio':>6}  {'jaxft 1st call (compile)':>24}")
     for b in map(int, args.batches.split(",")):
         batch = ids[:b]
@@ -75,12 +92,14 @@ def main():
         def run_hf():
             with torch.no_grad():
                 return hf.generate(input_ids=inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
+                                   pad_token_id=0, **sample_kw)
 
         t_h, ref = timed(run_hf, args.repeats)
-        same = sum(o == r for o, r in zip(out, ref[:, P:].tolist()))
+        assert ref.shape[1] - P == n
+        same = (f"{sum(o == r for o, r in zip(out, ref[:, P:].tolist()))}/{b} rows identical" if not args.temperature
+                else f"prompt {P} tokens, padded")
         print(f"{b:>5}  {b * n / t_j:>12.1f}  {b * n / t_h:>18.1f}  {t_h / t_j:>5.2f}x  {t_first:>22.1f} s"
-              f"   ({same}/{b} rows identical)")
+              f"   ({same})")
 
 
 if __name__ == "__main__":

@@ -69,9 +69,17 @@ def worker_jaxft(args) -> dict:
         state = init_state(setup.params, tx)
         step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn)
         t_load = time.perf_counter() - t0
+        # Prompts are padded to multiples of 32, so a step that meets a new prompt bucket compiles the sampler
+        # and the step again; the XLA compile seconds of each step are recorded so that the summary can leave
+        # those steps out (TRL has no such cost, and a long run pays it once per bucket).
+        compile_s = [0.0]
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, secs, **kw: compile_s.__setitem__(0, compile_s[0] + secs)
+            if event == "/jax/core/compile/backend_compile_duration" else None)
         rows = []
         with RssSampler() as sampler:
             for step in range(1, run.train.steps + 1):
+                compile_s[0] = 0.0
                 t0 = time.perf_counter()
                 batch = obj.train(step, state["params"])
                 t1 = time.perf_counter()
@@ -81,7 +89,7 @@ def worker_jaxft(args) -> dict:
                 h = obj.train.host_metrics(step)
                 rows.append(dict(step_s=t2 - t0, rollout_s=h["time/rollout"], ref_s=h["time/score"], train_s=t2 - t1,
                                  tokens=int(m["tokens"]), completion_len=h["completions/mean_length"],
-                                 reward=h["reward"], loss=float(m["loss"])))
+                                 reward=h["reward"], loss=float(m["loss"]), compile_s=compile_s[0]))
                 print(f"  step {step}: {rows[-1]}", file=sys.stderr, flush=True)
     return dict(framework=NAMES["jaxft"], version=f"jax {jax.__version__}", load_s=t_load, rows=rows,
                 train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
@@ -167,7 +175,9 @@ def worker_trl(args) -> dict:
 
 
 def summarize(r: dict, args) -> dict:
-    timed = r["rows"][args.warmup:]
+    # Steps after the warm-up that compiled (a new prompt bucket; jaxft only) are left out of the medians.
+    timed = [x for x in r["rows"][args.warmup:] if x.get("compile_s", 0.0) < 1.0] or r["rows"][args.warmup:]
+    r["compiled_steps"] = sum(x.get("compile_s", 0.0) >= 1.0 for x in r["rows"][args.warmup:])
     med = lambda k: statistics.median(x[k] for x in timed)  # noqa: E731
     return dict(r, step_s=med("step_s"), rollout_s=med("rollout_s"), ref_s=med("ref_s"), train_s=med("train_s"),
                 tokens_per_s=statistics.median(x["tokens"] / x["step_s"] for x in timed),
@@ -211,7 +221,9 @@ def main():
     for r in results.values():
         print(f"{r['framework']:<14} | {r['step_s']:>7.2f} | {r['rollout_s']:>9.2f} | {r['ref_s']:>9.2f} | "
               f"{r['train_s']:>7.2f} | {r['tokens_per_s']:>8.1f} | {r['completion_len']:>9.1f} | "
-              f"{r['peak_rss_gb']:>11.2f} | {r['first_step_s']:>12.1f}")
+              f"{r['peak_rss_gb']:>11.2f} | {r['first_step_s']:>12.1f}"
+              + (f"  ({r['compiled_steps']} timed step(s) that compiled a new prompt bucket left out)"
+                 if r["compiled_steps"] else ""))
     print("\n".join(bench_sft.noise_lines(results)))
     if len(results) == 2:
         j, t = results["jaxft"], results["trl"]

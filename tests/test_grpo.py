@@ -461,6 +461,8 @@ def test_a_tiny_model_learns_to_emit_token_k_through_jaxft_train(learned):
     assert "kl" not in rows[0]  # beta = 0: no reference
     first, last = rows[0]["reward"], np.mean([x["reward"] for x in rows[-3:]])
     assert first < 0.1 and last > 0.6, (first, last)
+    png = (learned / "loss.png").read_bytes()
+    assert int.from_bytes(png[20:24], "big") == 650  # PNG height: the loss panel + the reward panel (7 x 6.5 in)
 
 
 def test_resume_reproduces_the_run(toy_model, learned, tmp_path):
