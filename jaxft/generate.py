@@ -24,6 +24,7 @@ from jax.experimental import io_callback
 
 from jaxft.adapters.base import ON, Ctx
 from jaxft.models.decoder import Decoder
+from jaxft.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +186,12 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
                                   sampling=dataclasses.replace(sampling, max_new_tokens=0, seed=0),
                                   length=_bucket(sampling.max_new_tokens), on_token=on_token)
     n = int(n)
-    toks, lps = np.asarray(out_tok)[:B, :n], np.asarray(out_lp)[:B, :n]
+    out_tok, out_lp, out_ent = (to_host(x) for x in (out_tok, out_lp, out_ent))
+    toks, lps = out_tok[:B, :n], out_lp[:B, :n]
     is_eos = np.isin(toks, eos)
     stopped = is_eos.any(axis=1)
     lengths = np.where(stopped, is_eos.argmax(axis=1) + 1, n)
-    return Generated(toks, lps, lengths, stopped, np.asarray(out_ent)[:B, :n])
+    return Generated(toks, lps, lengths, stopped, out_ent[:B, :n])
 
 
 class Generator:

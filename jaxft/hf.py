@@ -200,7 +200,7 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     graphdef, state = nnx.split(abstract)
     available = set(src.keys())
     used: set[str] = set()
-    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     flat = nnx.to_flat_state(state)
     quantized = {}
     for p, var in flat:

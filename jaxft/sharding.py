@@ -146,6 +146,16 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on this host. Rows sharded over several processes are gathered (a
+    collective: every process must call it for the same array, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 class ShardedBatches:
     """Global batches from a deterministic `jaxft.data.Batches`: each process assembles only the rows of
     the devices it owns (`Batches.batch(i, rows)`), then the pieces form one global jax.Array."""

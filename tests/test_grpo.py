@@ -691,3 +691,32 @@ def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, 
     assert np.abs(got - want).max() < 2e-4
     plain = AutoModelForCausalLM.from_pretrained(chat_model)(ids).logits.detach().numpy()
     assert np.abs(want - plain).max() > 1e-4  # the adapter trained
+
+
+def test_two_processes_match_one_process(toy_model, tmp_path):
+    """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo) on one fsdp = 4 mesh equals one process with 4
+    devices, step for step: rollouts sampled on the sharded weights, the reference forward (beta > 0), the
+    rewards and the step. Process 0 alone writes the metrics."""
+    import os
+    import subprocess
+    import sys
+
+    o = {"train.steps": 3, "mesh.fsdp": -1, "grpo.beta": 0.04}
+    single = tmp_path / "single"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", str(ROOT / "configs" / "grpo_lora.yaml"),
+                        *_toy_overrides(toy_model, single, **o)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    multi = tmp_path / "multi"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", str(ROOT / "configs" / "grpo_lora.yaml"),
+                        *_toy_overrides(toy_model, multi, **o)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = _rows(single), _rows(multi)
+    assert [x["step"] for x in got] == [1, 2, 3]
+    for a, b in zip(want, got):
+        assert b["completions"] == a["completions"]
+        for k in ("reward", "reward_std", "completions/mean_length", "kl", "entropy", "loss", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=f"step {a['step']} {k}")

@@ -3,6 +3,7 @@ values (RL.md §4; PPOTrainer left TRL in 1.13, so no TRL runs here), a tiny pol
 reward model through `jaxft train`, SIGKILL + resume, compile counts and config refusals."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -319,3 +320,25 @@ def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):
         "ppo.reward_model": tmp_path / "small"}))
     with pytest.raises(JaxftError, match="ppo.reward_model: .* has a vocabulary of 96 tokens, the policy 49152"):
         ppo.make(run, build(run))
+
+
+def test_two_processes_match_one_process(toy, tmp_path):
+    """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo) on one fsdp = 4 mesh equals one process with 4
+    devices: rollouts, the reward model's scores, values, GAE and both PPO epochs; then a new rollout batch."""
+    o = {"train.steps": 3, "mesh.fsdp": -1}
+    cfg = str(ROOT / "configs" / "ppo_lora.yaml")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", cfg, *_overrides(toy, tmp_path / "single", **o)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", cfg,
+                        *_overrides(toy, tmp_path / "multi", **o)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = _rows(tmp_path / "single"), _rows(tmp_path / "multi")
+    assert [x["step"] for x in got] == [1, 2, 3]
+    for a, b in zip(want, got):
+        for k in ("loss", "grad_norm", *METRICS):
+            if k in a and not k.startswith("time/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)

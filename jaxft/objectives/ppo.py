@@ -52,6 +52,7 @@ from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective
 from jaxft.prompts import load_prompts
+from jaxft.sharding import to_host
 
 INVALID_LOGPROB = 1.0  # TRL's fill value on padding: logp − ref = 0 there
 TEMPERATURE_EPS = 1e-7  # TRL samples and scores at temperature + 1e-7
@@ -298,10 +299,10 @@ class RolloutSource:
         tokens, positions, segment_ids = layout(ids, responses, seq_len + 1)
         fwd = dict(tokens=tokens, positions=positions, segment_ids=segment_ids, responses=responses, seq_len=seq_len)
         split = self.wrap(_Split(fwd, self.N // self.B, self.B))  # the forward passes in training's micro-batches
-        outs = [jax.device_get(self.rollout_fn(params, self.setup.frozen, self.reward_weights, split.batch(i)))
+        outs = [jax.tree.map(to_host, self.rollout_fn(params, self.setup.frozen, self.reward_weights, split.batch(i)))
                 for i in range(self.N // self.B)]
         got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        scored = jax.device_get(self.score_fn(got["logp"], got["ref"], got["values"], got["score"], seq_len,
+        scored = jax.tree.map(to_host, self.score_fn(got["logp"], got["ref"], got["values"], got["score"], seq_len,
                                               gen.stopped, np.int32(gen.tokens.shape[1])))
         self.metrics = {"time/rollout": t1 - t0, "time/score": time.perf_counter() - t1,
                         "val/num_eos_tokens": float(np.isin(gen.tokens, self.eos).sum())}

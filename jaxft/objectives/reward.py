@@ -36,6 +36,7 @@ from jaxft.adapters.base import ON, Ctx
 from jaxft.config import DpoConfig, RewardConfig, RunConfig
 from jaxft.errors import JaxftError
 from jaxft.objective import Objective, Prefetched, mean_over_batches
+from jaxft.sharding import to_host
 
 METRICS = ("accuracy", "margin", "min_reward", "mean_reward", "max_reward")
 PAIRS = DpoConfig(truncate_prompt=False)  # TRL drops over-length pairs: no prompt truncation
@@ -99,7 +100,7 @@ def evaluator(eval_fn, batches, n: int):
             return s, c, sums
 
         out = mean_over_batches(step, params, frozen, batches, n, "eval_pairs")
-        r = np.concatenate([np.asarray(x) for x in jax.device_get(seen)])
+        r = np.concatenate([to_host(x) for x in seen])
         out["eval_min_reward"], out["eval_max_reward"] = float(np.nanmin(r)), float(np.nanmax(r))
         return out
 
@@ -221,7 +222,7 @@ class Scorer:
             chunk = rows[k:k + B]
             S = _bucket(max(len(ex) for _, ex in chunk), self.max_length)
             batch = layout([[ex] for _, ex in chunk], B, S)
-            r = np.asarray(self.fn(params, self.frozen, {n: batch[n] for n in ("tokens", "positions", "segment_ids")}))
+            r = to_host(self.fn(params, self.frozen, {n: batch[n] for n in ("tokens", "positions", "segment_ids")}))
             out[[i for i, _ in chunk]] = r[:len(chunk)]
         return out
 

@@ -37,6 +37,7 @@ from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, eos_token_ids, generate
 from jaxft.losses import token_logprobs
 from jaxft.objectives.rewards import score_all
+from jaxft.sharding import to_host
 
 PROMPT_BUCKET = 32  # prompt widths are multiples of this: a bounded number of train-step compiles
 
@@ -251,4 +252,4 @@ def make_forward(graphdef, temperature: float):
 def per_micro_batch(fn, rows: dict, B: int) -> np.ndarray:
     """fn(micro-batch rows) for each group of B rows, concatenated [N, …] (one compiled shape)."""
     N = rows["tokens"].shape[0]
-    return np.concatenate([np.asarray(fn({k: v[i:i + B] for k, v in rows.items()})) for i in range(0, N, B)])
+    return np.concatenate([to_host(fn({k: v[i:i + B] for k, v in rows.items()})) for i in range(0, N, B)])
