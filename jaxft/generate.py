@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
+from jax.sharding import PartitionSpec as P_
 
 from jaxft.adapters.base import ON, Ctx
 from jaxft.models.decoder import Decoder
@@ -99,15 +100,18 @@ class Generated:
         return [row[: n - int(s)].tolist() for row, n, s in zip(self.tokens, self.lengths, self.stopped)]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling", "length", "on_token"))
-def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx, *, graphdef, sampling: Sampling,
-         length: int, on_token):
-    """Prefill + decode loop in one program. tokens/positions/segment_ids [B, P] (left-padded);
-    alive [B] (False: a padding row); eos [E]; max_new: a traced bound, so it costs no compile.
+@partial(jax.jit, static_argnames=("graphdef", "sampling", "length", "on_token", "rows"))
+def _run(weights, tokens, positions, segment_ids, alive, src, eos, key, max_new, ctx, *, graphdef,
+         sampling: Sampling, length: int, on_token, rows):
+    """Prefill + decode loop in one program. tokens/positions/segment_ids [U, P] (left-padded);
+    alive [B] (False: a padding row); src [B]: the prefill row of each row (None: U = B, row i is
+    prefill row i); eos [E]; max_new: a traced bound, so it costs no compile. rows: the PartitionSpec
+    of the B rows on the context mesh (None without one).
     The KV cache [L, B, P + length, K, H] is allocated inside and updated in place by the loop: it is
     never an input, so nothing needs donating and no copy of it crosses the program boundary."""
     model = nnx.merge(graphdef, *weights)
-    B, P = tokens.shape
+    U, P = tokens.shape
+    B = alive.shape[0]
     T = sampling.temperature
 
     def pick(h, key):
@@ -115,8 +119,15 @@ def _run(weights, tokens, positions, segment_ids, alive, eos, key, max_new, ctx,
         tok = sample_logits(logits, key, sampling).astype(jnp.int32)
         return tok, *_logprob_entropy(logits, tok, T)
 
-    cache = model.init_cache(B, P + length)
+    cache = model.init_cache(U, P + length)
     h, cache = model.hidden(tokens, positions, segment_ids, cache, ctx)
+    if src is not None:  # each distinct prompt was prefilled once: its last state and cache go to its rows
+        h, positions = h[:, -1:][src], positions[src]
+        cache = dict(cache, k=cache["k"][:, src], v=cache["v"][:, src], segment_ids=cache["segment_ids"][src])
+        if rows is not None:
+            h, positions = (jax.lax.with_sharding_constraint(x, rows) for x in (h, positions))
+            cache = dict(cache, segment_ids=jax.lax.with_sharding_constraint(cache["segment_ids"], rows),
+                         **{n: jax.lax.with_sharding_constraint(cache[n], P_(None, *rows)) for n in ("k", "v")})
     key, sub = jax.random.split(key)
     tok, lp, ent = pick(h, sub)
     out_tok = jnp.zeros((B, length), jnp.int32).at[:, 0].set(tok)
@@ -162,9 +173,18 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
         raise ValueError("every prompt needs at least one token")
     B, P = len(prompts), _bucket(max(len(p) for p in prompts))
     R = _rows(B)
-    tokens = np.zeros((R, P), np.int32)
-    seg = np.zeros((R, P), np.int32)
-    for i, p in enumerate(prompts + [prompts[0]] * (R - B)):
+    # Rows that repeat a prompt (GRPO's G completions of each) share its prefill, unless adapters differ by row
+    first: dict[tuple, int] = {}
+    src = [first.setdefault(tuple(p), len(first)) for p in prompts] if ctx.adapter_ids is None else []
+    if len(first) in (0, B):
+        src, distinct = None, prompts + [prompts[0]] * (R - B)
+    else:
+        distinct = [list(p) for p in first]
+        distinct += [distinct[0]] * (_rows(len(distinct)) - len(distinct))
+        src = np.asarray(src + [0] * (R - B), np.int32)
+    tokens = np.zeros((len(distinct), P), np.int32)
+    seg = np.zeros((len(distinct), P), np.int32)
+    for i, p in enumerate(distinct):
         tokens[i, P - len(p):], seg[i, P - len(p):] = p, 1
     pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
     alive = np.arange(R) < B
@@ -172,19 +192,23 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
         ids = np.asarray(ctx.adapter_ids)
         ctx = dataclasses.replace(ctx, adapter_ids=jnp.asarray(np.concatenate([ids, np.full(R - B, ids[0])])))
     eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)
-    args = (tokens, pos, seg, alive)
+    args, spec = (tokens, pos, seg, alive, src), None
     if mesh is not None:
         from jax.sharding import NamedSharding
 
-        from jaxft.sharding import batch_spec
+        from jaxft.sharding import BATCH, batch_spec
 
-        rows = NamedSharding(mesh, batch_spec(mesh, R))
-        args = tuple(jax.device_put(a, rows) for a in args)
+        spec = batch_spec(mesh, R)
+        n = mesh.shape["data"] * mesh.shape["fsdp"]
+        prefill = P_(BATCH) if len(distinct) % n == 0 else P_()  # a few distinct prompts: every device has them
+        args = tuple(None if a is None else jax.device_put(a, NamedSharding(mesh, prefill if i < 3 else spec))
+                     for i, a in enumerate(args))
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         out_tok, out_lp, out_ent, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
                                   np.int32(sampling.max_new_tokens), ctx, graphdef=graphdef,
                                   sampling=dataclasses.replace(sampling, max_new_tokens=0, seed=0),
-                                  length=_bucket(sampling.max_new_tokens), on_token=on_token)
+                                  length=_bucket(sampling.max_new_tokens), on_token=on_token,
+                                  rows=spec if src is not None else None)
     n = int(n)
     out_tok, out_lp, out_ent = (to_host(x) for x in (out_tok, out_lp, out_ent))
     toks, lps = out_tok[:B, :n], out_lp[:B, :n]

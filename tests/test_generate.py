@@ -69,3 +69,39 @@ def test_sampling_seeded_and_filtered():
     assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
     assert set(draw(top_p=0.5)) == {0}
     assert (np.asarray(sample_logits(logits, jax.random.key(1), Sampling())) == 0).all()  # greedy
+
+
+def test_repeated_prompts_share_one_prefill(tmp_path):
+    """G rows of one prompt (GRPO's groups) prefill it once and copy its cache: greedy rows equal the prompt
+    generated alone; sampled rows differ within a group, their log-probs equal the training forward's, and a
+    4-device mesh (3 distinct prompts: the prefill replicated, the rows split) samples the same tokens."""
+    from flax import nnx
+
+    from jaxft import sharding
+    from jaxft.config import MeshConfig
+    from jaxft.generate import generate
+    from jaxft.objectives.rollout import completion_logps, layout
+
+    save_model("qwen3", tmp_path)
+    model = jaxft.load_pretrained(tmp_path)
+    gen = Generator(model)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 4 + [PROMPTS[2]]
+    s = Sampling(max_new_tokens=10)
+    assert gen(prompts, eos_ids={95}, sampling=s) == [gen([p], eos_ids={95}, sampling=s)[0] for p in prompts]
+
+    graphdef, state = nnx.split(model)
+    s = Sampling(temperature=1.0, max_new_tokens=10, seed=4)
+    out = generate(graphdef, (state,), prompts, eos_ids={95}, sampling=s)
+    assert len({tuple(r) for r in out.tokens[3:7].tolist()}) > 1
+    tokens, pos, seg = layout(prompts, out.tokens, out.lengths)
+    L = out.tokens.shape[1]
+    lp = completion_logps(model, dict(tokens=tokens, positions=pos, segment_ids=seg,
+                                      mask=np.zeros((len(prompts), L), np.float32)), jaxft.adapters.base.ON, 1.0)
+    keep = np.arange(L)[None] < out.lengths[:, None]
+    assert np.abs(np.asarray(lp) - out.logprobs)[keep].max() <= 1e-5
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2))
+    placed = sharding.place(state, sharding.tree_shardings(state, mesh, "fsdp"))
+    on_mesh = generate(graphdef, (placed,), prompts, eos_ids={95}, sampling=s, mesh=mesh)
+    assert (on_mesh.tokens == out.tokens).all() and (on_mesh.lengths == out.lengths).all()
+    np.testing.assert_allclose(on_mesh.logprobs, out.logprobs, atol=1e-5)
