@@ -668,10 +668,10 @@ def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, 
         f"eval.file={paths['test']}", "eval.max_examples=4", "eval.max_new_tokens=8", "rollout.max_completion_length=8",
         "rollout.num_generations=2", "train.batch_size=4", "train.grad_accum=1", "train.steps=2",
         "train.save_every=2", f"train.out_dir={out}", "grpo.beta=0.04",
-        "rollout.reward_funcs=[json_fields,length_penalty]", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"])
+        f"rollout.reward_funcs=[json_fields,length_penalty,{TOY}:token_mean]", "lora.r=4", "lora.alpha=8", "optim.lr=1e-2"])
     last = train(run, progress=False)
     assert "kl" in last and "rewards/json_fields/mean" in last and "rewards/length_penalty/mean" in last
-    assert last["completions"] == 4
+    assert last["completions"] == 4 and last["frac_reward_zero_std"] == 0.0  # token_mean: the adapter must move
     res = evaluate(run, progress=False)
     assert {"valid_json", "exact", "field_accuracy"} <= set(res["tuned"]) and res["tuned"]["n"] == 4
     path, step = export(run, "peft", tmp_path / "peft", dtype="fp32")
