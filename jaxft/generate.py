@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
-from jax.sharding import PartitionSpec as P_
+from jax.sharding import NamedSharding, PartitionSpec as P_
 
 from jaxft.adapters.base import ON, Ctx
 from jaxft.models.decoder import Decoder
-from jaxft.sharding import to_host
+from jaxft.sharding import BATCH, batch_spec, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +107,9 @@ def _run(weights, tokens, positions, segment_ids, alive, src, eos, key, max_new,
     alive [B] (False: a padding row); src [B]: the prefill row of each row (None: U = B, row i is
     prefill row i); eos [E]; max_new: a traced bound, so it costs no compile. rows: the PartitionSpec
     of the B rows on the context mesh (None without one).
-    The KV cache [L, B, P + length, K, H] is allocated inside and updated in place by the loop: it is
-    never an input, so nothing needs donating and no copy of it crosses the program boundary."""
+    The KV cache ([L, U, P + length, K, H] for the prefill, then its rows gathered to B) is allocated inside
+    and updated in place by the loop: it is never an input, so nothing needs donating and no copy of it
+    crosses the program boundary."""
     model = nnx.merge(graphdef, *weights)
     U, P = tokens.shape
     B = alive.shape[0]
@@ -192,17 +193,15 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
         ids = np.asarray(ctx.adapter_ids)
         ctx = dataclasses.replace(ctx, adapter_ids=jnp.asarray(np.concatenate([ids, np.full(R - B, ids[0])])))
     eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1], np.int32)
-    args, spec = (tokens, pos, seg, alive, src), None
+    prefill, per_row, spec = (tokens, pos, seg), (alive, src), None
     if mesh is not None:
-        from jax.sharding import NamedSharding
-
-        from jaxft.sharding import BATCH, batch_spec
-
         spec = batch_spec(mesh, R)
-        n = mesh.shape["data"] * mesh.shape["fsdp"]
-        prefill = P_(BATCH) if len(distinct) % n == 0 else P_()  # a few distinct prompts: every device has them
-        args = tuple(None if a is None else jax.device_put(a, NamedSharding(mesh, prefill if i < 3 else spec))
-                     for i, a in enumerate(args))
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        # a few distinct prompts (fewer than the devices): every device prefills all of them
+        where = NamedSharding(mesh, P_(BATCH) if len(distinct) % ways == 0 else P_())
+        prefill = tuple(jax.device_put(a, where) for a in prefill)
+        per_row = tuple(None if a is None else jax.device_put(a, NamedSharding(mesh, spec)) for a in per_row)
+    args = (*prefill, *per_row)
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         out_tok, out_lp, out_ent, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
                                   np.int32(sampling.max_new_tokens), ctx, graphdef=graphdef,

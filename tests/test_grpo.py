@@ -697,12 +697,9 @@ def test_two_processes_match_one_process(toy_model, tmp_path):
     """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo) on one fsdp = 4 mesh equals one process with 4
     devices, step for step: rollouts sampled on the sharded weights, the reference forward (beta > 0), the
     rewards and the step. Process 0 alone writes the metrics."""
-    import os
-    import subprocess
-    import sys
-
     from jaxft.config import load_config
     from jaxft.train import train
+    from tiny import launch_local
 
     o = {"train.steps": 3, "grpo.beta": 0.04}
     single = tmp_path / "single"  # in this process: 4 of its 8 simulated devices, the same (1, 4, 1) mesh
@@ -710,10 +707,7 @@ def test_two_processes_match_one_process(toy_model, tmp_path):
           progress=False)
     o["mesh.fsdp"] = -1
     multi = tmp_path / "multi"
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", str(ROOT / "configs" / "grpo_lora.yaml"),
-                        *_toy_overrides(toy_model, multi, **o)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = launch_local(2, ROOT / "configs" / "grpo_lora.yaml", *_toy_overrides(toy_model, multi, **o))
     assert r.returncode == 0, r.stderr[-3000:]
     want, got = _rows(single), _rows(multi)
     assert [x["step"] for x in got] == [1, 2, 3]

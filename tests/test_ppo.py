@@ -3,7 +3,6 @@ values (RL.md §4; PPOTrainer left TRL in 1.13, so no TRL runs here), a tiny pol
 reward model through `jaxft train`, SIGKILL + resume, compile counts and config refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import transformers as tf
 from jaxft.config import PpoConfig, load_config
 from jaxft.errors import JaxftError
 from jaxft.objectives.ppo import METRICS, ppo_losses, responses_of, row_metrics, score_rollout
-from tiny import ROOT, example_tokenizer, make_config
+from tiny import ROOT, example_tokenizer, launch_local, make_config
 
 # ---------------------------------------------------------------- golden values
 
@@ -329,11 +328,7 @@ def test_two_processes_match_one_process(toy, tmp_path):
 
     cfg = str(ROOT / "configs" / "ppo_lora.yaml")  # the single process: 4 of its 8 devices, the same (1, 4, 1) mesh
     train(load_config(cfg, _overrides(toy, tmp_path / "single", **{"train.steps": 3, "mesh.fsdp": 4})), progress=False)
-    o = {"train.steps": 3, "mesh.fsdp": -1}
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "2"}
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), "2", cfg,
-                        *_overrides(toy, tmp_path / "multi", **o)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = launch_local(2, cfg, *_overrides(toy, tmp_path / "multi", **{"train.steps": 3, "mesh.fsdp": -1}))
     assert r.returncode == 0, r.stderr[-3000:]
     want, got = _rows(tmp_path / "single"), _rows(tmp_path / "multi")
     assert [x["step"] for x in got] == [1, 2, 3]

@@ -1,9 +1,11 @@
-"""Tiny random transformers models, one per supported family, saved with save_pretrained; and `run_cli`.
+"""Tiny random transformers models, one per supported family, saved with save_pretrained; `run_cli` and
+`launch_local`.
 
 Weights are redrawn with a large spread (norm scales included) so that every switch of the decoder
 (offsets, soft-caps, biases, windows) moves the logits far more than the test tolerances.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,14 @@ def run_cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m jaxft.cli ARGS` in a fresh process from the repository root (stdout, stderr as text)."""
     return subprocess.run([sys.executable, "-m", "jaxft.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout)
+
+
+def launch_local(n: int, config, *overrides, devices: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`scripts/launch_local.sh N CONFIG OVERRIDES`: one training run over N local processes (gloo), each with
+    `devices` simulated devices."""
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICES_PER_PROCESS": str(devices)}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "launch_local.sh"), str(n), str(config), *map(str, overrides)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
