@@ -143,6 +143,13 @@ def test_plain_layouts_equal_the_cpu_tuned_ones(tiny):
         # (here up to ~5), so the bound is 2 ulps-ish of that, not of each element
         scale = float(jnp.abs(x).max())
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5 * max(scale, 1.0), rtol=0)
+    # the KV cache follows the attention's layout ([L, B, K, T, H] heads-major, else [L, B, T, K, H])
+    from jaxft.generate import Sampling, generate
+
+    prompts, s = [[3, 5, 7], [9, 4]], Sampling(temperature=0.7, max_new_tokens=6, seed=1)
+    outs = [generate(nnx.split(m)[0], (nnx.split(m)[1],), prompts, eos_ids=set(), sampling=s) for m in (tuned, plain)]
+    np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
+    np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-5, rtol=0)
 
 
 def test_restore_trainable_reads_params_without_the_optimizer(tmp_path):

@@ -30,7 +30,7 @@ from jaxft.adapters.base import ON, Ctx
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
-Cache = dict[str, jax.Array]  # k, v: [L, B, T, K, H]; segment_ids: [B, T] (0 = empty slot); index: []
+Cache = dict[str, jax.Array]  # k, v: [L, B, K, T, H] or [L, B, T, K, H] (init_cache); segment_ids: [B, T] (0 = empty slot); index: []
 
 REMAT_POLICIES = {  # what a layer keeps for the backward pass (its input h is always kept)
     "none": None,  # everything XLA wants, elementwise intermediates included
@@ -157,8 +157,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg, self.heads_major = cfg, tuning.heads_major
 
-    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array] | None, index, ctx: Ctx = ON):
-        """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: this layer's cache ([B, T, K, H] each) or None."""
+    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index, ctx: Ctx = ON):
+        """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: (k, v, layer) — the whole stacked cache
+        (`init_cache`'s layout) and this layer's index in it — or None. Returns (out, kv)."""
         cfg = self.cfg
         B, S, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -168,15 +169,22 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write this step's keys/values at slot `index`, attend over the cache
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k, v)
         q = q.reshape(B, S, K, N // K, H)
+        if self.heads_major:  # keys / values as [B, K, T, H]: both attention matmuls are plain batched GEMMs
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if kv is not None:
+            # Only this step's S keys / values are written, in place, into the stacked cache (a carry of the
+            # layer scan): passing the cache through the scan as xs / ys made XLA write a whole new one per step
+            k_all, v_all, layer = kv
+            at = (layer, 0, 0, index, 0) if self.heads_major else (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k, v = (jax.lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k_all, v_all))
+            kv = (k_all, v_all, layer)
         k, v = k.astype(q.dtype), v.astype(x.dtype)
-        if self.heads_major:  # both attention matmuls as plain batched GEMMs (CPU-tuned, see Tuning)
-            out = _attend(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias,
-                          cfg.scale, cfg.attn_softcap, "bkgsh,bkth->bkgst", "bkgst,bkth->bkgsh")  # [B, K, G, S, H]
+        if self.heads_major:
+            out = _attend(q.transpose(0, 2, 3, 1, 4), k, v, bias, cfg.scale, cfg.attn_softcap,
+                          "bkgsh,bkth->bkgst", "bkgst,bkth->bkgsh")  # [B, K, G, S, H]
             out = out.transpose(0, 3, 1, 2, 4)
         else:
             out = _attend(q, k, v, bias, cfg.scale, cfg.attn_softcap, "bskgh,btkh->bkgst", "bkgst,btkh->bskgh")
@@ -315,21 +323,22 @@ class Backbone(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
         sliding = jnp.asarray(cfg.is_sliding)
 
-        def body(h, xs):
-            state, is_sliding, kv, i = xs
+        def body(carry, xs):
+            h, kv = carry
+            state, is_sliding, i = xs
             layer = nnx.merge(graphdef, state)
             m = jnp.where(is_sliding, bias_local, bias) if cfg.sliding_window else bias
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
-            h, kv = layer(h, c, s, m, kv, index, ctx.fold(i))
-            return constrain_batch(h), kv
+            h, kv = layer(h, c, s, m, None if kv is None else (*kv, i), index, ctx.fold(i))
+            return (constrain_batch(h), None if kv is None else kv[:2]), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        kv_in = None if cache is None else (cache["k"], cache["v"])
-        h, kv_out = jax.lax.scan(body, h, (layer_state, sliding, kv_in, jnp.arange(cfg.num_layers)))
+        kv = None if cache is None else (cache["k"], cache["v"])
+        (h, kv), _ = jax.lax.scan(body, (h, kv), (layer_state, sliding, jnp.arange(cfg.num_layers)))
         h = self.norm(h)
         if cache is not None:
-            cache = dict(k=kv_out[0], v=kv_out[1], segment_ids=kv_seg, index=index + S)
+            cache = dict(k=kv[0], v=kv[1], segment_ids=kv_seg, index=index + S)
         return h, cache
 
 
@@ -372,11 +381,13 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
         """An empty KV cache for `batch` rows of up to `length` tokens."""
-        return init_cache(self.config, batch, length, dtype or self.dtype)
+        return init_cache(self.config, batch, length, dtype or self.dtype, heads_major=self.tuning.heads_major)
 
 
-def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype) -> Cache:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype, heads_major: bool = True) -> Cache:
+    """k, v: [L, B, K, T, H] (heads_major, the attention's own layout: no transpose per step) or [L, B, T, K, H]."""
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    shape = (L, batch, K, length, H) if heads_major else (L, batch, length, K, H)
     return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                 segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
