@@ -288,7 +288,8 @@ class Backbone(nnx.Module):
 
         tokens, positions, segment_ids: [B, S] int. positions default to 0..S-1; segment_ids to all 1
         (0 marks padding, equal ids are one document of a packed row). With `cache` (see `init_cache`)
-        the S new tokens are written at slot cache["index"] and attend to everything cached before.
+        the S new tokens are written at slot cache["index"] and attend to everything cached before; the cache is
+        for inference (a carry of the layer scan: differentiating through it would keep one per layer).
         ctx: per-call state for the adapters (dropout key, adapters off, per-row adapter ids).
         Under a mesh in context (`jax.set_mesh`), activations stay split over the batch axes.
         """
