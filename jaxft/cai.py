@@ -46,7 +46,7 @@ from flax import nnx
 from jaxft.config import RunConfig
 from jaxft.constitution import Principle, load_constitution
 from jaxft.errors import JaxftError
-from jaxft.generate import Sampling, _bucket, _rows, eos_token_ids, generate
+from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
 from jaxft.prepare import RowError, _messages, read_rows, write_jsonl_atomic
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -204,7 +204,7 @@ class Policy:
         return out
 
     def _score(self, ids: list[list[int]], opts: np.ndarray) -> np.ndarray:
-        R, P = _rows(len(ids)), _bucket(max(map(len, ids)), 64)
+        R, P = row_bucket(len(ids)), bucket(max(map(len, ids)), 64)
         tokens, seg = np.zeros((R, P), np.int32), np.zeros((R, P), np.int32)
         for i, p in enumerate(ids + [ids[0]] * (R - len(ids))):
             tokens[i, P - len(p):], seg[i, P - len(p):] = p, 1

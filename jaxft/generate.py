@@ -24,7 +24,7 @@ from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec as P_
 
 from jaxft.adapters.base import ON, Ctx
-from jaxft.models.decoder import Decoder
+from jaxft.models.decoder import Decoder, cache_rows
 from jaxft.sharding import BATCH, batch_spec, to_host
 
 
@@ -56,13 +56,24 @@ def sample_logits(logits, key, s: Sampling):
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def _bucket(n: int, size: int = 32) -> int:
+def bucket(n: int, size: int = 32) -> int:
     return -(-n // size) * size
 
 
-def _rows(n: int) -> int:
+def row_bucket(n: int) -> int:
     """Batch rows padded to a bucket (1, 2, 4, 8, then multiples of 8): few compiles across batch sizes."""
-    return 1 << (n - 1).bit_length() if n <= 8 else _bucket(n, 8)
+    return 1 << (n - 1).bit_length() if n <= 8 else bucket(n, 8)
+
+
+def shared_rows(keys: list) -> tuple[list[int], np.ndarray]:
+    """(first, src): the row index of each distinct key in order of first appearance, and for every row the
+    position of its key in `first` — rows that repeat a prompt run it once (prefill, reference forward)."""
+    at: dict = {}
+    src = np.asarray([at.setdefault(k, len(at)) for k in keys], np.int32)
+    first = [0] * len(at)
+    for i, j in reversed(list(enumerate(src))):
+        first[j] = i
+    return first, src
 
 
 def token_logprob(logits, tok, temperature: float):
@@ -124,7 +135,7 @@ def _run(weights, tokens, positions, segment_ids, alive, src, eos, key, max_new,
     h, cache = model.hidden(tokens, positions, segment_ids, cache, ctx)
     if src is not None:  # each distinct prompt was prefilled once: its last state and cache go to its rows
         h, positions = h[:, -1:][src], positions[src]
-        cache = dict(cache, k=cache["k"][:, src], v=cache["v"][:, src], segment_ids=cache["segment_ids"][src])
+        cache = cache_rows(cache, src)
         if rows is not None:
             h, positions = (jax.lax.with_sharding_constraint(x, rows) for x in (h, positions))
             cache = dict(cache, segment_ids=jax.lax.with_sharding_constraint(cache["segment_ids"], rows),
@@ -172,17 +183,16 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    B, P = len(prompts), _bucket(max(len(p) for p in prompts))
-    R = _rows(B)
+    B, P = len(prompts), bucket(max(len(p) for p in prompts))
+    R = row_bucket(B)
     # Rows that repeat a prompt (GRPO's G completions of each) share its prefill, unless adapters differ by row
-    first: dict[tuple, int] = {}
-    src = [first.setdefault(tuple(p), len(first)) for p in prompts] if ctx.adapter_ids is None else []
+    first, src = shared_rows([tuple(p) for p in prompts]) if ctx.adapter_ids is None else ([], None)
     if len(first) in (0, B):
         src, distinct = None, prompts + [prompts[0]] * (R - B)
     else:
-        distinct = [list(p) for p in first]
-        distinct += [distinct[0]] * (_rows(len(distinct)) - len(distinct))
-        src = np.asarray(src + [0] * (R - B), np.int32)
+        distinct = [list(prompts[i]) for i in first]
+        distinct += [distinct[0]] * (row_bucket(len(distinct)) - len(distinct))
+        src = np.concatenate([src, np.zeros(R - B, np.int32)])
     tokens = np.zeros((len(distinct), P), np.int32)
     seg = np.zeros((len(distinct), P), np.int32)
     for i, p in enumerate(distinct):
@@ -206,7 +216,7 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
         out_tok, out_lp, out_ent, n = _run(tuple(weights), *args, eos, jax.random.key(sampling.seed),
                                   np.int32(sampling.max_new_tokens), ctx, graphdef=graphdef,
                                   sampling=dataclasses.replace(sampling, max_new_tokens=0, seed=0),
-                                  length=_bucket(sampling.max_new_tokens), on_token=on_token,
+                                  length=bucket(sampling.max_new_tokens), on_token=on_token,
                                   rows=spec if src is not None else None)
     n = int(n)
     out_tok, out_lp, out_ent = (to_host(x) for x in (out_tok, out_lp, out_ent))

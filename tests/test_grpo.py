@@ -545,7 +545,7 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
     from jaxft.adapters.base import OFF, ON
     from jaxft.config import LoraConfig
     from jaxft.generate import Sampling, generate
-    from jaxft.objectives.rollout import completion_logps, layout
+    from jaxft.objectives.rollout import completion_logps, layout, make_forward
     from tiny import save_model
 
     save_model(arch, tmp_path)
@@ -568,6 +568,22 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
     assert np.abs(np.asarray(off) - np.asarray(plain))[keep].max() <= 1e-6
     assert np.abs(np.asarray(off) - np.asarray(lp))[keep].max() > 1e-3  # the adapter does change them
 
+    # the no-gradient forward (reference / old log-probs) runs a repeated prompt once for its rows: equal to
+    # the whole rows' forward, adapters on and off; one compile for new weights and new tokens
+    forward = make_forward(graphdef, 0.7)
+    rep = [prompts[0]] * 3 + [prompts[2]] * 2 + [prompts[3]]
+    for seed in (5, 6):
+        g = generate(graphdef, (params, frozen), rep, eos_ids={95}, sampling=Sampling(0.7, max_new_tokens=12, seed=seed))
+        tokens, pos, seg = layout(rep, g.tokens, g.lengths)
+        rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros(g.tokens.shape, np.float32))
+        keep = np.arange(g.tokens.shape[1])[None] < g.lengths[:, None]
+        for ctx in (ON, OFF):
+            whole = completion_logps(nnx.merge(graphdef, params, frozen), rows, ctx, 0.7)
+            assert np.abs(np.asarray(forward(params, frozen, rows, ctx)) - np.asarray(whole))[keep].max() <= 1e-5
+        params = jax.tree.map(lambda x: x * 1.01, params)
+    plain, shared = forward.compiled
+    assert shared._cache_size() == 2 and plain._cache_size() == 0  # one per ctx (ON / OFF are static)
+
 
 def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(toy_model, tmp_path):
     """Two rollouts and two steps with new weights: one compile each (sampler, reference forward, step);
@@ -587,7 +603,7 @@ def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(t
     assert "ref_logps" in batch and "old_logps" not in batch
     before = _run._cache_size()
     batch2 = src(2, perturbed(params, 2))
-    assert _run._cache_size() == before and src.forward._cache_size() == 1
+    assert _run._cache_size() == before and sum(f._cache_size() for f in src.forward.compiled) == 1
     assert src.host_metrics(2)["time/rollout"] > 0 and src.host_metrics(1) == {}
     tx = optax.adam(1e-3)
     step = make_train_step(setup.graphdef, tx, obj.loss_fn)

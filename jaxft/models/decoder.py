@@ -393,6 +393,11 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype, heads_major: 
                 segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+def cache_rows(cache: Cache, src) -> Cache:
+    """The cache of rows `src` [B] (indices into its rows): a prompt prefilled once, handed to its B rows."""
+    return dict(cache, k=cache["k"][:, src], v=cache["v"][:, src], segment_ids=cache["segment_ids"][src])
+
+
 def head_logits(head: nnx.Module, h, softcap: float | None):
     """`Decoder.logits` given its `head` module (jaxft.losses differentiates the head by hand). The head
     runs with adapters on: the LM head itself is never adapted, only trained in full (modules_to_save)."""

@@ -34,7 +34,8 @@ from flax import nnx
 
 from jaxft.adapters.base import OFF, ON, Ctx
 from jaxft.errors import JaxftError
-from jaxft.generate import Sampling, eos_token_ids, generate
+from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket, shared_rows
+from jaxft.models.decoder import cache_rows
 from jaxft.losses import token_logprobs
 from jaxft.objectives.rewards import score_all
 from jaxft.sharding import to_host
@@ -244,9 +245,40 @@ def completion_metrics(ro: Rollout) -> dict[str, float]:
 
 
 def make_forward(graphdef, temperature: float):
-    """jit (params, frozen, batch [B, S], ctx) → completion log-probs [B, L], outside any gradient."""
-    return jax.jit(lambda p, f, b, ctx: jax.lax.stop_gradient(
+    """(params, frozen, batch [B, S] host arrays, ctx) → completion log-probs [B, L], outside any gradient.
+
+    Rows that repeat a prompt (GRPO / RLOO's groups) run it once: its KV cache goes to its rows, which then run
+    only their L completion tokens — the same log-probs as the whole rows' forward (fp32 summation order
+    aside), at (U·P + B·L) / (B·(P + L)) of its tokens. Not with per-row adapter ids."""
+    plain = jax.jit(lambda p, f, b, ctx: jax.lax.stop_gradient(
         completion_logps(nnx.merge(graphdef, p, f), b, ctx, temperature)))
+
+    @jax.jit
+    def shared(p, f, prefix, src, rest, ctx):
+        model = nnx.merge(graphdef, p, f)
+        U, P = prefix[0].shape
+        h, cache = model.hidden(*prefix, model.init_cache(U, P + rest[0].shape[1]), ctx)
+        hc, _ = model.hidden(*rest, cache_rows(cache, src), ctx)
+        h = jnp.concatenate([h[:, -1:][src], hc[:, :-1]], axis=1)  # the states that predict each completion token
+        return jax.lax.stop_gradient(token_logprobs(model, h, rest[0], temperature=temperature))
+
+    def forward(p, f, batch, ctx: Ctx):
+        L = batch["mask"].shape[1]
+        cols = [np.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")]
+        P = cols[0].shape[1] - L
+        first, src = shared_rows([(t[:P].tobytes(), s[:P].tobytes()) for t, s in zip(cols[0], cols[2])])
+        if len(first) == len(src) or ctx.adapter_ids is not None:
+            return plain(p, f, batch, ctx)
+        U = row_bucket(len(first))  # a bounded number of prompt-row shapes
+        mesh = _mesh_of(p)
+        if mesh is not None:  # split over the batch axes like whole rows (not replicated on weights split by fsdp)
+            ways = mesh.shape["data"] * mesh.shape["fsdp"]
+            U = -(-U // ways) * ways
+        first += [first[0]] * (U - len(first))
+        return shared(p, f, tuple(c[first, :P] for c in cols), src, tuple(c[:, P:] for c in cols), ctx)
+
+    forward.compiled = (plain, shared)  # for compile counts
+    return forward
 
 
 def per_micro_batch(fn, rows: dict, B: int) -> np.ndarray:
