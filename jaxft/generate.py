@@ -70,10 +70,7 @@ def shared_rows(keys: list) -> tuple[list[int], np.ndarray]:
     position of its key in `first` — rows that repeat a prompt run it once (prefill, reference forward)."""
     at: dict = {}
     src = np.asarray([at.setdefault(k, len(at)) for k in keys], np.int32)
-    first = [0] * len(at)
-    for i, j in reversed(list(enumerate(src))):
-        first[j] = i
-    return first, src
+    return np.unique(src, return_index=True)[1].tolist(), src  # src numbers keys by first appearance
 
 
 def token_logprob(logits, tok, temperature: float):

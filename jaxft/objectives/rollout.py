@@ -263,11 +263,13 @@ def make_forward(graphdef, temperature: float):
         return jax.lax.stop_gradient(token_logprobs(model, h, rest[0], temperature=temperature))
 
     def forward(p, f, batch, ctx: Ctx):
+        if ctx.adapter_ids is not None:
+            return plain(p, f, batch, ctx)
         L = batch["mask"].shape[1]
         cols = [np.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")]
         P = cols[0].shape[1] - L
         first, src = shared_rows([(t[:P].tobytes(), s[:P].tobytes()) for t, s in zip(cols[0], cols[2])])
-        if len(first) == len(src) or ctx.adapter_ids is not None:
+        if len(first) == len(src):
             return plain(p, f, batch, ctx)
         U = row_bucket(len(first))  # a bounded number of prompt-row shapes
         mesh = _mesh_of(p)
