@@ -266,8 +266,10 @@ def run_worker(name: str, argv: list[str], script: str = __file__, label: str | 
         out = Path(tmp) / "result.json"
         print(f"[{label or name}] fresh subprocess ...", file=sys.stderr, flush=True)
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
+        # Offline: with `kernels` installed (transformers >= 5.25 pulls it in), bitsandbytes would fetch a
+        # kernel from the Hub at import on AVX512-BF16 CPUs; the tests measure its offline path too.
         proc = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", name,
-                               "--worker-out", str(out)], check=False)
+                               "--worker-out", str(out)], check=False, env={"HF_HUB_OFFLINE": "1", **os.environ})
         ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
         if proc.returncode != 0 or not out.exists():
             sys.exit(f"{Path(script).name}: the {name} worker failed (exit code {proc.returncode})")

@@ -9,17 +9,27 @@ answers jaxft wrote to `<run>/eval/predictions.jsonl`. Exits 1 when any answer d
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
-# Two third-party notices that say nothing about this check (PEFT in fp32 on CPU), silenced by their
-# exact text so that every other warning (about this model or adapter) still prints:
-# - bitsandbytes, imported by peft, logs on CPUs with AVX512-BF16 that its optional `kernels` package
-#   for fused 4-bit matmuls is missing; nothing here is quantized;
+# Everything this check loads is local. Offline, too, because transformers (>= 5.25) installs `kernels`,
+# with which bitsandbytes, imported by peft, fetches a fused 4-bit matmul from the Hugging Face Hub at
+# import on CPUs with AVX512-BF16: a download at run time, for a kernel nothing here uses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Third-party notices that say nothing about this check (PEFT in fp32 on CPU), silenced by their exact
+# text so that every other warning (about this model or adapter) still prints:
+# - bitsandbytes logs, on CPUs with AVX512-BF16, that its kernel could not be loaded (kernels missing or
+#   offline) and kernels logs, offline, that it skips the kernel repository's publisher check; nothing
+#   here is quantized;
 # - peft reads transformers' `is_gradient_checkpointing`, which transformers deprecates (FutureWarning).
+BNB_KERNEL = "kernels-community/quantization-bitsandbytes"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not ("publisher trust" in record.getMessage() and BNB_KERNEL in record.getMessage()))
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # ruff: noqa: E402 — the imports below come after the filters: bitsandbytes logs its notice at import

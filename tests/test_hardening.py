@@ -3,6 +3,7 @@ poisoned checkpoint, `--resume` never silently restarts, flags and overrides par
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -291,17 +292,27 @@ def test_resume_restart_end_to_end(chat_model, tmp_path):
     assert [p for p in out.iterdir() if p.name.startswith("checkpoints.old-")]
 
 
-def test_peft_check_script_silences_only_the_third_party_notices():
-    """scripts/check_peft_export.py (the quickstart's last step) hides bitsandbytes' missing-`kernels` log
-    line and transformers' is_gradient_checkpointing FutureWarning (both raised here by hand, so the test
-    does not depend on the CPU), and still shows other warnings and log lines."""
+def test_peft_check_script_is_offline_and_silences_only_the_third_party_notices():
+    """scripts/check_peft_export.py (the quickstart's last step) runs offline even where the caller's
+    environment is not (bitsandbytes would fetch a kernel from the Hub at import), hides bitsandbytes'
+    kernel-not-loaded log line, kernels' offline publisher-check line and transformers'
+    is_gradient_checkpointing FutureWarning (all raised here by hand, so the test does not depend on the
+    CPU or on which packages the resolver picked), and still shows other warnings and log lines."""
     code = ("import logging, sys, warnings; sys.path.insert(0, 'scripts'); import check_peft_export; "
+            "import huggingface_hub.constants as c; assert c.HF_HUB_OFFLINE, 'online'; "
             "log = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
             "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: no kernels'); "
             "log.warning('bitsandbytes: something else'); "
+            "k = logging.getLogger('kernels._internals.hf_hub'); "
+            "k.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+            "because Hugging Face Hub is in offline mode.\"); "
+            "k.warning(\"Skipping publisher trust check for 'someone/else' because offline.\"); "
             "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed', FutureWarning); "
             "warnings.warn('a warning about your model', FutureWarning)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode == 0, r.stderr
-    assert "kernels-community" not in r.stderr and "is_gradient_checkpointing" not in r.stderr
+    assert "kernels-community" not in r.stderr and "is_gradient_checkpointing" not in r.stderr, r.stderr
     assert "bitsandbytes: something else" in r.stderr and "a warning about your model" in r.stderr
+    assert "'someone/else'" in r.stderr
