@@ -509,16 +509,19 @@ def _one_step(toy_model, tmp, overrides, mesh=None):
     rows, _ = src.finish(ro, params)
     tx = optax.sgd(1.0)
     step = make_train_step(setup.graphdef, tx, obj.loss_fn)
+    batch = src.place(rows, params)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state, metrics = step(init_state(params, tx), frozen, src.place(rows))
-    return jax.device_get(state["params"]), jax.device_get(metrics)
+        state, metrics = step(init_state(params, tx), frozen, batch)
+    return jax.device_get(state["params"]), dict(jax.device_get(metrics), shared=float("src" in batch))
 
 
 import contextlib  # noqa: E402
 
 
 def test_accumulation_and_devices_do_not_change_the_step(toy_model, tmp_path):
-    """dapo with KL: (B = 8, accumulation 1) == (B = 4, accumulation 2) on a 4-device mesh == 8 devices."""
+    """dapo with KL: (B = 8, accumulation 1) == (B = 4, accumulation 2) on a 4-device mesh == 8 devices ==
+    2 fsdp devices. The training forward runs each group's prompt once where that saves rows (one device: 2
+    prompt rows for 8; 2 devices: 2 for 8), whole rows where the mesh needs as many prompt rows (4, 8)."""
     from jaxft import sharding
     from jaxft.config import MeshConfig
 
@@ -526,8 +529,10 @@ def test_accumulation_and_devices_do_not_change_the_step(toy_model, tmp_path):
     p2, m2 = _one_step(toy_model, tmp_path, ["train.batch_size=4", "train.grad_accum=2"],
                        mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2)))
     p8, m8 = _one_step(toy_model, tmp_path, [], mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=4)))
+    pf, mf = _one_step(toy_model, tmp_path, [], mesh=sharding.make_mesh(MeshConfig(data=1, fsdp=2)))
     assert m1["grad_norm"] > 0 and m1["kl"] > 0
-    for p, m in ((p2, m2), (p8, m8)):
+    assert [m["shared"] for m in (m1, m2, m8, mf)] == [1, 0, 0, 1]
+    for p, m in ((p2, m2), (p8, m8), (pf, mf)):
         for k in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
             np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)):
@@ -581,8 +586,55 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
             whole = completion_logps(nnx.merge(graphdef, params, frozen), rows, ctx, 0.7)
             assert np.abs(np.asarray(forward(params, frozen, rows, ctx)) - np.asarray(whole))[keep].max() <= 1e-5
         params = jax.tree.map(lambda x: x * 1.01, params)
-    plain, shared = forward.compiled
-    assert shared._cache_size() == 2 and plain._cache_size() == 0  # one per ctx (ON / OFF are static)
+    assert forward.compiled._cache_size() == 2  # one per ctx (ON / OFF are static)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text"])  # soft-caps, sliding windows, local RoPE
+def test_shared_prompts_give_the_whole_rows_logps_and_gradients(arch, tmp_path):
+    """The training forward with prompt_sharing's keys (each distinct prompt once, its rows attending to its
+    keys / values) equals the whole rows' forward: log-probs, and the gradients of a weighted sum of them
+    w.r.t. the adapter and the base weights; per-row adapter ids fall back to whole rows."""
+    from flax import nnx
+
+    import jaxft
+    from jaxft import adapters
+    from jaxft.adapters.base import ON, Ctx
+    from jaxft.config import LoraConfig
+    from jaxft.objectives.rollout import completion_logps, layout, prompt_sharing
+    from tiny import save_model
+
+    save_model(arch, tmp_path)
+    model = jaxft.load_pretrained(tmp_path)
+    cfg = LoraConfig(r=4, alpha=8)
+    adapters.attach(model, cfg, jax.random.key(0))
+    graphdef, params, frozen = adapters.split(model, cfg)
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+    rng = np.random.default_rng(0)
+    prompts = [[3, 4, 5, 6, 7]] * 3 + [[8, 9]] * 2 + [[10, 11, 12]] * 3
+    L = 9
+    lengths = np.asarray([9, 4, 1, 9, 6, 2, 9, 7], np.int32)
+    tokens, pos, seg = layout(prompts, rng.integers(3, 90, (8, L)).astype(np.int32), lengths)
+    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((8, L), np.float32))
+    keys = prompt_sharing(rows, L)
+    assert keys["prefix_rows"].tolist() == [0, 3, 5, 0] and keys["src"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert prompt_sharing(rows, L, ways=8) == {} and prompt_sharing(rows, L, A=2)["prefix_rows"].shape == (4,)
+    keep = np.arange(L)[None] < lengths[:, None]
+    w = jnp.asarray(rng.normal(size=(8, L)) * keep, jnp.float32)
+
+    def f(p, fr, b, ctx=ON):
+        lp = completion_logps(nnx.merge(graphdef, p, fr), b, ctx, 0.7)
+        return jnp.sum(lp * w), lp
+
+    (l0, lp0), g0 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, frozen, rows)
+    (l1, lp1), g1 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, frozen, dict(rows, **keys))
+    assert np.abs(np.asarray(lp1) - np.asarray(lp0))[keep].max() <= 1e-5
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # fp32 sums in another order: relative to the leaf
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 1e-2
+    ids = Ctx(adapter_ids=jnp.zeros(8, jnp.int32))  # one adapter, by id: whole rows, the same values
+    lp2 = jax.jit(lambda p, fr, b: f(p, fr, b, ids)[1])(params, frozen, dict(rows, **keys))
+    assert np.abs(np.asarray(lp2) - np.asarray(lp0))[keep].max() <= 1e-5
 
 
 def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(toy_model, tmp_path):
@@ -603,7 +655,7 @@ def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(t
     assert "ref_logps" in batch and "old_logps" not in batch
     before = _run._cache_size()
     batch2 = src(2, perturbed(params, 2))
-    assert _run._cache_size() == before and sum(f._cache_size() for f in src.forward.compiled) == 1
+    assert _run._cache_size() == before and src.forward.compiled._cache_size() == 1
     assert src.host_metrics(2)["time/rollout"] > 0 and src.host_metrics(1) == {}
     tx = optax.adam(1e-3)
     step = make_train_step(setup.graphdef, tx, obj.loss_fn)

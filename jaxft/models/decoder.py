@@ -31,6 +31,7 @@ from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, K, T, H] or [L, B, T, K, H] (init_cache); segment_ids: [B, T] (0 = empty slot); index: []
+KV = dict[str, jax.Array]  # a prefix's keys / values for the layers to attend to: a Cache without index (keep_kv)
 
 REMAT_POLICIES = {  # what a layer keeps for the backward pass (its input h is always kept)
     "none": None,  # everything XLA wants, elementwise intermediates included
@@ -157,9 +158,12 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg, self.heads_major = cfg, tuning.heads_major
 
-    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index, ctx: Ctx = ON):
+    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index, ctx: Ctx = ON,
+                 prefix: tuple[jax.Array, jax.Array] | None = None):
         """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: (k, v, layer) — the whole stacked cache
-        (`init_cache`'s layout) and this layer's index in it — or None. Returns (out, kv)."""
+        (`init_cache`'s layout) and this layer's index in it — or None; prefix: this layer's keys and values
+        [B, K, T - S, H] (or [B, T - S, K, H]) of earlier tokens, attended to before the S new ones.
+        Returns (out, kv, (k, v) of the S new tokens in the cache layout)."""
         cfg = self.cfg
         B, S, _ = x.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -172,6 +176,10 @@ class Attention(nnx.Module):
         q = q.reshape(B, S, K, N // K, H)
         if self.heads_major:  # keys / values as [B, K, T, H]: both attention matmuls are plain batched GEMMs
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        new = (k, v)
+        if prefix is not None:  # differentiable, unlike the cache: the prefix's gradient flows back to its pass
+            t = 2 if self.heads_major else 1
+            k, v = (jnp.concatenate([pre.astype(a.dtype), a], axis=t) for pre, a in zip(prefix, (k, v)))
         if kv is not None:
             # Only this step's S keys / values are written, in place, into the stacked cache (a carry of the
             # layer scan): passing the cache through the scan as xs / ys made XLA write a whole new one per step
@@ -189,7 +197,7 @@ class Attention(nnx.Module):
         else:
             out = _attend(q, k, v, bias, cfg.scale, cfg.attn_softcap, "bskgh,btkh->bkgst", "bkgst,btkh->bskgh")
         out = checkpoint_name(out, "proj")  # [B, S, K, G, H]
-        return checkpoint_name(self.o_proj(out.reshape(B, S, N * H), ctx), "proj"), kv
+        return checkpoint_name(self.o_proj(out.reshape(B, S, N * H), ctx), "proj"), kv, new
 
 
 @partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
@@ -234,13 +242,13 @@ class DecoderLayer(nnx.Module):
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
-    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = ON):
-        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index, ctx)
+    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = ON, prefix=None):
+        a, kv, new = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index, ctx, prefix)
         if self.pre_feedforward_layernorm is not None:
             h = h + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ctx)), kv
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ctx)), kv, new
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), ctx), kv
+        return h + self.mlp(self.post_attention_layernorm(h), ctx), kv, new
 
 
 class Embed(nnx.Module):
@@ -283,13 +291,18 @@ class Backbone(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = cfg, dtype, remat
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON, *,
+                 prefix: tuple[KV, jax.Array] | None = None, keep_kv: bool = False):
         """Run the layers; returns (final-normed hidden [B, S, D], updated cache or None).
 
         tokens, positions, segment_ids: [B, S] int. positions default to 0..S-1; segment_ids to all 1
         (0 marks padding, equal ids are one document of a packed row). With `cache` (see `init_cache`)
         the S new tokens are written at slot cache["index"] and attend to everything cached before; the cache is
         for inference (a carry of the layer scan: differentiating through it would keep one per layer).
+        The training form of the same: `keep_kv=True` returns, in place of the cache, every layer's keys and
+        values of these tokens (a KV: k, v [L, B, ...], segment_ids [B, S]; scan outputs, differentiable), and
+        `prefix=(kv, src)` runs the S tokens of each row b after the prefix row src[b] of `kv` (its positions
+        are the slots before them): a prompt shared by several rows runs once, its gradients summed over them.
         ctx: per-call state for the adapters (dropout key, adapters off, per-row adapter ids).
         Under a mesh in context (`jax.set_mesh`), activations stay split over the batch axes.
         """
@@ -299,13 +312,19 @@ class Backbone(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         if segment_ids is None:
             segment_ids = jnp.ones((B, S), jnp.int32)
+        pre, src = (None, None) if prefix is None else prefix
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        if pre is not None:
+            index = jnp.asarray(pre["segment_ids"].shape[1], jnp.int32)
         q_slot = index + jnp.arange(S)
-        if cache is None:
-            kv_seg, kv_slot = segment_ids, q_slot
-        else:
+        if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
             kv_slot = jnp.arange(kv_seg.shape[1])
+        elif pre is not None:
+            kv_seg = jnp.concatenate([pre["segment_ids"][src], segment_ids], axis=1)
+            kv_slot = jnp.arange(kv_seg.shape[1])
+        else:
+            kv_seg, kv_slot = segment_ids, q_slot
         mask = (segment_ids[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
         mask &= kv_slot[None, None, :] <= q_slot[None, :, None]  # [B, S, T]
         to_bias = lambda m: jnp.where(m, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]  # noqa: E731 [B,1,1,S,T]
@@ -326,18 +345,22 @@ class Backbone(nnx.Module):
 
         def body(carry, xs):
             h, kv = carry
-            state, is_sliding, i = xs
+            state, is_sliding, i, p_kv = xs
             layer = nnx.merge(graphdef, state)
             m = jnp.where(is_sliding, bias_local, bias) if cfg.sliding_window else bias
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
-            h, kv = layer(h, c, s, m, None if kv is None else (*kv, i), index, ctx.fold(i))
-            return (constrain_batch(h), None if kv is None else kv[:2]), None
+            p_kv = None if p_kv is None else (p_kv[0][src], p_kv[1][src])
+            h, kv, new = layer(h, c, s, m, None if kv is None else (*kv, i), index, ctx.fold(i), p_kv)
+            return (constrain_batch(h), None if kv is None else kv[:2]), new if keep_kv else None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         kv = None if cache is None else (cache["k"], cache["v"])
-        (h, kv), _ = jax.lax.scan(body, (h, kv), (layer_state, sliding, jnp.arange(cfg.num_layers)))
+        xs = (layer_state, sliding, jnp.arange(cfg.num_layers), None if pre is None else (pre["k"], pre["v"]))
+        (h, kv), new = jax.lax.scan(body, (h, kv), xs)
         h = self.norm(h)
+        if keep_kv:
+            return h, dict(k=new[0], v=new[1], segment_ids=segment_ids)
         if cache is not None:
             cache = dict(k=kv[0], v=kv[1], segment_ids=kv_seg, index=index + S)
         return h, cache
@@ -367,9 +390,10 @@ class Decoder(nnx.Module):
         h, cache = self.model(tokens, positions, segment_ids, cache, ctx)
         return self.logits(h), cache
 
-    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON):
-        """(final-normed hidden [B, S, D], cache): the backbone's forward (`Backbone.__call__`)."""
-        return self.model(tokens, positions, segment_ids, cache, ctx)
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, ctx: Ctx = ON, **kw):
+        """(final-normed hidden [B, S, D], cache): the backbone's forward (`Backbone.__call__`; kw: prefix,
+        keep_kv)."""
+        return self.model(tokens, positions, segment_ids, cache, ctx, **kw)
 
     @property
     def head(self) -> nnx.Module:

@@ -298,7 +298,7 @@ class RolloutSource:
         responses, seq_len = responses_of(gen.tokens, gen.lengths, self.T)
         tokens, positions, segment_ids = layout(ids, responses, seq_len + 1)
         fwd = dict(tokens=tokens, positions=positions, segment_ids=segment_ids, responses=responses, seq_len=seq_len)
-        split = self.wrap(_Split(fwd, self.N // self.B, self.B))  # the forward passes in training's micro-batches
+        split = self.wrap(_Split(fwd, self.N // self.B))  # the forward passes in training's micro-batches
         outs = [jax.tree.map(to_host, self.rollout_fn(params, self.setup.frozen, self.reward_weights, split.batch(i)))
                 for i in range(self.N // self.B)]
         got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -345,7 +345,7 @@ class RolloutSource:
         epoch, mb = divmod(i, self.M)
         rows = np.random.default_rng([self.run.data.seed, k, epoch]).permutation(self.N)[
             mb * self.A * self.B:(mb + 1) * self.A * self.B]
-        return self.wrap(_Split({key: v[rows] for key, v in self.arrays.items()}, self.A, self.B)).step(0, self.A)
+        return self.wrap(_Split({key: v[rows] for key, v in self.arrays.items()}, self.A)).step(0, self.A)
 
     def host_metrics(self, step: int) -> dict:
         """The sampling step's timings and EOS count (TRL's val/num_eos_tokens); {} on the other steps."""

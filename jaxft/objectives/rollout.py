@@ -35,7 +35,6 @@ from flax import nnx
 from jaxft.adapters.base import OFF, ON, Ctx
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket, shared_rows
-from jaxft.models.decoder import cache_rows
 from jaxft.losses import token_logprobs
 from jaxft.objectives.rewards import score_all
 from jaxft.sharding import to_host
@@ -45,10 +44,44 @@ PROMPT_BUCKET = 32  # prompt widths are multiples of this: a bounded number of t
 
 def completion_logps(model, batch: dict, ctx: Ctx, temperature: float) -> jax.Array:
     """log p(completion token) [B, L] fp32 under softmax(logits / T) (soft-cap first, as the sampler).
-    Only the L positions that predict completion tokens go through the vocabulary projection."""
+    Only the L positions that predict completion tokens go through the vocabulary projection.
+
+    With `prefix_rows` [U] and `src` [B] in the batch (`prompt_sharing`) the prompt part of rows
+    prefix_rows runs once and row b attends to the keys / values of prompt src[b]: (U·P + B·L) / (B·(P + L))
+    of the tokens, forward and backward (each prompt's gradient is the sum over its rows); equal to the
+    whole rows' forward but for the fp32 summation order. Not with per-row adapter ids or adapter dropout
+    (every row draws its own dropout mask): those run whole rows."""
     L = batch["mask"].shape[1]
-    h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)  # [B, S, D]
-    return token_logprobs(model, h[:, -L - 1:-1], batch["tokens"][:, -L:], temperature=temperature)
+    cols = [batch[k] for k in ("tokens", "positions", "segment_ids")]
+    if "src" not in batch or ctx.adapter_ids is not None or ctx.dropout_key is not None:
+        h, _ = model.hidden(*cols, ctx=ctx)  # [B, S, D]
+        return token_logprobs(model, h[:, -L - 1:-1], cols[0][:, -L:], temperature=temperature)
+    P, first, src = cols[0].shape[1] - L, batch["prefix_rows"], batch["src"]
+    h, kv = model.hidden(*(c[first, :P] for c in cols), ctx=ctx, keep_kv=True)
+    hc, _ = model.hidden(*(c[:, P:] for c in cols), ctx=ctx, prefix=(kv, src))
+    h = jnp.concatenate([h[:, -1:][src], hc[:, :-1]], axis=1)  # the states that predict each completion token
+    return token_logprobs(model, h, cols[0][:, P:], temperature=temperature)
+
+
+def prompt_sharing(rows: dict, L: int, A: int = 1, U: int | None = None, ways: int = 1) -> dict[str, np.ndarray]:
+    """The keys that let `completion_logps` run each micro-batch's distinct prompts once: prefix_rows [A·U]
+    (per micro-batch of B = N / A rows, the row of each distinct prompt, padded with the first) and src
+    [A·B] (each row's prompt among them); {} when that saves nothing. U: the padded prompt count (default:
+    the most any micro-batch has, bucketed); `ways`: the mesh's batch split, which U must divide (prompt
+    rows split like whole rows: replicated, the fp32 sums over fsdp-split weights would change order)."""
+    tokens, seg = np.asarray(rows["tokens"]), np.asarray(rows["segment_ids"])
+    P = tokens.shape[1] - L
+    B = tokens.shape[0] // A
+    parts = [shared_rows([(t[:P].tobytes(), g[:P].tobytes()) for t, g in zip(tokens[i:i + B], seg[i:i + B])])
+             for i in range(0, A * B, B)]
+    most = max(len(first) for first, _ in parts)
+    U = row_bucket(most) if U is None else U
+    assert most <= U, (most, U)
+    U = -(-U // ways) * ways
+    if U >= B:
+        return {}
+    first = np.asarray([f + [f[0]] * (U - len(f)) for f, _ in parts], np.int32).reshape(-1)
+    return dict(prefix_rows=first, src=np.concatenate([s for _, s in parts]).astype(np.int32))
 
 
 @dataclasses.dataclass
@@ -122,6 +155,8 @@ class RolloutSource:
         self.A, self.B = run.train.grad_accum, run.train.batch_size
         self.N = self.A * self.B
         self.n_prompts = self.N // G
+        # the most prompts a micro-batch of B consecutive rows (groups of G in order) can hold, bucketed
+        self.U = row_bucket(max(((j + 1) * self.B - 1) // G - j * self.B // G + 1 for j in range(self.A)))
         if len(prompts) < self.n_prompts:
             raise JaxftError(f"data.train: {len(prompts)} usable prompts, but a generation batch needs "
                              f"{self.n_prompts} (train.batch_size × train.grad_accum / num_generations)")
@@ -195,7 +230,7 @@ class RolloutSource:
             t3 = time.perf_counter()
             metrics.update(completion_metrics(rollout))
             metrics.update({"time/rollout": t2 - t1, "time/score": t3 - t2, "time/wait_train": t1 - t0})
-            self.cached = (r, self.place(rows), metrics)
+            self.cached = (r, self.place(rows, params), metrics)
             self.fresh_step = step
         return self.cached[1]
 
@@ -204,29 +239,35 @@ class RolloutSource:
         fresh = self.cached is not None and self.fresh_step == step
         return {k: np.float64(v) for k, v in self.cached[2].items()} if fresh else {}
 
-    def place(self, rows: dict) -> dict:
-        """{key: [N, …]} → micro-batches {key: [A, B, …]} on the mesh (via `wrap`)."""
-        return self.wrap(_Split(rows, self.A, self.B)).step(0, self.A)
+    def place(self, rows: dict, params=None) -> dict:
+        """{key: [N, …]} → micro-batches {key: [A, B, …]} on the mesh (via `wrap`), with the keys that run
+        each micro-batch's prompts once in the training forward (`prompt_sharing`): groups are whole and in
+        order, so a micro-batch holds at most `self.U` prompts whatever the rollout (one compiled step)."""
+        mesh = None if params is None else _mesh_of(params)
+        ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = dict(rows, **prompt_sharing(rows, self.L, self.A, self.U, ways))
+        return self.wrap(_Split(rows, self.A)).step(0, self.A)
 
 
 class _Split:
-    """A generation batch as `jaxft.sharding.ShardedBatches` reads one: micro-batch j = rows [jB, (j+1)B)."""
+    """A generation batch as `jaxft.sharding.ShardedBatches` reads one: micro-batch j = part j of A equal
+    parts of every key (rows [jB, (j+1)B) of the [N, …] keys; the prompt-sharing keys have their own sizes)."""
 
     row_subsets = False  # keys of different shapes: every process assembles the whole batch
 
-    def __init__(self, rows: dict, A: int, B: int):
-        self.rows, self.A, self.batch_size = rows, A, B
-        self.seq_len = rows["tokens"].shape[1]
+    def __init__(self, rows: dict, A: int):
+        self.rows, self.A = {k: np.asarray(v) for k, v in rows.items()}, A
+        self.batch_size, self.seq_len = len(rows["tokens"]) // A, rows["tokens"].shape[1]
 
     def __len__(self) -> int:
         return self.A
 
     def batch(self, i: int, rows=slice(None)) -> dict:
-        return {k: np.asarray(v)[i * self.batch_size:(i + 1) * self.batch_size][rows] for k, v in self.rows.items()}
+        return {k: v.reshape(self.A, -1, *v.shape[1:])[i][rows] for k, v in self.rows.items()}
 
     def step(self, step: int, accum: int) -> dict:
         """Without a mesh: the stacked micro-batches, as host arrays."""
-        return {k: np.asarray(v).reshape(accum, self.batch_size, *np.shape(v)[1:]) for k, v in self.rows.items()}
+        return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in self.rows.items()}
 
 
 def _mesh_of(params):
@@ -246,40 +287,18 @@ def completion_metrics(ro: Rollout) -> dict[str, float]:
 
 def make_forward(graphdef, temperature: float):
     """(params, frozen, batch [B, S] host arrays, ctx) → completion log-probs [B, L], outside any gradient.
-
-    Rows that repeat a prompt (GRPO / RLOO's groups) run it once: its KV cache goes to its rows, which then run
-    only their L completion tokens — the same log-probs as the whole rows' forward (fp32 summation order
-    aside), at (U·P + B·L) / (B·(P + L)) of its tokens. Not with per-row adapter ids."""
-    plain = jax.jit(lambda p, f, b, ctx: jax.lax.stop_gradient(
+    Rows that repeat a prompt (GRPO / RLOO's groups) run it once (`prompt_sharing`, `completion_logps`)."""
+    fn = jax.jit(lambda p, f, b, ctx: jax.lax.stop_gradient(
         completion_logps(nnx.merge(graphdef, p, f), b, ctx, temperature)))
 
-    @jax.jit
-    def shared(p, f, prefix, src, rest, ctx):
-        model = nnx.merge(graphdef, p, f)
-        U, P = prefix[0].shape
-        h, cache = model.hidden(*prefix, model.init_cache(U, P + rest[0].shape[1]), ctx)
-        hc, _ = model.hidden(*rest, cache_rows(cache, src), ctx)
-        h = jnp.concatenate([h[:, -1:][src], hc[:, :-1]], axis=1)  # the states that predict each completion token
-        return jax.lax.stop_gradient(token_logprobs(model, h, rest[0], temperature=temperature))
-
     def forward(p, f, batch, ctx: Ctx):
-        if ctx.adapter_ids is not None:
-            return plain(p, f, batch, ctx)
-        L = batch["mask"].shape[1]
-        cols = [np.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")]
-        P = cols[0].shape[1] - L
-        first, src = shared_rows([(t[:P].tobytes(), s[:P].tobytes()) for t, s in zip(cols[0], cols[2])])
-        if len(first) == len(src):
-            return plain(p, f, batch, ctx)
-        U = row_bucket(len(first))  # a bounded number of prompt-row shapes
-        mesh = _mesh_of(p)
-        if mesh is not None:  # split over the batch axes like whole rows (not replicated on weights split by fsdp)
-            ways = mesh.shape["data"] * mesh.shape["fsdp"]
-            U = -(-U // ways) * ways
-        first += [first[0]] * (U - len(first))
-        return shared(p, f, tuple(c[first, :P] for c in cols), src, tuple(c[:, P:] for c in cols), ctx)
+        if ctx.adapter_ids is None:
+            mesh = _mesh_of(p)
+            ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+            batch = dict(batch, **prompt_sharing(batch, batch["mask"].shape[1], ways=ways))
+        return fn(p, f, batch, ctx)
 
-    forward.compiled = (plain, shared)  # for compile counts
+    forward.compiled = fn  # for compile counts
     return forward
 
 
