@@ -18,8 +18,9 @@ The `Rollout` handed to the objective's `finish(rollout, params)`; rows N = A·B
     logps, entropies [N, L] f32   the sampler's, at the sampling temperature
     rewards [N, K] f64    NaN where a function returned None
 `finish` returns the micro-batches as {key: array [N, …]} (split into A micro-batches of B rows here,
-groups kept whole in order) and its host metrics. `completion_logps` is the training forward on that
-layout: log-probs [B, L] of the completion tokens, at the sampling temperature.
+groups kept whole in order, plus `prompt_sharing`'s keys) and its host metrics. `completion_logps` is the
+training forward on that layout: log-probs [B, L] of the completion tokens, at the sampling temperature, each
+distinct prompt of a micro-batch run once.
 """
 
 from __future__ import annotations
