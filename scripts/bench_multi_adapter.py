@@ -16,6 +16,9 @@ import argparse
 import os
 import time
 
+# Offline: peft imports bitsandbytes, which (with `kernels` installed) fetches a kernel from the Hub on AVX512-BF16 CPUs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
