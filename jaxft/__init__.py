@@ -1,7 +1,7 @@
 """jaxft: fine-tune pretrained decoder LLMs in JAX."""
 
 from jaxft.errors import JaxftError
-from jaxft.hf import load_pretrained, load_tokenizer
+from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.models import Decoder, DecoderConfig
 
 __all__ = ["Decoder", "DecoderConfig", "JaxftError", "load_pretrained", "load_tokenizer"]

@@ -147,7 +147,7 @@ def _load(args):
     import jax.numpy as jnp
 
     from jaxft.generate import Generator, eos_token_ids
-    from jaxft.hf import load_pretrained, load_tokenizer
+    from jaxft.formats.hf import load_pretrained, load_tokenizer
 
     from jaxft.setup import resolve_model
 
@@ -312,13 +312,13 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from jaxft.evaluate import evaluate, format_table
+    from jaxft.commands.evaluate import evaluate, format_table
 
     run = _run_config(args.config, args.overrides)
     if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
         args.adapter = [run.train.out_dir]
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
-        from jaxft.compare import compare
+        from jaxft.commands.compare import compare
 
         results = compare(run, args.adapter)
         print(format_table(results))
@@ -330,14 +330,14 @@ def cmd_eval(args):
 
 
 def cmd_prepare(args):
-    from jaxft.prepare import prepare
+    from jaxft.data.rows import prepare
 
     prepare(args.inputs, args.out, validation_fraction=args.validation_fraction, seed=args.seed,
             near_dup_threshold=args.near_dup_threshold, fmt=args.format)
 
 
 def cmd_export(args):
-    from jaxft.export import export
+    from jaxft.commands.export import export
 
     out, step = export(_run_config(args.run, []), args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
                        strict=args.strict, overwrite=args.overwrite)
@@ -345,7 +345,7 @@ def cmd_export(args):
 
 
 def cmd_merge_adapters(args):
-    from jaxft.adapters.merge import merge_adapters
+    from jaxft.formats.peft_merge import merge_adapters
 
     out = merge_adapters(args.adapters, args.weights, args.method, args.out, density=args.density,
                          sign_method=args.majority_sign_method, svd_rank=args.svd_rank, seed=args.seed,
@@ -354,7 +354,7 @@ def cmd_merge_adapters(args):
 
 
 def cmd_score(args):
-    from jaxft.objectives.reward import score_file
+    from jaxft.objectives.reward_model import score_file
 
     if args.batch_size < 1:
         raise JaxftError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -363,7 +363,7 @@ def cmd_score(args):
 
 
 def cmd_plan(args):
-    from jaxft.plan import format_plan, model_config, plan
+    from jaxft.commands.plan import format_plan, model_config, plan
 
     run = _run_config(args.config, args.overrides)
     name = args.model or run.model.path
@@ -372,7 +372,7 @@ def cmd_plan(args):
 
 
 def cmd_task_data(args):
-    from jaxft.task import write_pair_files, write_task_files
+    from jaxft.data.task import write_pair_files, write_task_files
 
     write = write_pair_files if args.pairs else write_task_files
     paths = write(args.out, args.train, args.validation, args.test, seed=args.seed)
@@ -380,13 +380,13 @@ def cmd_task_data(args):
 
 
 def cmd_cai(args):
-    from jaxft import cai
+    from jaxft.commands import cai
 
     run = _run_config(args.config, args.overrides)
     if not run.cai.prompts:
         raise JaxftError("cai.prompts: no prompt file given")
     if args.stage == "run":
-        from jaxft.cai_run import run_all
+        from jaxft.commands.cai_run import run_all
 
         run_all(run)
         return

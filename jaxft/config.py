@@ -123,7 +123,7 @@ class DpoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Reward model (objective: reward); see jaxft/objectives/reward.py (TRL RewardTrainer's keys)."""
+    """Reward model (objective: reward); see jaxft/objectives/reward_model.py (TRL RewardTrainer's keys)."""
 
     center_rewards_coefficient: float | None = None  # + c · mean((r_c + r_r)²); the paper's value: 0.01
 
@@ -146,7 +146,7 @@ class AdapterSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """On-policy sampling and rewards, shared by the RL objectives (jaxft/objectives/rollout.py, rewards.py).
+    """On-policy sampling and rewards, shared by the RL objectives (jaxft/objectives/rollout.py, reward_funcs.py).
 
     train.batch_size counts completions per micro-batch (TRL's per_device_train_batch_size); a step's
     generation batch is batch_size × grad_accum completions = that / num_generations prompts."""
@@ -213,9 +213,9 @@ class PpoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CaiConfig:
-    """Constitutional AI data stages (`jaxft cai revise | label | run`); see jaxft/cai.py."""
+    """Constitutional AI data stages (`jaxft cai revise | label | run`); see jaxft/commands/cai.py."""
 
-    constitution: str = "configs/constitutions/default.yaml"  # YAML, or a released JSON layout (jaxft/constitution.py)
+    constitution: str = "configs/constitutions/default.yaml"  # YAML, or a released JSON layout (jaxft/data/constitution.py)
     feedback_constitution: str | None = None  # the comparison questions `label` asks (default: constitution)
     prompts: str = ""  # prompts: chat rows (turns after the last user turn are dropped) or `prompt` rows
     label_prompts: str | None = None  # prompts of the feedback stage (default: prompts)

@@ -114,7 +114,7 @@ _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd, symbolic_zeros=True)
 def sft_loss(model: Decoder, batch: dict, ctx: Ctx = ON) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy over the batch's trained targets → (sum of −log p, number of targets).
 
-    batch: tokens, positions, segment_ids, targets [B, S] int; loss_mask [B, S] float (see jaxft.data).
+    batch: tokens, positions, segment_ids, targets [B, S] int; loss_mask [B, S] float (see jaxft.data.encode).
     """
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)
     lp = token_logprobs(model, h, batch["targets"])

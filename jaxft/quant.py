@@ -20,7 +20,7 @@ row-major [out, in] weight when in % 64 == 0 (otherwise `in` is zero-padded per 
     offset  fp32  [..]                 mean of the scales
 
 Quantization runs on the host (numpy), one HF tensor at a time, while the checkpoint streams in
-(`jaxft.hf.load_pretrained(..., quant=...)`); the device only ever holds the quantized arrays.
+(`jaxft.formats.hf.load_pretrained(..., quant=...)`); the device only ever holds the quantized arrays.
 Dequantization runs inside the jitted forward, per layer inside the layers' scan, in the compute
 dtype, and under `jax.checkpoint` with the matmul so that the backward pass keeps the 4-bit codes
 (not a dequantized copy of every layer) and dequantizes again.

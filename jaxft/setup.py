@@ -44,7 +44,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Load the base model (+ tokenizer), attach the adapter, split trainable / frozen; with a mesh,
     every parameter is read straight into its shards."""
     from jaxft import sharding
-    from jaxft.hf import load_pretrained, load_tokenizer, pad_token_id
+    from jaxft.formats.hf import load_pretrained, load_tokenizer, pad_token_id
     from jaxft.models.decoder import CPU_TUNED, PLAIN
     from jaxft.objectives import HEADS
 
@@ -63,7 +63,7 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
                             head=head, pad_token_id=pad_token_id(path, tokenizer) if head == "score" else None,
                             seed=run.train.seed)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
-        from jaxft.peft import load_adapter
+        from jaxft.formats.peft import load_adapter
 
         got = load_adapter(model, run.lora.init_adapter)
         if adapters.method_of(got) != adapters.method_of(run.lora):

@@ -93,7 +93,7 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, strategy: str):
 
 
 def param_sharding(mesh: jax.sharding.Mesh, strategy: str):
-    """The `sharding(path, shape, axes)` callback of `jaxft.hf.load_pretrained`: each shard is read by its owner."""
+    """The `sharding(path, shape, axes)` callback of `jaxft.formats.hf.load_pretrained`: each shard is read by its owner."""
     return lambda path, shape, axes=None: NamedSharding(mesh, spec(logical_axes(tuple(path), len(shape), axes),
                                                                    shape, mesh, strategy, "/".join(path)))
 
@@ -157,7 +157,7 @@ def to_host(x) -> np.ndarray:
 
 
 class ShardedBatches:
-    """Global batches from a deterministic `jaxft.data.Batches`: each process assembles only the rows of
+    """Global batches from a deterministic `jaxft.data.encode.Batches`: each process assembles only the rows of
     the devices it owns (`Batches.batch(i, rows)`), then the pieces form one global jax.Array."""
 
     def __init__(self, batches, mesh: jax.sharding.Mesh):

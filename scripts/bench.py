@@ -70,7 +70,7 @@ def ceiling() -> dict:
 
 def flops_per_token(mode: str, seq: int, rank: int) -> tuple[float, str]:
     """Model FLOPs per trained token for the example model, and the formula with its numbers."""
-    from jaxft.hf import open_checkpoint
+    from jaxft.formats.hf import open_checkpoint
     from jaxft.example import example_model
 
     _, c = open_checkpoint(example_model())

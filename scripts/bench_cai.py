@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from jaxft import cai
+from jaxft.commands import cai
 from jaxft.config import load_config
-from jaxft.constitution import load_constitution
+from jaxft.data.constitution import load_constitution
 from jaxft.example import example_model
 from jaxft.generate import Sampling
-from jaxft.task import make_examples, prompt_and_answer
+from jaxft.data.task import make_examples, prompt_and_answer
 
 
 def timed(fn, repeats):

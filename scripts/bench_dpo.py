@@ -46,7 +46,7 @@ def pair_ids(args):
     import numpy as np
 
     from jaxft.example import example_model
-    from jaxft.hf import load_tokenizer
+    from jaxft.formats.hf import load_tokenizer
 
     eos = load_tokenizer(example_model()).eos_token_id
     rng = np.random.default_rng(args.seed)
@@ -65,10 +65,10 @@ def worker_jaxft(args, cache: bool) -> dict:
     import jaxft
     from jaxft import adapters
     from jaxft.config import DpoConfig, LoraConfig, OptimConfig
-    from jaxft.data import Example
+    from jaxft.data.encode import Example
     from jaxft.objectives.dpo import compute_reference_logps, make_loss
     from jaxft.example import example_model
-    from jaxft.preference import PairBatches, PairExample
+    from jaxft.data.pairs import PairBatches, PairExample
     from jaxft.train import init_state, make_optimizer, make_train_step
 
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def main():
     prompts = [a.format(t) for t in topics for a in asks]  # 32 distinct prompts
     ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
     if args.task_prompts:
-        from jaxft.task import make_examples, prompt_and_answer
+        from jaxft.data.task import make_examples, prompt_and_answer
 
         task = [chat_prompt(tok, prompt_and_answer(r)[0]) for r in make_examples(64, seed=0)]
         ids = [p for p in task for _ in range(args.task_prompts)]

@@ -5,8 +5,8 @@ TRL's GRPOTrainer + PEFT on the same prompts and settings, one run.
                                  [--rank 16] [--alpha 32] [--lr 1e-5] [--only jaxft|trl] [--json OUT]
 
 Model: the embedded example SmolLM2-135M-Instruct GGUF, fp32 on both sides. Prompts: the quickstart task's
-chat prompts (jaxft.task, seed 0; 130-180 tokens with the chat template); reward: the json_fields score
-(jaxft.objectives.rewards.json_fields_reward, the same Python function on both sides). Per step one
+chat prompts (jaxft.data.task, seed 0; 130-180 tokens with the chat template); reward: the json_fields score
+(jaxft.objectives.reward_funcs.json_fields_reward, the same Python function on both sides). Per step one
 generation batch of --prompts × --G completions of at most --completion new tokens (temperature 1, no top-k /
 top-p), loss dapo, k3 KL against the adapters-off base when --beta > 0 (both sides: LoRA off, no second copy),
 LoRA r / alpha on q,k,v,o,gate,up,down, dropout 0, AdamW constant lr, one micro-batch per step. TRL: gradient
@@ -40,7 +40,7 @@ NAMES = {"jaxft": "jaxft grpo", "trl": "TRL GRPO+PEFT"}
 
 
 def task_files(tmp: str, args) -> dict:
-    from jaxft.task import write_task_files
+    from jaxft.data.task import write_task_files
 
     return write_task_files(Path(tmp) / "data", args.prompts * (args.warmup + args.steps) * 2, 4, 4, seed=0)
 
@@ -103,8 +103,8 @@ def worker_trl(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from jaxft.example import example_model
-    from jaxft.objectives.rewards import json_fields_reward
-    from jaxft.prompts import load_prompts
+    from jaxft.objectives.reward_funcs import json_fields_reward
+    from jaxft.data.prompts import load_prompts
 
     path = example_model()
     torch.manual_seed(args.seed)

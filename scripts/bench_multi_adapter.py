@@ -89,7 +89,7 @@ def peft_decode(args, path, prompts):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jaxft.peft import export_adapter
+    from jaxft.formats.peft import export_adapter
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -49,8 +49,8 @@ def write_hf_copy(out: Path) -> Path:
     for transformers + bitsandbytes (transformers refuses to save a GGUF-loaded model)."""
     import jaxft
     from jaxft.example import example_model
-    from jaxft.gguf import GGUFSource
-    from jaxft.peft import export_merged
+    from jaxft.formats.gguf import GGUFSource
+    from jaxft.formats.peft import export_merged
 
     path = example_model()
     return export_merged(jaxft.load_pretrained(path), jaxft.load_tokenizer(path), GGUFSource(path).hf_config, out,
@@ -58,7 +58,7 @@ def write_hf_copy(out: Path) -> Path:
 
 
 def print_plans(args):
-    from jaxft.plan import GiB, model_config, plan
+    from jaxft.commands.plan import GiB, model_config, plan
 
     print(f"\n`jaxft plan` for Llama 3 shapes (LoRA r={args.rank} all-linear, bf16 compute, batch {args.batch} x "
           f"{args.seq}, remat {args.remat}; GiB):")
@@ -110,7 +110,7 @@ def main():
             results.append(dict(summarize(run_worker(worker, argv, label=side), args), side=side))
 
     from jaxft.example import example_model
-    from jaxft.plan import model_config, plan
+    from jaxft.commands.plan import model_config, plan
 
     print(f"\nQLoRA training, {example_model().name}: LoRA r={args.rank} alpha={args.alpha:g} on q,k,v,o,gate,up,down, "
           f"jaxft compute {args.dtype}, batch {args.batch} x seq {args.seq}, AdamW lr {args.lr:g}, "

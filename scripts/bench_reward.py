@@ -53,11 +53,11 @@ def worker_jaxft(args) -> dict:
     import jaxft
     from jaxft import adapters
     from jaxft.config import LoraConfig, OptimConfig, RewardConfig
-    from jaxft.data import Example
+    from jaxft.data.encode import Example
     from jaxft.example import example_model
-    from jaxft.hf import load_tokenizer
-    from jaxft.objectives.reward import make_loss
-    from jaxft.preference import PairBatches, PairExample
+    from jaxft.formats.hf import load_tokenizer
+    from jaxft.objectives.reward_model import make_loss
+    from jaxft.data.pairs import PairBatches, PairExample
     from jaxft.train import init_state, make_optimizer, make_train_step
 
     t0 = time.perf_counter()

@@ -142,7 +142,7 @@ def worker_jaxft(args) -> dict:
     loss_mask = np.ones((B, S), np.float32)
     loss_mask[:, -1] = 0.0  # the last token has no target
 
-    def to_batch(ids):  # [B, S] → the [A=1, B, S] micro-batch dict of jaxft.data.Batches
+    def to_batch(ids):  # [B, S] → the [A=1, B, S] micro-batch dict of jaxft.data.encode.Batches
         tokens = ids.astype(np.int32)
         targets = np.zeros_like(tokens)
         targets[:, :-1] = tokens[:, 1:]

@@ -20,7 +20,7 @@ def _tiny_run(work: Path) -> Path:
     from tiny import save_chat_model
 
     from jaxft.config import load_config
-    from jaxft.task import write_task_files
+    from jaxft.data.task import write_task_files
     from jaxft.train import train
 
     save_chat_model(work / "model", seed=1, head_dim=64)  # vLLM's CPU attention kernels take head_dim 32, 64, ...
@@ -38,7 +38,7 @@ def expected(run, setup) -> tuple[dict, object]:
     from flax import nnx
 
     from jaxft.checkpoint import restore_trainable
-    from jaxft.evaluate import heldout
+    from jaxft.commands.evaluate import heldout
     from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
 
     params, meta = restore_trainable(run.train.out_dir, setup.params)
@@ -58,9 +58,9 @@ def prepare(run_dir: Path, work: Path):
     from flax import nnx
 
     from jaxft.config import load_config
-    from jaxft.export import export, hf_config_of
-    from jaxft.gguf import write_gguf
-    from jaxft.peft import merged_tensors
+    from jaxft.commands.export import export, hf_config_of
+    from jaxft.formats.gguf import write_gguf
+    from jaxft.formats.peft import merged_tensors
     from jaxft.setup import build
 
     run = load_config(run_dir / "config.json")
@@ -88,8 +88,8 @@ def prepare_families(work: Path):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import jaxft
-    from jaxft.gguf import write_gguf
-    from jaxft.peft import merged_tensors
+    from jaxft.formats.gguf import write_gguf
+    from jaxft.formats.peft import merged_tensors
     from tiny import example_tokenizer, make_model, save_spm_gemma
 
     d = work / "gemma"

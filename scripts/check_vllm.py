@@ -23,8 +23,8 @@ def prepare(run_dir: Path, work: Path):
     from flax import nnx
 
     from jaxft.config import load_config
-    from jaxft.export import export, hf_config_of
-    from jaxft.peft import export_merged
+    from jaxft.commands.export import export, hf_config_of
+    from jaxft.formats.peft import export_merged
     from jaxft.setup import build
 
     run = load_config(run_dir / "config.json")

@@ -14,7 +14,7 @@ import jaxft
 from jaxft.adapters import bank
 from jaxft.adapters.base import Ctx
 from jaxft.errors import JaxftError
-from jaxft.peft import load_adapter
+from jaxft.formats.peft import load_adapter
 from tiny import make_model, save_model
 
 ROWS = ["default", "b", "__base__", "default", "b"]

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from jaxft.config import load_config
-from jaxft.task import make_examples
+from jaxft.data.task import make_examples
 from tiny import run_cli
 
 
@@ -30,8 +30,8 @@ def adapters(chat_model, tmp_path_factory):
 
 
 def test_eval_scores_base_and_adapters_side_by_side_as_each_alone(chat_model, adapters, tmp_path):
-    from jaxft.compare import compare
-    from jaxft.evaluate import evaluate
+    from jaxft.commands.compare import compare
+    from jaxft.commands.evaluate import evaluate
 
     val = tmp_path / "validation.jsonl"
     val.write_text("".join(json.dumps(r) + "\n" for r in make_examples(5, seed=4)))

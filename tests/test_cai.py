@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from jaxft import cai
+from jaxft.commands import cai
 from jaxft.config import DataConfig, DpoConfig, load_config
-from jaxft.constitution import load_constitution
+from jaxft.data.constitution import load_constitution
 from jaxft.errors import JaxftError
-from jaxft.objectives import dpo, reward
-from jaxft.preference import PairBatches, load_pairs
-from jaxft.task import make_examples
+from jaxft.objectives import dpo, reward_model
+from jaxft.data.pairs import PairBatches, load_pairs
+from jaxft.data.task import make_examples
 from tiny import example_tokenizer, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,13 +365,13 @@ def test_soft_dpo_gradient_and_data_checks(tmp_path):
 def test_soft_label_reward_loss_matches_its_formula():
     rc, rr = jnp.array([1.0, -0.5, 2.0, 0.1]), jnp.array([0.2, 0.5, -1.0, 0.1])
     p, m = jnp.array([0.8, 0.55, 1.0, 0.3]), jnp.array([0.0, 0.1, 0.5, 0.0])
-    got, _ = reward.pair_losses(rc, rr, m, None, (p, 1 - p))
+    got, _ = reward_model.pair_losses(rc, rr, m, None, (p, 1 - p))
     d = np.asarray(rc - rr - m, np.float64)
     want = -(np.asarray(p) * -np.log1p(np.exp(-d)) + (1 - np.asarray(p)) * -np.log1p(np.exp(d)))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     one = jnp.ones(4)
-    np.testing.assert_array_equal(reward.pair_losses(rc, rr, m, None, (one, 1 - one))[0],
-                                  reward.pair_losses(rc, rr, m)[0])  # confidence 1 = the hard loss
+    np.testing.assert_array_equal(reward_model.pair_losses(rc, rr, m, None, (one, 1 - one))[0],
+                                  reward_model.pair_losses(rc, rr, m)[0])  # confidence 1 = the hard loss
 
 
 def test_cli_bad_constitution_is_one_line(tmp_path):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from jaxft.config import DataConfig
-from jaxft.data import Batches, Example, load_examples, pack
+from jaxft.data.encode import Batches, Example, load_examples, pack
 from jaxft.errors import JaxftError
 from jaxft.example import example_model
-from jaxft.hf import load_tokenizer
-from jaxft.prepare import MinHasher, prepare
+from jaxft.formats.hf import load_tokenizer
+from jaxft.data.rows import MinHasher, prepare
 
 EOS = "<|im_end|>"
 CHAT = [

@@ -21,8 +21,8 @@ import jaxft.losses
 from jaxft.config import DataConfig, DpoConfig, LoraConfig, load_config
 from jaxft.objectives.dpo import METRICS, make_loss, pair_losses, reference_logps
 from jaxft.errors import JaxftError
-from jaxft.preference import PairBatches, load_pairs
-from jaxft.task import make_examples, make_pairs
+from jaxft.data.pairs import PairBatches, load_pairs
+from jaxft.data.task import make_examples, make_pairs
 from tiny import example_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

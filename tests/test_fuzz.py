@@ -168,7 +168,7 @@ def _line(rng, valid):
     if r < 0.2:
         return json.dumps(rng.choice(valid)).encode()
     if r < 0.35:  # valid shape, random text (control characters, NUL, surrogates) in every string but roles
-        from jaxft.prepare import map_strings
+        from jaxft.data.rows import map_strings
 
         row = map_strings(rng.choice(valid), lambda t: t if t in ROLES else _text(rng) + "x")
         return json.dumps(row).encode()
@@ -223,7 +223,7 @@ def tok():
 @pytest.mark.parametrize("seed", range(6))
 def test_data_fuzz_load_examples(tmp_path, tok, seed):
     from jaxft.config import DataConfig
-    from jaxft.data import load_examples
+    from jaxft.data.encode import load_examples
 
     rng = random.Random(seed)
     for name in ("train.jsonl", "train.json"):
@@ -243,7 +243,7 @@ def test_data_fuzz_load_examples(tmp_path, tok, seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_data_fuzz_load_pairs(tmp_path, tok, seed):
     from jaxft.config import DataConfig, DpoConfig
-    from jaxft.preference import load_pairs
+    from jaxft.data.pairs import load_pairs
 
     rng = random.Random(100 + seed)
     for name in ("pairs.jsonl", "pairs.json"):
@@ -258,7 +258,7 @@ def test_data_fuzz_load_pairs(tmp_path, tok, seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_data_fuzz_prepare(tmp_path, seed, capsys):
-    from jaxft.prepare import prepare
+    from jaxft.data.rows import prepare
 
     rng = random.Random(200 + seed)
     inputs, rows = [], 0

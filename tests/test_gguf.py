@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from jaxft.errors import JaxftError
 from jaxft.example import FILENAME, example_model
-from jaxft.gguf import GGUFSource, _can_dequantize, load_gguf_tokenizer
+from jaxft.formats.gguf import GGUFSource, _can_dequantize, load_gguf_tokenizer
 
 # ---------------------------------------------------------------- helpers
 

@@ -17,8 +17,8 @@ import jaxft
 from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
-from jaxft.gguf import _tokenizer, _unpermute_rows, permute_rows, write_gguf, write_gguf_lora
-from jaxft.peft import adapter_config, adapter_tensors, merged_tensors
+from jaxft.formats.gguf import _tokenizer, _unpermute_rows, permute_rows, write_gguf, write_gguf_lora
+from jaxft.formats.peft import adapter_config, adapter_tensors, merged_tensors
 from test_sft import task_data  # noqa: F401 — the shared task-data fixture
 from tiny import ROOT, example_tokenizer, run_cli, save_chat_model, save_spm_gemma
 
@@ -162,7 +162,7 @@ def test_gguf_base_keeps_its_tokenizer_fields_verbatim(tmp_path):
 
 
 def test_pre_tokenizer_names_are_llamacpps():
-    from jaxft.gguf import bpe_pre
+    from jaxft.formats.gguf import bpe_pre
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     split = lambda r: {"type": "Sequence", "pretokenizers": [  # noqa: E731

@@ -184,7 +184,7 @@ def _fixed_generated():
 
 
 def _fixed_prompts():
-    from jaxft.prompts import Prompt
+    from jaxft.data.prompts import Prompt
 
     return [Prompt(rl_toy.P0 if i < 4 else rl_toy.P1, "t0 t1", {}) for i in range(8)]
 
@@ -675,8 +675,8 @@ def test_rollouts_reference_and_step_compile_once_and_beta_0_runs_no_reference(t
 def test_bad_reward_functions_and_prompt_rows_are_one_line_errors(tmp_path):
     from jaxft.config import DataConfig
     from jaxft.errors import JaxftError
-    from jaxft.objectives.rewards import load_reward_funcs, score_all
-    from jaxft.prompts import load_prompts
+    from jaxft.objectives.reward_funcs import load_reward_funcs, score_all
+    from jaxft.data.prompts import load_prompts
 
     args = (["p"] * 2, ["c"] * 2, [[1], [2]], {})
     for fn, msg in [("raises", "reward function raises: raised RuntimeError: scorer offline"),
@@ -724,9 +724,9 @@ def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, 
     from transformers import AutoModelForCausalLM
 
     from jaxft.config import load_config
-    from jaxft.evaluate import evaluate
-    from jaxft.export import export
-    from jaxft.task import write_task_files
+    from jaxft.commands.evaluate import evaluate
+    from jaxft.commands.export import export
+    from jaxft.data.task import write_task_files
     from jaxft.train import train
 
     paths = write_task_files(tmp_path / "data", 8, 4, 4, seed=0)

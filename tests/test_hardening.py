@@ -18,10 +18,10 @@ from jaxft import adapters
 from jaxft.checkpoint import Checkpoints
 from jaxft.cli import _parse
 from jaxft.config import DataConfig, DpoConfig, LoraConfig, OptimConfig, RunConfig, TrainConfig, check_files, load_config
-from jaxft.data import load_examples
+from jaxft.data.encode import load_examples
 from jaxft.errors import JaxftError
-from jaxft.preference import load_pairs
-from jaxft.prepare import prepare
+from jaxft.data.pairs import load_pairs
+from jaxft.data.rows import prepare
 from jaxft.train import init_state, make_optimizer, make_train_step
 from tiny import ROOT, example_tokenizer, run_cli, save_model
 

@@ -13,9 +13,9 @@ from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 import jaxft
-from jaxft.adapters.merge import combine, merge_adapters, read
+from jaxft.formats.peft_merge import combine, merge_adapters, read
 from jaxft.errors import JaxftError
-from jaxft.peft import load_adapter, vllm_problems
+from jaxft.formats.peft import load_adapter, vllm_problems
 from tiny import make_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -204,8 +204,8 @@ def test_a_jaxft_run_merges_with_a_peft_adapter(chat_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from jaxft.config import load_config
-    from jaxft.export import export
-    from jaxft.task import make_examples
+    from jaxft.commands.export import export
+    from jaxft.data.task import make_examples
     from jaxft.train import train
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(4, seed=3)))
@@ -289,7 +289,7 @@ def test_bad_inputs_are_one_line_errors(llama, tmp_path, capsys):
     cfg, tensors = json.loads((x1 / "adapter_config.json").read_text()), read(x1).tensors
     k = next(k for k in tensors if "q_proj.lora_A" in k)
     small = tmp_path / "small"
-    from jaxft.peft import write_adapter
+    from jaxft.formats.peft import write_adapter
 
     write_adapter(cfg, {**tensors, k: tensors[k][:, :32].copy()}, small)
     with pytest.raises(JaxftError, match=r"is \[64, 32\], .*'s is \[64, 64\]: adapters of different bases"):

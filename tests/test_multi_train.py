@@ -11,7 +11,7 @@ import yaml
 from jaxft.adapters import bank
 from jaxft.config import load_config
 from jaxft.errors import JaxftError
-from jaxft.task import make_examples
+from jaxft.data.task import make_examples
 from jaxft.train import train
 
 SPECS = [dict(name="alpha", r=4, alpha=8, lr=1e-2, seed=1, target_modules=["q_proj", "v_proj"]),
@@ -91,7 +91,7 @@ def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, dat
 
     import jaxft
     from jaxft.adapters.base import Ctx
-    from jaxft.export import export
+    from jaxft.commands.export import export
 
     run = load_config(joint / "config.json")
     out, step = export(run, "peft", tmp_path / "export")

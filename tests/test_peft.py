@@ -14,7 +14,7 @@ import jaxft
 from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
-from jaxft.peft import adapter_tensors, export_adapter, load_adapter
+from jaxft.formats.peft import adapter_tensors, export_adapter, load_adapter
 from tiny import ARCHS, make_model, save_model
 
 
@@ -109,7 +109,7 @@ def test_import_mismatch_names_the_tensor(tmp_path):
 def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from jaxft.peft import export_merged
+    from jaxft.formats.peft import export_merged
     from tiny import example_tokenizer
 
     save_model(arch, tmp_path / "base")
@@ -130,7 +130,7 @@ def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
 
 
 def test_vllm_check_flags_each_rule():
-    from jaxft.peft import vllm_problems
+    from jaxft.formats.peft import vllm_problems
 
     good = {"r": 16, "use_dora": False, "modules_to_save": None, "bias": "none", "target_modules": ["q_proj", "v_proj"]}
     names = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
@@ -150,7 +150,7 @@ def test_full_finetune_merged_export_is_the_weights(tmp_path):
     from flax import nnx
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from jaxft.peft import export_merged
+    from jaxft.formats.peft import export_merged
     from tiny import example_tokenizer
 
     save_model("gemma2", tmp_path / "base")

@@ -18,7 +18,7 @@ import jaxft
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig, load_config
 from jaxft.errors import JaxftError
-from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, load_adapter, vllm_problems
+from jaxft.formats.peft import adapter_config, adapter_tensors, export_adapter, export_merged, load_adapter, vllm_problems
 from tiny import ARCHS, example_tokenizer, make_model, save_model
 
 CHEAP = ["llama", "llama_mqa_tied_bias_headdim", "qwen2", "gemma2"]  # biases, MQA, tied heads, soft-caps
@@ -161,7 +161,7 @@ def test_merged_weights_equal_peft_merge_and_unload(method, tmp_path):
     pm = _peft_trained(method, "qwen2", tmp_path)
     model = jaxft.load_pretrained(tmp_path / "base")
     load_adapter(model, tmp_path / "peft")
-    from jaxft.peft import merged_tensors
+    from jaxft.formats.peft import merged_tensors
 
     ours = merged_tensors(model, np.float32)
     theirs = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
@@ -536,7 +536,7 @@ def test_step_compiles_once_for_new_weights(method, tmp_path):
                                        ["lora.init=olora", "quant.base=nf4"]])
 def test_plan_equals_the_arrays_of_each_method(tmp_path, overrides):
     """`jaxft plan` counts DoRA's magnitudes, PiSSA's frozen initial factors and IA3's scales exactly."""
-    from jaxft.plan import model_config, plan
+    from jaxft.commands.plan import model_config, plan
     from jaxft.setup import build
     from jaxft.train import make_optimizer
 

@@ -208,7 +208,7 @@ def test_tiny_policy_learns_the_toy_reward_on_one_device_and_on_a_mesh(toy, tmp_
     from safetensors.numpy import load_file
 
     from jaxft.checkpoint import restore_trainable
-    from jaxft.export import export
+    from jaxft.commands.export import export
     from jaxft.setup import build
 
     export(run, "merged", tmp_path / "merged", dtype="fp32")

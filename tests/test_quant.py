@@ -256,7 +256,7 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
     from peft import PeftModel
 
     from jaxft.config import load_config
-    from jaxft.task import make_examples
+    from jaxft.data.task import make_examples
     from jaxft.train import train
     from tiny import ROOT, run_cli, save_chat_model
 
@@ -297,7 +297,7 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
 def test_plan_equals_the_arrays_of_a_loaded_model(tmp_path, overrides):
     """`jaxft plan`'s exact parts (base weights, trainable, optimizer) are the bytes jaxft really allocates."""
     from jaxft.config import load_config
-    from jaxft.plan import model_config, plan
+    from jaxft.commands.plan import model_config, plan
     from jaxft.setup import build as build_model
 
     make_model("llama", intermediate_size=96).save_pretrained(tmp_path)  # 96: padded NF4 blocks
@@ -314,7 +314,7 @@ def test_plan_equals_the_arrays_of_a_loaded_model(tmp_path, overrides):
 
 def test_plan_cli_for_llama3_shapes(capsys):
     from jaxft.cli import main
-    from jaxft.plan import kernel_bytes
+    from jaxft.commands.plan import kernel_bytes
 
     root = Path(__file__).resolve().parents[1]
     assert main(["plan", str(root / "configs" / "qlora.yaml"), "--model", "llama3-70b"]) == 0

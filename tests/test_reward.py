@@ -24,8 +24,8 @@ from jaxft import adapters
 from jaxft.config import DataConfig, LoraConfig, RewardConfig, load_config
 from jaxft.errors import JaxftError
 from jaxft.models.heads import ScoreModel
-from jaxft.objectives.reward import METRICS, PAIRS, Scorer, make_eval_fn, make_loss, pair_losses
-from jaxft.preference import PairBatches, load_pairs
+from jaxft.objectives.reward_model import METRICS, PAIRS, Scorer, make_eval_fn, make_loss, pair_losses
+from jaxft.data.pairs import PairBatches, load_pairs
 from tiny import ARCHS, ROOT, example_tokenizer, make_config, spread
 
 RC, RR = [1.0, 0.5, -1.0], [0.0, 0.5, 1.0]
@@ -181,7 +181,7 @@ def test_merged_and_seq_cls_adapter_load_with_equal_scores(arch, tmp_path):
     from peft import PeftModel
     from safetensors.numpy import load_file
 
-    from jaxft.peft import export_adapter, export_merged
+    from jaxft.formats.peft import export_adapter, export_merged
     from tiny import make_model
 
     pad = 1
@@ -251,7 +251,7 @@ def _rows(out):
 
 
 def test_training_raises_heldout_accuracy(chat_model, toy, tmp_path):
-    from jaxft.evaluate import evaluate
+    from jaxft.commands.evaluate import evaluate
     from jaxft.train import train
 
     run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / "run", **{

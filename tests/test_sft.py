@@ -16,9 +16,9 @@ from flax import nnx
 
 import jaxft
 from jaxft.config import DataConfig, load_config
-from jaxft.data import Batches, load_examples
+from jaxft.data.encode import Batches, load_examples
 from jaxft.losses import token_logprobs
-from jaxft.task import make_examples
+from jaxft.data.task import make_examples
 from tiny import ROOT, example_tokenizer, run_cli, save_chat_model
 
 
@@ -147,7 +147,7 @@ def test_every_config_runs(config, chat_model, task_data, tmp_path):
     """Each shipped SFT config, pointed at the tiny model, trains 2 steps and evaluates (DPO and reward configs
     need preference pairs: tests/test_dpo.py and tests/test_reward.py run them; the RL configs need prompts and
     rewards: tests/test_grpo.py and tests/test_ppo.py run them)."""
-    from jaxft.evaluate import evaluate
+    from jaxft.commands.evaluate import evaluate
     from jaxft.train import train
 
     run = load_config(ROOT / "configs" / config,

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxft import sharding
 from jaxft.config import load_config
 from jaxft.checkpoint import restore_trainable
-from jaxft.task import make_examples
+from jaxft.data.task import make_examples
 from jaxft.setup import build as build_model
 from jaxft.train import init_state, make_optimizer, make_train_step, train
 from test_sft import _losses, _train_cli

@@ -1,4 +1,4 @@
-"""The extraction task (jaxft.task) and the generation metrics (jaxft.metrics)."""
+"""The extraction task (jaxft.data.task) and the generation metrics (jaxft.metrics)."""
 
 import datetime as dt
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jaxft.metrics import exact_match, json_fields, parse_json_object, same_value, score
-from jaxft.task import INSTRUCTION, KEYS, make_examples, prompt_and_answer, read_jsonl, write_task_files
+from jaxft.data.task import INSTRUCTION, KEYS, make_examples, prompt_and_answer, read_jsonl, write_task_files
 
 REF = '{"name": "Priya Shah", "city": "Lisbon", "date": "2024-03-03", "amount": 12.5}'
 

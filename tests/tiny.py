@@ -96,7 +96,7 @@ def example_tokenizer():
     """The SmolLM2 tokenizer (ChatML template), converted from the example GGUF once per session."""
     if not _TOKENIZER:
         from jaxft.example import example_model
-        from jaxft.hf import load_tokenizer
+        from jaxft.formats.hf import load_tokenizer
 
         _TOKENIZER.append(load_tokenizer(example_model()))
     return _TOKENIZER[0]

@@ -45,7 +45,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names=; id -1 here
 # At most this many rows (B·S) gather each row's factors ([M, in, r], cheap for decode's M = B); more
 # rows (prefill, training) run all N adapters as one [in, N·r] GEMM with a one-hot, never [M, in, r].
 GATHER_ROWS = 64
-RANK_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (jaxft.peft.VLLM_RANKS)
+RANK_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (jaxft.formats.peft.VLLM_RANKS)
 
 
 def bucket(r: int) -> int:
@@ -290,9 +290,9 @@ def _run_config(path: Path):
 
 def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list[Entry]:
     """Read each (name, directory) into an Entry, using `model` (its adapter slots are left empty) for the
-    shape checks of jaxft.peft.load_adapter. base: the base model's path, checked against jaxft runs'."""
+    shape checks of jaxft.formats.peft.load_adapter. base: the base model's path, checked against jaxft runs'."""
     from jaxft import adapters
-    from jaxft.peft import load_adapter
+    from jaxft.formats.peft import load_adapter
 
     for _, lin in adapters.targets(model, ("all-linear",)):  # start from the bare base
         lin.adapter = None
@@ -457,7 +457,7 @@ def export_peft(model, out, *, base_model: str = "", strict: bool = False, overw
     import shutil
     import tempfile
 
-    from jaxft.peft import _publish, adapter_config, adapter_tensors, export_adapter, vllm_problems
+    from jaxft.formats.peft import _publish, adapter_config, adapter_tensors, export_adapter, vllm_problems
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -9,10 +9,10 @@ model head an objective trains when it is not the LM head (jaxft.setup.build bui
 
 from __future__ import annotations
 
-from jaxft.objectives import dpo, grpo, ppo, reward, sft
+from jaxft.objectives import dpo, grpo, ppo, reward_model, sft
 
-OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward.make, "grpo": grpo.make, "rloo": grpo.make_rloo,
+OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward_model.make, "grpo": grpo.make, "rloo": grpo.make_rloo,
               "ppo": ppo.make}
-CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward.checks, "grpo": grpo.checks, "rloo": grpo.checks,
+CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward_model.checks, "grpo": grpo.checks, "rloo": grpo.checks,
           "ppo": ppo.checks}
 HEADS = {"reward": "score", "ppo": "value"}  # heads.ScoreModel, heads.PolicyWithValue; the others: the Decoder

@@ -159,7 +159,7 @@ def fingerprint(run: RunConfig, model_path: Path, pairs) -> str:
 
 def compute_reference_logps(graphdef, params, frozen, pairs, batch_size: int, seq_len: int) -> np.ndarray:
     """The reference's (chosen, rejected) log-probs [N, 2] of every pair, in the order of `pairs`."""
-    from jaxft.preference import PairBatches
+    from jaxft.data.pairs import PairBatches
 
     batches = PairBatches(pairs, batch_size, seq_len, seed=0)
     fn = jax.jit(lambda p, f, b: reference_logps(nnx.merge(graphdef, p, f), b))
@@ -206,7 +206,7 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split), with cached reference
     log-probs when dpo.reference=cache and the loss needs a reference."""
-    from jaxft.preference import PairBatches, load_pairs
+    from jaxft.data.pairs import PairBatches, load_pairs
 
     pairs, report = load_pairs(run.data, run.dpo, setup.tokenizer, split)
     if not pairs:

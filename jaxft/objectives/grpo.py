@@ -74,8 +74,8 @@ def _weights(run: RunConfig, funcs) -> np.ndarray:
 
 
 def _source(run, setup, say, wrap, finish):
-    from jaxft.objectives.rewards import load_reward_funcs
-    from jaxft.prompts import load_prompts
+    from jaxft.objectives.reward_funcs import load_reward_funcs
+    from jaxft.data.prompts import load_prompts
 
     prompts, report = load_prompts(run.data, setup.tokenizer, "train")
     say(f"train prompts: {report.summary()}")

@@ -86,7 +86,7 @@ def make_loss(names: tuple[str, ...], accum: int = 1):
 
 def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
     """Mixed multi-adapter batches, the per-adapter loss, and a validation loss per adapter."""
-    from jaxft.data import Batches, load_examples
+    from jaxft.data.encode import Batches, load_examples
 
     names = tuple(a.name for a in run.adapters)
 

@@ -51,7 +51,7 @@ from jaxft.config import PpoConfig, RunConfig
 from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective
-from jaxft.prompts import load_prompts
+from jaxft.data.prompts import load_prompts
 from jaxft.sharding import to_host
 
 INVALID_LOGPROB = 1.0  # TRL's fill value on padding: logp − ref = 0 there
@@ -378,7 +378,7 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
 
 def load_reward(path: str, setup):
     """The frozen reward model (graphdef, (params, frozen)) on one device, checked against the policy."""
-    from jaxft.objectives.reward import Scorer
+    from jaxft.objectives.reward_model import Scorer
 
     scorer = Scorer.load(path)
     rm = nnx.merge(scorer.graphdef, scorer.params, scorer.frozen)

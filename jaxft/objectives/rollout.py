@@ -37,7 +37,7 @@ from jaxft.adapters.base import OFF, ON, Ctx
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket, shared_rows
 from jaxft.losses import token_logprobs
-from jaxft.objectives.rewards import score_all
+from jaxft.objectives.reward_funcs import score_all
 from jaxft.sharding import to_host
 
 PROMPT_BUCKET = 32  # prompt widths are multiples of this: a bounded number of train-step compiles
@@ -87,7 +87,7 @@ def prompt_sharing(rows: dict, L: int, A: int = 1, U: int | None = None, ways: i
 
 @dataclasses.dataclass
 class Rollout:
-    prompts: list  # [N] jaxft.prompts.Prompt (each prompt G times)
+    prompts: list  # [N] jaxft.data.prompts.Prompt (each prompt G times)
     tokens: np.ndarray
     positions: np.ndarray
     segment_ids: np.ndarray

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token cross-entropy on packed examples (jaxft.data.Batches)."""
+"""Supervised fine-tuning: next-token cross-entropy on packed examples (jaxft.data.encode.Batches)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) 
         from jaxft.objectives.multi import make as make_multi
 
         return make_multi(run, setup, say, wrap, train)
-    from jaxft.data import Batches, load_examples
+    from jaxft.data.encode import Batches, load_examples
 
     def batches(split: str, batch_size: int):
         examples, report = load_examples(run.data, setup.tokenizer, split)

@@ -44,10 +44,10 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config import RunConfig
-from jaxft.constitution import Principle, load_constitution
+from jaxft.data.constitution import Principle, load_constitution
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
-from jaxft.prepare import RowError, _messages, read_rows, write_jsonl_atomic
+from jaxft.data.rows import RowError, _messages, read_rows, write_jsonl_atomic
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 FEEDBACK_INTRO = ("Here is a conversation between a user and an AI assistant, followed by two possible replies "

@@ -21,7 +21,7 @@ Specs (rollout.reward_funcs):
     length_penalty     −(completion tokens) / rollout.max_completion_length
     overlong:CACHE     TRL's soft overlong punishment: 0 up to max − CACHE tokens, then linear to −1 at max
     reward_model:PATH  a jaxft reward run (objective reward) or a *ForSequenceClassification directory,
-                       scoring prompt + completion (jaxft.objectives.reward.Scorer)
+                       scoring prompt + completion (jaxft.objectives.reward_model.Scorer)
     module:function    an importable function;   path/to/file.py:function   a function in a file
 """
 
@@ -105,7 +105,7 @@ def overlong_reward(max_len: int, cache: int) -> Callable:
 
 
 def reward_model_reward(path: str) -> Callable:
-    from jaxft.objectives.reward import Scorer
+    from jaxft.objectives.reward_model import Scorer
 
     scorer = Scorer.load(path)
 

@@ -23,9 +23,9 @@ import dataclasses
 from typing import Any
 
 from jaxft.config import DataConfig
-from jaxft.data import DataReport, bad_row
+from jaxft.data.encode import DataReport, bad_row
 from jaxft.errors import JaxftError
-from jaxft.prepare import ROLES, RowError, _messages, _typename
+from jaxft.data.rows import ROLES, RowError, _messages, _typename
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
 
@@ -80,7 +80,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
 def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list[Prompt], DataReport]:
     """The prompts of a split (data.train / data.validation / validation_fraction, as for SFT) and a
     report; bad rows are skipped and counted (data.strict: the first raises). No usable row: JaxftError."""
-    from jaxft.data import _split_records
+    from jaxft.data.encode import _split_records
 
     source, records = _split_records(cfg, split)
     report = DataReport(rows=len(records))

@@ -36,7 +36,7 @@ import json
 import random
 from pathlib import Path
 
-from jaxft.prepare import write_jsonl_atomic
+from jaxft.data.rows import write_jsonl_atomic
 
 KEYS = ("name", "city", "date", "amount")
 

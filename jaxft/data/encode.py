@@ -8,7 +8,7 @@
 Formats (`data.format`, "auto" picks one from the columns of the first row that has them):
 messages (role/content), prompt_completion (strings, or TRL's chat-style lists), alpaca
 (instruction/input/output), sharegpt (conversations of from/value) and text. Reading and
-row checks live in `jaxft.prepare`; this module needs the tokenizer.
+row checks live in `jaxft.data.rows`; this module needs the tokenizer.
 
 Loss masks. A chat row is rendered once with `tokenizer.apply_chat_template(tokenize=False)` and
 tokenized with character offsets. Each trained assistant turn k is located by rendering prefixes:
@@ -36,7 +36,7 @@ from jinja2 import TemplateError
 
 from jaxft.config import DataConfig
 from jaxft.errors import JaxftError
-from jaxft.prepare import (  # noqa: F401  (prepare is re-exported)
+from jaxft.data.rows import (  # noqa: F401  (prepare is re-exported)
     Chat, Pair, Record, RowError, Text, _one_line, holdout, parse_row, prepare, read_rows, rows_format)
 
 MAX_ERRORS = 5  # first bad rows kept in a report

@@ -25,11 +25,11 @@ from jaxft.errors import JaxftError
 
 def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
     """{"base": metrics, <adapter>: metrics, ...}: validation loss (SFT) and the generation metric."""
-    from jaxft.evaluate import generate_answers, heldout
+    from jaxft.commands.evaluate import generate_answers, heldout
     from jaxft.generate import eos_token_ids
-    from jaxft.hf import load_pretrained, load_tokenizer
+    from jaxft.formats.hf import load_pretrained, load_tokenizer
     from jaxft.metrics import score
-    from jaxft.prepare import write_jsonl_atomic
+    from jaxft.data.rows import write_jsonl_atomic
     from jaxft.setup import resolve_model
 
     check_files(run, training=False)
@@ -69,7 +69,7 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
 
 def _validation(run, graphdef, params, frozen, tokenizer, variants, results):
     """eval_loss / eval_ppl of every variant on the same SFT validation batches."""
-    from jaxft.data import Batches, load_examples
+    from jaxft.data.encode import Batches, load_examples
     from jaxft.objective import make_eval_step, mean_over_batches, perplexity
     from jaxft.objectives.multi import MixedBatches, _single, _Tagged
 

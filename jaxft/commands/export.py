@@ -21,7 +21,7 @@ FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 def hf_config_of(model_path: Path):
     """The transformers config of the base checkpoint (an HF directory or a GGUF file)."""
     if model_path.suffix == ".gguf":
-        from jaxft.gguf import GGUFSource
+        from jaxft.formats.gguf import GGUFSource
 
         return GGUFSource(model_path).hf_config
     from transformers import AutoConfig
@@ -35,7 +35,7 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     from flax import nnx
 
     from jaxft.checkpoint import restore_trainable
-    from jaxft.peft import adapter_config, adapter_tensors, export_adapter, export_merged, merged_tensors, \
+    from jaxft.formats.peft import adapter_config, adapter_tensors, export_adapter, export_merged, merged_tensors, \
         vllm_problems
     from jaxft.setup import build
 
@@ -80,13 +80,13 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     elif fmt == "gguf":
         import numpy as np
 
-        from jaxft.gguf import write_gguf
+        from jaxft.formats.gguf import write_gguf
 
         path = write_gguf(merged_tensors(model, np.float32), hf_config_of(setup.model_path), setup.tokenizer, out,
                           gguf_type=gguf_type, source=setup.model_path, name=Path(run.train.out_dir).name,
                           overwrite=overwrite)
     else:
-        from jaxft.gguf import write_gguf_lora
+        from jaxft.formats.gguf import write_gguf_lora
 
         if run.lora.modules_to_save:
             raise JaxftError(f"GGUF LoRA export: lora.modules_to_save={list(run.lora.modules_to_save)}: llama.cpp "

@@ -1,8 +1,8 @@
 """`jaxft cai run CONFIG`: the Constitutional AI pipeline in one run directory, each stage resumable.
 
-    <cai.out_dir>/revise/    sft.jsonl, trace.jsonl             jaxft.cai.revise on the base model
+    <cai.out_dir>/revise/    sft.jsonl, trace.jsonl             jaxft.commands.cai.revise on the base model
                  sft/        a `jaxft train` run (objective sft) on revise/sft.jsonl; sft/merged/ = SL-CAI
-                 label/      pairs.jsonl, trace.jsonl           jaxft.cai.label: SL-CAI answers, judged
+                 label/      pairs.jsonl, trace.jsonl           jaxft.commands.cai.label: SL-CAI answers, judged
                  dpo/        a `jaxft train` run (objective dpo) from SL-CAI on label/pairs.jsonl = RL-CAI
                  (reward/    with cai.final=reward: a reward model on the pairs instead of DPO)
                  summary/    answers_<model>.jsonl, summary.json: base vs SL-CAI vs RL-CAI on cai.heldout
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from jaxft.cai import draw_comparisons, judge, label, load_policy, revise, say_err
+from jaxft.commands.cai import draw_comparisons, judge, label, load_policy, revise, say_err
 from jaxft.config import RunConfig, load_config
-from jaxft.constitution import load_constitution
+from jaxft.data.constitution import load_constitution
 from jaxft.errors import JaxftError
-from jaxft.prepare import write_jsonl_atomic
+from jaxft.data.rows import write_jsonl_atomic
 
 
 def stage_config(run: RunConfig, stage_dir: Path, objective: str, model: str, train_file: Path,
@@ -70,7 +70,7 @@ def train_stage(run: RunConfig, say=say_err) -> None:
 
 def merged_stage(run: RunConfig, say=say_err) -> Path:
     """The stage's newest checkpoint as a merged fp32 HF model in <out_dir>/merged (kept while current)."""
-    from jaxft.export import export
+    from jaxft.commands.export import export
 
     out = Path(run.train.out_dir) / "merged"
     marker = out / "jaxft_step.txt"
@@ -125,7 +125,7 @@ def summarize(run: RunConfig, out: Path, models: dict, judge_policy, say=say_err
     `judge_win` — the judge's mean P(this model's answer is better than the base model's), over
     cai.principles_per_pair drawn comparison principles per prompt, in both orders when cai.both_orders
     (0.5 for the base itself; a proxy for what the constitution asks, from a judge that may be weak)."""
-    from jaxft.evaluate import heldout
+    from jaxft.commands.evaluate import heldout
     from jaxft.generate import Sampling
     from jaxft.metrics import score
 

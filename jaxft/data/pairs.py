@@ -7,7 +7,7 @@
 
 Rows (TRL's preference formats): `prompt` / `chosen` / `rejected`, each a string or a list of chat
 messages (explicit prompt), or `chosen` / `rejected` message lists whose shared leading turns are the
-prompt (implicit prompt). Each side is encoded like an SFT prompt/completion row (`jaxft.data.Encoder`):
+prompt (implicit prompt). Each side is encoded like an SFT prompt/completion row (`jaxft.data.encode.Encoder`):
 chat template applied, the completion's tokens (content + end of turn) are the targets, EOS appended.
 
 Length: a pair longer than data.max_length (its longer side) keeps the last tokens of its prompt
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxft.config import DataConfig, DpoConfig
-from jaxft.data import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, bad_row, layout
+from jaxft.data.encode import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, bad_row, layout
 from jaxft.errors import JaxftError
-from jaxft.prepare import ROLES, Chat, Pair, RowError, _field, _messages, _prompt_completion, _typename
+from jaxft.data.rows import ROLES, Chat, Pair, RowError, _field, _messages, _prompt_completion, _typename
 
 
 @dataclass(eq=False)
@@ -67,7 +67,7 @@ def _side(prompt, completion, name: str) -> Chat | Pair:
 
 def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train") -> tuple[list[PairExample],
                                                                                            DataReport]:
-    """The tokenized pairs of a split (like `jaxft.data.load_examples`: same splits, report, strictness)."""
+    """The tokenized pairs of a split (like `jaxft.data.encode.load_examples`: same splits, report, strictness)."""
     source, records = _split_records(cfg, split)
     report = DataReport(rows=len(records))
     if source is None:
@@ -151,7 +151,7 @@ def fit_pair(chosen, rejected, max_length: int, dpo: DpoConfig, report: DataRepo
 
 
 class PairBatches(Batches):
-    """Deterministic batches of pairs (see `jaxft.data.Batches`; never packed): batch(i) is
+    """Deterministic batches of pairs (see `jaxft.data.encode.Batches`; never packed): batch(i) is
     tokens, positions, segment_ids, targets, loss_mask [2B, S] with the B chosen sequences first and
     their rejected ones in the same order after them; pair_mask [B] (0 for the empty rows that top up
     an epoch's last batch), pair_index [B] (-1 there) and margin [B] (the rows' `margin`, 0 without).

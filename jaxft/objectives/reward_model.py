@@ -118,7 +118,7 @@ def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
 
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split); over-length pairs dropped."""
-    from jaxft.preference import PairBatches, load_pairs
+    from jaxft.data.pairs import PairBatches, load_pairs
 
     pairs, report = load_pairs(run.data, PAIRS, setup.tokenizer, split)
     if not pairs:
@@ -163,7 +163,7 @@ class Scorer:
 
     def __init__(self, graphdef, params, frozen, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
                  system_prompt: str | None = None):
-        from jaxft.data import Encoder
+        from jaxft.data.encode import Encoder
 
         self.graphdef, self.params, self.frozen, self.tokenizer = graphdef, params, frozen, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
@@ -188,7 +188,7 @@ class Scorer:
         return cls(setup.graphdef, params, setup.frozen, setup.tokenizer, **kw)
 
     def __call__(self, prompts, completions, params=None) -> list[float]:
-        from jaxft.prepare import RowError, _prompt_completion
+        from jaxft.data.rows import RowError, _prompt_completion
 
         if len(prompts) != len(completions):
             raise JaxftError(f"Scorer: {len(prompts)} prompts but {len(completions)} completions")
@@ -201,9 +201,9 @@ class Scorer:
         return self.score_parsed(parsed, params).tolist()
 
     def score_parsed(self, parsed: list, params=None) -> np.ndarray:
-        """Scores [N] of parsed rows (jaxft.prepare Chat / Pair; a RowError in the list scores NaN)."""
-        from jaxft.data import Example, layout
-        from jaxft.prepare import RowError
+        """Scores [N] of parsed rows (jaxft.data.rows Chat / Pair; a RowError in the list scores NaN)."""
+        from jaxft.data.encode import Example, layout
+        from jaxft.data.rows import RowError
 
         docs = []
         for i, p in enumerate(parsed):
@@ -245,8 +245,8 @@ def score_file(model_or_run: str, input_path: str, out_path: str | None = None, 
     """Score every row of a JSONL: preference pairs (chosen_score, rejected_score; accuracy overall) or
     prompt/completion rows (score; `messages` rows: the last message is the completion). Bad rows are
     skipped and counted. Writes `out_path` (default <input>.scores.jsonl) atomically; returns the summary."""
-    from jaxft.preference import parse_pair
-    from jaxft.prepare import RowError, _prompt_completion, read_rows, write_jsonl_atomic
+    from jaxft.data.pairs import parse_pair
+    from jaxft.data.rows import RowError, _prompt_completion, read_rows, write_jsonl_atomic
 
     kw = {} if max_length is None else {"max_length": max_length}
     scorer = Scorer.load(model_or_run, batch_size=batch_size, **kw)

@@ -168,7 +168,7 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
 
 def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
     """HF tensor name → array of the model with every adapter merged in (each adapter's `merge`, in fp32, then cast)."""
-    from jaxft.hf import hf_names
+    from jaxft.formats.hf import hf_names
     from jaxft.quant import quantized_kernels
 
     if quantized_kernels(model):

@@ -137,7 +137,7 @@ def open_checkpoint(path) -> tuple[TensorSource, DecoderConfig]:
     if not path.exists():
         raise JaxftError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".gguf":
-        from jaxft.gguf import GGUFSource
+        from jaxft.formats.gguf import GGUFSource
 
         src = GGUFSource(path)
         return src, DecoderConfig.from_hf(src.hf_config)
@@ -328,7 +328,7 @@ def load_tokenizer(path):
     if not path.exists():
         raise JaxftError(f"{path}: no such file or directory")
     if path.suffix == ".gguf":
-        from jaxft.gguf import load_gguf_tokenizer
+        from jaxft.formats.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer

@@ -54,7 +54,7 @@ def model_config(model: str) -> DecoderConfig:
         model = str(example_model())
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
-        from jaxft.gguf import GGUFSource
+        from jaxft.formats.gguf import GGUFSource
 
         return DecoderConfig.from_hf(GGUFSource(p).hf_config)
     if not p.exists():

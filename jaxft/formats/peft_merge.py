@@ -313,7 +313,7 @@ def _modules(ads: list[Adapter]) -> list[str]:
 
 def read(path) -> Adapter:
     """A PEFT adapter directory, or a jaxft run directory (its newest checkpoint, exported as PEFT does)."""
-    from jaxft.peft import read_adapter
+    from jaxft.formats.peft import read_adapter
 
     p = Path(path)
     if (p / "adapter_config.json").is_file():
@@ -324,7 +324,7 @@ def read(path) -> Adapter:
         return Adapter(json.loads((p / "adapter_config.json").read_text()), tensors, str(p))
     if (p / "config.json").is_file():
         from jaxft.config import load_config
-        from jaxft.export import export
+        from jaxft.commands.export import export
 
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
             # (its vLLM notes would be about this input; the merged adapter is checked at the end)
@@ -338,7 +338,7 @@ def merge_adapters(inputs, weights, method: str, out, *, density: float | None =
                    svd_rank: int | None = None, seed: int = 0, overwrite: bool = False, strict: bool = False) -> Path:
     """`jaxft merge-adapters`: read every input, merge as PEFT's add_weighted_adapter, write a PEFT adapter
     directory atomically (vLLM's rules checked as `jaxft export` does); returns its path."""
-    from jaxft.peft import vllm_problems, write_adapter
+    from jaxft.formats.peft import vllm_problems, write_adapter
 
     out = Path(out)
     if out.exists() and not overwrite:

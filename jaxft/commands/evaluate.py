@@ -14,7 +14,7 @@ from jaxft.config import RunConfig, check_files
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
 from jaxft.metrics import score
-from jaxft.prepare import Chat, Pair, RowError, parse_row, read_rows, rows_format, write_jsonl_atomic
+from jaxft.data.rows import Chat, Pair, RowError, parse_row, read_rows, rows_format, write_jsonl_atomic
 
 
 def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dict], str]]:

@@ -1,6 +1,6 @@
 """Rows before the tokenizer: read data files, recognise SFT formats, clean, deduplicate, split.
 
-Everything here works on plain rows (dicts) and needs no tokenizer; `jaxft.data` turns the parsed
+Everything here works on plain rows (dicts) and needs no tokenizer; `jaxft.data.encode` turns the parsed
 rows into token ids and loss masks.
 
     records = read_rows("train.jsonl")           # [Record(where="train.jsonl:1", row={...}), ...]
