@@ -1,7 +1,10 @@
-"""jaxft: fine-tune pretrained decoder LLMs in JAX."""
+"""jaxft: fine-tune pretrained decoder LLMs in JAX.
+
+Importing the package imports nothing else (config and data parsing stay free of jax); the pieces live in
+their modules: `jaxft.formats.hf.load_pretrained`, `jaxft.config.load_config`, `jaxft.generate.generate`, ...
+(docs/architecture.md has the map).
+"""
 
 from jaxft.errors import JaxftError
-from jaxft.formats.hf import load_pretrained, load_tokenizer
-from jaxft.models import Decoder, DecoderConfig
 
-__all__ = ["Decoder", "DecoderConfig", "JaxftError", "load_pretrained", "load_tokenizer"]
+__all__ = ["JaxftError"]

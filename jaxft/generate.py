@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec as P_
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.models.decoder import Decoder, cache_rows
 from jaxft.sharding import BATCH, batch_spec, to_host
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 import dataclasses
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.models.decoder import Decoder, head_logits
 
 LOGITS_TOKENS = 512  # tokens (rows x positions) per logits chunk: a few [512, V] fp32 are the largest temporaries

@@ -21,8 +21,7 @@ from typing import Any, Callable, Protocol
 import jax
 from flax import nnx
 
-from jaxft.adapters.base import Ctx
-
+from jaxft.context import Ctx
 LossOut = tuple[jax.Array, jax.Array, dict[str, jax.Array]]  # (sum, count, {metric: sum}) — divided by the step
 
 

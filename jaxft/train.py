@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.config import OptimConfig, RunConfig, check_files
 from jaxft.errors import JaxftError
 from jaxft.losses import sft_loss

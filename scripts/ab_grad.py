@@ -27,6 +27,7 @@ import jaxft
 import jaxft.losses
 from jaxft import adapters
 from jaxft.config import LoraConfig
+from jaxft.models.decoder import Decoder
 from profile_step import SMOLLM2
 
 
@@ -62,7 +63,7 @@ def main():
                  segment_ids=np.ones_like(toks), loss_mask=np.ones(toks.shape, np.float32))
     variants = {}
     for remat, head in itertools.product(a.remat.split(","), a.head.split(",")):
-        model = jaxft.Decoder(dataclasses.replace(SMOLLM2, layer_types=()), rngs=nnx.Rngs(0), remat=remat)
+        model = Decoder(dataclasses.replace(SMOLLM2, layer_types=()), rngs=nnx.Rngs(0), remat=remat)
         cfg = LoraConfig(r=16, alpha=32)
         adapters.attach(model, cfg, jax.random.key(0))
         g, p, f = adapters.split(model, cfg)

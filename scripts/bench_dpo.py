@@ -62,7 +62,7 @@ def worker_jaxft(args, cache: bool) -> dict:
     import jax
     import numpy as np
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft import adapters
     from jaxft.config import DpoConfig, LoraConfig, OptimConfig
     from jaxft.data.encode import Example
@@ -72,7 +72,7 @@ def worker_jaxft(args, cache: bool) -> dict:
     from jaxft.train import init_state, make_optimizer, make_train_step
 
     t0 = time.perf_counter()
-    model = jaxft.load_pretrained(example_model())
+    model = load_pretrained(example_model())
     lcfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0, target_modules=tuple(LORA_TARGETS))
     adapters.attach(model, lcfg, jax.random.key(args.seed))
     graphdef, params, frozen = adapters.split(model, lcfg)

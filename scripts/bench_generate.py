@@ -20,7 +20,7 @@ import jax
 import torch
 from transformers import AutoModelForCausalLM
 
-import jaxft
+from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.example import example_model
 from jaxft.generate import Sampling, chat_prompt, generate
 from flax import nnx
@@ -50,8 +50,8 @@ def main():
     print(f"model: {path.name}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__} "
           f"threads={torch.get_num_threads()}  cpu flags: {' '.join(flags) or 'none of avx512f/avx512_bf16/amx'}")
 
-    t_tok, tok = timed(lambda: jaxft.load_tokenizer(path), 1)
-    t_jx, model = timed(lambda: jax.block_until_ready(jaxft.load_pretrained(path)), 1)
+    t_tok, tok = timed(lambda: load_tokenizer(path), 1)
+    t_jx, model = timed(lambda: jax.block_until_ready(load_pretrained(path)), 1)
     t_hf, hf = timed(lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                  dtype=torch.float32).eval(), 1)
     print(f"\nload (weights, fp32)      jaxft {t_jx:6.1f} s   transformers {t_hf:6.1f} s   ratio {t_hf / t_jx:.2f}x"

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.adapters import bank
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.config import LoraConfig, OptimConfig, load_config
 from jaxft.example import example_model
 from jaxft.generate import Sampling, generate
@@ -56,7 +56,7 @@ def random_entries(model, n, r=8, seed=0):
 def decode(args, path, prompts):
     rows = []
     sampling = Sampling(max_new_tokens=args.new_tokens)
-    one = jaxft.load_pretrained(path)
+    one = load_pretrained(path)
     e = random_entries(one, 1)[0]
     for p, lin in adapters.targets(one, TARGETS):  # the baseline: one plain adapter
         lin.adapter = adapters.LoRA(jnp.asarray(e.factors[p][0]), jnp.asarray(e.factors[p][1]), 2.0, 0.0, lin.axes)
@@ -70,7 +70,7 @@ def decode(args, path, prompts):
     base_tps = len(prompts) * args.new_tokens / t
     rows.append(("one plain LoRA", base_tps, compile_s))
     for n in args.banks:
-        model = jaxft.load_pretrained(path)
+        model = load_pretrained(path)
         bank.install(model, random_entries(model, n))
         g, s = nnx.split(model)
         ctx = Ctx(adapter_ids=jnp.arange(len(prompts)) % n)
@@ -93,7 +93,7 @@ def peft_decode(args, path, prompts):
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        model = jaxft.load_pretrained(path)
+        model = load_pretrained(path)
         entries = random_entries(model, max(args.banks))
         for e in entries:  # the same adapters, as PEFT directories
             for p, lin in adapters.targets(model, TARGETS):
@@ -155,14 +155,14 @@ def training(args, path):
         t, _ = timed(one, args.repeats)
         return t, compile_s, mem_b
 
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     bank.attach_for_training(model, run)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     joint_batch = dict(batch, adapter_ids=np.repeat(np.arange(N, dtype=np.int32), b)[None],
                        adapter_targets=np.full((1, N * b), float(b * S), np.float32))
     joint = measure(graphdef, params, frozen, bank.make_optimizer(run, 10, params),
                     make_loss(tuple(a.name for a in run.adapters)), joint_batch)
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     cfg = LoraConfig(r=8, alpha=16)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)

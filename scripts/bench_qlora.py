@@ -47,13 +47,13 @@ def plan_run(args, quant: str, model_dtype: str | None = None):
 def write_hf_copy(out: Path) -> Path:
     """The example GGUF as an HF safetensors directory (fp32, jaxft's merged export of the bare model),
     for transformers + bitsandbytes (transformers refuses to save a GGUF-loaded model)."""
-    import jaxft
+    from jaxft.formats.hf import load_pretrained, load_tokenizer
     from jaxft.example import example_model
     from jaxft.formats.gguf import GGUFSource
     from jaxft.formats.peft import export_merged
 
     path = example_model()
-    return export_merged(jaxft.load_pretrained(path), jaxft.load_tokenizer(path), GGUFSource(path).hf_config, out,
+    return export_merged(load_pretrained(path), load_tokenizer(path), GGUFSource(path).hf_config, out,
                          dtype="fp32")
 
 

@@ -50,7 +50,7 @@ def worker_jaxft(args) -> dict:
     import jax
     import numpy as np
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft import adapters
     from jaxft.config import LoraConfig, OptimConfig, RewardConfig
     from jaxft.data.encode import Example
@@ -62,7 +62,7 @@ def worker_jaxft(args) -> dict:
 
     t0 = time.perf_counter()
     tok = load_tokenizer(example_model())
-    model = jaxft.load_pretrained(example_model(), head="score", pad_token_id=tok.pad_token_id, seed=args.seed)
+    model = load_pretrained(example_model(), head="score", pad_token_id=tok.pad_token_id, seed=args.seed)
     lcfg = LoraConfig(r=args.rank, alpha=args.alpha, dropout=0.0, target_modules=tuple(LORA_TARGETS))
     adapters.attach(model, lcfg, jax.random.key(args.seed))
     graphdef, params, frozen = adapters.split(model, lcfg)  # LoRA factors + the score head

@@ -103,7 +103,7 @@ def worker_jaxft(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft import adapters
     from jaxft.config import LoraConfig, OptimConfig, QuantConfig
     from jaxft.example import example_model
@@ -115,7 +115,7 @@ def worker_jaxft(args) -> dict:
     compute = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     param_dtype = compute if args.mode == "lora" else jnp.float32
     quant = QuantConfig(base=args.quant)  # bench_qlora.py: NF4 / int8 base (QLoRA)
-    model = jaxft.load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant)
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant)
     method = getattr(args, "method", "lora")  # bench_peft_methods.py: dora | pissa | olora | ia3
     lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
                       target_modules=("all-linear",) if method == "ia3" else tuple(LORA_TARGETS),

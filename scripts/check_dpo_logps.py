@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.example import example_model
 from jaxft.losses import token_logprobs
 
@@ -45,7 +45,7 @@ def main():
         plain = (lp * torch.as_tensor(completion[:, 1:])).sum(1).numpy()
         add_fused_lm_head(hf)
         fused = hf(x, labels=labels, fused_lm_head=True).log_probs.sum(1).numpy()
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     h, _ = model.hidden(jnp.asarray(ids, jnp.int32))
     ours = np.asarray((token_logprobs(model, h[:, :-1], jnp.asarray(ids[:, 1:], jnp.int32)) * completion[:, 1:]).sum(1))
     for name, v in (("jaxft", ours), ("transformers", plain), ("TRL fused head", fused)):

@@ -87,7 +87,7 @@ def prepare_families(work: Path):
     import transformers as tf
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft.formats.gguf import write_gguf
     from jaxft.formats.peft import merged_tensors
     from tiny import example_tokenizer, make_model, save_spm_gemma
@@ -102,7 +102,7 @@ def prepare_families(work: Path):
     made["gemma3"] = (d, [1, 17, 250, 3000, 42, 7, 9000, 12, 600, 2, 77, 5])
     out = {}
     for name, (d, ids) in made.items():
-        model = jaxft.load_pretrained(d)
+        model = load_pretrained(d)
         f = write_gguf(merged_tensors(model, np.float32), tf.AutoConfig.from_pretrained(d), example_tokenizer(),
                        work / f"{name}.gguf", gguf_type="f32", source=d, overwrite=True)
         out[name] = dict(file=f.name, ids=ids, logits=np.asarray(model(jnp.asarray([ids]))[0][0]).tolist())

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.example import example_model
 from jaxft.generate import Sampling, generate, sample_logits, token_logprob
 
@@ -42,7 +43,7 @@ def main():
     flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
                     if f.startswith(("avx512_bf16", "amx", "avx512f"))})
     print(f"jax {jax.__version__}; jaxft {jaxft.__file__}; cpu flags: {' '.join(flags) or 'none of avx512f/amx'}")
-    model = jaxft.load_pretrained(example_model())
+    model = load_pretrained(example_model())
     graphdef, state = nnx.split(model)
     B, P, V = a.batch, a.prompt, model.config.vocab_size
 

@@ -24,11 +24,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-import jaxft
+from jaxft.models.decoder import Decoder
 from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.losses import sft_loss
-from jaxft.models import DecoderConfig, RopeConfig
+from jaxft.models.config import DecoderConfig, RopeConfig
 
 SMOLLM2 = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                         num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope=RopeConfig(theta=100000.0))
@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--remat", choices=["none", "proj", "dots", "full"], default="proj")
     ap.add_argument("--ops", type=int, default=0, help="also print the N most expensive XLA ops of the loss gradient")
     a = ap.parse_args()
-    model = jaxft.Decoder(dataclasses.replace(SMOLLM2, num_layers=a.layers, layer_types=()), rngs=nnx.Rngs(0), remat=a.remat)
+    model = Decoder(dataclasses.replace(SMOLLM2, num_layers=a.layers, layer_types=()), rngs=nnx.Rngs(0), remat=a.remat)
     cfg = LoraConfig(r=16, alpha=32)
     adapters.attach(model, cfg, jax.random.key(0))
     g, p, f = adapters.split(model, cfg)

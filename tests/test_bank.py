@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.adapters import bank
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import load_adapter
 from tiny import make_model, save_model
@@ -44,7 +44,7 @@ def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path
     with torch.no_grad():
         ref = pm(torch.tensor(toks), adapter_names=ROWS).logits.numpy()
 
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     names = bank.load(model, [str(tmp_path / "adapters")])
     assert names == ("default", "b")
     ids = bank.ids(model, ROWS)
@@ -55,7 +55,7 @@ def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
     for name, sub in (("default", ""), ("b", "b"), ("__base__", None)):  # each row alone, one plain adapter
-        single = jaxft.load_pretrained(tmp_path / "base")
+        single = load_pretrained(tmp_path / "base")
         if sub is not None:
             load_adapter(single, tmp_path / "adapters" / sub)
         rows = [i for i, r in enumerate(ROWS) if r == name]
@@ -76,7 +76,7 @@ def test_mixed_greedy_generation_equals_peft(tmp_path):
         ref = pm.generate(input_ids=torch.tensor(prompts), attention_mask=torch.ones_like(torch.tensor(prompts)),
                           adapter_names=rows, max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0).numpy()[:, 6:]
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     bank.load(model, [f"default={tmp_path / 'adapters'}", f"b={tmp_path / 'adapters' / 'b'}"])
     graphdef, state = nnx.split(model)
     out = generate(graphdef, (state,), prompts.tolist(), eos_ids=[], sampling=Sampling(max_new_tokens=8),
@@ -92,7 +92,7 @@ def test_sharded_mixed_forward_equals_one_device(tmp_path):
 
     save_model("llama", tmp_path / "base")
     _peft_pair("llama", tmp_path / "adapters")
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     bank.load(model, [str(tmp_path / "adapters")])
     toks = jnp.asarray(np.random.RandomState(0).randint(0, 96, (8, 12)))
     ids = jnp.asarray([0, 1, -1, 0, 1, 1, -1, 0])
@@ -119,7 +119,7 @@ def test_mixed_forward_compiles_once_for_new_weights_and_ids(tmp_path):
 
     save_model("llama", tmp_path / "base")
     _peft_pair("llama", tmp_path / "adapters")
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     bank.load(model, [str(tmp_path / "adapters")])
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -143,7 +143,7 @@ def test_bad_banks_are_one_line_errors(tmp_path):
                                                              base_model_name_or_path=None))
         pm.peft_config["default"].base_model_name_or_path = str(tmp_path / ("base" if arch == "llama" else "other"))
         pm.save_pretrained(tmp_path / name)
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     cases = [([f"a={tmp_path / 'r4'}", f"b={tmp_path / 'r16'}"], "outside the rank bucket"),
              ([f"a={tmp_path / 'r4'}", f"b={tmp_path / 'other'}"], "different bases"),
              ([f"a={tmp_path / 'r4'}", f"a={tmp_path / 'r4'}"], "two adapters are named"),
@@ -168,7 +168,7 @@ def test_joint_train_step_compiles_once_and_plain_layout_matches(tmp_path):
     save_model("llama", tmp_path / "base")
     run = load_config(None, ["adapters=[{name: a, train: x, r: 4}, {name: b, train: y, r: 8, lr: 1e-3}]",
                              "optim.warmup_steps=0"])
-    model = bank.attach_for_training(jaxft.load_pretrained(tmp_path / "base"), run)
+    model = bank.attach_for_training(load_pretrained(tmp_path / "base"), run)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     tx = bank.make_optimizer(run, 10, params)
     step = make_train_step(graphdef, tx, make_loss(("a", "b")))
@@ -187,7 +187,7 @@ def test_joint_train_step_compiles_once_and_plain_layout_matches(tmp_path):
     assert float(m2["loss"]) == pytest.approx(float(m2["loss_a"]) + float(m2["loss_b"]), rel=1e-6)
 
     trained = nnx.merge(graphdef, state["params"], frozen)  # the trained bank, CPU-tuned vs plain layouts
-    plain = jaxft.load_pretrained(tmp_path / "base", tuning=PLAIN)
+    plain = load_pretrained(tmp_path / "base", tuning=PLAIN)
     toks, ids = jnp.asarray(rng.randint(0, 96, (3, 8))), jnp.asarray([1, -1, 0])
     want = np.asarray(trained(toks, ctx=Ctx(adapter_ids=ids))[0])
     configs = bank.banks(trained)[0][1].adapter.configs

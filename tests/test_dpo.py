@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 import jaxft.adapters
 import jaxft.losses
 from jaxft.config import DataConfig, DpoConfig, LoraConfig, load_config
@@ -270,7 +271,7 @@ def batch(pair_data, tok):
 
 
 def _lora_model(path, seed=0):
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     return jaxft.adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
 
 
@@ -287,7 +288,7 @@ def test_lora_base_reference_equals_frozen_base(chat_model, batch):
     model = _lora_model(chat_model)
     for _, lin in jaxft.adapters.targets(model, ("all-linear",)):  # a trained-looking adapter
         lin.adapter.b[...] = 0.05 * jax.random.normal(jax.random.key(1), lin.adapter.b.shape)
-    base = jaxft.load_pretrained(chat_model)  # loaded separately, no LoRA
+    base = load_pretrained(chat_model)  # loaded separately, no LoRA
     h, _ = base.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
     want = jnp.sum(jaxft.losses.token_logprobs(base, h, batch["targets"]) * batch["loss_mask"], -1)
     got = reference_logps(model, batch)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.errors import JaxftError
 from tiny import save_model
 
@@ -100,7 +100,7 @@ CASES = [_missing, _model_type, _rope_type, _activation, _truncated, _escaping_i
 def test_library_error(case, good, tmp_path):
     path, cause = case(good, tmp_path)
     with pytest.raises(JaxftError) as e:
-        model = jaxft.load_pretrained(path)
+        model = load_pretrained(path)
         import jax
 
         jax.block_until_ready(jax.tree.leaves(model))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.generate import Generator, Sampling, sample_logits
 from tiny import save_model
 
@@ -34,13 +35,13 @@ def test_greedy_batched_matches_transformers(arch, tmp_path):
     ref = save_model(arch, tmp_path)
     eos = 95
     expected = _hf_greedy(ref, PROMPTS, 20, eos)
-    got = Generator(jaxft.load_pretrained(tmp_path))(PROMPTS, eos_ids={eos}, sampling=Sampling(max_new_tokens=20))
+    got = Generator(load_pretrained(tmp_path))(PROMPTS, eos_ids={eos}, sampling=Sampling(max_new_tokens=20))
     assert got == expected
 
 
 def test_stops_at_eos_per_row(tmp_path):
     save_model("qwen3", tmp_path, seed=3)
-    gen = Generator(jaxft.load_pretrained(tmp_path))
+    gen = Generator(load_pretrained(tmp_path))
     free = gen(PROMPTS, eos_ids={10_000}, sampling=Sampling(max_new_tokens=12))
     assert all(len(r) == 12 for r in free)
     r, eos = next((r, t) for r, row in enumerate(free) for t in row if t != row[0])  # emitted, not first
@@ -52,7 +53,7 @@ def test_stops_at_eos_per_row(tmp_path):
 
 def test_batched_equals_one_by_one(tmp_path):
     save_model("qwen3", tmp_path)
-    gen = Generator(jaxft.load_pretrained(tmp_path))
+    gen = Generator(load_pretrained(tmp_path))
     s = Sampling(max_new_tokens=10)
     batched = gen(PROMPTS, eos_ids={95}, sampling=s)
     assert batched == [gen([p], eos_ids={95}, sampling=s)[0] for p in PROMPTS]
@@ -83,7 +84,7 @@ def test_repeated_prompts_share_one_prefill(tmp_path):
     from jaxft.objectives.rollout import completion_logps, layout
 
     save_model("qwen3", tmp_path)
-    model = jaxft.load_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     gen = Generator(model)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 4 + [PROMPTS[2]]
     s = Sampling(max_new_tokens=10)

@@ -245,12 +245,12 @@ def test_example_logits_and_greedy_answer_match_transformers(example, example_pa
     import jax.numpy as jnp
     import torch
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained, load_tokenizer
     from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
 
     _, hf = example
-    tok = jaxft.load_tokenizer(example_path)
-    model = jaxft.load_pretrained(example_path)
+    tok = load_tokenizer(example_path)
+    model = load_pretrained(example_path)
     ids = chat_prompt(tok, [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits.numpy()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
@@ -44,7 +44,7 @@ def _save(d, arch):
 
 def _adapted(path, rslora=False):
     """The tiny model with a LoRA whose B is non-zero, and its config."""
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     cfg = LoraConfig(r=4, alpha=8, rslora=rslora)
     adapters.attach(model, cfg, jax.random.key(0))
     for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):
@@ -319,7 +319,7 @@ def test_equals_llamacpps_own_converter(arch, gguf_type, tmp_path):
         pytest.skip("llama-cpp-python's sdist (its converter) could not be fetched from the package registry")
     d = tmp_path / "hf"
     _save(d, arch)
-    base = jaxft.load_pretrained(d)
+    base = load_pretrained(d)
     ours = write_gguf(merged_tensors(base, np.float32), tf.AutoConfig.from_pretrained(d), example_tokenizer(),
                       tmp_path / "ours.gguf", gguf_type=gguf_type, source=d)
     import os

@@ -235,7 +235,7 @@ def test_training_logps_equal_trl_at_the_sampling_temperature(toy_model, tmp_pat
     `_get_per_token_logps_and_entropies` on TRL's own batch of the same rollouts (T = 0.7)."""
     from flax import nnx
 
-    from jaxft.adapters.base import ON
+    from jaxft.context import ON
     from jaxft.objectives.rollout import completion_logps
 
     tr = _trl_trainer(toy_model, tmp_path / "trl", temperature=0.7)
@@ -545,17 +545,17 @@ def test_sampler_logps_equal_the_training_forward(arch, tmp_path):
     the adapters-off forward of a LoRA model equals the base model's."""
     from flax import nnx
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft import adapters
-    from jaxft.adapters.base import OFF, ON
+    from jaxft.context import OFF, ON
     from jaxft.config import LoraConfig
     from jaxft.generate import Sampling, generate
     from jaxft.objectives.rollout import completion_logps, layout, make_forward
     from tiny import save_model
 
     save_model(arch, tmp_path)
-    base = jaxft.load_pretrained(tmp_path)
-    model = jaxft.load_pretrained(tmp_path)
+    base = load_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     cfg = LoraConfig(r=4, alpha=8)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)
@@ -596,15 +596,15 @@ def test_shared_prompts_give_the_whole_rows_logps_and_gradients(arch, tmp_path):
     w.r.t. the adapter and the base weights; per-row adapter ids fall back to whole rows."""
     from flax import nnx
 
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
     from jaxft import adapters
-    from jaxft.adapters.base import ON, Ctx
+    from jaxft.context import ON, Ctx
     from jaxft.config import LoraConfig
     from jaxft.objectives.rollout import completion_logps, layout, prompt_sharing
     from tiny import save_model
 
     save_model(arch, tmp_path)
-    model = jaxft.load_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     cfg = LoraConfig(r=4, alpha=8)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)

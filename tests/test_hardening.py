@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.checkpoint import Checkpoints
 from jaxft.cli import _parse
@@ -190,7 +191,7 @@ def test_a_step_that_would_make_weights_non_finite_changes_nothing(tiny_dir):
     """Finite loss and gradients, but lr = inf (an OptimConfig built in code, so never validated): the
     update is non-finite and the step must be skipped, not applied."""
     lr = math.inf
-    model = jaxft.load_pretrained(tiny_dir)
+    model = load_pretrained(tiny_dir)
     cfg = LoraConfig(r=4, alpha=8)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)

@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.losses import sft_loss, token_logprobs
 from jaxft.train import init_state, make_optimizer, make_train_step
 from tiny import save_model
@@ -34,14 +35,14 @@ def _batch(B=2, S=16, seed=0, vocab=96):
 
 
 def _lora_model(tiny_dir, **kw):
-    model = jaxft.load_pretrained(tiny_dir)
+    model = load_pretrained(tiny_dir)
     cfg = LoraConfig(r=4, alpha=8, **kw)
     adapters.attach(model, cfg, jax.random.key(0))
     return model, cfg
 
 
 def test_fresh_adapter_leaves_logits_unchanged(tiny_dir):
-    base = jaxft.load_pretrained(tiny_dir)
+    base = load_pretrained(tiny_dir)
     model, _ = _lora_model(tiny_dir)
     toks = jnp.asarray(_batch()["tokens"])
     np.testing.assert_array_equal(np.asarray(model(toks)[0]), np.asarray(base(toks)[0]))
@@ -58,7 +59,7 @@ def test_target_modules_and_scaling(tiny_dir):
     assert model.model.layers.self_attn.q_proj.adapter.scale == 2.0
     assert adapters.scale(LoraConfig(r=16, alpha=8, rslora=True)) == 2.0
     with pytest.raises(jaxft.JaxftError, match="'qkv' is not a linear layer"):
-        adapters.attach(jaxft.load_pretrained(tiny_dir), LoraConfig(target_modules=("qkv",)), jax.random.key(0))
+        adapters.attach(load_pretrained(tiny_dir), LoraConfig(target_modules=("qkv",)), jax.random.key(0))
 
 
 def test_lora_forward_is_peft_formula(tiny_dir):
@@ -82,7 +83,7 @@ def test_split_trains_only_the_adapter(tiny_dir):
     leaves = jax.tree_util.tree_leaves_with_path(params)
     assert leaves and all(str(p[-2].key) in ("a", "b") for p, _ in leaves)
     full = LoraConfig(enabled=False)
-    g2, p2, f2 = adapters.split(jaxft.load_pretrained(tiny_dir), full)
+    g2, p2, f2 = adapters.split(load_pretrained(tiny_dir), full)
     assert len(jax.tree.leaves(f2)) == 0
     g3, p3, f3 = adapters.split(_lora_model(tiny_dir, modules_to_save=("lm_head",))[0],
                             LoraConfig(modules_to_save=("lm_head",)))
@@ -190,7 +191,7 @@ def test_nonfinite_step_is_skipped(tiny_dir):
 
 def test_loss_falls_when_memorizing(tiny_dir):
     for enabled in (True, False):
-        model = jaxft.load_pretrained(tiny_dir)
+        model = load_pretrained(tiny_dir)
         cfg = LoraConfig(r=8, alpha=16, enabled=enabled)
         if enabled:
             adapters.attach(model, cfg, jax.random.key(0))
@@ -207,7 +208,7 @@ def test_loss_falls_when_memorizing(tiny_dir):
 
 
 def test_chunked_logprobs_equal_full_logits(tiny_dir):
-    model = jaxft.load_pretrained(tiny_dir)
+    model = load_pretrained(tiny_dir)
     b = _batch(S=40)
     h, _ = model.hidden(jnp.asarray(b["tokens"]))
     full = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), -1)
@@ -230,7 +231,7 @@ def test_lora_dropout_is_seeded_and_active(tiny_dir):
 
 
 def test_bf16_compute_keeps_fp32_adapter_and_optimizer_state(tiny_dir):
-    model = jaxft.load_pretrained(tiny_dir, dtype=jnp.bfloat16)
+    model = load_pretrained(tiny_dir, dtype=jnp.bfloat16)
     cfg = LoraConfig(r=4, alpha=8)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)
@@ -255,7 +256,7 @@ def test_chunked_logprobs_gradients_equal_autodiff(tmp_path, arch, dtype):
     """The hand-written head gradient (jaxft.losses._chunk_logprobs) equals autodiff of full logits,
     for a frozen head (gradient to h only: the dh-in-forward path) and a trainable one."""
     save_model(arch, tmp_path)
-    model = jaxft.load_pretrained(tmp_path, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
+    model = load_pretrained(tmp_path, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
     b = _batch(S=19)
     h, _ = model.hidden(jnp.asarray(b["tokens"]))
     t = jnp.asarray(b["targets"])

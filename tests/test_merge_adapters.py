@@ -12,7 +12,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.formats.peft_merge import combine, merge_adapters, read
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import load_adapter, vllm_problems
@@ -163,7 +163,7 @@ def _peft_load(base, adapter_dir):
 
 
 def _jaxft_logits(base_dir, adapter_dir, toks):
-    model = jaxft.load_pretrained(base_dir)
+    model = load_pretrained(base_dir)
     load_adapter(model, adapter_dir)
     return np.asarray(model(jnp.asarray(toks))[0])
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import jaxft
-from jaxft.models import DecoderConfig
+from jaxft.formats.hf import load_pretrained
+from jaxft.models.config import DecoderConfig
+from jaxft.models.decoder import Decoder
 from tiny import ARCHS, make_config, make_model, save_model
 
 SEQ = 24  # longer than the sliding windows (5) and the llama3 rope's original context (16)
@@ -28,7 +29,7 @@ def test_fp32_logits_match_transformers(arch, tmp_path):
     toks = _tokens()
     ref = _hf_logits(ref_model, toks)
     assert ref.std() > 0.3, "logits too flat for the comparison to mean anything"
-    model = jaxft.load_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     out, _ = model(jnp.asarray(toks))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
@@ -39,7 +40,7 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     toks = _tokens()
-    out, _ = jaxft.load_pretrained(tmp_path)(jnp.asarray(toks))
+    out, _ = load_pretrained(tmp_path)(jnp.asarray(toks))
     np.testing.assert_allclose(np.asarray(out), _hf_logits(ref_model, toks), atol=1e-4, rtol=0)
 
 
@@ -53,7 +54,7 @@ def test_bf16_loading(arch, tmp_path):
     toks = _tokens()
     ref32 = _hf_logits(ref_model, toks)
     ref16 = _hf_logits(ref_model.to(torch.bfloat16), toks)
-    model = jaxft.load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    model = load_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert model.model.layers.self_attn.q_proj.kernel.dtype == jnp.bfloat16
     out, _ = model(jnp.asarray(toks))
     assert out.dtype == jnp.bfloat16
@@ -72,14 +73,14 @@ def test_padding_and_positions_match_transformers(tmp_path):
     mask[0, :7] = 0
     pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     ref = _hf_logits(ref_model, toks, attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-    out, _ = jaxft.load_pretrained(tmp_path)(jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(mask))
+    out, _ = load_pretrained(tmp_path)(jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(out)[mask == 1], ref[mask == 1], atol=1e-4, rtol=0)
 
 
 def test_packed_documents_do_not_see_each_other(tmp_path):
     """Two documents packed in one row give the logits each gets alone."""
     save_model("mistral", tmp_path)
-    model = jaxft.load_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     a, b = _tokens(1, 10, seed=1), _tokens(1, 14, seed=2)
     packed = np.concatenate([a, b], axis=1)
     pos = np.concatenate([np.arange(10), np.arange(14)])[None]
@@ -96,7 +97,7 @@ def test_remat_policies_same_logits_and_grads(tmp_path):
     toks = jnp.asarray(_tokens())
     results = []
     for remat in ("none", "proj", "dots", "full"):
-        model = jaxft.load_pretrained(tmp_path, remat=remat)
+        model = load_pretrained(tmp_path, remat=remat)
         from flax import nnx
 
         def loss(m):
@@ -124,7 +125,7 @@ def test_remat_proj_keeps_less_than_none(tmp_path):
                  segment_ids=np.ones_like(toks), loss_mask=np.ones(toks.shape, np.float32))
     temp = {}
     for remat in ("none", "proj", "full"):
-        model = jaxft.load_pretrained(tmp_path, remat=remat)
+        model = load_pretrained(tmp_path, remat=remat)
         cfg = LoraConfig(r=4, alpha=8)
         adapters.attach(model, cfg, jax.random.key(0))
         g, p, f = adapters.split(model, cfg)
@@ -140,7 +141,7 @@ def test_compile_does_not_grow_with_depth():
     sizes = []
     for layers in (2, 16):
         cfg = DecoderConfig.from_hf(make_config("llama", num_hidden_layers=layers))
-        model = jaxft.Decoder(cfg, rngs=nnx.Rngs(0))
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         f = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
         sizes.append(len(f.lower(state, jnp.zeros((1, 8), jnp.int32)).as_text()))

@@ -54,9 +54,9 @@ def _joint(chat_model, data, tmp_path, name="joint", validation=False, **mesh):
 
 
 def _factors(model_dir, run_dir, name=None):
-    import jaxft
+    from jaxft.formats.hf import load_pretrained
 
-    model = jaxft.load_pretrained(model_dir)
+    model = load_pretrained(model_dir)
     entries = bank.load_entries(model, [(name or run_dir.name, run_dir)])
     return entries[0]
 
@@ -89,8 +89,8 @@ def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, dat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import jaxft
-    from jaxft.adapters.base import Ctx
+    from jaxft.formats.hf import load_pretrained
+    from jaxft.context import Ctx
     from jaxft.commands.export import export
 
     run = load_config(joint / "config.json")
@@ -99,7 +99,7 @@ def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, dat
     cmd = (out / "serve_vllm.sh").read_text()
     assert f"--enable-lora --lora-modules alpha={out.absolute() / 'alpha'} beta={out.absolute() / 'beta'}" in cmd
     assert "--max-loras 2 --max-lora-rank 8" in cmd
-    model = jaxft.load_pretrained(chat_model)
+    model = load_pretrained(chat_model)
     assert bank.load(model, [str(joint)]) == ("alpha", "beta")
     toks = np.random.RandomState(0).randint(0, 49152, (2, 10))
     for n, s in enumerate(SPECS):

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
@@ -30,11 +30,11 @@ def test_jaxft_adapter_loads_in_peft_with_equal_logits(arch, tmp_path):
     save_model(arch, tmp_path / "base")
     cfg = LoraConfig(r=4, alpha=8, rslora=arch == "qwen3",
                      target_modules=("q_proj", "v_proj", "down_proj") if arch == "gemma" else ("all-linear",))
-    model = _random_adapter(jaxft.load_pretrained(tmp_path / "base"), cfg)
+    model = _random_adapter(load_pretrained(tmp_path / "base"), cfg)
     export_adapter(model, cfg, tmp_path / "adapter")
     toks = np.random.RandomState(0).randint(0, 96, (2, 20))
     ours = np.asarray(model(jnp.asarray(toks))[0])
-    base_logits = np.asarray(jaxft.load_pretrained(tmp_path / "base")(jnp.asarray(toks))[0])
+    base_logits = np.asarray(load_pretrained(tmp_path / "base")(jnp.asarray(toks))[0])
     assert np.abs(ours - base_logits).max() > 1e-2  # the adapter really changes the model
     peft_model = PeftModel.from_pretrained(make_model(arch), tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_peft_trained_adapter_imports_and_round_trips(arch, tmp_path):
     pm.save_pretrained(tmp_path / "peft_adapter")
     with torch.no_grad():
         ref = pm(toks).logits.numpy()
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     cfg = load_adapter(model, tmp_path / "peft_adapter")
     assert cfg.r == 8 and cfg.alpha == 16
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks.numpy()))[0]), ref, atol=1e-4, rtol=0)
@@ -77,7 +77,7 @@ def test_peft_trained_adapter_imports_and_round_trips(arch, tmp_path):
 def test_export_is_atomic_and_never_overwrites(tmp_path):
     save_model("qwen2", tmp_path / "base")
     cfg = LoraConfig(r=2, alpha=4)
-    model = _random_adapter(jaxft.load_pretrained(tmp_path / "base"), cfg)
+    model = _random_adapter(load_pretrained(tmp_path / "base"), cfg)
     out = export_adapter(model, cfg, tmp_path / "a")
     with pytest.raises(JaxftError, match="already exists"):
         export_adapter(model, cfg, tmp_path / "a")
@@ -94,7 +94,7 @@ def test_import_mismatch_names_the_tensor(tmp_path):
     save_model("llama", tmp_path / "base")
     save_model("llama", tmp_path / "other")
     cfg = LoraConfig(r=2, alpha=4, target_modules=("q_proj",))
-    export_adapter(_random_adapter(jaxft.load_pretrained(tmp_path / "base"), cfg), cfg, tmp_path / "a")
+    export_adapter(_random_adapter(load_pretrained(tmp_path / "base"), cfg), cfg, tmp_path / "a")
     from safetensors.numpy import load_file, save_file
 
     f = tmp_path / "a" / "adapter_model.safetensors"
@@ -102,7 +102,7 @@ def test_import_mismatch_names_the_tensor(tmp_path):
     t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"] = np.zeros((2, 10), np.float32)
     save_file(t, f)
     with pytest.raises(JaxftError, match=r"layers\.1\.self_attn\.q_proj\.lora_A\.weight has shape \[2, 10\]"):
-        load_adapter(jaxft.load_pretrained(tmp_path / "other"), tmp_path / "a")
+        load_adapter(load_pretrained(tmp_path / "other"), tmp_path / "a")
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -114,7 +114,7 @@ def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
 
     save_model(arch, tmp_path / "base")
     cfg = LoraConfig(r=4, alpha=8)
-    model = _random_adapter(jaxft.load_pretrained(tmp_path / "base"), cfg)
+    model = _random_adapter(load_pretrained(tmp_path / "base"), cfg)
     hf_config = AutoConfig.from_pretrained(tmp_path / "base")
     export_merged(model, example_tokenizer(), hf_config, tmp_path / "merged", dtype="fp32", max_shard_bytes=200_000)
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
@@ -125,7 +125,7 @@ def test_merged_export_loads_in_transformers_with_equal_logits(arch, tmp_path):
         ref = hf(torch.tensor(toks)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
     # and jaxft reads its own export back
-    again = jaxft.load_pretrained(tmp_path / "merged")
+    again = load_pretrained(tmp_path / "merged")
     np.testing.assert_allclose(np.asarray(again(jnp.asarray(toks))[0]), ref, atol=1e-4, rtol=0)
 
 
@@ -154,7 +154,7 @@ def test_full_finetune_merged_export_is_the_weights(tmp_path):
     from tiny import example_tokenizer
 
     save_model("gemma2", tmp_path / "base")
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: x * 1.01, state)  # stands in for a full fine-tuning update
     model = nnx.merge(graphdef, state)

@@ -15,6 +15,8 @@ from peft import LoraConfig as PeftLoraConfig
 from safetensors.numpy import load_file
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
+from jaxft import context
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig, load_config
 from jaxft.errors import JaxftError
@@ -60,7 +62,7 @@ def _train_jaxft_like(model, seed=1):
 
 def _jaxft_model(method, arch, path, seed=1):
     cfg = JAXFT_CFGS[method](arch)
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     adapters.attach(model, cfg, jax.random.key(0))
     return _train_jaxft_like(model, seed), cfg
 
@@ -102,11 +104,11 @@ def test_peft_trained_adapter_imports_and_round_trips(method, arch, tmp_path):
     pm = _peft_trained(method, arch, tmp_path)
     toks = _toks()
     ref = _peft_logits(pm, toks)
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     cfg = load_adapter(model, tmp_path / "peft")
     assert adapters.method_of(cfg) == {"pissa": "lora", "olora": "lora"}.get(method, method)
     ours = _logits(model, toks)
-    assert np.abs(ours - _logits(jaxft.load_pretrained(tmp_path / "base"), toks)).max() > 1e-2  # it was trained
+    assert np.abs(ours - _logits(load_pretrained(tmp_path / "base"), toks)).max() > 1e-2  # it was trained
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     export_adapter(model, cfg, tmp_path / "back")
     original, back = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "back"))
@@ -126,7 +128,7 @@ def test_jaxft_adapter_loads_in_peft_with_equal_logits(method, arch, tmp_path):
     export_adapter(model, cfg, tmp_path / "adapter")
     toks = _toks()
     ours = _logits(model, toks)
-    assert np.abs(ours - _logits(jaxft.load_pretrained(tmp_path / "base"), toks)).max() > 1e-2
+    assert np.abs(ours - _logits(load_pretrained(tmp_path / "base"), toks)).max() > 1e-2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = PeftModel.from_pretrained(make_model(arch), tmp_path / "adapter").eval()
@@ -159,7 +161,7 @@ def test_merged_export_equals_the_adapted_model(method, arch, tmp_path):
 def test_merged_weights_equal_peft_merge_and_unload(method, tmp_path):
     save_model("qwen2", tmp_path / "base")  # q/k/v biases: IA3's output scaling scales them on merge
     pm = _peft_trained(method, "qwen2", tmp_path)
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     load_adapter(model, tmp_path / "peft")
     from jaxft.formats.peft import merged_tensors
 
@@ -216,7 +218,7 @@ def test_dora_layer_forward_and_gradients_equal_peft():
 
     def f(p):
         d = nnx.merge(graphdef, jax.tree.map(lambda v: v[0], p), rest)  # one layer, as inside the scan
-        out = d(jnp.asarray(x), base, w, adapters.ON)
+        out = d(jnp.asarray(x), base, w, context.ON)
         return jnp.sum(out * g), out
 
     grads, out = jax.grad(f, has_aux=True)(params)
@@ -243,9 +245,9 @@ def test_dora_dropout_matches_peft_with_the_same_mask():
     dora, w, base = _jaxft_dora_from(lin)
     dora.dropout = 0.5
     one = nnx.merge(*(lambda g, s: (g, jax.tree.map(lambda v: v[0], s)))(*nnx.split(dora)))
-    got = one(jnp.asarray(x), base, w, adapters.Ctx(dropout_key=key))
+    got = one(jnp.asarray(x), base, w, context.Ctx(dropout_key=key))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
-    no_drop = one(jnp.asarray(x), base, w, adapters.ON)
+    no_drop = one(jnp.asarray(x), base, w, context.ON)
     assert float(jnp.abs(got - no_drop).max()) > 1e-2  # the mask does change the output
 
 
@@ -253,7 +255,7 @@ def test_dora_whole_model_gradients_equal_peft(tmp_path):
     arch = "llama"
     save_model(arch, tmp_path / "base")
     pm = _peft_trained("dora", arch, tmp_path, steps=2)  # non-trivial A, B, m
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     load_adapter(model, tmp_path / "peft")
     toks = _toks(3, (2, 12))
     pm.train()  # lora_dropout = 0: train mode only switches PEFT to its training path
@@ -282,11 +284,11 @@ def test_dora_whole_model_gradients_equal_peft(tmp_path):
 
 def test_dora_init_magnitude_and_file_layout(tmp_path):
     save_model("llama", tmp_path / "base")
-    model = jaxft.load_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base")
     cfg = LoraConfig(r=2, alpha=4, use_dora=True, target_modules=("q_proj", "v_proj"))
     adapters.attach(model, cfg, jax.random.key(0))
     toks = _toks()
-    np.testing.assert_allclose(_logits(model, toks), _logits(jaxft.load_pretrained(tmp_path / "base"), toks),
+    np.testing.assert_allclose(_logits(model, toks), _logits(load_pretrained(tmp_path / "base"), toks),
                                atol=1e-5, rtol=0)  # m = ‖W‖ and B = 0: unchanged at init
     lin = model.model.layers.self_attn.q_proj
     np.testing.assert_allclose(np.asarray(lin.adapter.m[...]), np.linalg.norm(np.asarray(lin.kernel[...]), axis=1),
@@ -304,11 +306,11 @@ def test_dora_on_a_quantized_base_uses_the_dequantized_norm(tmp_path):
     from jaxft.config import QuantConfig
 
     save_model("llama", tmp_path / "base")
-    q = jaxft.load_pretrained(tmp_path / "base", quant=QuantConfig(base="nf4"))
+    q = load_pretrained(tmp_path / "base", quant=QuantConfig(base="nf4"))
     cfg = LoraConfig(r=2, alpha=4, use_dora=True, target_modules=("q_proj", "down_proj"))
     adapters.attach(q, cfg, jax.random.key(0))
     _train_jaxft_like(q)
-    f = jaxft.load_pretrained(tmp_path / "base")  # fp32, with the dequantized weights and the same adapters
+    f = load_pretrained(tmp_path / "base")  # fp32, with the dequantized weights and the same adapters
     for (_, lq), (_, lf) in zip(adapters.targets(q, ("all-linear",)), adapters.targets(f, ("all-linear",))):
         lf.kernel[...] = lq.kernel[...]
         lf.adapter = lq.adapter
@@ -334,7 +336,7 @@ def _peft_init(init, arch, tmp_path, r=4, alpha=8):
 
 
 def _jaxft_init(init, path, r=4, alpha=8):
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     adapters.attach(model, LoraConfig(r=r, alpha=alpha, init=init, target_modules=tuple(TARGETS)), jax.random.key(0))
     out = {}
     for p, lin in adapters.adapted(model):
@@ -377,7 +379,7 @@ def test_pissa_adapters_off_is_the_original_model_and_dpo_reference(tmp_path):
 
     save_model("qwen2", tmp_path / "base")
     model, _ = _jaxft_model("pissa", "qwen2", tmp_path / "base")
-    base = jaxft.load_pretrained(tmp_path / "base")
+    base = load_pretrained(tmp_path / "base")
     toks = _toks(0, (4, 16))
     B, S = toks.shape
     batch = dict(tokens=jnp.asarray(toks), positions=jnp.tile(jnp.arange(S), (B, 1)),
@@ -386,8 +388,8 @@ def test_pissa_adapters_off_is_the_original_model_and_dpo_reference(tmp_path):
     h, _ = base.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
     want = jnp.sum(jaxft.losses.token_logprobs(base, h, batch["targets"]) * batch["loss_mask"], -1)
     np.testing.assert_allclose(reference_logps(model, batch), want, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(_logits(model, toks, ctx=adapters.OFF), _logits(base, toks), atol=1e-4, rtol=0)
-    residual = jaxft.load_pretrained(tmp_path / "base")  # the residual kernels without their adapter
+    np.testing.assert_allclose(_logits(model, toks, ctx=context.OFF), _logits(base, toks), atol=1e-4, rtol=0)
+    residual = load_pretrained(tmp_path / "base")  # the residual kernels without their adapter
     for (_, lr), (_, lm) in zip(adapters.targets(residual, ("all-linear",)), adapters.targets(model, ("all-linear",))):
         lr.kernel[...] = lm.kernel[...]
     assert np.abs(_logits(residual, toks) - _logits(base, toks)).max() > 1e-1  # so `off` really adds W back
@@ -407,7 +409,7 @@ def test_pissa_on_a_quantized_base_quantizes_the_residual(chat_model):
                               quant=QuantConfig(base="nf4"))
     setup = build(run)
     model = nnx.merge(setup.graphdef, setup.params, setup.frozen)
-    ref = jaxft.load_pretrained(chat_model)  # the same PiSSA on the fp32 base: its residual kernels
+    ref = load_pretrained(chat_model)  # the same PiSSA on the fp32 base: its residual kernels
     adapters.attach(ref, lora, jax.random.key(run.train.seed))
     for name in ("q_proj", "down_proj", "k_proj"):  # k_proj: quantized as it is (not an adapter target)
         blk = "mlp" if name == "down_proj" else "self_attn"
@@ -417,9 +419,9 @@ def test_pissa_on_a_quantized_base_quantizes_the_residual(chat_model):
         for i in range(want.shape[0]):
             np.testing.assert_array_equal(np.asarray(got.arrays["codes"][...][i]), nf4_quantize(want[i])["codes"])
     toks = np.random.RandomState(0).randint(0, 49152, (2, 16))
-    base = _logits(jaxft.load_pretrained(chat_model), toks)
-    qlora = _logits(jaxft.load_pretrained(chat_model, quant=QuantConfig(base="nf4")), toks)
-    e_pissa, e_qlora = np.abs(_logits(model, toks, ctx=adapters.OFF) - base).mean(), np.abs(qlora - base).mean()
+    base = _logits(load_pretrained(chat_model), toks)
+    qlora = _logits(load_pretrained(chat_model, quant=QuantConfig(base="nf4")), toks)
+    e_pissa, e_qlora = np.abs(_logits(model, toks, ctx=context.OFF) - base).mean(), np.abs(qlora - base).mean()
     assert e_pissa < 1.1 * e_qlora, (e_pissa, e_qlora)  # the original model up to NF4 rounding, as plain QLoRA
 
 
@@ -429,7 +431,7 @@ def test_pissa_peft_import_of_an_unconverted_adapter_is_refused(tmp_path):
                                                             init_lora_weights="pissa"))
     pm.save_pretrained(tmp_path / "raw")
     with pytest.raises(JaxftError, match=r"init_lora_weights='pissa'.*path_initial_model_for_weight_conversion"):
-        load_adapter(jaxft.load_pretrained(tmp_path / "base"), tmp_path / "raw")
+        load_adapter(load_pretrained(tmp_path / "base"), tmp_path / "raw")
 
 
 # ---------------------------------------------------------------- IA3
@@ -440,7 +442,7 @@ def test_ia3_defaults_per_family_and_feedforward_semantics(tmp_path):
     save_model("mistral", tmp_path / "m")
     for path, want in ((tmp_path / "q", {"q_proj", "v_proj", "down_proj"}),
                        (tmp_path / "m", {"k_proj", "v_proj", "down_proj"})):
-        model = jaxft.load_pretrained(path)
+        model = load_pretrained(path)
         adapters.attach(model, LoraConfig(method="ia3"), jax.random.key(0))
         got = {p[-1]: lin.adapter for p, lin in adapters.adapted(model)}
         assert set(got) == want

@@ -14,6 +14,7 @@ import transformers as tf
 from flax import nnx
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters, quant
 from jaxft.config import LoraConfig, OptimConfig, QuantConfig
 from jaxft.train import init_state, make_optimizer, make_train_step
@@ -150,7 +151,7 @@ def test_nf4_model_equals_transformers_bitsandbytes(tiny128, double_quant, atol)
         ref = ref_model(torch.tensor(TOKS)).logits.numpy()
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)  # the pin held: no bf16 repack
                    for m in ref_model.modules() if isinstance(m, bnb_nn.Linear4bit))
-    ours = _logits(jaxft.load_pretrained(tiny128, quant=QuantConfig(base="nf4", double_quant=double_quant)))
+    ours = _logits(load_pretrained(tiny128, quant=QuantConfig(base="nf4", double_quant=double_quant)))
     np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
 
 
@@ -162,7 +163,7 @@ def test_int8_model_equals_transformers_with_int8_weights(tiny128):
                 q = quant.int8_quantize(p.numpy().T)
                 p.copy_(torch.from_numpy((q["q"].astype(np.float32) * q["scale"]).T))
         ref = hf(torch.tensor(TOKS)).logits.numpy()
-    np.testing.assert_allclose(_logits(jaxft.load_pretrained(tiny128, quant=QuantConfig(base="int8"))), ref,
+    np.testing.assert_allclose(_logits(load_pretrained(tiny128, quant=QuantConfig(base="int8"))), ref,
                                atol=1e-4, rtol=0)
 
 
@@ -174,13 +175,13 @@ def test_quantized_logits_close_to_full_precision(tiny128):
     """The bound: quantization error acts like noise. A quantized model's logits are no farther from the
     full-precision ones than with Gaussian noise of the same RMS added to every quantized weight (×1.25
     slack for the noise draw); int8 (per-weight error ~1/250 of the absmax) is ≥ 5× closer than NF4."""
-    full = jaxft.load_pretrained(tiny128)
+    full = load_pretrained(tiny128)
     ref = _logits(full)
     errs = {}
     for mode in ("nf4", "int8"):
-        q = jaxft.load_pretrained(tiny128, quant=QuantConfig(base=mode))
+        q = load_pretrained(tiny128, quant=QuantConfig(base=mode))
         errs[mode] = _rel(_logits(q), ref)
-        noisy = jaxft.load_pretrained(tiny128)
+        noisy = load_pretrained(tiny128)
         for i, ((_, lin), (_, qlin)) in enumerate(zip(adapters.targets(noisy, ("all-linear",)),
                                                       adapters.targets(q, ("all-linear",)))):
             w = lin.kernel[...]
@@ -188,7 +189,7 @@ def test_quantized_logits_close_to_full_precision(tiny128):
             lin.kernel[...] = w + rms * jax.random.normal(jax.random.key(i), w.shape)
         assert errs[mode] <= 1.25 * _rel(_logits(noisy), ref), (mode, errs)
     assert errs["int8"] * 5 < errs["nf4"]
-    bf16 = jaxft.load_pretrained(tiny128, dtype=jnp.bfloat16, quant=QuantConfig(base="nf4"))
+    bf16 = load_pretrained(tiny128, dtype=jnp.bfloat16, quant=QuantConfig(base="nf4"))
     assert bf16.model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16  # dequantized in compute dtype
     assert _rel(_logits(bf16).astype(np.float32), ref) < 1.5 * errs["nf4"]
 
@@ -202,7 +203,7 @@ def _batch(B=2, S=16, seed=0):
 
 
 def _lora_losses(path, quant_cfg, steps=12):
-    model = jaxft.load_pretrained(path, quant=quant_cfg)
+    model = load_pretrained(path, quant=quant_cfg)
     cfg = LoraConfig(r=8, alpha=16)
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)
@@ -241,12 +242,12 @@ def test_quant_config_errors_name_the_key():
 
 
 def test_skip_modules_and_lm_head(tiny128):
-    m = jaxft.load_pretrained(tiny128, quant=QuantConfig(base="int8", skip_modules=("down_proj",), lm_head=True))
+    m = load_pretrained(tiny128, quant=QuantConfig(base="int8", skip_modules=("down_proj",), lm_head=True))
     assert isinstance(m.model.layers.mlp.down_proj.kernel, nnx.Param)
     assert isinstance(m.model.layers.mlp.up_proj.kernel, quant.QuantKernel)
     assert isinstance(m.lm_head.kernel, quant.QuantKernel) and m.lm_head.kernel.shape == (64, 96)
     assert isinstance(m.model.embed_tokens.embedding, nnx.Param)
-    assert _rel(_logits(m), _logits(jaxft.load_pretrained(tiny128))) < 0.05  # int8: about 1% here
+    assert _rel(_logits(m), _logits(load_pretrained(tiny128))) < 0.05  # int8: about 1% here
 
 
 def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path):

@@ -19,7 +19,7 @@ import torch
 import transformers as tf
 from flax import nnx
 
-import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import DataConfig, LoraConfig, RewardConfig, load_config
 from jaxft.errors import JaxftError
@@ -131,7 +131,7 @@ def test_pooled_scores_equal_transformers(arch, tmp_path):
     for pad in (0, 1):  # pad ≠ eos; pad == eos (a trailing EOS is padding: the score is read before it)
         d = tmp_path / f"pad{pad}"
         hf = _seq_cls(arch, d, pad)
-        model = jaxft.load_pretrained(d, head="score", pad_token_id=pad)
+        model = load_pretrained(d, head="score", pad_token_id=pad)
         assert isinstance(model, ScoreModel) and model.pad_id == pad
         for left in (False, True):
             ids, seg, pos = _padded(rows, 12, pad, left)
@@ -141,7 +141,7 @@ def test_pooled_scores_equal_transformers(arch, tmp_path):
         # the pad == eos quirk really moves the read position: rows ending in EOS score differently
         if pad == 1:
             ids, seg, pos = _padded(rows, 12, 0, False)
-            other = np.asarray(jaxft.load_pretrained(d, head="score", pad_token_id=0)(
+            other = np.asarray(load_pretrained(d, head="score", pad_token_id=0)(
                 jnp.asarray(ids.astype(np.int32)), jnp.asarray(pos), jnp.asarray(seg)))
             assert np.abs(other[[0, 1, 3]] - got[[0, 1, 3]]).min() > 1e-4
 
@@ -150,8 +150,8 @@ def test_causal_checkpoint_gets_a_fresh_head_and_num_labels_is_checked(tmp_path)
     from tiny import save_model
 
     save_model("llama", tmp_path / "lm")
-    a = jaxft.load_pretrained(tmp_path / "lm", head="score", pad_token_id=0, seed=0)
-    b = jaxft.load_pretrained(tmp_path / "lm", head="score", pad_token_id=0, seed=1)
+    a = load_pretrained(tmp_path / "lm", head="score", pad_token_id=0, seed=0)
+    b = load_pretrained(tmp_path / "lm", head="score", pad_token_id=0, seed=1)
     w = np.asarray(a.score.kernel[...])
     assert w.shape == (64, 1) and 0.01 < w.std() < 0.03  # normal(0, initializer_range=0.02)
     assert not np.allclose(w, np.asarray(b.score.kernel[...]))
@@ -160,7 +160,7 @@ def test_causal_checkpoint_gets_a_fresh_head_and_num_labels_is_checked(tmp_path)
     tf.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "two")
     with pytest.raises(JaxftError, match=r"two/config.json: num_labels=2 \(id2label\); a reward model needs "
                                          r"num_labels=1"):
-        jaxft.load_pretrained(tmp_path / "two", head="score", pad_token_id=0)
+        load_pretrained(tmp_path / "two", head="score", pad_token_id=0)
 
 
 # ---------------------------------------------------------------- exports load in transformers / PEFT
@@ -168,7 +168,7 @@ def test_causal_checkpoint_gets_a_fresh_head_and_num_labels_is_checked(tmp_path)
 
 def _trained_score_model(path, pad, seed=0):
     """A ScoreModel on a causal checkpoint with a "trained" LoRA (B ≠ 0) and a non-zero head."""
-    model = jaxft.load_pretrained(path, head="score", pad_token_id=pad, seed=seed)
+    model = load_pretrained(path, head="score", pad_token_id=pad, seed=seed)
     adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
     for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):
         lin.adapter.b[...] = 0.2 * jax.random.normal(jax.random.key(100 + i), lin.adapter.b.shape)
@@ -390,7 +390,7 @@ def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
     from jaxft.train import init_state, make_optimizer, make_train_step
 
     tok = example_tokenizer()
-    model = jaxft.load_pretrained(chat_model, head="score", pad_token_id=tok.pad_token_id)
+    model = load_pretrained(chat_model, head="score", pad_token_id=tok.pad_token_id)
     adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, LoraConfig(r=4, alpha=8))
     assert "score" in params  # the head trains in full next to the adapter

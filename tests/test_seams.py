@@ -16,8 +16,11 @@ import pytest
 from flax import nnx
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
+from jaxft.models.decoder import Decoder
+from jaxft.models.config import DecoderConfig
 from jaxft import adapters, sharding
-from jaxft.adapters.base import OFF, Ctx
+from jaxft.context import OFF, Ctx
 from jaxft.config import LoraConfig, OptimConfig
 from jaxft.generate import Sampling, _run, generate
 from jaxft.losses import sft_loss, token_logprobs
@@ -39,7 +42,7 @@ def tiny(tmp_path_factory):
 
 def _trained_lora(path, seed=0, scale=0.2):
     """A model with a LoRA adapter whose B is non-zero (a "trained" adapter)."""
-    model = jaxft.load_pretrained(path)
+    model = load_pretrained(path)
     adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(seed))
     for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):
         lin.adapter.b[...] = scale * jax.random.normal(jax.random.key(100 + i + seed), lin.adapter.b.shape)
@@ -50,7 +53,7 @@ def _trained_lora(path, seed=0, scale=0.2):
 
 
 def test_adapters_off_equals_the_base_model_bit_for_bit(tiny):
-    base = jaxft.load_pretrained(tiny)
+    base = load_pretrained(tiny)
     model = _trained_lora(tiny)
     toks = jnp.asarray(_batch()["tokens"])
     on, _ = model(toks)
@@ -82,18 +85,18 @@ class ScaledIdentity(nnx.Module):
 def test_a_new_adapter_type_plugs_in_through_the_protocol(tiny):
     """No library file knows ScaledIdentity: the forward, adapters-off, split, the gradient, the merge
     and the sharding axes all go through the protocol."""
-    model = jaxft.load_pretrained(tiny)
+    model = load_pretrained(tiny)
     for i, (_, lin) in enumerate(adapters.targets(model, ("q_proj", "down_proj"))):  # q_proj has no bias
         lin.adapter = ScaledIdentity(lin.kernel.shape, lin.axes)
         lin.adapter.g[...] = 0.3 * jax.random.normal(jax.random.key(i), lin.adapter.g.shape)
-    merged = jaxft.load_pretrained(tiny)
+    merged = load_pretrained(tiny)
     for (_, lin), (_, m) in zip(adapters.targets(model, ("q_proj", "down_proj")),
                                 adapters.targets(merged, ("q_proj", "down_proj"))):
         m.kernel[...] = adapters.merged_kernel(lin)
     b = _batch()
     toks = jnp.asarray(b["tokens"])
     np.testing.assert_allclose(np.asarray(model(toks)[0]), np.asarray(merged(toks)[0]), atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(model(toks, ctx=OFF)[0]), np.asarray(jaxft.load_pretrained(tiny)(toks)[0]))
+    np.testing.assert_array_equal(np.asarray(model(toks, ctx=OFF)[0]), np.asarray(load_pretrained(tiny)(toks)[0]))
 
     graphdef, params, frozen = adapters.split(model, LoraConfig())
     assert {p[-2:] for p, _ in nnx.to_flat_state(params)} == {("adapter", "g")}
@@ -109,7 +112,7 @@ def test_a_new_adapter_type_plugs_in_through_the_protocol(tiny):
 
 def test_dropout_key_reaches_every_module_and_layer_distinctly(tiny):
     """Dropout travels in Ctx: each layer (scan fold) and projection (index fold) draws its own mask."""
-    model = jaxft.load_pretrained(tiny)
+    model = load_pretrained(tiny)
     adapters.attach(model, LoraConfig(r=4, alpha=8, dropout=0.5), jax.random.key(0))
     for i, (_, lin) in enumerate(adapters.targets(model, ("all-linear",))):  # B ≠ 0: dropout changes the output
         lin.adapter.b[...] = 0.2 * jax.random.normal(jax.random.key(100 + i), lin.adapter.b.shape)
@@ -130,7 +133,7 @@ def test_plain_layouts_equal_the_cpu_tuned_ones(tiny):
 
     b = _batch()
     tuned = _trained_lora(tiny)
-    plain = jaxft.load_pretrained(tiny, tuning=PLAIN)
+    plain = load_pretrained(tiny, tuning=PLAIN)
     adapters.attach(plain, LoraConfig(r=4, alpha=8), jax.random.key(0))
     for (_, a), (_, p) in zip(adapters.targets(tuned, ("all-linear",)), adapters.targets(plain, ("all-linear",))):
         p.adapter.b[...] = a.adapter.b[...]
@@ -175,7 +178,7 @@ def _trained_lora_small():
     """A random tiny decoder with a LoRA adapter, built without files."""
     from tiny import make_config
 
-    model = jaxft.Decoder(jaxft.DecoderConfig.from_hf(make_config("llama")), rngs=nnx.Rngs(0))
+    model = Decoder(DecoderConfig.from_hf(make_config("llama")), rngs=nnx.Rngs(0))
     adapters.attach(model, LoraConfig(r=4, alpha=8), jax.random.key(0))
     return model
 
@@ -241,7 +244,7 @@ def test_sampled_logprobs_equal_the_training_forward(arch, tmp_path):
 def test_adapters_off_generation_equals_the_base_model(tiny):
     model = _trained_lora(tiny)
     graphdef, state = nnx.split(model)
-    bg, bstate = nnx.split(jaxft.load_pretrained(tiny))
+    bg, bstate = nnx.split(load_pretrained(tiny))
     s = Sampling(max_new_tokens=12)
     off = generate(graphdef, (state,), PROMPTS, eos_ids={95}, sampling=s, ctx=OFF)
     base = generate(bg, (bstate,), PROMPTS, eos_ids={95}, sampling=s)

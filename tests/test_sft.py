@@ -15,6 +15,7 @@ import torch
 from flax import nnx
 
 import jaxft
+from jaxft.formats.hf import load_pretrained
 from jaxft.config import DataConfig, load_config
 from jaxft.data.encode import Batches, load_examples
 from jaxft.losses import token_logprobs
@@ -50,7 +51,7 @@ def test_packed_equals_unpacked_per_document(chat_model, task_data):
     tok = example_tokenizer()
     examples, _ = load_examples(DataConfig(train=str(task_data / "train.jsonl"), max_length=256), tok)
     examples = examples[:6]
-    model = jaxft.load_pretrained(chat_model)
+    model = load_pretrained(chat_model)
 
     def per_doc(batch):
         h, _ = model.hidden(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),

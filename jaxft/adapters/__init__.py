@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxft.adapters.base import OFF, ON, Adapter, Ctx  # noqa: F401 — the package's public names
+from jaxft.adapters.base import Adapter  # noqa: F401 — the protocol every method implements
 from jaxft.adapters.dora import DoRA
 from jaxft.adapters.ia3 import IA3
 from jaxft.adapters.lora import LoRA, scale  # noqa: F401

@@ -14,37 +14,12 @@ dropout keys or per-row adapter ids arrive as arguments, never as attributes wri
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Protocol
 
 import jax
 import numpy as np
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Ctx:
-    """Per-call state of one forward pass.
-
-    dropout_key: turns on adapter dropout (training); the layer scan folds in the layer index and each
-        projection its own index (`Ctx.fold`), so every module of every layer draws its own mask.
-    adapter_ids: [B] int, which adapter each row uses (mixed-adapter batches); None = the only one.
-    enabled: False runs the base model (every adapter skipped): a static switch, so a second graph.
-    """
-
-    dropout_key: jax.Array | None = None
-    adapter_ids: jax.Array | None = None
-    enabled: bool = dataclasses.field(default=True, metadata=dict(static=True))
-
-    def fold(self, data) -> Ctx:
-        """This context with the dropout key folded by `data` (e.g. the layer index inside the scan)."""
-        if self.dropout_key is None:
-            return self
-        return dataclasses.replace(self, dropout_key=jax.random.fold_in(self.dropout_key, data))
-
-
-ON = Ctx()  # the default: adapters on, no dropout
-OFF = Ctx(enabled=False)  # the base model: every adapter switched off
+from jaxft.context import Ctx
 
 
 class Adapter(Protocol):

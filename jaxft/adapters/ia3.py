@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.config import LoraConfig
 from jaxft.errors import JaxftError
 

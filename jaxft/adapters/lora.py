@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.adapters.base import Ctx
+from jaxft.context import Ctx
 from jaxft.config import LoraConfig, residual_init
 from jaxft.errors import JaxftError
 

@@ -49,8 +49,7 @@ def generate_answers(graphdef, weights, tokenizer, prompts: list[list[dict]], *,
     adapter bank, prompt i is answered by adapter adapter_ids[i] (-1: the base), in mixed batches."""
     import jax.numpy as jnp
 
-    from jaxft.adapters.base import ON, Ctx
-
+    from jaxft.context import ON, Ctx
     answers = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]

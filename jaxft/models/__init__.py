@@ -1,4 +1,2 @@
-from jaxft.models.config import DecoderConfig, RopeConfig
-from jaxft.models.decoder import Decoder
-
-__all__ = ["Decoder", "DecoderConfig", "RopeConfig"]
+"""The one parametric decoder (decoder.py), its config from a checkpoint (config.py), heads beside its
+backbone (heads.py) and the table of its layer projections (names.py)."""

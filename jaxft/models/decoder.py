@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
@@ -368,7 +368,7 @@ class Backbone(nnx.Module):
 
 class Decoder(nnx.Module):
     """A causal LM: the Backbone (HF's `model.`) and the LM head beside it (`lm_head`, or the tied
-    embeddings). `Decoder(cfg, rngs=nnx.Rngs(0))` is random; `jaxft.load_pretrained` fills real weights.
+    embeddings). `Decoder(cfg, rngs=nnx.Rngs(0))` is random; `jaxft.formats.hf.load_pretrained` fills real weights.
 
     dtype: compute dtype (fp32 or bf16); param_dtype: storage dtype of the weights.
     remat: "none" | "proj" | "dots" | "full" — what a layer keeps for the backward pass (REMAT_POLICIES).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.models.config import DecoderConfig
 from jaxft.models.decoder import CPU_TUNED, REMAT_POLICIES, Backbone, Decoder, Linear, Tuning
 
@@ -35,7 +35,7 @@ class ScoreModel(nnx.Module):
     """A sequence scorer: the Backbone (HF's `model.`) and a scalar `score` head beside it.
 
     `ScoreModel(cfg, pad_id=2, rngs=nnx.Rngs(0))` is random (head ~ normal(0, init_std), transformers'
-    init); `jaxft.load_pretrained(path, head="score", pad_token_id=…)` fills real weights.
+    init); `jaxft.formats.hf.load_pretrained(path, head="score", pad_token_id=…)` fills real weights.
     pad_id: the pad token id the pooling skips (static: part of the graph, like HF's config.pad_token_id).
     """
 

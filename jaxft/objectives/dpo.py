@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.adapters.base import OFF, ON, Ctx
+from jaxft.context import OFF, ON, Ctx
 from jaxft.config import DpoConfig, RunConfig
 from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs

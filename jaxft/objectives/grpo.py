@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.config import RunConfig
 from jaxft.objective import Objective
 import jaxft.objectives.policy_gradient as pg

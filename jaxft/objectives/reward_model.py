@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.adapters.base import ON, Ctx
+from jaxft.context import ON, Ctx
 from jaxft.config import DpoConfig, RewardConfig, RunConfig
 from jaxft.errors import JaxftError
 from jaxft.objective import Objective, Prefetched, mean_over_batches

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.adapters.base import OFF, ON, Ctx
+from jaxft.context import OFF, ON, Ctx
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket, shared_rows
 from jaxft.losses import token_logprobs
