@@ -295,8 +295,8 @@ def _run_config(path: str, overrides: list[str]):
 
 
 def cmd_train(args):
-    from jaxft.sharding import is_primary
-    from jaxft.train import train
+    from jaxft.distributed import is_primary
+    from jaxft.commands.train import train
 
     run = _run_config(args.config, args.overrides)
     if args.restart:

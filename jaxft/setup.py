@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxft import adapters
 from jaxft.config import RunConfig, residual_init
+from jaxft.config.objectives import head_of
 from jaxft.errors import JaxftError
 
 
@@ -46,13 +47,12 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     from jaxft import sharding
     from jaxft.formats.hf import load_pretrained, load_tokenizer, pad_token_id
     from jaxft.models.decoder import CPU_TUNED, PLAIN
-    from jaxft.objectives import HEADS
 
     path = resolve_model(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
     tokenizer = load_tokenizer(path)
-    head = HEADS.get(run.objective, "lm")  # the objective's head; new or loaded is the checkpoint's business
+    head = head_of(run)  # the objective's head; new or loaded is the checkpoint's business
     # PiSSA / OLoRA on a quantized base: load W in fp32, take the principal part out, quantize the residual
     requant = (run.lora.enabled and not run.lora.init_adapter and residual_init(run.lora.init)
                and run.quant.base != "none")
@@ -92,11 +92,3 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
         params = sharding.place(params, sharding.tree_shardings(params, mesh, run.mesh.strategy))
         frozen = sharding.place(frozen, sharding.tree_shardings(frozen, mesh, run.mesh.strategy))
     return Setup(run, path, tokenizer, graphdef, params, frozen)
-
-
-def objective(run: RunConfig, setup: Setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True):
-    """The run's objective (a jaxft.objective.Objective) from the table of jaxft.objectives: the one place
-    a run's objective name is looked up, so the loop and the evaluator never know one."""
-    from jaxft.objectives import OBJECTIVES
-
-    return OBJECTIVES[run.objective](run, setup, say, wrap, train)

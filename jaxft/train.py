@@ -1,4 +1,4 @@
-"""Optimizer, the pure train step, and the plain training loop (which knows no objective by name).
+"""The train state, the pure train step, and the plain training loop (which knows no objective by name).
 
     state, metrics = step(state, frozen, batch)      # jax.jit, state donated
 
@@ -11,9 +11,6 @@ A step whose loss, gradients, new weights or optimizer state are not finite chan
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -22,56 +19,10 @@ import optax
 from flax import nnx
 
 from jaxft.context import Ctx
-from jaxft.config import OptimConfig, RunConfig, check_files
-from jaxft.errors import JaxftError
+from jaxft.config import RunConfig
+from jaxft.distributed import Preemption
 from jaxft.losses import sft_loss
-from jaxft.runlog import RunLog, plot_losses
-
-NO_DECAY_LEAVES = ("scale", "bias")  # norms and biases: no weight decay
-
-
-def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to cfg.lr, then cosine / linear decay to lr * min_lr_ratio (or constant)."""
-    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    end = cfg.lr * cfg.min_lr_ratio
-    decay_steps = max(total_steps - warm, 1)
-    if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
-    else:
-        decay = optax.constant_schedule(cfg.lr)
-    if warm == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(cfg.lr / warm, cfg.lr, warm - 1), decay], [warm])
-
-
-def _leaf_names(params) -> object:
-    """A tree like params whose leaves are the parameter's name (kernel, embedding, scale, bias, a, b)."""
-    def name(path, _):
-        return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-
-    return jax.tree_util.tree_map_with_path(name, params)
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int, params) -> optax.GradientTransformation:
-    """AdamW with warmup + decay, global-norm clipping, decay masked to matrices, LoRA+ lr for B."""
-    sched = schedule(cfg, total_steps)
-    names = _leaf_names(params)
-    decay_mask = jax.tree.map(lambda n: n not in NO_DECAY_LEAVES, names)
-
-    def adamw(mult: float):
-        return optax.adamw(lambda s: sched(s) * mult, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask)
-
-    tx = adamw(1.0)
-    if cfg.lora_b_lr_ratio != 1.0:
-        labels = jax.tree.map(lambda n: "lora_b" if n == "b" else "rest", names)
-        tx = optax.multi_transform({"rest": adamw(1.0), "lora_b": adamw(cfg.lora_b_lr_ratio)}, labels)
-    if cfg.clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    return tx
-
+from jaxft.runlog import RunLog
 
 def init_state(params, tx) -> dict:
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 — distinct buffers: the state is donated
@@ -137,71 +88,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """The whole run of `run.objective`; returns the last logged row. See README 'Training' for the run
-    directory."""
-    from jaxft import sharding
-    from jaxft.checkpoint import Checkpoints
-    from jaxft.setup import build, objective
-
-    check_files(run)
-    sharding.init_distributed(run.mesh)
-    mesh, primary = sharding.make_mesh(run.mesh), sharding.is_primary()
-    progress = progress and primary
-    out = Path(run.train.out_dir)
-    ckpts_dir = out / "checkpoints"
-    if ckpts_dir.exists() and any(ckpts_dir.iterdir()) and not resume:
-        raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue or choose another "
-                         f"train.out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    setup = build(run, mesh)
-    say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
-    obj = objective(run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
-
-    if run.adapters:  # N adapters' own optimizers on the bank's adapter axis
-        from jaxft.adapters.bank import make_optimizer as bank_optimizer
-
-        tx = bank_optimizer(run, run.train.steps, setup.params)
-    else:
-        tx = make_optimizer(run.optim, run.train.steps, setup.params)
-    state, state_sh = sharding.sharded_init(lambda p: init_state(p, tx), setup.params, mesh, run.mesh.strategy)
-    ckpts = Checkpoints(out, run.train.keep)
-    start = 0
-    if resume:
-        restored = ckpts.restore_latest(jax.tree.map(  # onto this run's mesh, whatever mesh saved it
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh))
-        if restored is not None:
-            state, meta = restored
-            start = int(meta["step"])
-            say(f"resumed from {ckpts.dir / str(start)} (step {start})")
-    step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
-                              dropout=run.lora.enabled and run.lora.dropout > 0,
-                              lr_schedule=schedule(run.optim, run.train.steps),
-                              out_shardings=(state_sh, sharding.replicated(mesh)))
-    if primary:
-        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    log = RunLog(out, start, run, obj, primary, progress)
-    try:
-        with jax.set_mesh(mesh):  # activations follow the batch split (jaxft.models.decoder.constrain_batch)
-            _loop(run, obj, step_fn, state, setup.frozen, start, ckpts, log, say)
-    finally:
-        obj.train.close()
-        log.close()
-        ckpts.close()
-    if primary:
-        plot_losses(out / "metrics.jsonl", out / "loss.png", obj.progress)
-    say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
-    return log.last
-
-
-def _loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: RunLog, say):
+def loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: RunLog, say):
     """for step: batch → step → log; every N: evaluate, checkpoint; SIGTERM: checkpoint and stop."""
-    from jaxft import sharding
-
     t = run.train
     meta = lambda step: dict(step=step, data_position=step * t.grad_accum,  # noqa: E731
                              micro_batches_per_epoch=len(obj.train), config=run.to_dict())
-    preempted = sharding.Preemption()  # SIGTERM → checkpoint at the next step boundary, then a clean exit
+    preempted = Preemption()  # SIGTERM → checkpoint at the next step boundary, then a clean exit
     try:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, frozen, obj.train(step, state["params"]))

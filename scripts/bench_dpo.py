@@ -69,7 +69,8 @@ def worker_jaxft(args, cache: bool) -> dict:
     from jaxft.objectives.dpo import compute_reference_logps, make_loss
     from jaxft.example import example_model
     from jaxft.data.pairs import PairBatches, PairExample
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     t0 = time.perf_counter()
     model = load_pretrained(example_model())

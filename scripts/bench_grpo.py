@@ -49,8 +49,10 @@ def worker_jaxft(args) -> dict:
     import jax
 
     from jaxft.config import load_config
-    from jaxft.setup import build, objective
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.objectives import make as objective
+    from jaxft.setup import build
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = task_files(tmp, args)

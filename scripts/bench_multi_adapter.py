@@ -31,7 +31,9 @@ from jaxft.context import Ctx
 from jaxft.config import LoraConfig, OptimConfig, load_config
 from jaxft.example import example_model
 from jaxft.generate import Sampling, generate
-from jaxft.train import init_state, make_optimizer, make_train_step
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step
+from jaxft.optim import bank_optimizer
 
 from bench_generate import timed  # scripts/ is on the path when a script runs
 
@@ -160,7 +162,7 @@ def training(args, path):
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     joint_batch = dict(batch, adapter_ids=np.repeat(np.arange(N, dtype=np.int32), b)[None],
                        adapter_targets=np.full((1, N * b), float(b * S), np.float32))
-    joint = measure(graphdef, params, frozen, bank.make_optimizer(run, 10, params),
+    joint = measure(graphdef, params, frozen, bank_optimizer(run, 10, params),
                     make_loss(tuple(a.name for a in run.adapters)), joint_batch)
     model = load_pretrained(path)
     cfg = LoraConfig(r=8, alpha=16)

@@ -58,7 +58,8 @@ def worker_jaxft(args) -> dict:
     from jaxft.formats.hf import load_tokenizer
     from jaxft.objectives.reward_model import make_loss
     from jaxft.data.pairs import PairBatches, PairExample
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     t0 = time.perf_counter()
     tok = load_tokenizer(example_model())

@@ -107,7 +107,8 @@ def worker_jaxft(args) -> dict:
     from jaxft import adapters
     from jaxft.config import LoraConfig, OptimConfig, QuantConfig
     from jaxft.example import example_model
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     path = example_model()
     t0 = time.perf_counter()

@@ -30,7 +30,8 @@ from jaxft import adapters, sharding  # noqa: E402
 from jaxft.config import LoraConfig, MeshConfig, OptimConfig  # noqa: E402
 from jaxft.models.config import DecoderConfig  # noqa: E402
 from jaxft.models.decoder import Decoder, num_params  # noqa: E402
-from jaxft.train import init_state, make_optimizer, make_train_step  # noqa: E402
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step  # noqa: E402
 
 
 def llama_config(hidden: int, layers: int, vocab: int, intermediate: int) -> DecoderConfig:

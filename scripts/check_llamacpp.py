@@ -21,7 +21,7 @@ def _tiny_run(work: Path) -> Path:
 
     from jaxft.config import load_config
     from jaxft.data.task import write_task_files
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     save_chat_model(work / "model", seed=1, head_dim=64)  # vLLM's CPU attention kernels take head_dim 32, 64, ...
     data = write_task_files(work / "data", 64, 16, 16, seed=0)

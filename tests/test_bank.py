@@ -15,6 +15,7 @@ from jaxft.adapters import bank
 from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import load_adapter
+from jaxft.optim import bank_optimizer
 from tiny import make_model, save_model
 
 ROWS = ["default", "b", "__base__", "default", "b"]
@@ -170,7 +171,7 @@ def test_joint_train_step_compiles_once_and_plain_layout_matches(tmp_path):
                              "optim.warmup_steps=0"])
     model = bank.attach_for_training(load_pretrained(tmp_path / "base"), run)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    tx = bank.make_optimizer(run, 10, params)
+    tx = bank_optimizer(run, 10, params)
     step = make_train_step(graphdef, tx, make_loss(("a", "b")))
     rng = np.random.RandomState(0)
 
@@ -202,7 +203,7 @@ def test_bank_optimizer_equals_one_optimizer_per_adapter():
     import optax
 
     from jaxft.config import load_config
-    from jaxft.train import make_optimizer
+    from jaxft.optim import make_optimizer
 
     run = load_config(None, ["adapters=[{name: a, train: x, lr: 1e-2}, {name: b, train: y, lr: 3e-3}]",
                              "optim.clip_norm=1.0", "optim.weight_decay=0.1", "optim.lora_b_lr_ratio=4",
@@ -210,7 +211,7 @@ def test_bank_optimizer_equals_one_optimizer_per_adapter():
     rng = np.random.RandomState(0)
     params = {"x": {"a": jnp.asarray(rng.randn(3, 2, 5, 4), jnp.float32),  # [L, N, in, r]
                     "b": jnp.asarray(rng.randn(3, 2, 4, 6), jnp.float32)}}
-    tx = bank.make_optimizer(run, 10, params)
+    tx = bank_optimizer(run, 10, params)
     state, p = tx.init(params), params
     singles = [(make_optimizer(dataclasses.replace(run.optim, lr=lr), 10, jax.tree.map(lambda t: t[:, n], params)),
                 jax.tree.map(lambda t: t[:, n], params)) for n, lr in enumerate((1e-2, 3e-3))]

@@ -304,7 +304,7 @@ def test_revise_resume_after_a_crash_equals_an_uninterrupted_run(tiny_run, tmp_p
 
 def test_outputs_train_as_sft_and_dpo(tiny_run, tmp_path):
     """sft.jsonl and pairs.jsonl (with confidence) go through `jaxft train` unchanged."""
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run, _, rev, lab = tiny_run
     assert lab["pairs"] + sum(lab["skipped"].values()) == 4

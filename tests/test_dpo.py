@@ -298,7 +298,8 @@ def test_lora_base_reference_equals_frozen_base(chat_model, batch):
 
 
 def test_chosen_logprob_rises_after_a_step(chat_model, batch):
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     lcfg = LoraConfig(r=4, alpha=8)
     graphdef, params, frozen = jaxft.adapters.split(_lora_model(chat_model), lcfg)
@@ -314,7 +315,8 @@ def test_chosen_logprob_rises_after_a_step(chat_model, batch):
 
 def test_grad_accum_keeps_loss_and_metrics(chat_model, pair_data, tok):
     """2 micro-batches of 1 pair give the loss, metrics and gradient norm of 1 micro-batch of 2 pairs."""
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     pairs, _ = load_pairs(DataConfig(train=str(pair_data / "train.jsonl"), max_length=192), DpoConfig(), tok)
     lcfg = LoraConfig(r=4, alpha=8)
@@ -351,7 +353,7 @@ def _rows(out):
 
 
 def test_cached_reference_equals_on_the_fly(chat_model, pair_data, tmp_path):
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     runs = {}
     for ref in ("lora_base", "cache"):
@@ -371,7 +373,7 @@ def test_cached_reference_equals_on_the_fly(chat_model, pair_data, tmp_path):
 
 def test_full_finetuning_with_cached_reference(chat_model, pair_data, tmp_path):
     """lora.enabled=false + dpo.reference=cache: the reference is the initial weights, computed once."""
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run = load_config(ROOT / "configs" / "dpo_lora.yaml", _overrides(
         chat_model, pair_data, tmp_path / "full", **{"lora.enabled": False, "dpo.reference": "cache",

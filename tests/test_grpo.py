@@ -159,7 +159,8 @@ _SETUPS = {}
 def _jaxft(toy_model, tmp, objective="grpo", overrides=()):
     """(run, setup, objective) on the toy model; the model is loaded once per directory and adapter kind."""
     from jaxft.config import load_config
-    from jaxft.setup import build, objective as make_objective
+    from jaxft.objectives import make as make_objective
+    from jaxft.setup import build
 
     run = load_config(None, [f"objective={objective}", f"model.path={toy_model}",
                              f"data.train={toy_model / 'prompts.jsonl'}", "data.max_length=16",
@@ -471,7 +472,7 @@ def test_resume_reproduces_the_run(toy_model, learned, tmp_path):
     import shutil
 
     from jaxft.config import load_config
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     out = tmp_path / "run"
     shutil.copytree(learned, out)
@@ -727,7 +728,7 @@ def test_grpo_on_the_json_task_evaluates_and_exports_a_peft_adapter(chat_model, 
     from jaxft.commands.evaluate import evaluate
     from jaxft.commands.export import export
     from jaxft.data.task import write_task_files
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     paths = write_task_files(tmp_path / "data", 8, 4, 4, seed=0)
     out = tmp_path / "run"
@@ -766,7 +767,7 @@ def test_two_processes_match_one_process(toy_model, tmp_path):
     devices, step for step: rollouts sampled on the sharded weights, the reference forward (beta > 0), the
     rewards and the step. Process 0 alone writes the metrics."""
     from jaxft.config import load_config
-    from jaxft.train import train
+    from jaxft.commands.train import train
     from tiny import launch_local
 
     o = {"train.steps": 3, "grpo.beta": 0.04}

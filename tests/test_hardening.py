@@ -23,7 +23,8 @@ from jaxft.data.encode import load_examples
 from jaxft.errors import JaxftError
 from jaxft.data.pairs import load_pairs
 from jaxft.data.rows import prepare
-from jaxft.train import init_state, make_optimizer, make_train_step
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step
 from tiny import ROOT, example_tokenizer, run_cli, save_model
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}

@@ -13,7 +13,8 @@ from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
 from jaxft.context import Ctx
 from jaxft.losses import sft_loss, token_logprobs
-from jaxft.train import init_state, make_optimizer, make_train_step
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step
 from tiny import save_model
 
 

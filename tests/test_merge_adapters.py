@@ -206,7 +206,7 @@ def test_a_jaxft_run_merges_with_a_peft_adapter(chat_model, tmp_path):
     from jaxft.config import load_config
     from jaxft.commands.export import export
     from jaxft.data.task import make_examples
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(4, seed=3)))
     run = load_config(None, [f"model.path={chat_model}", f"data.train={tmp_path / 'train.jsonl'}", "train.steps=1",

@@ -12,7 +12,7 @@ from jaxft.adapters import bank
 from jaxft.config import load_config
 from jaxft.errors import JaxftError
 from jaxft.data.task import make_examples
-from jaxft.train import train
+from jaxft.commands.train import train
 
 SPECS = [dict(name="alpha", r=4, alpha=8, lr=1e-2, seed=1, target_modules=["q_proj", "v_proj"]),
          dict(name="beta", r=8, alpha=4, rslora=True, lr=3e-3, seed=2)]

@@ -517,7 +517,8 @@ def test_magnitude_and_scales_shard_like_their_axis(chat_model):
 
 @pytest.mark.parametrize("method", ["dora", "pissa", "ia3"])
 def test_step_compiles_once_for_new_weights(method, tmp_path):
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
     from test_seams import _batch
 
     save_model("llama", tmp_path / "base")
@@ -540,7 +541,7 @@ def test_plan_equals_the_arrays_of_each_method(tmp_path, overrides):
     """`jaxft plan` counts DoRA's magnitudes, PiSSA's frozen initial factors and IA3's scales exactly."""
     from jaxft.commands.plan import model_config, plan
     from jaxft.setup import build
-    from jaxft.train import make_optimizer
+    from jaxft.optim import make_optimizer
 
     make_model("llama", intermediate_size=128).save_pretrained(tmp_path)
     example_tokenizer().save_pretrained(tmp_path)

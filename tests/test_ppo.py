@@ -180,7 +180,7 @@ def _rows(out):
 
 
 def test_tiny_policy_learns_the_toy_reward_on_one_device_and_on_a_mesh(toy, tmp_path):
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run", **{
         "train.steps": 32, "train.save_every": 32, "train.batch_size": 16}))
@@ -270,7 +270,8 @@ def test_step_rollout_and_sampler_compile_once_for_new_weights(toy, tmp_path):
     from jaxft.generate import _run
     from jaxft.objectives import ppo
     from jaxft.setup import build
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     run = load_config(ROOT / "configs" / "ppo_lora.yaml", _overrides(toy, tmp_path / "run"))
     setup = build(run)
@@ -324,7 +325,7 @@ def test_reward_model_with_another_vocabulary_is_refused(toy, tmp_path):
 def test_two_processes_match_one_process(toy, tmp_path):
     """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo) on one fsdp = 4 mesh equals one process with 4
     devices: rollouts, the reward model's scores, values, GAE and both PPO epochs; then a new rollout batch."""
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     cfg = str(ROOT / "configs" / "ppo_lora.yaml")  # the single process: 4 of its 8 devices, the same (1, 4, 1) mesh
     train(load_config(cfg, _overrides(toy, tmp_path / "single", **{"train.steps": 3, "mesh.fsdp": 4})), progress=False)

@@ -17,7 +17,8 @@ import jaxft
 from jaxft.formats.hf import load_pretrained
 from jaxft import adapters, quant
 from jaxft.config import LoraConfig, OptimConfig, QuantConfig
-from jaxft.train import init_state, make_optimizer, make_train_step
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step
 from tiny import example_tokenizer, make_model
 
 HALF_GAP_NF4 = float(np.max(np.diff(quant.NF4)) / 2)  # worst rounding error of a normalised weight (0.152)
@@ -258,7 +259,7 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
 
     from jaxft.config import load_config
     from jaxft.data.task import make_examples
-    from jaxft.train import train
+    from jaxft.commands.train import train
     from tiny import ROOT, run_cli, save_chat_model
 
     save_chat_model(tmp_path / "base")

@@ -252,7 +252,7 @@ def _rows(out):
 
 def test_training_raises_heldout_accuracy(chat_model, toy, tmp_path):
     from jaxft.commands.evaluate import evaluate
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / "run", **{
         "train.steps": 24, "train.eval_every": 24, "train.save_every": 24}))
@@ -271,7 +271,7 @@ def test_training_raises_heldout_accuracy(chat_model, toy, tmp_path):
 
 
 def test_full_finetuning_and_qlora_train(chat_model, toy, tmp_path):
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     for name, extra in (("full", {"lora.enabled": False, "optim.lr": 1e-4}), ("qlora", {"quant.base": "nf4"})):
         run = load_config(ROOT / "configs" / "reward_lora.yaml", _overrides(chat_model, toy, tmp_path / name, **{
@@ -387,7 +387,8 @@ def test_config_checks():
 
 
 def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
-    from jaxft.train import init_state, make_optimizer, make_train_step
+    from jaxft.optim import make_optimizer
+    from jaxft.train import init_state, make_train_step
 
     tok = example_tokenizer()
     model = load_pretrained(chat_model, head="score", pad_token_id=tok.pad_token_id)
@@ -412,7 +413,7 @@ def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
 
 def test_sharded_run_equals_one_device(chat_model, toy, tmp_path):
     """The same reward run on one device and on 4 (fsdp, and fsdp × tensor): losses, metrics and eval agree."""
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     rows = {}
     for name, mesh in (("one", {}), ("fsdp", {"mesh.fsdp": 4}), ("tp", {"mesh.fsdp": 2, "mesh.tensor": 2,

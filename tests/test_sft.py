@@ -149,7 +149,7 @@ def test_every_config_runs(config, chat_model, task_data, tmp_path):
     need preference pairs: tests/test_dpo.py and tests/test_reward.py run them; the RL configs need prompts and
     rewards: tests/test_grpo.py and tests/test_ppo.py run them)."""
     from jaxft.commands.evaluate import evaluate
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run = load_config(ROOT / "configs" / config,
                       _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 2, "train.eval_every": 1,
@@ -187,7 +187,7 @@ def test_export_a_run_as_peft_and_merged(chat_model, task_data, tmp_path):
 
     from jaxft.checkpoint import restore_trainable
     from jaxft.setup import build as build_model
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     run = load_config(ROOT / "configs" / "sft_lora.yaml",
                       _overrides(chat_model, task_data, tmp_path / "run", **{"train.steps": 3, "optim.lr": 1e-2,

@@ -19,7 +19,9 @@ from jaxft.config import load_config
 from jaxft.checkpoint import restore_trainable
 from jaxft.data.task import make_examples
 from jaxft.setup import build as build_model
-from jaxft.train import init_state, make_optimizer, make_train_step, train
+from jaxft.commands.train import train
+from jaxft.optim import make_optimizer
+from jaxft.train import init_state, make_train_step
 from test_sft import _losses, _train_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ so there is no loop over adapters and no merge (decode steps, with few rows, gat
 instead: `GATHER_ROWS`); an id outside [0, N) (e.g. -1, PEFT's "__base__")
 selects nothing: the base model. Adapters of smaller rank are zero-padded to r; the zeros add
 nothing forward and get zero gradients (their partner factor is zero), so they stay zero in
-training. All adapters of a bank share one rank bucket (`bucket`: vLLM's --max-lora-rank values), so
+training. All adapters of a bank share one rank bucket (`jaxft.config.rank_bucket`: vLLM's --max-lora-rank values), so
 padding never costs more than the bucket.
 
 Sources: PEFT directories (one adapter each), PEFT's multi-adapter folder (`default` at the root,
@@ -38,19 +38,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.context import Ctx
-from jaxft.config import LoraConfig
+from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names=; id -1 here
 # At most this many rows (B·S) gather each row's factors ([M, in, r], cheap for decode's M = B); more
 # rows (prefill, training) run all N adapters as one [in, N·r] GEMM with a one-hot, never [M, in, r].
 GATHER_ROWS = 64
-RANK_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values (jaxft.formats.peft.VLLM_RANKS)
 
-
-def bucket(r: int) -> int:
-    """The rank bucket of rank r: the smallest vLLM --max-lora-rank value >= r."""
-    return next((v for v in RANK_BUCKETS if v >= r), r)
 
 
 class LoRABank(nnx.Module):
@@ -148,10 +143,10 @@ def check(entries: list[Entry]) -> None:
             raise JaxftError(f"{where}: modules_to_save={list(e.cfg.modules_to_save)} cannot be mixed per row")
     first = entries[0]
     for e in entries[1:]:
-        if bucket(e.cfg.r) != bucket(first.cfg.r):
+        if rank_bucket(e.cfg.r) != rank_bucket(first.cfg.r):
             raise JaxftError(f"adapter {e.name!r}: r={e.cfg.r} is outside the rank bucket of {first.name!r} "
-                             f"(r={first.cfg.r}, bucket {bucket(first.cfg.r)}); a bank pads every adapter to its "
-                             f"largest rank, so its ranks must share one of {', '.join(map(str, RANK_BUCKETS))}")
+                             f"(r={first.cfg.r}, bucket {rank_bucket(first.cfg.r)}); a bank pads every adapter to its "
+                             f"largest rank, so its ranks must share one of {', '.join(map(str, VLLM_RANKS))}")
     bases = {e.base: e for e in entries if e.base}
     if len(bases) > 1:
         (b1, e1), (b2, e2) = list(bases.items())[:2]
@@ -393,49 +388,6 @@ def attach_for_training(model, run):
     return install(model, fresh_entries(model, run), dropout=run.lora.dropout)
 
 
-def make_optimizer(run, total_steps: int, params):
-    """The optimizer of a multi-adapter run: N separate runs' optimizers on the stacked adapter axis.
-
-    What jaxft.train.make_optimizer does for one adapter, per adapter n: global-norm clipping over adapter
-    n's slices only, AdamW (elementwise, so stacking changes nothing), and adapter n's own learning rate
-    schedule (its adapters[n].lr, else optim.lr; LoRA+'s B ratio on top). Every trainable leaf is a bank
-    factor [L, N, ...] (adapters: admits no modules_to_save), so axis 1 is the adapter axis everywhere."""
-    import optax
-
-    from jaxft.train import NO_DECAY_LEAVES, _leaf_names, schedule
-
-    cfg = run.optim
-    scheds = [schedule(dataclasses.replace(cfg, lr=cfg.lr if a.lr is None else a.lr), total_steps)
-              for a in run.adapters]
-    names = _leaf_names(params)
-    mult = jax.tree.map(lambda n: cfg.lora_b_lr_ratio if n == "b" else 1.0, names)
-    decay_mask = jax.tree.map(lambda n: n not in NO_DECAY_LEAVES, names)
-    along = lambda v, t: v.reshape((1, -1) + (1,) * (t.ndim - 2)).astype(t.dtype)  # noqa: E731 — [N] on axis 1
-
-    def clip(max_norm):
-        def update(updates, state, params=None):
-            sq = sum(jnp.sum(jnp.square(t), axis=tuple(i for i in range(t.ndim) if i != 1))
-                     for t in jax.tree.leaves(updates))
-            norm = jnp.sqrt(sq)  # [N]: each adapter's own global norm
-            keep = lambda t: (norm < max_norm).reshape(along(norm, t).shape)  # noqa: E731 — per adapter, as optax
-            return jax.tree.map(lambda t: jnp.where(keep(t), t, (t / along(norm, t)) * max_norm), updates), state
-        return optax.GradientTransformation(optax.init_empty_state, update)
-
-    def scale_by_schedules():
-        def init(params):
-            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-        def update(updates, state, params=None):
-            lrs = jnp.stack([s(state.count) for s in scheds])  # [N]
-            new = jax.tree.map(lambda g, m: along(-(lrs * m) if m != 1.0 else -lrs, g) * g, updates, mult)
-            return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-        return optax.GradientTransformation(init, update)
-
-    tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-                     optax.add_decayed_weights(cfg.weight_decay, decay_mask), scale_by_schedules())
-    return optax.chain(clip(cfg.clip_norm), tx) if cfg.clip_norm else tx
-
-
 # ---------------------------------------------------------------- serving handoff (jaxft export --format peft)
 
 
@@ -443,7 +395,7 @@ def vllm_command(base: str, folders: dict[str, Path], ranks: list[int]) -> str:
     """The `vllm serve` line that serves every adapter of the bank over its base in one engine."""
     import shlex
 
-    r = bucket(max(ranks))
+    r = rank_bucket(max(ranks))
     mods = " ".join(shlex.quote(f"{n}={p}") for n, p in folders.items())
     return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {mods} --max-loras {len(folders)} "
             f"--max-lora-rank {r}")

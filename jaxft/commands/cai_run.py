@@ -58,7 +58,7 @@ def _last_step(out_dir: Path) -> int:
 
 def train_stage(run: RunConfig, say=say_err) -> None:
     """Train the stage's run, resuming a partial one; nothing when its last checkpoint is the last step."""
-    from jaxft.train import train
+    from jaxft.commands.train import train
 
     out = Path(run.train.out_dir)
     done = _last_step(out)

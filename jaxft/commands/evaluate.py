@@ -75,7 +75,8 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
     and batches as training's evaluations) and the generation metric's scores."""
     from jaxft.checkpoint import restore_trainable
-    from jaxft.setup import build, objective
+    from jaxft.objectives import make as objective
+    from jaxft.setup import build
 
     check_files(run, training=False)
     out_dir = Path(run.train.out_dir)

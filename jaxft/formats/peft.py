@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import adapters
-from jaxft.config import LoraConfig
+from jaxft.config import VLLM_RANKS, LoraConfig
 from jaxft.errors import JaxftError
 from jaxft.models.decoder import Decoder
 from jaxft.models.names import PROJECTIONS, hf_module
@@ -255,7 +255,6 @@ def seq_cls_config(config: dict, pad_id: int) -> dict:
                 label2id={"LABEL_0": 0}, pad_token_id=int(pad_id))
 
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MODULES = (*PROJECTIONS, "embed_tokens", "lm_head")
 

@@ -1,10 +1,10 @@
 """The objectives a run can train, one module each; the loop imports none of them.
 
-    obj = OBJECTIVES[run.objective](run, setup, say=print, wrap=lambda b: b, train=True)
+    obj = make(run, setup, say=print, wrap=lambda b: b, train=True)     # OBJECTIVES[run.objective](...)
 
-Each `make` returns a `jaxft.objective.Objective`; each module's `checks(run)` lists its
-cross-section validation as (ok, key, message) rows, run by `jaxft.config.validate`. HEADS names the
-model head an objective trains when it is not the LM head (jaxft.setup.build builds it).
+Each `make` returns a `jaxft.objective.Objective`. An objective's config section, the model head it trains
+and its cross-section checks live in `jaxft.config.objectives` (below this package: parsing a config imports no
+objective); OBJECTIVES here has the same names as `jaxft.config.objectives.CHECKS`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from jaxft.objectives import dpo, grpo, ppo, reward_model, sft
 
 OBJECTIVES = {"sft": sft.make, "dpo": dpo.make, "reward": reward_model.make, "grpo": grpo.make, "rloo": grpo.make_rloo,
               "ppo": ppo.make}
-CHECKS = {"sft": sft.checks, "dpo": dpo.checks, "reward": reward_model.checks, "grpo": grpo.checks, "rloo": grpo.checks,
-          "ppo": ppo.checks}
-HEADS = {"reward": "score", "ppo": "value"}  # heads.ScoreModel, heads.PolicyWithValue; the others: the Decoder
+
+
+def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True):
+    """The run's objective (a jaxft.objective.Objective): the one place a run's objective name is looked up,
+    so the loop and the evaluator never know one."""
+    return OBJECTIVES[run.objective](run, setup, say, wrap, train)

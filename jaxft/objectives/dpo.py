@@ -40,11 +40,11 @@ from flax import nnx
 
 from jaxft.context import OFF, ON, Ctx
 from jaxft.config import DpoConfig, RunConfig
+from jaxft.config.objectives import REFERENCE_FREE
 from jaxft.errors import JaxftError
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches
 
-REFERENCE_FREE = ("simpo", "orpo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
@@ -193,14 +193,6 @@ def cached_reference(run: RunConfig, setup, pairs, say=lambda *a: None) -> np.nd
 
 
 # ---------------------------------------------------------------- batches, objective
-
-
-def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
-    """DPO's cross-section validation (jaxft.config.validate runs it)."""
-    lora = run.lora
-    return [(run.dpo.reference != "lora_base" or run.dpo.loss_type in REFERENCE_FREE
-             or (lora.enabled and not lora.modules_to_save), "dpo.reference",
-             "lora_base needs LoRA without modules_to_save (their base weights are trained); use dpo.reference=cache")]
 
 
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):

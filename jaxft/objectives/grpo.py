@@ -31,37 +31,17 @@ import numpy as np
 
 from jaxft.context import ON, Ctx
 from jaxft.config import RunConfig
+from jaxft.config.objectives import group_size, iterations
 from jaxft.objective import Objective
 import jaxft.objectives.policy_gradient as pg
 from jaxft.objectives.rollout import Reference, RolloutSource, completion_logps, make_forward, per_micro_batch
 
-DEFAULT_G = {"grpo": 8, "rloo": 2}
 CLIP = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
         "clip_ratio/high_max")
 COMPLETIONS = ("completions/mean_length", "completions/min_length", "completions/max_length",
                "completions/clipped_ratio", "completions/mean_terminated_length",
                "completions/min_terminated_length", "completions/max_terminated_length")
 TIMES = ("time/rollout", "time/score", "time/wait_train")
-
-
-def group_size(run: RunConfig) -> int:
-    return run.rollout.num_generations or DEFAULT_G[run.objective]
-
-
-def iterations(run: RunConfig) -> int:
-    return run.grpo.num_iterations if run.objective == "grpo" else run.rloo.num_iterations
-
-
-def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
-    """Cross-section validation of grpo / rloo (jaxft.config.validate runs it)."""
-    G, t, mu = group_size(run), run.train, iterations(run)
-    n = t.batch_size * t.grad_accum
-    return [
-        (n % G == 0, "train.batch_size",
-         f"batch_size × grad_accum = {n} completions is not a multiple of num_generations = {G}"),
-        (mu == 1 or t.save_every % mu == 0, "train.save_every",
-         f"with num_iterations = {mu} a checkpoint must fall at the end of a generation batch (a multiple of {mu})"),
-    ]
 
 
 def _names(funcs) -> list[str]:

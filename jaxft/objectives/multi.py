@@ -9,7 +9,7 @@ adapter order, each row tagged with its adapter id:
 
 The loss is Σ_n (sum_n / targets_n): each adapter's mean over its own targets, so the gradient of
 adapter n equals its one-adapter run's (its rows reach only its slice of the bank), and with
-jaxft.adapters.bank.make_optimizer (per-adapter clipping and learning rate) the trained adapters
+jaxft.optim.bank_optimizer (per-adapter clipping and learning rate) the trained adapters
 equal N separate runs. The step's count is 1/A per micro-batch, so the loop's single division is by 1.
 """
 
@@ -21,10 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches, perplexity
-
-
-def checks(run) -> list[tuple[bool, str, str]]:
-    return []
 
 
 class MixedBatches:

@@ -355,27 +355,6 @@ class RolloutSource:
 # ---------------------------------------------------------------- the objective
 
 
-def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
-    """PPO's validation (jaxft.config.validate runs it when objective = ppo)."""
-    from jaxft.config import RolloutConfig
-
-    c, lora, r = run.ppo, run.lora, run.rollout
-    return [
-        (c.reward_model is not None, "ppo.reward_model", "is required: a jaxft reward run directory or a "
-                                                         "*ForSequenceClassification model"),
-        (lora.enabled and not lora.modules_to_save, "lora.enabled",
-         "PPO trains a LoRA policy: its reference is the adapter switched off (no modules_to_save)"),
-        (lora.dropout == 0, "lora.dropout", "must be 0 for ppo (TRL disables dropout: the first ratio must be 1)"),
-        (run.train.batch_size * run.train.grad_accum * c.num_mini_batches >= 2, "train.batch_size",
-         "a rollout batch (batch_size * grad_accum * num_mini_batches) needs >= 2 rows to whiten advantages"),
-        (r.num_generations is None, "rollout.num_generations", "ppo samples one response per prompt (leave null)"),
-        (r.reward_funcs == RolloutConfig.reward_funcs and r.reward_weights is None, "rollout.reward_funcs",
-         "ppo scores with ppo.reward_model (token level, TRL's); reward functions are for grpo / rloo"),
-        (not r.mask_truncated_completions, "rollout.mask_truncated_completions",
-         "not a PPO option; use ppo.missing_eos_penalty"),
-    ]
-
-
 def load_reward(path: str, setup):
     """The frozen reward model (graphdef, (params, frozen)) on one device, checked against the policy."""
     from jaxft.objectives.reward_model import Scorer

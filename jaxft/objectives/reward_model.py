@@ -110,12 +110,6 @@ def evaluator(eval_fn, batches, n: int):
 # ---------------------------------------------------------------- the objective
 
 
-def checks(run: RunConfig) -> list[tuple[bool, str, str]]:
-    """The reward objective's cross-section validation (jaxft.config.validate runs it)."""
-    return [(run.eval.file is None, "eval.file", "a reward model generates nothing: objective reward has no "
-                                                 "generation metric (its held-out measure is eval_accuracy)")]
-
-
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split); over-length pairs dropped."""
     from jaxft.data.pairs import PairBatches, load_pairs

@@ -6,10 +6,6 @@ from jaxft.losses import sft_loss
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches, perplexity
 
 
-def checks(run) -> list[tuple[bool, str, str]]:
-    return []
-
-
 def has_validation(run) -> bool:
     return run.data.validation is not None or run.data.validation_fraction > 0
 

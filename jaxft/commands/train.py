@@ -1,0 +1,74 @@
+"""`jaxft train CONFIG [key=value ...] [--resume | --restart]`: the whole run of `run.objective`.
+
+    last = train(run, resume=True)     # the last logged row
+
+Load (setup.build, on the mesh) → the objective's batch source and loss → optimizer and train state →
+resume from the newest checkpoint that restores → jaxft.train.loop → the loss plot. See docs/fine-tuning.md
+for the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxft import objectives, sharding
+from jaxft.checkpoint import Checkpoints
+from jaxft.config import RunConfig, check_files
+from jaxft.distributed import init_distributed, is_primary
+from jaxft.errors import JaxftError
+from jaxft.optim import run_optimizer, schedule
+from jaxft.runlog import RunLog, plot_losses
+from jaxft.setup import build
+from jaxft.train import init_state, loop, make_train_step
+
+
+def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """The whole run of `run.objective`; returns the last logged row. See README 'Training' for the run
+    directory."""
+    check_files(run)
+    init_distributed(run.mesh)
+    mesh, primary = sharding.make_mesh(run.mesh), is_primary()
+    progress = progress and primary
+    out = Path(run.train.out_dir)
+    ckpts_dir = out / "checkpoints"
+    if ckpts_dir.exists() and any(ckpts_dir.iterdir()) and not resume:
+        raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue or choose another "
+                         f"train.out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    setup = build(run, mesh)
+    say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
+    obj = objectives.make(run, setup, say, lambda b: sharding.ShardedBatches(b, mesh))
+
+    tx = run_optimizer(run, run.train.steps, setup.params)
+    state, state_sh = sharding.sharded_init(lambda p: init_state(p, tx), setup.params, mesh, run.mesh.strategy)
+    ckpts = Checkpoints(out, run.train.keep)
+    start = 0
+    if resume:
+        restored = ckpts.restore_latest(jax.tree.map(  # onto this run's mesh, whatever mesh saved it
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh))
+        if restored is not None:
+            state, meta = restored
+            start = int(meta["step"])
+            say(f"resumed from {ckpts.dir / str(start)} (step {start})")
+    step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
+                              dropout=run.lora.enabled and run.lora.dropout > 0,
+                              lr_schedule=schedule(run.optim, run.train.steps),
+                              out_shardings=(state_sh, sharding.replicated(mesh)))
+    if primary:
+        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    log = RunLog(out, start, run, obj, primary, progress)
+    try:
+        with jax.set_mesh(mesh):  # activations follow the batch split (jaxft.models.decoder.constrain_batch)
+            loop(run, obj, step_fn, state, setup.frozen, start, ckpts, log, say)
+    finally:
+        obj.train.close()
+        log.close()
+        ckpts.close()
+    if primary:
+        plot_losses(out / "metrics.jsonl", out / "loss.png", obj.progress)
+    say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
+    return log.last
