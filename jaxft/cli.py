@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-import time
 
 from jaxft.errors import JaxftError
 
@@ -142,139 +140,18 @@ def _sampling(args):
                     max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
-def _load(args):
-    """(generator, tokenizer, eos ids) for the model argument (+ the --adapter bank), with the load time on stderr."""
-    import jax.numpy as jnp
-
-    from jaxft.generate import Generator, eos_token_ids
-    from jaxft.formats.hf import load_pretrained, load_tokenizer
-
-    from jaxft.setup import resolve_model
-
-    path = resolve_model(args.model)
-    t0 = time.perf_counter()
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    model = load_pretrained(path, dtype=dtype)
-    tokenizer = load_tokenizer(path)
-    if args.adapter:
-        from jaxft.adapters import bank
-
-        names = bank.load(model, args.adapter, base=str(path))
-        print(f"adapters: {', '.join(names)}", file=sys.stderr)
-    elif args.use:
-        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
-    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
-
-
-def _rows(args, gen, n_prompts: int) -> tuple[list[int], list[str | None]]:
-    """(prompt index, adapter name) per generated row: --use once (every prompt), once per prompt, or, with
-    adapters and no --use, every adapter on every prompt; without adapters one row per prompt."""
-    from jaxft.adapters import bank
-
-    if not args.adapter:
-        return list(range(n_prompts)), [None] * n_prompts
-    names = gen.adapter_names
-    if not args.use:
-        return [i for _ in names for i in range(n_prompts)], [n for n in names for _ in range(n_prompts)]
-    if len(args.use) not in (1, n_prompts):
-        raise JaxftError(f"--use: give it once or once per --prompt ({n_prompts}), not {len(args.use)} times")
-    use = args.use * n_prompts if len(args.use) == 1 else args.use
-    bank.ids(names, use, where="--use")  # unknown names: one line
-    return list(range(n_prompts)), use
-
-
-
-def _messages(system, history):
-    return ([{"role": "system", "content": system}] if system else []) + history
-
-
 def cmd_generate(args):
-    from jaxft.generate import chat_prompt
+    from jaxft.commands.generate import generate_answers
 
-    sampling = _sampling(args)
-    gen, tok, eos = _load(args)
-    prompts = [tok(p, add_special_tokens=True)["input_ids"] if args.raw
-               else chat_prompt(tok, _messages(args.system, [{"role": "user", "content": p}]))
-               for p in args.prompt]
-    which, use = _rows(args, gen, len(prompts))
-    t0 = time.perf_counter()
-    answers = gen([prompts[i] for i in which], eos_ids=eos, sampling=sampling, adapters=use if args.adapter else None)
-    n = sum(map(len, answers))
-    for i, u, ids in zip(which, use, answers):
-        if len(answers) > 1:
-            print(f"--- [{i}]{f' ({u})' if u else ''} {args.prompt[i]}")
-        print(tok.decode(ids, skip_special_tokens=True).strip())
-    print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-
-
-class _Stream:
-    """Prints an answer as its tokens arrive (called from inside the generation program)."""
-
-    def __init__(self, tokenizer, eos):
-        self.tok, self.eos = tokenizer, eos
-        self.start()
-
-    def start(self):
-        self.ids, self.shown, self.ended = [], 0, False
-
-    def __call__(self, tok_ids):
-        if self.ended or int(tok_ids[0]) in self.eos:
-            self.ended = True
-            return
-        self.ids.append(int(tok_ids[0]))
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        print(text[self.shown:], end="", flush=True)
-        self.shown = len(text)
+    generate_answers(args.model, args.prompt, sampling=_sampling(args), system=args.system, raw=args.raw,
+                     dtype=args.dtype, adapters=args.adapter, use=args.use)
 
 
 def cmd_chat(args):
-    from jaxft.generate import chat_prompt
+    from jaxft.commands.generate import chat
 
-    sampling = _sampling(args)
-    gen, tok, eos = _load(args)
-    interactive = sys.stdin.isatty()
-    history: list[dict] = []
-    use = None
-    if args.adapter:
-        from jaxft.adapters import bank
-
-        names = gen.adapter_names
-        use = args.use[0] if args.use else names[0]
-        bank.ids(names, [use], where="--use")
-    stream = _Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
-    if interactive:
-        print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            if interactive:
-                break
-            continue
-        if line == "/reset":
-            history = []
-            continue
-        if line.startswith("/use ") and args.adapter:  # switch adapter (or base) mid-conversation
-            try:
-                bank.ids(names, [line[5:].strip()], where="/use")
-                use = line[5:].strip()
-                print(f"(now answering: {use})")
-            except JaxftError as e:
-                print(f"jaxft: {e}")
-            continue
-        if not interactive:
-            print(f"you> {line}")
-        history.append({"role": "user", "content": line})
-        stream.start()
-        print("model> ", end="", flush=True)
-        answer = gen([chat_prompt(tok, _messages(args.system, history))], eos_ids=eos, sampling=sampling,
-                     on_token=stream, adapters=None if use is None else [use])[0]
-        print()
-        history.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
+    chat(args.model, sampling=_sampling(args), system=args.system, dtype=args.dtype, adapters=args.adapter,
+         use=args.use)
 
 
 def cmd_example_model(args):
@@ -284,14 +161,9 @@ def cmd_example_model(args):
 
 
 def _run_config(path: str, overrides: list[str]):
-    from jaxft.config import load_config
+    from jaxft.config import read_config
 
-    p = Path(path)
-    if p.is_dir():  # a run directory: its resolved config, written as JSON (which YAML reads)
-        if not (p / "config.json").is_file():
-            raise JaxftError(f"{p}: not a run directory (no config.json)")
-        p = p / "config.json"
-    return load_config(p, overrides)
+    return read_config(path, overrides)
 
 
 def cmd_train(args):
@@ -318,7 +190,7 @@ def cmd_eval(args):
     if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
         args.adapter = [run.train.out_dir]
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
-        from jaxft.commands.compare import compare
+        from jaxft.commands.evaluate import compare
 
         results = compare(run, args.adapter)
         print(format_table(results))
@@ -330,7 +202,7 @@ def cmd_eval(args):
 
 
 def cmd_prepare(args):
-    from jaxft.data.rows import prepare
+    from jaxft.data.prepare import prepare
 
     prepare(args.inputs, args.out, validation_fraction=args.validation_fraction, seed=args.seed,
             near_dup_threshold=args.near_dup_threshold, fmt=args.format)
@@ -345,7 +217,7 @@ def cmd_export(args):
 
 
 def cmd_merge_adapters(args):
-    from jaxft.formats.peft_merge import merge_adapters
+    from jaxft.commands.merge_adapters import merge_adapters
 
     out = merge_adapters(args.adapters, args.weights, args.method, args.out, density=args.density,
                          sign_method=args.majority_sign_method, svd_rank=args.svd_rank, seed=args.seed,
@@ -354,7 +226,7 @@ def cmd_merge_adapters(args):
 
 
 def cmd_score(args):
-    from jaxft.objectives.reward_model import score_file
+    from jaxft.commands.score import score_file
 
     if args.batch_size < 1:
         raise JaxftError(f"--batch-size must be >= 1, got {args.batch_size}")

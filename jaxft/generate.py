@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,6 +24,8 @@ from flax import nnx
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec as P_
 
+from jaxft.adapters import bank
+from jaxft.adapters.bank import names_of
 from jaxft.context import ON, Ctx
 from jaxft.models.decoder import Decoder, cache_rows
 from jaxft.sharding import BATCH, batch_spec, to_host
@@ -234,8 +237,6 @@ class Generator:
     """
 
     def __init__(self, model: Decoder, ctx: Ctx = ON, mesh=None):
-        from jaxft.adapters.bank import names_of
-
         self.graphdef, self.state = nnx.split(model)
         self.ctx, self.mesh = ctx, mesh
         self.adapter_names = names_of(model)  # an adapter bank's names (id = position), or ()
@@ -247,8 +248,6 @@ class Generator:
         (jaxft.adapters.bank), the adapter name of each prompt (None / "base": the base model)."""
         ctx = self.ctx
         if adapters is not None:
-            from jaxft.adapters import bank
-
             ids = bank.ids(self.adapter_names, adapters)
             ctx = dataclasses.replace(ctx, adapter_ids=jnp.asarray(ids))
         return generate(self.graphdef, (self.state,), prompts, eos_ids=eos_ids, sampling=sampling, ctx=ctx,
@@ -273,3 +272,30 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` rendered with the tokenizer's chat template, ready for the answer."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_chats(graphdef, weights, tokenizer, prompts: list[list[dict]], *, eos: set[int], max_new_tokens: int,
+                     batch_size: int, system_prompt: str | None = None, progress: str = "",
+                     adapter_ids: list[int] | None = None) -> list[str]:
+    """Greedy answers to chat prompts, in batches, from `nnx.merge(graphdef, *weights)`. adapter_ids: with an
+    adapter bank, prompt i is answered by adapter adapter_ids[i] (-1: the base), in mixed batches."""
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids = [chat_prompt(tokenizer, with_system(m, system_prompt)) for m in chunk]
+        ctx = ON if adapter_ids is None else Ctx(adapter_ids=jnp.asarray(adapter_ids[i:i + batch_size], jnp.int32))
+        out = generate(graphdef, weights, ids, eos_ids=eos, sampling=Sampling(max_new_tokens=max_new_tokens),
+                       ctx=ctx).ids()
+        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+        if progress:
+            print(f"\r{progress}: {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return answers
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with a system turn first (`system`), unless they have one."""
+    if system and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system}] + messages
+    return messages

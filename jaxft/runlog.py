@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,12 +15,7 @@ from pathlib import Path
 import jax
 
 from jaxft.errors import JaxftError
-
-
-def atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from jaxft.files import atomic_path, write_text
 
 
 class MetricsLog:
@@ -34,7 +28,7 @@ class MetricsLog:
             return
         if resume_step and self.path.exists():  # drop what the interrupted run logged after its checkpoint
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            atomic_write(self.path, "".join(r + "\n" for r in rows))
+            write_text(self.path, "".join(r + "\n" for r in rows))
         elif self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a")
@@ -150,7 +144,6 @@ def plot_losses(metrics_path: Path, out_png: Path, extra: tuple[str, ...] = ()):
         a.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)

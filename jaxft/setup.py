@@ -16,10 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft import adapters
+from jaxft import adapters, sharding
+from jaxft.adapters import bank
 from jaxft.config import RunConfig, residual_init
 from jaxft.config.objectives import head_of
 from jaxft.errors import JaxftError
+from jaxft.example import example_model
+from jaxft.formats.hf import load_pretrained, load_tokenizer, pad_token_id
+from jaxft.formats.peft import load_adapter
+from jaxft.models.decoder import CPU_TUNED, PLAIN
+from jaxft.quant import quantize_loaded
 
 
 @dataclasses.dataclass
@@ -35,8 +41,6 @@ class Setup:
 def resolve_model(path: str) -> Path:
     """The one model resolver: "example" (the embedded SmolLM2-135M-Instruct), an HF directory or a .gguf."""
     if path == "example":
-        from jaxft.example import example_model
-
         return example_model()
     return Path(path).expanduser()
 
@@ -44,10 +48,6 @@ def resolve_model(path: str) -> Path:
 def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Load the base model (+ tokenizer), attach the adapter, split trainable / frozen; with a mesh,
     every parameter is read straight into its shards."""
-    from jaxft import sharding
-    from jaxft.formats.hf import load_pretrained, load_tokenizer, pad_token_id
-    from jaxft.models.decoder import CPU_TUNED, PLAIN
-
     path = resolve_model(run.model.path)
     compute = jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32
     param_dtype = compute if run.lora.enabled else jnp.float32  # full FT keeps fp32 master weights
@@ -63,8 +63,6 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
                             head=head, pad_token_id=pad_token_id(path, tokenizer) if head == "score" else None,
                             seed=run.train.seed)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter
-        from jaxft.formats.peft import load_adapter
-
         got = load_adapter(model, run.lora.init_adapter)
         if adapters.method_of(got) != adapters.method_of(run.lora):
             raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} is a {adapters.method_of(got)} adapter, "
@@ -73,14 +71,10 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
             raise JaxftError(f"lora.init_adapter: {run.lora.init_adapter} has r={got.r}, alpha={got.alpha}, "
                              f"rslora={got.rslora}; set lora.r / lora.alpha / lora.rslora to match")
     elif run.adapters:  # a multi-adapter run: one bank of fresh adapters (jaxft.adapters.bank)
-        from jaxft.adapters import bank
-
         bank.attach_for_training(model, run)
     elif run.lora.enabled:
         adapters.attach(model, run.lora, jax.random.key(run.train.seed))
     if requant:
-        from jaxft.quant import quantize_loaded
-
         quantize_loaded(model, run.quant, compute, place)
         if param_dtype != jnp.float32:  # what stays unquantized (embeddings, norms) in the run's dtype
             for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -38,7 +38,7 @@ def expected(run, setup) -> tuple[dict, object]:
     from flax import nnx
 
     from jaxft.checkpoint import restore_trainable
-    from jaxft.commands.evaluate import heldout
+    from jaxft.data.prompts import heldout
     from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
 
     params, meta = restore_trainable(run.train.out_dir, setup.params)

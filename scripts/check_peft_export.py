@@ -38,7 +38,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from jaxft.config import load_config
-from jaxft.commands.evaluate import heldout
+from jaxft.data.prompts import heldout
 from jaxft.generate import chat_prompt, eos_token_ids
 from jaxft.formats.hf import load_tokenizer
 from jaxft.setup import resolve_model as resolve_model_path

@@ -16,6 +16,7 @@ from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import load_adapter
 from jaxft.optim import bank_optimizer
+from jaxft import runs
 from tiny import make_model, save_model
 
 ROWS = ["default", "b", "__base__", "default", "b"]
@@ -46,7 +47,7 @@ def test_mixed_batch_equals_peft_adapter_names_and_each_row_alone(arch, tmp_path
         ref = pm(torch.tensor(toks), adapter_names=ROWS).logits.numpy()
 
     model = load_pretrained(tmp_path / "base")
-    names = bank.load(model, [str(tmp_path / "adapters")])
+    names = runs.load_bank(model, [str(tmp_path / "adapters")])
     assert names == ("default", "b")
     ids = bank.ids(model, ROWS)
     np.testing.assert_array_equal(ids, [0, 1, -1, 0, 1])
@@ -78,7 +79,7 @@ def test_mixed_greedy_generation_equals_peft(tmp_path):
                           adapter_names=rows, max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0).numpy()[:, 6:]
     model = load_pretrained(tmp_path / "base")
-    bank.load(model, [f"default={tmp_path / 'adapters'}", f"b={tmp_path / 'adapters' / 'b'}"])
+    runs.load_bank(model, [f"default={tmp_path / 'adapters'}", f"b={tmp_path / 'adapters' / 'b'}"])
     graphdef, state = nnx.split(model)
     out = generate(graphdef, (state,), prompts.tolist(), eos_ids=[], sampling=Sampling(max_new_tokens=8),
                    ctx=Ctx(adapter_ids=jnp.asarray(bank.ids(model, rows))))
@@ -94,7 +95,7 @@ def test_sharded_mixed_forward_equals_one_device(tmp_path):
     save_model("llama", tmp_path / "base")
     _peft_pair("llama", tmp_path / "adapters")
     model = load_pretrained(tmp_path / "base")
-    bank.load(model, [str(tmp_path / "adapters")])
+    runs.load_bank(model, [str(tmp_path / "adapters")])
     toks = jnp.asarray(np.random.RandomState(0).randint(0, 96, (8, 12)))
     ids = jnp.asarray([0, 1, -1, 0, 1, 1, -1, 0])
     one = np.asarray(model(toks, ctx=Ctx(adapter_ids=ids))[0])
@@ -121,7 +122,7 @@ def test_mixed_forward_compiles_once_for_new_weights_and_ids(tmp_path):
     save_model("llama", tmp_path / "base")
     _peft_pair("llama", tmp_path / "adapters")
     model = load_pretrained(tmp_path / "base")
-    bank.load(model, [str(tmp_path / "adapters")])
+    runs.load_bank(model, [str(tmp_path / "adapters")])
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
     @jax.jit
@@ -151,9 +152,9 @@ def test_bad_banks_are_one_line_errors(tmp_path):
              ([f"a={tmp_path / 'nowhere'}"], "no such directory")]
     for specs, msg in cases:
         with pytest.raises(JaxftError, match=msg) as e:
-            bank.load(model, specs)
+            runs.load_bank(model, specs)
         assert "\n" not in str(e.value)
-    bank.load(model, [f"a={tmp_path / 'r4'}"])
+    runs.load_bank(model, [f"a={tmp_path / 'r4'}"])
     with pytest.raises(JaxftError, match="unknown adapter 'zzz'"):
         bank.ids(model, ["a", "zzz"], where="prompts.jsonl line 2")
 

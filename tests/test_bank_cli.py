@@ -30,7 +30,7 @@ def adapters(chat_model, tmp_path_factory):
 
 
 def test_eval_scores_base_and_adapters_side_by_side_as_each_alone(chat_model, adapters, tmp_path):
-    from jaxft.commands.compare import compare
+    from jaxft.commands.evaluate import compare
     from jaxft.commands.evaluate import evaluate
 
     val = tmp_path / "validation.jsonl"

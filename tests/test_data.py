@@ -16,7 +16,7 @@ from jaxft.data.encode import Batches, Example, load_examples, pack
 from jaxft.errors import JaxftError
 from jaxft.example import example_model
 from jaxft.formats.hf import load_tokenizer
-from jaxft.data.rows import MinHasher, prepare
+from jaxft.data.prepare import MinHasher, prepare
 
 EOS = "<|im_end|>"
 CHAT = [

@@ -168,7 +168,7 @@ def _line(rng, valid):
     if r < 0.2:
         return json.dumps(rng.choice(valid)).encode()
     if r < 0.35:  # valid shape, random text (control characters, NUL, surrogates) in every string but roles
-        from jaxft.data.rows import map_strings
+        from jaxft.data.prepare import map_strings
 
         row = map_strings(rng.choice(valid), lambda t: t if t in ROLES else _text(rng) + "x")
         return json.dumps(row).encode()
@@ -258,7 +258,7 @@ def test_data_fuzz_load_pairs(tmp_path, tok, seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_data_fuzz_prepare(tmp_path, seed, capsys):
-    from jaxft.data.rows import prepare
+    from jaxft.data.prepare import prepare
 
     rng = random.Random(200 + seed)
     inputs, rows = [], 0

@@ -22,7 +22,7 @@ from jaxft.config import DataConfig, DpoConfig, LoraConfig, OptimConfig, RunConf
 from jaxft.data.encode import load_examples
 from jaxft.errors import JaxftError
 from jaxft.data.pairs import load_pairs
-from jaxft.data.rows import prepare
+from jaxft.data.prepare import prepare
 from jaxft.optim import make_optimizer
 from jaxft.train import init_state, make_train_step
 from tiny import ROOT, example_tokenizer, run_cli, save_model

@@ -13,7 +13,8 @@ from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from jaxft.formats.hf import load_pretrained
-from jaxft.formats.peft_merge import combine, merge_adapters, read
+from jaxft.commands.merge_adapters import merge_adapters, read
+from jaxft.formats.peft_merge import combine
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import load_adapter, vllm_problems
 from tiny import make_model

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from jaxft.adapters import bank
 from jaxft.config import load_config
 from jaxft.errors import JaxftError
 from jaxft.data.task import make_examples
 from jaxft.commands.train import train
+from jaxft import runs
 
 SPECS = [dict(name="alpha", r=4, alpha=8, lr=1e-2, seed=1, target_modules=["q_proj", "v_proj"]),
          dict(name="beta", r=8, alpha=4, rslora=True, lr=3e-3, seed=2)]
@@ -57,7 +57,7 @@ def _factors(model_dir, run_dir, name=None):
     from jaxft.formats.hf import load_pretrained
 
     model = load_pretrained(model_dir)
-    entries = bank.load_entries(model, [(name or run_dir.name, run_dir)])
+    entries = runs.load_entries(model, [(name or run_dir.name, run_dir)])
     return entries[0]
 
 
@@ -100,7 +100,7 @@ def test_joint_training_equals_separate_runs_and_exports_to_peft(chat_model, dat
     assert f"--enable-lora --lora-modules alpha={out.absolute() / 'alpha'} beta={out.absolute() / 'beta'}" in cmd
     assert "--max-loras 2 --max-lora-rank 8" in cmd
     model = load_pretrained(chat_model)
-    assert bank.load(model, [str(joint)]) == ("alpha", "beta")
+    assert runs.load_bank(model, [str(joint)]) == ("alpha", "beta")
     toks = np.random.RandomState(0).randint(0, 49152, (2, 10))
     for n, s in enumerate(SPECS):
         cfg = json.loads((out / s["name"] / "adapter_config.json").read_text())

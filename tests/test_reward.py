@@ -24,7 +24,8 @@ from jaxft import adapters
 from jaxft.config import DataConfig, LoraConfig, RewardConfig, load_config
 from jaxft.errors import JaxftError
 from jaxft.models.heads import ScoreModel
-from jaxft.objectives.reward_model import METRICS, PAIRS, Scorer, make_eval_fn, make_loss, pair_losses
+from jaxft.objectives.reward_model import METRICS, PAIRS, make_eval_fn, make_loss, pair_losses
+from jaxft.scoring import Scorer
 from jaxft.data.pairs import PairBatches, load_pairs
 from tiny import ARCHS, ROOT, example_tokenizer, make_config, spread
 

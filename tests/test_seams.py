@@ -1,7 +1,6 @@
 """The seams new objectives and adapters plug into: the forward context, the adapter protocol, generation
 as a pure function of the weights (compile counts, no retained weights, log-probs equal training's),
-one compile per jitted entry point, and the module boundaries (no import cycle, the loop imports no
-objective)."""
+one compile per jitted entry point, and the one list of projections (the import layers: test_layers.py)."""
 
 import ast
 import gc
@@ -271,48 +270,6 @@ def test_sharded_generation_equals_one_device(tiny):
 
 
 # ---------------------------------------------------------------- module boundaries
-
-
-def _imports(path: Path, anywhere: bool = False) -> set[str]:
-    """jaxft modules imported at module level (or anywhere, function bodies included)."""
-    out = set()
-    tree = ast.parse(path.read_text())
-    for node in (ast.walk(tree) if anywhere else tree.body):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxft"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("jaxft"))
-    return out
-
-
-def _modules() -> dict[str, set[str]]:
-    mods = {}
-    for f in PKG.rglob("*.py"):
-        rel = f.relative_to(PKG.parent).with_suffix("")
-        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-        mods[name] = _imports(f)
-    return {m: {d for d in deps if d in mods and d != m} for m, deps in mods.items()}
-
-
-def test_no_import_cycle_and_the_loop_imports_no_objective():
-    graph = _modules()
-    for core in ("train", "objective", "runlog"):  # not even inside a function
-        assert not any(d.startswith("jaxft.objectives") for d in _imports(PKG / f"{core}.py", anywhere=True)), core
-    state: dict[str, int] = {}
-
-    def visit(m, stack):
-        state[m] = 1
-        for d in graph[m]:
-            if state.get(d) == 1:
-                raise AssertionError(f"import cycle: {' → '.join(stack + [m, d])}")
-            if d not in state:
-                visit(d, stack + [m])
-        state[m] = 2
-
-    for m in graph:
-        if m not in state:
-            visit(m, [])
 
 
 def test_projection_list_lives_in_one_place():

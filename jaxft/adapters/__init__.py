@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxft.adapters.base import Adapter  # noqa: F401 — the protocol every method implements
+from jaxft.adapters.base import Adapter
 from jaxft.adapters.dora import DoRA
 from jaxft.adapters.ia3 import IA3
-from jaxft.adapters.lora import LoRA, scale  # noqa: F401
+from jaxft.adapters.lora import LoRA, scale
 from jaxft.adapters.pissa import PiSSA
 from jaxft.config import residual_init
 from jaxft.errors import JaxftError
+from jaxft.models.decoder import Linear
 from jaxft.models.names import PROJECTIONS, SAVEABLE, TRAINED_HEADS
+
+__all__ = ["METHODS", "READERS", "Adapter", "LoRA", "DoRA", "IA3", "PiSSA", "adapted", "attach", "merged_bias",
+           "merged_kernel", "method_of", "scale", "split", "targets", "trainable_filter"]
 
 # method name → adapter class (`init`, `from_peft`, `peft_config`, `config_from_peft`, ...)
 METHODS: dict[str, type] = {"lora": LoRA, "dora": DoRA, "pissa": PiSSA, "ia3": IA3}
@@ -38,8 +42,6 @@ def method_of(cfg) -> str:
 
 def targets(model, names: tuple[str, ...]) -> list[tuple[tuple, object]]:
     """The (path, Linear) pairs named by `names`: HF module names (q_proj, ...) or "all-linear"."""
-    from jaxft.models.decoder import Linear
-
     wanted = set(PROJECTIONS) if "all-linear" in names else set(names)
     unknown = sorted(wanted - set(PROJECTIONS))
     if unknown:

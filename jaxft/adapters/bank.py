@@ -21,15 +21,13 @@ nothing forward and get zero gradients (their partner factor is zero), so they s
 training. All adapters of a bank share one rank bucket (`jaxft.config.rank_bucket`: vLLM's --max-lora-rank values), so
 padding never costs more than the bucket.
 
-Sources: PEFT directories (one adapter each), PEFT's multi-adapter folder (`default` at the root,
-others in `<name>/`), jaxft runs (one adapter, or every adapter of a multi-adapter run).
+Sources (PEFT directories, PEFT's multi-adapter folders, jaxft runs) are read by `jaxft.runs.load_bank`;
+a bank's PEFT export is `jaxft.formats.peft.export_bank`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +35,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.context import Ctx
+from jaxft import adapters
+from jaxft.adapters.lora import LoRA, scale
 from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
+from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names=; id -1 here
@@ -95,8 +95,6 @@ class LoRABank(nnx.Module):
 
     def view(self, n: int, lin):
         """Adapter n alone as a plain jaxft LoRA (its own rank, unpadded), or None where it adapts nothing."""
-        from jaxft.adapters.lora import LoRA
-
         if not self.present[n]:
             return None
         c = self.configs[n]
@@ -104,8 +102,6 @@ class LoRABank(nnx.Module):
 
 
 def _scale(cfg: LoraConfig) -> float:
-    from jaxft.adapters.lora import scale
-
     return scale(cfg)
 
 
@@ -156,8 +152,6 @@ def check(entries: list[Entry]) -> None:
 def install(model, entries: list[Entry], dropout: float = 0.0):
     """Put a LoRABank holding `entries` (in order: id n = entries[n]) under every projection any of them
     adapts; returns the model. Factors are zero-padded to the largest rank."""
-    from jaxft import adapters
-
     check(entries)
     r = max(e.cfg.r for e in entries)
     names, configs = tuple(e.name for e in entries), tuple(e.cfg for e in entries)
@@ -187,8 +181,6 @@ def install(model, entries: list[Entry], dropout: float = 0.0):
 
 def banks(model) -> list[tuple[tuple, object]]:
     """(path, Linear) of every projection holding a LoRABank."""
-    from jaxft import adapters
-
     return [(p, lin) for p, lin in adapters.adapted(model) if isinstance(lin.adapter, LoRABank)]
 
 
@@ -222,132 +214,18 @@ def views(model, n: int):
 
 
 def restore(model, saved: dict) -> None:
-    from jaxft import adapters
-
     for path, lin in adapters.targets(model, ("all-linear",)):
         if path in saved:
             lin.adapter = saved[path]
 
 
-def _harvest(model) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+def harvest(model) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """{path: (a, b)} of the plain LoRA adapters attached to the model (then detached)."""
-    from jaxft import adapters
-
     out = {}
     for path, lin in adapters.adapted(model):
         out[path] = (np.asarray(lin.adapter.a[...], np.float32), np.asarray(lin.adapter.b[...], np.float32))
         lin.adapter = None
     return out
-
-
-# ---------------------------------------------------------------- sources: PEFT directories and jaxft runs
-
-
-def _is_peft(d: Path) -> bool:
-    return (d / "adapter_config.json").is_file()
-
-
-def _is_run(d: Path) -> bool:
-    return (d / "config.json").is_file() and (d / "checkpoints").is_dir()
-
-
-def expand(specs: list[str]) -> list[tuple[str, Path]]:
-    """--adapter values → (name, directory): NAME=DIR, or a bare DIR that names its adapters itself (a PEFT
-    multi-adapter folder: `default` at its root, others in sub-folders; a jaxft multi-adapter run: its
-    adapters' names; a single adapter: the folder's name)."""
-    out = []
-    for s in specs:
-        name, sep, d = s.partition("=")
-        if not sep:
-            name, d = "", s
-        path = Path(d).expanduser()
-        if not path.is_dir():
-            raise JaxftError(f"--adapter {s}: {path}: no such directory")
-        if name:
-            out.append((name, path))
-            continue
-        subs = sorted(p for p in path.iterdir() if p.is_dir() and _is_peft(p))
-        if _is_peft(path) or subs:
-            out += ([("default" if subs else path.name, path)] if _is_peft(path) else []) + [(p.name, p) for p in subs]
-        elif _is_run(path):
-            run = _run_config(path)
-            out += [(a.name, path) for a in run.adapters] or [(path.name, path)]
-        else:
-            raise JaxftError(f"--adapter {s}: {path} is neither a PEFT adapter directory nor a jaxft run")
-    return out
-
-
-def _run_config(path: Path):
-    from jaxft.config import load_config
-
-    return load_config(path / "config.json")
-
-
-def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list[Entry]:
-    """Read each (name, directory) into an Entry, using `model` (its adapter slots are left empty) for the
-    shape checks of jaxft.formats.peft.load_adapter. base: the base model's path, checked against jaxft runs'."""
-    from jaxft import adapters
-    from jaxft.formats.peft import load_adapter
-
-    for _, lin in adapters.targets(model, ("all-linear",)):  # start from the bare base
-        lin.adapter = None
-    entries, runs = [], {}
-    for name, d in sources:
-        if _is_peft(d):
-            c = json.loads((d / "adapter_config.json").read_text())
-            cfg = load_adapter(model, d)
-            entries.append(Entry(name, cfg, _harvest(model), str(c.get("base_model_name_or_path") or ""), str(d)))
-        elif _is_run(d):
-            if d not in runs:
-                runs[d] = _read_run(model, d, base)
-            got = runs[d]
-            match = [e for e in got if e.name == name] or (got if len(got) == 1 else [])
-            if not match:
-                raise JaxftError(f"--adapter {name}={d}: the run has no adapter {name!r} "
-                                 f"(it has {', '.join(e.name for e in got)})")
-            entries.append(dataclasses.replace(match[0], name=name))
-        else:
-            raise JaxftError(f"{d}: neither a PEFT adapter directory (adapter_config.json) nor a jaxft run")
-    return entries
-
-
-def _read_run(model, d: Path, base: str) -> list[Entry]:
-    """The adapter(s) of a jaxft run's newest checkpoint."""
-    from jaxft import adapters
-    from jaxft.checkpoint import restore_trainable
-    from jaxft.setup import resolve_model
-
-    run = _run_config(d)
-    trained_on = str(resolve_model(run.model.path))
-    if base and Path(trained_on).resolve() != Path(base).resolve():
-        raise JaxftError(f"{d}: the run trained on {trained_on}, not on the base {base} (adapters of different bases)")
-    if run.adapters:
-        install(model, fresh_entries(model, run))
-    elif run.lora.enabled and adapters.method_of(run.lora) == "lora" and not run.lora.modules_to_save:
-        adapters.attach(model, run.lora, jax.random.key(0))
-    else:
-        raise JaxftError(f"{d}: only LoRA runs (no DoRA / IA3 / PiSSA / modules_to_save / full fine-tuning) can "
-                         "join an adapter bank")
-    _, params, _ = nnx.split(model, nnx.LoRAParam, ...)
-    restored, _ = restore_trainable(d, params)
-    nnx.update(model, restored)
-    if not run.adapters:
-        return [Entry(d.name, run.lora, _harvest(model), trained_on, str(d))]
-    out = []
-    for n, spec in enumerate(run.adapters):
-        saved = views(model, n)
-        out.append(Entry(spec.name, spec_lora(run, spec), _harvest(model), trained_on, str(d)))
-        restore(model, saved)
-    for _, lin in banks(model):
-        lin.adapter = None
-    return out
-
-
-def load(model, specs: list[str], base: str = "") -> tuple[str, ...]:
-    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names."""
-    entries = load_entries(model, expand(specs), base)
-    install(model, entries)
-    return tuple(e.name for e in entries)
 
 
 # ---------------------------------------------------------------- multi-adapter training (config `adapters:`)
@@ -368,9 +246,6 @@ def spec_seed(run, spec) -> int:
 def fresh_entries(model, run) -> list[Entry]:
     """Freshly initialised adapters of a multi-adapter run: adapter n is exactly what
     `jaxft.adapters.attach(model, its LoraConfig, key(its seed))` makes for a one-adapter run."""
-    from jaxft.adapters.lora import LoRA
-    from jaxft import adapters
-
     out = []
     for spec in run.adapters:
         cfg = spec_lora(run, spec)
@@ -386,63 +261,3 @@ def fresh_entries(model, run) -> list[Entry]:
 def attach_for_training(model, run):
     """The bank a multi-adapter run trains (config `adapters:`), in place; returns the model."""
     return install(model, fresh_entries(model, run), dropout=run.lora.dropout)
-
-
-# ---------------------------------------------------------------- serving handoff (jaxft export --format peft)
-
-
-def vllm_command(base: str, folders: dict[str, Path], ranks: list[int]) -> str:
-    """The `vllm serve` line that serves every adapter of the bank over its base in one engine."""
-    import shlex
-
-    r = rank_bucket(max(ranks))
-    mods = " ".join(shlex.quote(f"{n}={p}") for n, p in folders.items())
-    return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {mods} --max-loras {len(folders)} "
-            f"--max-lora-rank {r}")
-
-
-def export_peft(model, out, *, base_model: str = "", strict: bool = False, overwrite: bool = False,
-                say=print) -> Path:
-    """One PEFT adapter folder per bank adapter (`out/<name>/`, each loadable by PEFT and vLLM on its own)
-    and `out/serve_vllm.sh`, after vLLM's rules check of each; written to a temporary directory and
-    renamed into place."""
-    import shutil
-    import tempfile
-
-    from jaxft.formats.peft import _publish, adapter_config, adapter_tensors, export_adapter, vllm_problems
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    names, configs = names_of(model), banks(model)[0][1].adapter.configs
-    problems = []
-    for n, (name, cfg) in enumerate(zip(names, configs)):
-        saved = views(model, n)
-        try:
-            found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
-        finally:
-            restore(model, saved)
-        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
-        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
-    for p in problems:
-        say(f"jaxft: vLLM: {p}")
-    if problems and strict:
-        raise JaxftError(f"the adapters break {len(problems)} vLLM rule(s) (see above); nothing written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        for n, (name, cfg) in enumerate(zip(names, configs)):
-            saved = views(model, n)
-            try:
-                export_adapter(model, cfg, tmp / name, base_model=base_model)
-            finally:
-                restore(model, saved)
-        final = {name: out.absolute() / name for name in names}
-        cmd = vllm_command(base_model, final, [c.r for c in configs])
-        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(cmd)
-    return out

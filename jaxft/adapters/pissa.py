@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.adapters.lora import LoRA, scale
+from jaxft.errors import JaxftError
 
 
 class InitFactor(nnx.Variable):
@@ -75,8 +76,6 @@ class PiSSA(LoRA):
     def init(cls, lin, cfg, key: jax.Array) -> PiSSA:
         """The adapter at the principal part of lin's kernel; the kernel is rewritten (in place) to W_res."""
         if not isinstance(lin.kernel, nnx.Param):
-            from jaxft.errors import JaxftError
-
             raise JaxftError(f"lora.init={cfg.init}: {lin.name} has a quantized kernel; PiSSA / OLoRA need the "
                              "full-precision base (quant.base=none)")
         a0, b0 = initial_factors(lin.kernel[...], cfg, key)

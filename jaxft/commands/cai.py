@@ -45,9 +45,13 @@ from flax import nnx
 
 from jaxft.config import RunConfig
 from jaxft.data.constitution import Principle, load_constitution
+from jaxft.data.rows import RowError, parse_messages, read_rows
 from jaxft.errors import JaxftError
+from jaxft.files import write_jsonl
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
-from jaxft.data.rows import RowError, _messages, read_rows, write_jsonl_atomic
+from jaxft.runs import load_run
+from jaxft.setup import build
+from jaxft.sharding import batch_spec
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 FEEDBACK_INTRO = ("Here is a conversation between a user and an AI assistant, followed by two possible replies "
@@ -70,10 +74,10 @@ def prompt_turns(row) -> list[dict]:
     if not isinstance(row, dict):
         raise RowError("wrong type", "row is not an object")
     if "messages" in row:
-        turns = _messages(row["messages"], "messages", ROLES)
+        turns = parse_messages(row["messages"], "messages", ROLES)
     elif "prompt" in row:
         p = row["prompt"]
-        turns = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt", ROLES)
+        turns = [{"role": "user", "content": p}] if isinstance(p, str) else parse_messages(p, "prompt", ROLES)
     else:
         raise RowError("missing field", "no 'messages' or 'prompt'")
     last = max((i for i, m in enumerate(turns) if m["role"] == "user" and m["content"].strip()), default=None)
@@ -213,7 +217,6 @@ class Policy:
         if self.mesh is not None:
             from jax.sharding import NamedSharding
 
-            from jaxft.sharding import batch_spec
 
             rows = NamedSharding(self.mesh, batch_spec(self.mesh, R))
             args = tuple(jax.device_put(a, rows) for a in args)
@@ -225,15 +228,9 @@ class Policy:
 def load_policy(run: RunConfig, model: str | None = None, run_dir: str | Path | None = None, mesh=None) -> Policy:
     """A plain model (`model`, default run.model.path), or a training run's newest checkpoint (`run_dir`,
     built from its own config.json)."""
-    from jaxft.checkpoint import restore_trainable
-    from jaxft.config import load_config
-    from jaxft.setup import build
-
     if run_dir is not None:
-        r = load_config(Path(run_dir) / "config.json")
-        setup = build(r, mesh)
-        params, _ = restore_trainable(run_dir, setup.params)
-        name = str(run_dir)
+        done = load_run(run_dir, mesh=mesh)
+        setup, params, name = done.setup, done.params, str(run_dir)
     else:
         r = dataclasses.replace(run, objective="sft", lora=dataclasses.replace(run.lora, enabled=False),
                                 model=dataclasses.replace(run.model, path=model or run.model.path))
@@ -288,7 +285,7 @@ def chunked(out_dir: Path, items: list, size: int, key: str, work, say=say_err) 
 
 
 def write_chunk(path: Path, rows: list[dict]) -> None:
-    write_jsonl_atomic(path, rows)
+    write_jsonl(path, rows)
 
 
 def _sampling(cfg, chunk: int, call: int, temperature=None) -> Sampling:
@@ -350,8 +347,8 @@ def revise(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | N
             counts[why] = counts.get(why, 0) + 1
         else:
             sft.append({"messages": [*r["prompt"], {"role": "assistant", "content": final}]})
-    write_jsonl_atomic(out / "trace.jsonl", rows)
-    write_jsonl_atomic(out / "sft.jsonl", sft)
+    write_jsonl(out / "trace.jsonl", rows)
+    write_jsonl(out / "sft.jsonl", sft)
     summary = dict(prompts=len(prompts), sft_rows=len(sft), skipped=counts, out=str(out / "sft.jsonl"),
                    stats=policy.stats)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -423,8 +420,8 @@ def label(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | No
             counts[r["skipped"]] = counts.get(r["skipped"], 0) + 1
             continue
         pairs.append(pair_row(r, cfg.clamp))
-    write_jsonl_atomic(out / "trace.jsonl", rows)
-    write_jsonl_atomic(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "trace.jsonl", rows)
+    write_jsonl(out / "pairs.jsonl", pairs)
     conf = [p["confidence"] for p in pairs]
     summary = dict(prompts=len(prompts), pairs=len(pairs), skipped=counts, out=str(out / "pairs.jsonl"),
                    mean_confidence=float(np.mean(conf)) if conf else None,

@@ -27,10 +27,16 @@ import numpy as np
 import yaml
 
 from jaxft.commands.cai import draw_comparisons, judge, label, load_policy, revise, say_err
+from jaxft.commands.export import export
+from jaxft.commands.train import train
 from jaxft.config import RunConfig, load_config
 from jaxft.data.constitution import load_constitution
+from jaxft.data.prompts import heldout
 from jaxft.errors import JaxftError
-from jaxft.data.rows import write_jsonl_atomic
+from jaxft.files import write_jsonl
+from jaxft.generate import Sampling
+from jaxft.metrics import score
+from jaxft.sharding import make_mesh
 
 
 def stage_config(run: RunConfig, stage_dir: Path, objective: str, model: str, train_file: Path,
@@ -58,8 +64,6 @@ def _last_step(out_dir: Path) -> int:
 
 def train_stage(run: RunConfig, say=say_err) -> None:
     """Train the stage's run, resuming a partial one; nothing when its last checkpoint is the last step."""
-    from jaxft.commands.train import train
-
     out = Path(run.train.out_dir)
     done = _last_step(out)
     if done >= run.train.steps:
@@ -70,8 +74,6 @@ def train_stage(run: RunConfig, say=say_err) -> None:
 
 def merged_stage(run: RunConfig, say=say_err) -> Path:
     """The stage's newest checkpoint as a merged fp32 HF model in <out_dir>/merged (kept while current)."""
-    from jaxft.commands.export import export
-
     out = Path(run.train.out_dir) / "merged"
     marker = out / "jaxft_step.txt"
     step = _last_step(Path(run.train.out_dir))
@@ -85,8 +87,6 @@ def merged_stage(run: RunConfig, say=say_err) -> Path:
 
 def run_all(run: RunConfig, say=say_err) -> dict:
     """revise → SFT → label → DPO (or reward model) → summary; returns the summary table's rows."""
-    from jaxft.sharding import make_mesh
-
     cfg = run.cai
     root = Path(cfg.out_dir)
     load_constitution(cfg.constitution)  # a bad file fails before any model loads
@@ -125,10 +125,6 @@ def summarize(run: RunConfig, out: Path, models: dict, judge_policy, say=say_err
     `judge_win` — the judge's mean P(this model's answer is better than the base model's), over
     cai.principles_per_pair drawn comparison principles per prompt, in both orders when cai.both_orders
     (0.5 for the base itself; a proxy for what the constitution asks, from a judge that may be weak)."""
-    from jaxft.commands.evaluate import heldout
-    from jaxft.generate import Sampling
-    from jaxft.metrics import score
-
     cfg = run.cai
     items = heldout(cfg.heldout, run.data.format, run.eval.max_examples)
     prompts, refs = [p for p, _ in items], [r for _, r in items]
@@ -141,7 +137,7 @@ def summarize(run: RunConfig, out: Path, models: dict, judge_policy, say=say_err
         for k in range(0, len(prompts), run.eval.batch_size):
             got += [a["text"] for a in policy.answer(prompts[k:k + run.eval.batch_size], greedy)]
         answers[name] = got
-        write_jsonl_atomic(out / f"answers_{name}.jsonl",
+        write_jsonl(out / f"answers_{name}.jsonl",
                            [dict(prompt=p, reference=r, answer=a) for p, r, a in zip(prompts, refs, got)])
         rows[name] = score(run.eval.metric, got, refs) if run.eval.metric != "none" else {}
         if name == "base":

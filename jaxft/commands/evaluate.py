@@ -1,92 +1,52 @@
-"""Base vs fine-tuned, side by side: validation loss / perplexity and a generation metric.
+"""`jaxft eval`: base vs fine-tuned side by side (validation loss / perplexity and a generation metric), or
+the base and several adapters side by side (`--adapter`, one bank, mixed-adapter batches).
 
-The base model is the run's own starting point (a fresh adapter has B = 0, so it is exactly the base
-model); the tuned one is the newest checkpoint of the run. Predictions are written next to the run.
+    results = evaluate(run)                                     # {"base": {...}, "tuned": {...}}
+    results = compare(run, ["math=runs/math", "json=peft/json"])   # {"base": {...}, "math": {...}, ...}
+
+evaluate: the base model is the run's own starting point (a fresh adapter has B = 0, so it is exactly the
+base model); the tuned one is the newest checkpoint of the run. compare: every (prompt, variant) pair is one
+row of the generation stream, so a batch of eval.batch_size rows holds prompts of several adapters (and the
+base) at once; with an SFT validation split, each variant's validation loss comes from the same batches.
+Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl[, compare.png]}.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft import objectives, runs
 from jaxft.config import RunConfig, check_files
+from jaxft.data.encode import Batches, load_examples
+from jaxft.data.prompts import heldout
 from jaxft.errors import JaxftError
-from jaxft.generate import Sampling, chat_prompt, eos_token_ids, generate
+from jaxft.files import atomic_path, write_json, write_jsonl
+from jaxft.formats.hf import load_pretrained, load_tokenizer
+from jaxft.generate import answer_chats, eos_token_ids
 from jaxft.metrics import score
-from jaxft.data.rows import Chat, Pair, RowError, parse_row, read_rows, rows_format, write_jsonl_atomic
-
-
-def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference answer) for each usable row: the last trained assistant turn is the
-    reference, everything before it the prompt. Rows that cannot be parsed are skipped."""
-    records = read_rows(path)
-    fmt = rows_format(records, fmt)
-    out = []
-    for rec in records:
-        if isinstance(rec.row, RowError):
-            continue
-        try:
-            parsed = parse_row(rec.row, fmt)
-        except RowError:
-            continue
-        if isinstance(parsed, Chat) and parsed.trained:
-            i = parsed.trained[-1]
-            out.append((list(parsed.messages[:i]), parsed.messages[i]["content"]))
-        elif isinstance(parsed, Pair):
-            out.append(([{"role": "user", "content": parsed.prompt}], parsed.completion))
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise JaxftError(f"{path}: no rows with a prompt and a reference answer to evaluate")
-    return out
-
-
-def generate_answers(graphdef, weights, tokenizer, prompts: list[list[dict]], *, eos: set[int], max_new_tokens: int,
-                     batch_size: int, system_prompt: str | None = None, progress: str = "",
-                     adapter_ids: list[int] | None = None) -> list[str]:
-    """Greedy answers to chat prompts, in batches, from `nnx.merge(graphdef, *weights)`. adapter_ids: with an
-    adapter bank, prompt i is answered by adapter adapter_ids[i] (-1: the base), in mixed batches."""
-    import jax.numpy as jnp
-
-    from jaxft.context import ON, Ctx
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids = [chat_prompt(tokenizer, _with_system(m, system_prompt)) for m in chunk]
-        ctx = ON if adapter_ids is None else Ctx(adapter_ids=jnp.asarray(adapter_ids[i:i + batch_size], jnp.int32))
-        out = generate(graphdef, weights, ids, eos_ids=eos, sampling=Sampling(max_new_tokens=max_new_tokens),
-                       ctx=ctx).ids()
-        answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
-        if progress:
-            print(f"\r{progress}: {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return answers
-
-
-def _with_system(messages: list[dict], system: str | None) -> list[dict]:
-    if system and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": system}] + messages
-    return messages
+from jaxft.objective import make_eval_step, mean_over_batches, perplexity
+from jaxft.objectives.multi import MixedBatches, Tagged, single_adapter_loss
+from jaxft.runs import load_run
+from jaxft.setup import resolve_model
 
 
 def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) -> dict:
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
     and batches as training's evaluations) and the generation metric's scores."""
-    from jaxft.checkpoint import restore_trainable
-    from jaxft.objectives import make as objective
-    from jaxft.setup import build
-
     check_files(run, training=False)
     out_dir = Path(run.train.out_dir)
-    setup = build(run)
+    done = load_run(run, restore=not base_only)
+    setup = done.setup
     variants = {"base": setup.params}
     if not base_only:
-        variants["tuned"], meta = restore_trainable(out_dir, setup.params)
-        print(f"tuned: {out_dir}/checkpoints/{meta['step']}", file=sys.stderr)
+        variants["tuned"] = done.params
+        print(f"tuned: {out_dir}/checkpoints/{done.step}", file=sys.stderr)
     results: dict[str, dict] = {k: {} for k in variants}
-    obj = objective(run, setup, train=False)
+    obj = objectives.make(run, setup, train=False)
     if obj.evaluate is not None:
         for k, params in variants.items():
             results[k].update(obj.evaluate(params, setup.frozen))
@@ -98,7 +58,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
         prompts, refs = [p for p, _ in items], [r for _, r in items]
         eos = eos_token_ids(setup.tokenizer, setup.model_path)
         for k, params in variants.items():
-            predictions[k] = generate_answers(setup.graphdef, (params, setup.frozen), setup.tokenizer, prompts, eos=eos,
+            predictions[k] = answer_chats(setup.graphdef, (params, setup.frozen), setup.tokenizer, prompts, eos=eos,
                                               max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
                                               system_prompt=run.data.system_prompt,
                                               progress=f"generating ({k})" if progress else "")
@@ -107,9 +67,56 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
         eval_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
                 for i, (p, r) in enumerate(items)]
-        write_jsonl_atomic(eval_dir / "predictions.jsonl", rows)
-    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval" / "summary.json").write_text(json.dumps(results, indent=1))
+        write_jsonl(eval_dir / "predictions.jsonl", rows)
+    write_json(out_dir / "eval" / "summary.json", results)
+    return results
+
+
+def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
+    """{"base": metrics, <adapter>: metrics, ...}: validation loss (SFT) and the generation metric."""
+    check_files(run, training=False)
+    if run.objective != "sft":
+        raise JaxftError(f"--adapter: side-by-side adapter evaluation supports objective sft, not {run.objective}")
+    path = resolve_model(run.model.path)
+    model = load_pretrained(path, dtype=jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32)
+    tokenizer = load_tokenizer(path)
+    names = runs.load_bank(model, specs, base=str(path))
+    graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    variants = {"base": -1, **{n: i for i, n in enumerate(names)}}
+    results: dict[str, dict] = {k: {} for k in variants}
+    if run.data.validation:
+        results = _validation(run, graphdef, params, frozen, tokenizer, variants, results)
+    out_dir = Path(run.train.out_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    file = run.eval.file or run.data.validation or next((a.validation for a in run.adapters if a.validation), None)
+    if run.eval.metric != "none" and file:
+        items = heldout(file, run.data.format, run.eval.max_examples)
+        prompts = [p for _ in variants for p, _ in items]
+        rows = [v for v in variants.values() for _ in items]
+        answers = answer_chats(graphdef, (params, frozen), tokenizer, prompts, adapter_ids=rows,
+                                   eos=eos_token_ids(tokenizer, path), max_new_tokens=run.eval.max_new_tokens,
+                                   batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt,
+                                   progress="generating (mixed adapters)" if progress else "")
+        refs, n = [r for _, r in items], len(items)
+        predictions = {k: answers[j * n:(j + 1) * n] for j, k in enumerate(variants)}
+        for k in variants:
+            results[k].update(score(run.eval.metric, predictions[k], refs))
+        write_jsonl(out_dir / "predictions.jsonl",
+                    [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in variants})
+                     for i, (p, r) in enumerate(items)])
+    write_json(out_dir / "summary.json", results)
+    plot(results, out_dir / "compare.png")
+    return results
+
+
+def _validation(run, graphdef, params, frozen, tokenizer, variants, results):
+    """eval_loss / eval_ppl of every variant on the same SFT validation batches."""
+    examples, _ = load_examples(run.data, tokenizer, "validation")
+    val = MixedBatches([Batches(examples, run.train.batch_size, run.data.max_length, run.data.packing, run.data.seed)])
+    step = make_eval_step(graphdef, single_adapter_loss)
+    for k, n in variants.items():
+        r = mean_over_batches(step, params, frozen, Tagged(val, n), run.train.eval_batches, "eval_tokens")
+        results[k].update(eval_loss=r["eval_loss"], eval_ppl=perplexity(r["eval_loss"]), eval_tokens=r["eval_tokens"])
     return results
 
 
@@ -122,3 +129,26 @@ def format_table(results: dict) -> str:
         cells = "".join(f"{results[n].get(k, float('nan')):>12.4f}" for n in names)
         lines.append(f"{k:<18}{cells}")
     return "\n".join(lines)
+
+
+def plot(results: dict, out_png: Path) -> None:
+    """One bar group per metric, one bar per variant (base first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [k for k in dict.fromkeys(k for r in results.values() for k in r) if k != "eval_tokens"]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys) + 1, 3.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        vals = [results[v].get(k, np.nan) for v in results]
+        ax.bar(range(len(vals)), vals, color=["0.6"] + [f"C{i}" for i in range(len(vals) - 1)])
+        ax.set_xticks(range(len(vals)), list(results), rotation=30)
+        ax.set_title(k)
+    fig.tight_layout()
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

@@ -12,8 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from jaxft.config import RunConfig
+from jaxft.config.objectives import head_of
 from jaxft.errors import JaxftError
+from jaxft.formats.gguf import GGUFSource, write_gguf, write_gguf_lora
+from jaxft.formats.peft import (adapter_config, adapter_tensors, export_adapter, export_bank, export_merged,
+                                merged_tensors, vllm_problems)
+from jaxft.runs import load_run
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 
@@ -21,48 +28,38 @@ FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 def hf_config_of(model_path: Path):
     """The transformers config of the base checkpoint (an HF directory or a GGUF file)."""
     if model_path.suffix == ".gguf":
-        from jaxft.formats.gguf import GGUFSource
-
         return GGUFSource(model_path).hf_config
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_path)
 
 
-def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str = "f16", strict: bool = False,
-           overwrite: bool = False) -> tuple[Path, int]:
-    """Write the run's newest checkpoint in `fmt`; returns (path written, step exported)."""
-    from flax import nnx
-
-    from jaxft.checkpoint import restore_trainable
-    from jaxft.formats.peft import adapter_config, adapter_tensors, export_adapter, export_merged, merged_tensors, \
-        vllm_problems
-    from jaxft.setup import build
-
-    if fmt not in FORMATS:
-        raise JaxftError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if Path(out).exists() and not overwrite:
-        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    if fmt in ("merged", "gguf"):
-        from jaxft.quant import original_base_run
-
-        run = original_base_run(run)
-    setup = build(run)
-    params, meta = restore_trainable(run.train.out_dir, setup.params)
-    model = nnx.merge(setup.graphdef, params, setup.frozen)
-    if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone
-        model.value_head = None
-    if fmt in ("gguf", "gguf-lora") and hasattr(model, "score"):
+def check_format(run: RunConfig, fmt: str) -> None:
+    """The refusals of a format that the config alone decides (checked before the slow model load)."""
+    if fmt in ("gguf", "gguf-lora") and head_of(run) == "score":
         raise JaxftError(f"{run.train.out_dir}: a reward model (score head) has no GGUF export; use --format merged")
     if fmt in ("peft", "gguf-lora") and not run.lora.enabled:
         raise JaxftError(f"{run.train.out_dir}: a full fine-tuning run has no adapter; use --format merged or gguf")
     if run.adapters and fmt != "peft":
         raise JaxftError(f"{run.train.out_dir}: a multi-adapter run exports --format peft (one folder per adapter); "
                          "for a merged model, export it, then merge one adapter's folder")
-    if fmt == "peft" and run.adapters:  # one folder per adapter + the vLLM command line serving them all
-        from jaxft.adapters.bank import export_peft
 
-        path = export_peft(model, out, base_model=str(setup.model_path), strict=strict, overwrite=overwrite,
+
+def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str = "f16", strict: bool = False,
+           overwrite: bool = False) -> tuple[Path, int]:
+    """Write the run's newest checkpoint in `fmt`; returns (path written, step exported)."""
+    if fmt not in FORMATS:
+        raise JaxftError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if Path(out).exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_format(run, fmt)
+    done = load_run(run, unquantized=fmt in ("merged", "gguf"))
+    run, setup = done.run, done.setup
+    model = done.model()
+    if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone
+        model.value_head = None
+    if fmt == "peft" and run.adapters:  # one folder per adapter + the vLLM command line serving them all
+        path = export_bank(model, out, base_model=str(setup.model_path), strict=strict, overwrite=overwrite,
                            say=lambda m: print(m, file=sys.stderr))
     elif fmt == "peft":
         problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
@@ -78,19 +75,13 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
         path = export_merged(model, setup.tokenizer, hf_config_of(setup.model_path), out, dtype=dtype,
                              overwrite=overwrite)
     elif fmt == "gguf":
-        import numpy as np
-
-        from jaxft.formats.gguf import write_gguf
-
         path = write_gguf(merged_tensors(model, np.float32), hf_config_of(setup.model_path), setup.tokenizer, out,
                           gguf_type=gguf_type, source=setup.model_path, name=Path(run.train.out_dir).name,
                           overwrite=overwrite)
     else:
-        from jaxft.formats.gguf import write_gguf_lora
-
         if run.lora.modules_to_save:
             raise JaxftError(f"GGUF LoRA export: lora.modules_to_save={list(run.lora.modules_to_save)}: llama.cpp "
                              f"LoRA GGUFs hold no full-weight modules; use --format gguf (the merged model)")
         path = write_gguf_lora(adapter_tensors(model), adapter_config(model, run.lora),
                                hf_config_of(setup.model_path), out, overwrite=overwrite)
-    return path, int(meta["step"])
+    return path, done.step

@@ -25,8 +25,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from jaxft.adapters import METHODS, method_of
+from jaxft.adapters.ia3 import feedforward
 from jaxft.config import RunConfig
 from jaxft.errors import JaxftError
+from jaxft.example import example_model
+from jaxft.formats.gguf import GGUFSource
 from jaxft.losses import LOGITS_TOKENS
 from jaxft.models.config import DecoderConfig
 from jaxft.models.names import PROJECTIONS
@@ -49,13 +53,9 @@ def model_config(model: str) -> DecoderConfig:
     if model in PRESETS:
         return DecoderConfig.from_hf(dict(PRESETS[model]))
     if model == "example":
-        from jaxft.example import example_model
-
         model = str(example_model())
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
-        from jaxft.formats.gguf import GGUFSource
-
         return DecoderConfig.from_hf(GGUFSource(p).hf_config)
     if not p.exists():
         raise JaxftError(f"{model}: not a model directory, .gguf file or preset ({', '.join(PRESETS)})")
@@ -122,9 +122,6 @@ class Plan:
 def plan(cfg: DecoderConfig, run: RunConfig) -> Plan:
     c = 2 if run.model.dtype == "bf16" else 4
     lo, q = run.lora, run.quant
-    from jaxft.adapters import METHODS, method_of
-    from jaxft.adapters.ia3 import feedforward
-
     method = method_of(lo)
     names = METHODS[method].target_names(lo, cfg.model_type)
     wanted = set(linears(cfg)) if "all-linear" in names else set(names)

@@ -14,7 +14,7 @@ from the checkpoint. The package imports no jax and no objective:
 """
 
 from jaxft.config.checks import VLLM_RANKS, check_files, rank_bucket, validate
-from jaxft.config.load import load_config
+from jaxft.config.load import load_config, read_config
 from jaxft.config.objectives import (CaiConfig, DpoConfig, GrpoConfig, PpoConfig, RewardConfig, RlooConfig,
                                      RolloutConfig)
 from jaxft.config.run import RunConfig
@@ -24,4 +24,4 @@ from jaxft.config.sections import (AdapterSpec, DataConfig, EvalConfig, LoraConf
 __all__ = ["AdapterSpec", "CaiConfig", "DataConfig", "DpoConfig", "EvalConfig", "GrpoConfig", "LoraConfig",
            "MeshConfig", "ModelConfig", "OptimConfig", "PpoConfig", "QuantConfig", "RewardConfig", "RlooConfig",
            "RolloutConfig", "RunConfig", "TrainConfig", "VLLM_RANKS", "check_files", "load_config", "rank_bucket",
-           "residual_init", "validate"]
+           "read_config", "residual_init", "validate"]

@@ -140,3 +140,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     except JaxftError as e:
         raise JaxftError(f"{where}{e}") from None
     return run
+
+
+def read_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run's config: a YAML file, or a run directory (the resolved config.json it wrote, which YAML reads)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise JaxftError(f"{p}: not a run directory (no config.json)")
+        p = p / "config.json"
+    return load_config(p, overrides)

@@ -36,8 +36,7 @@ from jinja2 import TemplateError
 
 from jaxft.config import DataConfig
 from jaxft.errors import JaxftError
-from jaxft.data.rows import (  # noqa: F401  (prepare is re-exported)
-    Chat, Pair, Record, RowError, Text, _one_line, holdout, parse_row, prepare, read_rows, rows_format)
+from jaxft.data.rows import Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, rows_format
 
 MAX_ERRORS = 5  # first bad rows kept in a report
 TOKENIZE_CHUNK = 1024  # rendered rows per tokenizer call
@@ -196,7 +195,7 @@ class Encoder:
                     except JaxftError:
                         raise
                     except Exception as e:  # noqa: BLE001 — tokenizers raise TypeError, ValueError, ...
-                        out[i] = RowError("tokenizer error", f"tokenizer error ({_one_line(e)[:200]})")
+                        out[i] = RowError("tokenizer error", f"tokenizer error ({one_line(e)[:200]})")
             for rows, enc in encs:
                 for j, i in enumerate(rows):
                     starts = np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2)[:, 0]
@@ -236,7 +235,7 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
     With neither, "validation" is ([], an empty report). Bad rows are skipped and counted (under
     cfg.strict the first raises JaxftError with its file:line); no usable row is a JaxftError.
     """
-    source, records = _split_records(cfg, split)
+    source, records = split_records(cfg, split)
     report = DataReport(rows=len(records))
     if source is None:
         return [], report
@@ -273,7 +272,7 @@ def bad_row(cfg: DataConfig, report: DataReport, where: str, error: RowError) ->
     report.add_bad(where, error)
 
 
-def _split_records(cfg: DataConfig, split: str) -> tuple[str | None, list[Record]]:
+def split_records(cfg: DataConfig, split: str) -> tuple[str | None, list[Record]]:
     """(the file a split comes from, its records); (None, []) for an unconfigured validation split."""
     if split not in ("train", "validation"):
         raise JaxftError(f"split: {split!r} is not 'train' or 'validation'")

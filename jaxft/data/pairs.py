@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxft.config import DataConfig, DpoConfig
-from jaxft.data.encode import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, _split_records, bad_row, layout
+from jaxft.data.encode import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, split_records, bad_row, layout
 from jaxft.errors import JaxftError
-from jaxft.data.rows import ROLES, Chat, Pair, RowError, _field, _messages, _prompt_completion, _typename
+from jaxft.data.rows import ROLES, Chat, Pair, RowError, get_field, parse_messages, prompt_completion, typename
 
 
 @dataclass(eq=False)
@@ -44,13 +44,13 @@ class PairExample:
 def parse_pair(row) -> tuple[Chat | Pair, Chat | Pair]:
     """A preference row → (prompt + chosen, prompt + rejected) as SFT prompt/completion rows, or RowError."""
     if not isinstance(row, dict):
-        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
-    chosen, rejected, prompt = _field(row, "chosen"), _field(row, "rejected"), row.get("prompt")
+        raise RowError("wrong type", f"row is a {typename(row)}, expected an object")
+    chosen, rejected, prompt = get_field(row, "chosen"), get_field(row, "rejected"), row.get("prompt")
     if prompt is None:  # implicit prompt: the shared leading turns
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise RowError("missing field", "missing field 'prompt' (without one, 'chosen' and 'rejected' must be "
                                             "message lists sharing their leading turns)")
-        c, r = _messages(chosen, "chosen", ROLES), _messages(rejected, "rejected", ROLES)
+        c, r = parse_messages(chosen, "chosen", ROLES), parse_messages(rejected, "rejected", ROLES)
         n = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
         if n == 0:
             raise RowError("no shared prompt", "'chosen' and 'rejected' share no leading turns (no implicit prompt)")
@@ -60,7 +60,7 @@ def parse_pair(row) -> tuple[Chat | Pair, Chat | Pair]:
 
 def _side(prompt, completion, name: str) -> Chat | Pair:
     try:
-        return _prompt_completion(prompt, completion)
+        return prompt_completion(prompt, completion)
     except RowError as e:
         raise RowError(e.reason, f"{name}: {e}".replace("'completion'", f"'{name}'")) from None
 
@@ -68,7 +68,7 @@ def _side(prompt, completion, name: str) -> Chat | Pair:
 def load_pairs(cfg: DataConfig, dpo: DpoConfig, tokenizer, split: str = "train") -> tuple[list[PairExample],
                                                                                            DataReport]:
     """The tokenized pairs of a split (like `jaxft.data.encode.load_examples`: same splits, report, strictness)."""
-    source, records = _split_records(cfg, split)
+    source, records = split_records(cfg, split)
     report = DataReport(rows=len(records))
     if source is None:
         return [], report

@@ -23,9 +23,9 @@ import dataclasses
 from typing import Any
 
 from jaxft.config import DataConfig
-from jaxft.data.encode import DataReport, bad_row
+from jaxft.data.encode import DataReport, bad_row, split_records
+from jaxft.data.rows import ROLES, Chat, Pair, RowError, parse_messages, parse_row, read_rows, rows_format, typename
 from jaxft.errors import JaxftError
-from jaxft.data.rows import ROLES, RowError, _messages, _typename
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
 
@@ -41,20 +41,20 @@ class Prompt:
 def parse_prompt(row: Any) -> tuple[str | list[dict], dict[str, Any]]:
     """A row → (prompt string or message list, extra columns), or RowError."""
     if not isinstance(row, dict):
-        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+        raise RowError("wrong type", f"row is a {typename(row)}, expected an object")
     columns = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
     if row.get("prompt") is not None:
         p = row["prompt"]
         if isinstance(p, list):
-            p = _messages(p, "prompt", ROLES)
+            p = parse_messages(p, "prompt", ROLES)
         elif not isinstance(p, str):
-            raise RowError("wrong type", f"'prompt' is a {_typename(p)}, expected a string or a list of messages")
+            raise RowError("wrong type", f"'prompt' is a {typename(p)}, expected a string or a list of messages")
         if isinstance(row.get("completion"), (str, list)) and "solution" not in columns:
             c = row["completion"]
             columns["solution"] = c if isinstance(c, str) else next(
                 (m.get("content") for m in reversed(c) if isinstance(m, dict) and m.get("role") == "assistant"), None)
     elif row.get("messages") is not None:
-        p = _messages(row["messages"], "messages", ROLES)
+        p = parse_messages(row["messages"], "messages", ROLES)
         if p and p[-1]["role"] == "assistant":
             columns.setdefault("solution", p[-1]["content"])
             p = p[:-1]
@@ -80,9 +80,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
 def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list[Prompt], DataReport]:
     """The prompts of a split (data.train / data.validation / validation_fraction, as for SFT) and a
     report; bad rows are skipped and counted (data.strict: the first raises). No usable row: JaxftError."""
-    from jaxft.data.encode import _split_records
-
-    source, records = _split_records(cfg, split)
+    source, records = split_records(cfg, split)
     report = DataReport(rows=len(records))
     if source is None:
         return [], report
@@ -111,3 +109,28 @@ def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list
                          f"data.max_length={cfg.max_length}" + (f"; first: {report.first_errors[0]}"
                                                                  if report.first_errors else "") + ")")
     return out, report
+
+
+def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) for each usable row: the last trained assistant turn is the
+    reference, everything before it the prompt. Rows that cannot be parsed are skipped."""
+    records = read_rows(path)
+    fmt = rows_format(records, fmt)
+    out = []
+    for rec in records:
+        if isinstance(rec.row, RowError):
+            continue
+        try:
+            parsed = parse_row(rec.row, fmt)
+        except RowError:
+            continue
+        if isinstance(parsed, Chat) and parsed.trained:
+            i = parsed.trained[-1]
+            out.append((list(parsed.messages[:i]), parsed.messages[i]["content"]))
+        elif isinstance(parsed, Pair):
+            out.append(([{"role": "user", "content": parsed.prompt}], parsed.completion))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise JaxftError(f"{path}: no rows with a prompt and a reference answer to evaluate")
+    return out

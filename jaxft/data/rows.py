@@ -15,9 +15,7 @@ Files: `.jsonl` / `.ndjson` are read line by line (an invalid line is one bad ro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 
 from jaxft.errors import JaxftError
 
@@ -265,7 +264,7 @@ def _read_with_datasets(p: Path, name: str, kind: str) -> list[Record]:
         try:
             rows = reader(str(p), cache_dir=cache, keep_in_memory=True).to_list()
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types; report one line
-            raise JaxftError(f"{name}: cannot read as {kind} ({_one_line(e)})") from None
+            raise JaxftError(f"{name}: cannot read as {kind} ({one_line(e)})") from None
     return [Record(f"{name} row {i}", row) for i, row in enumerate(rows)]
 
 
@@ -277,7 +276,7 @@ def _read_saved(p: Path, name: str, split: str | None) -> list[Record]:
         with _quiet_datasets():
             ds = datasets.load_from_disk(str(p), keep_in_memory=True)
     except Exception as e:  # noqa: BLE001
-        raise JaxftError(f"{name}: not a datasets save_to_disk directory ({_one_line(e)})") from None
+        raise JaxftError(f"{name}: not a datasets save_to_disk directory ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds)
         if split in ds:
@@ -289,7 +288,7 @@ def _read_saved(p: Path, name: str, split: str | None) -> list[Record]:
     return [Record(f"{name} row {i}", row) for i, row in enumerate(ds.to_list())]
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -322,16 +321,16 @@ def parse_row(row: Any, fmt: str | None) -> Chat | Pair | Text:
     (no row's columns matched a format, see `rows_format`) makes every row bad.
     """
     if not isinstance(row, dict):
-        raise RowError("wrong type", f"row is a {_typename(row)}, expected an object")
+        raise RowError("wrong type", f"row is a {typename(row)}, expected an object")
     if fmt is None:
         raise RowError("unknown format", f"columns ({', '.join(row) or 'none'}) match no format: messages, "
                                          "prompt/completion, instruction/output, conversations or text")
     if fmt == "messages":
-        return _chat(_messages(_field(row, "messages"), "messages", ROLES), ())
+        return _chat(parse_messages(get_field(row, "messages"), "messages", ROLES), ())
     if fmt == "sharegpt":
-        return _chat(_messages(_field(row, "conversations"), "conversations", SHAREGPT_ROLES), ())
+        return _chat(parse_messages(get_field(row, "conversations"), "conversations", SHAREGPT_ROLES), ())
     if fmt == "prompt_completion":
-        return _prompt_completion(_field(row, "prompt"), _field(row, "completion"))
+        return prompt_completion(get_field(row, "prompt"), get_field(row, "completion"))
     if fmt == "alpaca":
         return _alpaca(row)
     if fmt == "text":
@@ -342,7 +341,7 @@ def parse_row(row: Any, fmt: str | None) -> Chat | Pair | Text:
     raise JaxftError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
-def _field(row: dict, name: str) -> Any:
+def get_field(row: dict, name: str) -> Any:
     value = row.get(name)
     if value is None:
         raise RowError("missing field", f"missing field {name!r}")
@@ -350,33 +349,33 @@ def _field(row: dict, name: str) -> Any:
 
 
 def _string(row: dict, name: str) -> str:
-    value = _field(row, name)
+    value = get_field(row, name)
     if not isinstance(value, str):
-        raise RowError("wrong type", f"{name!r} is a {_typename(value)}, expected a string")
+        raise RowError("wrong type", f"{name!r} is a {typename(value)}, expected a string")
     return value
 
 
-def _typename(value: Any) -> str:
+def typename(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(value), type(value).__name__)
 
 
-def _messages(value: Any, name: str, roles: dict[str, str]) -> list[dict]:
+def parse_messages(value: Any, name: str, roles: dict[str, str]) -> list[dict]:
     """A list of {role, content} (or sharegpt's {from, value}) → [{"role", "content"}] with known roles."""
     if not isinstance(value, list):
-        raise RowError("wrong type", f"{name!r} is a {_typename(value)}, expected a list of messages")
+        raise RowError("wrong type", f"{name!r} is a {typename(value)}, expected a list of messages")
     out = []
     for i, m in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
-            raise RowError("wrong type", f"{where} is a {_typename(m)}, expected an object")
+            raise RowError("wrong type", f"{where} is a {typename(m)}, expected an object")
         role_key, content_key = ("from", "value") if "from" in m or "value" in m else ("role", "content")
         role, content = m.get(role_key), m.get(content_key)
         for key, v in ((role_key, role), (content_key, content)):
             if v is None:
                 raise RowError("missing field", f"missing field '{where}.{key}'")
             if not isinstance(v, str):
-                raise RowError("wrong type", f"'{where}.{key}' is a {_typename(v)}, expected a string")
+                raise RowError("wrong type", f"'{where}.{key}' is a {typename(v)}, expected a string")
         if role not in roles:
             raise RowError("unknown role", f"unknown role {role!r} in {where}")
         out.append({"role": roles[role], "content": content})
@@ -398,17 +397,17 @@ def _chat(messages: list[dict], context: tuple[int, ...]) -> Chat:
     return Chat(tuple(messages), trained)
 
 
-def _prompt_completion(prompt: Any, completion: Any) -> Chat | Pair:
+def prompt_completion(prompt: Any, completion: Any) -> Chat | Pair:
     """Strings → Pair; chat-style lists (TRL's conversational prompt-completion) → Chat."""
     for name, v in (("prompt", prompt), ("completion", completion)):
         if not isinstance(v, (str, list)):
-            raise RowError("wrong type", f"{name!r} is a {_typename(v)}, expected a string or a list of messages")
+            raise RowError("wrong type", f"{name!r} is a {typename(v)}, expected a string or a list of messages")
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise RowError("empty completion", "'completion' is empty")
         return Pair(prompt, completion)
-    p = _messages(prompt, "prompt", ROLES) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    c = (_messages(completion, "completion", ROLES) if isinstance(completion, list)
+    p = parse_messages(prompt, "prompt", ROLES) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    c = (parse_messages(completion, "completion", ROLES) if isinstance(completion, list)
          else [{"role": "assistant", "content": completion}])
     if not any(m["role"] == "assistant" and m["content"].strip() for m in c):
         raise RowError("empty completion", "'completion' has no non-empty assistant message")
@@ -420,7 +419,7 @@ def _alpaca(row: dict) -> Chat:
     instruction, output = _string(row, "instruction"), _string(row, "output")
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise RowError("wrong type", f"'input' is a {_typename(extra)}, expected a string")
+        raise RowError("wrong type", f"'input' is a {typename(extra)}, expected a string")
     if not output.strip():
         raise RowError("empty completion", "'output' is empty")
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
@@ -434,102 +433,6 @@ def rows_format(records: list[Record], fmt: str = "auto") -> str | None:
     return next((f for r in records if (f := detect_format(r.row)) is not None), None)
 
 
-# ---------------------------------------------------------------- prepare: clean, dedupe, split
-
-
-def map_strings(value: Any, fn) -> Any:
-    """`value` with fn applied to every string inside it (lists and dicts rebuilt, the rest kept)."""
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, list):
-        return [map_strings(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: map_strings(v, fn) for k, v in value.items()}
-    return value
-
-
-def clean(row: Any) -> Any:
-    """Strip every string's surrounding whitespace, normalise newlines, collapse 3+ newlines to 2."""
-    return map_strings(row, lambda s: re.sub(r"\n{3,}", "\n\n", s.replace("\r\n", "\n").replace("\r", "\n")).strip())
-
-
-def row_key(row: Any) -> str:
-    """A hash of the normalised row (whitespace runs as one space, canonical JSON): equal ⇔ exact dup."""
-    canonical = json.dumps(map_strings(row, lambda s: " ".join(s.split())), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha1(canonical.encode()).hexdigest()
-
-
-def drop_exact_duplicates(rows: list[Any]) -> list[Any]:
-    """The rows without repeats of an earlier row's `row_key`, in order."""
-    seen: set[str] = set()
-    return [row for row in rows if not ((key := row_key(row)) in seen or seen.add(key))]
-
-
-def _strings(value: Any) -> list[str]:
-    """Every string of a row's content, dict keys in sorted order (role names left out)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    if isinstance(value, dict):
-        return [s for k in sorted(value) if k not in ("role", "from") for s in _strings(value[k])]
-    return []
-
-
-class MinHasher:
-    """MinHash signatures over word 5-shingles (128 permutations) and LSH banding (32 bands × 4 rows).
-
-    A permutation is h(x) = (a·x + b) mod p with p = 2³¹ − 1 and x a shingle's 32-bit BLAKE2 hash,
-    so every product fits in uint64. Two rows' estimated Jaccard similarity is the fraction of equal
-    signature entries.
-    """
-
-    P = (1 << 31) - 1
-
-    def __init__(self, num_perm: int = 128, bands: int = 32, shingle: int = 5, seed: int = 1):
-        assert num_perm % bands == 0
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, self.P, num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, self.P, num_perm, dtype=np.uint64)
-        self.bands, self.shingle = bands, shingle
-
-    def shingles(self, text: str) -> set[str]:
-        """Lower-cased word k-shingles (the whole text as one shingle when shorter than k words)."""
-        words = re.findall(r"\w+", text.lower())
-        k = min(self.shingle, len(words))
-        return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)} if words else set()
-
-    def signature(self, text: str) -> np.ndarray | None:
-        """uint64 [num_perm], or None for a text without words."""
-        sh = self.shingles(text)
-        if not sh:
-            return None
-        x = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
-                      for s in sh], dtype=np.uint64) % np.uint64(self.P)
-        return ((self.a[:, None] * x[None, :] + self.b[:, None]) % np.uint64(self.P)).min(axis=1)
-
-    def band_keys(self, sig: np.ndarray) -> list[bytes]:
-        """One bucket key per band."""
-        return [bytes([i]) + band.tobytes() for i, band in enumerate(sig.reshape(self.bands, -1))]
-
-
-def drop_near_duplicates(rows: list[Any], threshold: float) -> tuple[list[Any], int]:
-    """Keep the first of every group of rows whose estimated Jaccard similarity is ≥ threshold."""
-    mh, buckets, sigs, kept = MinHasher(), {}, [], []
-    for row in rows:
-        sig = mh.signature(" ".join(_strings(row)))
-        if sig is not None:
-            keys = mh.band_keys(sig)
-            candidates = {j for key in keys for j in buckets.get(key, ())}
-            if any(np.mean(sig == sigs[j]) >= threshold for j in sorted(candidates)):
-                continue
-            for key in keys:
-                buckets.setdefault(key, []).append(len(sigs))
-            sigs.append(sig)
-        kept.append(row)
-    return kept, len(rows) - len(kept)
-
-
 def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of the seeded validation part of n rows (at least 1 and at most n-1 when
     fraction > 0 and n ≥ 2)."""
@@ -537,71 +440,3 @@ def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     k = min(max(round(n * fraction), 1), n - 1)
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
-
-
-def write_jsonl_atomic(path: Path, rows: list[Any]) -> None:
-    """Write rows as JSON Lines to a temp file beside `path`, fsync, then os.replace onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean_rows(inputs: list[str], fmt: str, counts: dict) -> list[Any]:
-    """Read, clean and check every row; count the bad and empty ones."""
-    records = [r for path in inputs for r in read_rows(path)]
-    counts["read"] = len(records)
-    cleaned = [Record(r.where, r.row if isinstance(r.row, RowError) else clean(r.row)) for r in records]
-    fmt = rows_format(cleaned, fmt)
-    good = []
-    for r in cleaned:
-        try:
-            if isinstance(r.row, RowError):
-                raise r.row
-            if not any(s for s in _strings(r.row)):
-                raise RowError("empty row")
-            parse_row(r.row, fmt)
-        except RowError as e:
-            counts["empty" if e.reason.startswith("empty") else "bad"] += 1
-            continue
-        good.append(r.row)
-    return good
-
-
-def prepare(inputs: list[str], out_dir: str, *, validation_fraction: float, seed: int,
-            near_dup_threshold: float | None = None, fmt: str = "auto") -> dict:
-    """Clean, deduplicate and split SFT rows into `out_dir`/train.jsonl and validation.jsonl.
-
-    Rows keep their own columns (cleaned). Returns (and prints) the counts: read, bad, empty,
-    exact_dups, near_dups, train, validation. Both files are always written (validation may be empty),
-    each atomically.
-    """
-    if not inputs:
-        raise JaxftError("prepare: no input files")
-    if not 0 <= validation_fraction < 1:
-        raise JaxftError(f"validation_fraction: {validation_fraction} must be in [0, 1)")
-    if near_dup_threshold is not None and not 0 < near_dup_threshold <= 1:
-        raise JaxftError(f"near_dup_threshold: {near_dup_threshold} must be in (0, 1]")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise JaxftError(f"format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
-    counts = dict.fromkeys(("read", "bad", "empty", "exact_dups", "near_dups", "train", "validation"), 0)
-    rows = _clean_rows(inputs, fmt, counts)
-    unique = drop_exact_duplicates(rows)
-    counts["exact_dups"] = len(rows) - len(unique)
-    if near_dup_threshold is not None:
-        unique, counts["near_dups"] = drop_near_duplicates(unique, near_dup_threshold)
-    val = set(holdout(len(unique), validation_fraction, seed).tolist())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out / "train.jsonl", [r for i, r in enumerate(unique) if i not in val])
-    write_jsonl_atomic(out / "validation.jsonl", [r for i, r in enumerate(unique) if i in val])
-    counts["train"], counts["validation"] = len(unique) - len(val), len(val)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()))
-    return counts

@@ -36,7 +36,7 @@ import json
 import random
 from pathlib import Path
 
-from jaxft.data.rows import write_jsonl_atomic
+from jaxft.files import write_jsonl
 
 KEYS = ("name", "city", "date", "amount")
 
@@ -201,7 +201,7 @@ def write_task_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test
     paths, start = {}, 0
     for split, size in sizes.items():
         paths[split] = out / f"{split}.jsonl"
-        write_jsonl_atomic(paths[split], rows[start:start + size])
+        write_jsonl(paths[split], rows[start:start + size])
         start += size
     return paths
 
@@ -251,5 +251,5 @@ def write_pair_files(out_dir, n_train: int = 400, n_validation: int = 32, n_test
     paths = write_task_files(out_dir, n_train, n_validation, n_test, seed)
     for split in ("train", "validation"):
         paths[f"{split}_pairs"] = Path(out_dir) / f"{split}_pairs.jsonl"
-        write_jsonl_atomic(paths[f"{split}_pairs"], make_pairs(read_jsonl(paths[split]), seed + 1))
+        write_jsonl(paths[f"{split}_pairs"], make_pairs(read_jsonl(paths[split]), seed + 1))
     return paths

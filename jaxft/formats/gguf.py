@@ -17,7 +17,6 @@ quantization type jaxft cannot read, a tensor with no Hugging Face counterpart) 
 
 import functools
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from jaxft.errors import JaxftError
+from jaxft.files import atomic_path
 
 # GGUF `general.architecture` -> whether llama.cpp permuted Q/K rows for its interleaved rope.
 # Other architectures (gemma: norms stored as w + 1; qwen3: head_dim not in transformers' mapping...)
@@ -551,9 +551,7 @@ def write_gguf_lora(peft_tensors: dict[str, np.ndarray], peft_config: dict, hf_c
 
 def _write(out: Path, arch: str, keys, items) -> Path:
     """One GGUF file, atomically: keys(writer) adds the metadata, items are (name, array, raw dtype or None)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         keys(w)
         for n, x, raw in items:
@@ -562,8 +560,4 @@ def _write(out: Path, arch: str, keys, items) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

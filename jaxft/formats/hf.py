@@ -27,8 +27,10 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
+from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
 from jaxft.models.config import DecoderConfig
-from jaxft.models.decoder import Decoder
+from jaxft.models.decoder import CPU_TUNED, Decoder
+from jaxft.models.heads import PolicyWithValue, ScoreModel
 from jaxft.quant import QuantKernel, quantize_stacked, should_quantize
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
@@ -137,8 +139,6 @@ def open_checkpoint(path) -> tuple[TensorSource, DecoderConfig]:
     if not path.exists():
         raise JaxftError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".gguf":
-        from jaxft.formats.gguf import GGUFSource
-
         src = GGUFSource(path)
         return src, DecoderConfig.from_hf(src.hf_config)
     if not path.is_dir():
@@ -178,21 +178,16 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     """
     src, cfg = open_checkpoint(path)
     compute_dtype = compute_dtype or dtype
-    from jaxft.models.decoder import CPU_TUNED
 
     kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED)
     fresh = {}  # parameters the checkpoint does not hold: a new score head
     if head == "score":
-        from jaxft.models.heads import ScoreModel
-
         init_std = score_head(src, path, cfg.hidden_size)
         pad = _pad_id(pad_token_id, path)
         abstract = nnx.eval_shape(lambda: ScoreModel(cfg, pad_id=pad, rngs=nnx.Rngs(0), **kw))
         if init_std is not None:
             fresh[("score", "kernel")] = init_std * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
     elif head == "value":  # PPO's policy: the causal LM plus a new value head (jaxft.objectives.ppo fills it)
-        from jaxft.models.heads import PolicyWithValue
-
         abstract = nnx.eval_shape(lambda: PolicyWithValue(cfg, rngs=nnx.Rngs(0), **kw))
         fresh[("value_head", "kernel")] = 0.02 * jax.random.normal(jax.random.key(seed), (cfg.hidden_size, 1))
     else:
@@ -328,8 +323,6 @@ def load_tokenizer(path):
     if not path.exists():
         raise JaxftError(f"{path}: no such file or directory")
     if path.suffix == ".gguf":
-        from jaxft.formats.gguf import load_gguf_tokenizer
-
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 

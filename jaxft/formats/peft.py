@@ -21,9 +21,7 @@ with overwrite=True.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import shlex
 from pathlib import Path
 
 import jax
@@ -32,10 +30,15 @@ import numpy as np
 from flax import nnx
 
 from jaxft import adapters
-from jaxft.config import VLLM_RANKS, LoraConfig
+from jaxft.adapters import bank
+from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
+from jaxft.files import staging_dir
+from jaxft.formats.hf import hf_names
 from jaxft.models.decoder import Decoder
+from jaxft.models.heads import ScoreModel
 from jaxft.models.names import PROJECTIONS, hf_module
+from jaxft.quant import quantized_kernels
 
 PREFIX = "base_model.model."
 
@@ -47,8 +50,6 @@ def _layer_modules(model: Decoder):
 
 
 def _is_score_model(model) -> bool:
-    from jaxft.models.heads import ScoreModel
-
     return isinstance(model, ScoreModel)
 
 
@@ -80,17 +81,6 @@ def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dic
             "inference_mode": True}
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing `out` only after it is complete)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def export_adapter(model: Decoder, cfg: LoraConfig, out_dir, *, base_model: str = "", overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory atomically; returns its path."""
     return write_adapter(adapter_config(model, cfg, base_model), adapter_tensors(model), out_dir, overwrite=overwrite)
@@ -100,19 +90,10 @@ def write_adapter(config: dict, tensors: dict[str, np.ndarray], out_dir, *, over
     """adapter_config.json + adapter_model.safetensors, written to a temporary directory and renamed into place."""
     from safetensors.numpy import save_file
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise JaxftError(f"{out}: already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staging_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
@@ -168,9 +149,6 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
 
 def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
     """HF tensor name → array of the model with every adapter merged in (each adapter's `merge`, in fp32, then cast)."""
-    from jaxft.formats.hf import hf_names
-    from jaxft.quant import quantized_kernels
-
     if quantized_kernels(model):
         raise JaxftError("merged export from quantized base weights would round the adapter away; "
                          "reload the original weights (jaxft.quant.original_base_run)")
@@ -202,13 +180,11 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise JaxftError(f"{out}: already exists (pass overwrite to replace it)")
+    if out.exists() and not overwrite:  # before the (slow) merge
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
     np_dtype = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}[dtype]
     tensors = merged_tensors(model, np_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staging_dir(out, overwrite) as tmp:
         shards, size = [[]], 0
         for name, t in tensors.items():
             if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -238,10 +214,6 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
             GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -283,4 +255,51 @@ def vllm_problems(config: dict, tensor_names) -> list[str]:
     odd = sorted(n for n in tensor_names if not n.endswith((".lora_A.weight", ".lora_B.weight")))
     if odd:
         out.append(f"tensor {odd[0]} is not a .lora_A.weight / .lora_B.weight tensor ({len(odd)} such)")
+    return out
+
+
+# ---------------------------------------------------------------- a bank of adapters (jaxft export --format peft)
+
+
+def vllm_command(base: str, folders: dict[str, Path], ranks: list[int]) -> str:
+    """The `vllm serve` line that serves every adapter of a bank over its base in one engine."""
+    r = rank_bucket(max(ranks))
+    mods = " ".join(shlex.quote(f"{n}={p}") for n, p in folders.items())
+    return (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules {mods} --max-loras {len(folders)} "
+            f"--max-lora-rank {r}")
+
+
+def export_bank(model, out, *, base_model: str = "", strict: bool = False, overwrite: bool = False,
+                say=print) -> Path:
+    """One PEFT adapter folder per adapter of the model's bank (`out/<name>/`, each loadable by PEFT and vLLM
+    on its own) and `out/serve_vllm.sh`, after vLLM's rules check of each; written to a temporary
+    directory and renamed into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
+    names, configs = bank.names_of(model), bank.banks(model)[0][1].adapter.configs
+    problems = []
+    for n, (name, cfg) in enumerate(zip(names, configs)):
+        saved = bank.views(model, n)
+        try:
+            found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
+        finally:
+            bank.restore(model, saved)
+        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
+        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
+    for p in problems:
+        say(f"jaxft: vLLM: {p}")
+    if problems and strict:
+        raise JaxftError(f"the adapters break {len(problems)} vLLM rule(s) (see above); nothing written")
+    final = {name: out.absolute() / name for name in names}
+    cmd = vllm_command(base_model, final, [c.r for c in configs])
+    with staging_dir(out, overwrite) as tmp:
+        for n, (name, cfg) in enumerate(zip(names, configs)):
+            saved = bank.views(model, n)
+            try:
+                export_adapter(model, cfg, tmp / name, base_model=base_model)
+            finally:
+                bank.restore(model, saved)
+        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
+    say(cmd)
     return out

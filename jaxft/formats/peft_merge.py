@@ -28,19 +28,17 @@ new adapter's layers come first (`_init_draws`), then one mask per tensor in PEF
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from jaxft.errors import JaxftError
+from jaxft.formats.peft import read_adapter
 from jaxft.models.names import PROJECTIONS
 
 BY_FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on A's and B's, equal ranks
@@ -54,7 +52,7 @@ _F32 = np.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class Adapter:
+class PeftAdapter:
     """One input: its adapter_config.json (as read), its tensors (fp32) and where it came from."""
     config: dict
     tensors: dict[str, np.ndarray]
@@ -155,7 +153,7 @@ def _module_order(name: str) -> tuple[int, int]:
     return int(m.group(1)), list(PROJECTIONS).index(m.group(3))
 
 
-def _factors(ad: Adapter, module: str) -> tuple[np.ndarray, np.ndarray]:
+def _factors(ad: PeftAdapter, module: str) -> tuple[np.ndarray, np.ndarray]:
     return ad.tensors[f"{module}.lora_A.weight"], ad.tensors[f"{module}.lora_B.weight"]  # [r, in], [out, r]
 
 
@@ -167,7 +165,7 @@ def _svd_factors(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(vh[:rank]), np.ascontiguousarray(u[:, :rank] * s[:rank])
 
 
-def _merge_module(ads: list[Adapter], weights: list[float], module: str, method: str, rank: int, density,
+def _merge_module(ads: list[PeftAdapter], weights: list[float], module: str, method: str, rank: int, density,
                   sign_method: str, draws) -> tuple[np.ndarray, np.ndarray]:
     """(A [rank, in], B [out, rank]) of the merged adapter for one module."""
     if method == "cat":
@@ -186,7 +184,7 @@ def _merge_module(ads: list[Adapter], weights: list[float], module: str, method:
     return a, b
 
 
-def combine(ads: list[Adapter], weights: list[float], method: str, *, density: float | None = None,
+def combine(ads: list[PeftAdapter], weights: list[float], method: str, *, density: float | None = None,
             sign_method: str = "total", svd_rank: int | None = None, seed: int = 0) -> tuple[dict, dict]:
     """PEFT's add_weighted_adapter over adapters read from disk → (adapter_config dict, tensors)."""
     modules = check(ads, weights, method, density=density, sign_method=sign_method, svd_rank=svd_rank)
@@ -208,7 +206,7 @@ def combine(ads: list[Adapter], weights: list[float], method: str, *, density: f
     return merged_config(ads, rank), tensors
 
 
-def merged_config(ads: list[Adapter], rank: int) -> dict:
+def merged_config(ads: list[PeftAdapter], rank: int) -> dict:
     """adapters[0]'s config with r = lora_alpha = rank, the union of target modules, no patterns, and
     use_rslora false (see the module docstring)."""
     tms = [ad.config["target_modules"] for ad in ads]
@@ -229,7 +227,7 @@ def _same_base(x: str, y: str) -> bool:
     return Path(x).exists() and Path(y).exists() and Path(x).resolve() == Path(y).resolve()
 
 
-def check(ads: list[Adapter], weights: list[float], method: str, *, density, sign_method: str,
+def check(ads: list[PeftAdapter], weights: list[float], method: str, *, density, sign_method: str,
           svd_rank) -> list[str]:
     """Every refusal, before any arithmetic; returns the adapted modules in PEFT's order."""
     if method not in METHODS:
@@ -274,7 +272,7 @@ def check(ads: list[Adapter], weights: list[float], method: str, *, density, sig
     return modules
 
 
-def _adapted(ad: Adapter) -> list[str]:
+def _adapted(ad: PeftAdapter) -> list[str]:
     """One adapter's modules in PEFT's order, each with an A [r, in] and a B [out, r]."""
     names = set()
     for key in ad.tensors:
@@ -291,7 +289,7 @@ def _adapted(ad: Adapter) -> list[str]:
     return sorted(names, key=_module_order)
 
 
-def _modules(ads: list[Adapter]) -> list[str]:
+def _modules(ads: list[PeftAdapter]) -> list[str]:
     """The adapted modules, the same in every adapter with the same in / out sizes (one base)."""
     first, modules = ads[0], _adapted(ads[0])
     for ad in ads[1:]:
@@ -311,46 +309,10 @@ def _modules(ads: list[Adapter]) -> list[str]:
 # ---------------------------------------------------------------- files
 
 
-def read(path) -> Adapter:
-    """A PEFT adapter directory, or a jaxft run directory (its newest checkpoint, exported as PEFT does)."""
-    from jaxft.formats.peft import read_adapter
-
+def read_peft(path) -> PeftAdapter:
+    """A PEFT adapter directory as merge input, after jaxft's own refusals (patterns, modules_to_save, bias,
+    residual inits, ...: jaxft.formats.peft.read_adapter)."""
     p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        read_adapter(p)  # jaxft's own refusals (patterns, modules_to_save, bias, residual inits, ...)
-        from safetensors.numpy import load_file
-
-        tensors = {k: np.asarray(v, _F32) for k, v in load_file(str(p / "adapter_model.safetensors")).items()}
-        return Adapter(json.loads((p / "adapter_config.json").read_text()), tensors, str(p))
-    if (p / "config.json").is_file():
-        from jaxft.config import load_config
-        from jaxft.commands.export import export
-
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
-            # (its vLLM notes would be about this input; the merged adapter is checked at the end)
-            export(load_config(p / "config.json", []), "peft", Path(tmp) / "adapter")
-            return dataclasses.replace(read(Path(tmp) / "adapter"), where=str(p))
-    raise JaxftError(f"{p}: neither a PEFT adapter directory (adapter_config.json) nor a jaxft run directory "
-                     "(config.json)")
-
-
-def merge_adapters(inputs, weights, method: str, out, *, density: float | None = None, sign_method: str = "total",
-                   svd_rank: int | None = None, seed: int = 0, overwrite: bool = False, strict: bool = False) -> Path:
-    """`jaxft merge-adapters`: read every input, merge as PEFT's add_weighted_adapter, write a PEFT adapter
-    directory atomically (vLLM's rules checked as `jaxft export` does); returns its path."""
-    from jaxft.formats.peft import vllm_problems, write_adapter
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not inputs:
-        raise JaxftError("merge-adapters: no adapter given")
-    ads = [read(p) for p in inputs]
-    config, tensors = combine(ads, list(weights), method, density=density, sign_method=sign_method,
-                              svd_rank=svd_rank, seed=seed)
-    problems = vllm_problems(config, tensors)
-    for p in problems:
-        print(f"jaxft: vLLM: {p}", file=sys.stderr)
-    if problems and strict:
-        raise JaxftError(f"the merged adapter breaks {len(problems)} vLLM rule(s) (see above); nothing written")
-    return write_adapter(config, tensors, out, overwrite=overwrite)
+    read_adapter(p)
+    tensors = {k: np.asarray(v, _F32) for k, v in load_file(str(p / "adapter_model.safetensors")).items()}
+    return PeftAdapter(json.loads((p / "adapter_config.json").read_text()), tensors, str(p))

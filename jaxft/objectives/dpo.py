@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -38,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.context import OFF, ON, Ctx
 from jaxft.config import DpoConfig, RunConfig
 from jaxft.config.objectives import REFERENCE_FREE
+from jaxft.context import OFF, ON, Ctx
+from jaxft.data.pairs import PairBatches, load_pairs
 from jaxft.errors import JaxftError
+from jaxft.files import atomic_path
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches
 
@@ -159,8 +160,6 @@ def fingerprint(run: RunConfig, model_path: Path, pairs) -> str:
 
 def compute_reference_logps(graphdef, params, frozen, pairs, batch_size: int, seq_len: int) -> np.ndarray:
     """The reference's (chosen, rejected) log-probs [N, 2] of every pair, in the order of `pairs`."""
-    from jaxft.data.pairs import PairBatches
-
     batches = PairBatches(pairs, batch_size, seq_len, seed=0)
     fn = jax.jit(lambda p, f, b: reference_logps(nnx.merge(graphdef, p, f), b))
     out = np.zeros((len(pairs), 2), np.float32)
@@ -185,10 +184,8 @@ def cached_reference(run: RunConfig, setup, pairs, say=lambda *a: None) -> np.nd
     say(f"reference log-probs: computing for {len(pairs)} pairs → {path}")
     ref = compute_reference_logps(setup.graphdef, setup.params, setup.frozen, pairs, run.train.batch_size,
                                   run.data.max_length)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, ref)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, ref)
     return ref
 
 
@@ -198,8 +195,6 @@ def cached_reference(run: RunConfig, setup, pairs, say=lambda *a: None) -> np.nd
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split), with cached reference
     log-probs when dpo.reference=cache and the loss needs a reference."""
-    from jaxft.data.pairs import PairBatches, load_pairs
-
     pairs, report = load_pairs(run.data, run.dpo, setup.tokenizer, split)
     if not pairs:
         return None

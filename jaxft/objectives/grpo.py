@@ -29,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.context import ON, Ctx
 from jaxft.config import RunConfig
 from jaxft.config.objectives import group_size, iterations
+from jaxft.context import ON, Ctx
+from jaxft.data.prompts import load_prompts
 from jaxft.objective import Objective
-import jaxft.objectives.policy_gradient as pg
+from jaxft.objectives.reward_funcs import load_reward_funcs
 from jaxft.objectives.rollout import Reference, RolloutSource, completion_logps, make_forward, per_micro_batch
+import jaxft.objectives.policy_gradient as pg
 
 CLIP = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
         "clip_ratio/high_max")
@@ -54,9 +56,6 @@ def _weights(run: RunConfig, funcs) -> np.ndarray:
 
 
 def _source(run, setup, say, wrap, finish):
-    from jaxft.objectives.reward_funcs import load_reward_funcs
-    from jaxft.data.prompts import load_prompts
-
     prompts, report = load_prompts(run.data, setup.tokenizer, "train")
     say(f"train prompts: {report.summary()}")
     funcs = load_reward_funcs(run.rollout.reward_funcs, run.rollout.max_completion_length)

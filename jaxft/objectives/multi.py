@@ -20,6 +20,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.data.encode import Batches, load_examples
+from jaxft.losses import sft_loss, token_logprobs
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches, perplexity
 
 
@@ -61,8 +63,6 @@ class MixedBatches:
 
 def make_loss(names: tuple[str, ...], accum: int = 1):
     """(model, micro-batch, ctx) → (Σ_n sum_n / targets_n, 1 / accum, {loss_<name>: sum_n / targets_n})."""
-    from jaxft.losses import token_logprobs
-
     N = len(names)
 
     def loss_fn(model, batch, ctx):
@@ -82,8 +82,6 @@ def make_loss(names: tuple[str, ...], accum: int = 1):
 
 def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
     """Mixed multi-adapter batches, the per-adapter loss, and a validation loss per adapter."""
-    from jaxft.data.encode import Batches, load_examples
-
     names = tuple(a.name for a in run.adapters)
 
     def batches(spec, split: str):
@@ -100,12 +98,12 @@ def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) 
     evaluate = None
     if all(a.validation for a in run.adapters):
         vals = [MixedBatches([batches(a, "validation")]) for a in run.adapters]
-        eval_step = make_eval_step(setup.graphdef, _single)
+        eval_step = make_eval_step(setup.graphdef, single_adapter_loss)
 
         def evaluate(params, frozen):
             out = {}
             for n, (name, val) in enumerate(zip(names, vals)):
-                tagged = _Tagged(val, n)
+                tagged = Tagged(val, n)
                 r = mean_over_batches(eval_step, params, frozen, tagged, run.train.eval_batches, "eval_tokens")
                 out[f"eval_loss_{name}"] = r["eval_loss"]
                 out[f"eval_ppl_{name}"] = perplexity(r["eval_loss"])
@@ -117,14 +115,12 @@ def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) 
                      heldout=run.adapters[0].validation)
 
 
-def _single(model, batch, ctx):
+def single_adapter_loss(model, batch, ctx):
     """An evaluation batch of one adapter as (sum, count): the plain SFT loss with that adapter's ids."""
-    from jaxft.losses import sft_loss
-
     return sft_loss(model, batch, dataclasses.replace(ctx, adapter_ids=batch["adapter_ids"]))
 
 
-class _Tagged:
+class Tagged:
     """One adapter's validation batches with its id on every row."""
 
     def __init__(self, mixed: MixedBatches, n: int):

@@ -37,7 +37,6 @@ is seeded by (train.seed, rollout index) and minibatch permutations by (data.see
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -46,12 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.context import OFF, ON, Ctx
+from jaxft import sharding
 from jaxft.config import PpoConfig, RunConfig
+from jaxft.context import OFF, ON, Ctx
+from jaxft.data.prompts import load_prompts
 from jaxft.errors import JaxftError
+from jaxft.files import atomic_path
+from jaxft.generate import Sampling, eos_token_ids, generate
 from jaxft.losses import token_logprobs
 from jaxft.objective import Objective
-from jaxft.data.prompts import load_prompts
+from jaxft.objectives.rollout import Split, layout, mesh_of
+from jaxft.scoring import Scorer
 from jaxft.sharding import to_host
 
 INVALID_LOGPROB = 1.0  # TRL's fill value on padding: logp − ref = 0 there
@@ -230,7 +234,7 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
 
 
-class RolloutSource:
+class PpoSource:
     """The PPO BatchSource: `source(step, params)` → the micro-batches [A, B, ...] of optimizer step `step`.
 
     Keys (placed by `wrap`): tokens / positions / segment_ids [A, B, P + T] (jaxft.objectives.rollout.layout);
@@ -241,9 +245,6 @@ class RolloutSource:
     """
 
     def __init__(self, run: RunConfig, setup, prompts: list, reward, wrap=lambda b: b, say=lambda *a: None):
-        from jaxft.generate import eos_token_ids
-        from jaxft.objectives.rollout import _mesh_of
-
         c, t, r = run.ppo, run.train, run.rollout
         self.cfg, self.run, self.setup, self.prompts, self.wrap, self.say = c, run, setup, prompts, wrap, say
         self.B, self.A, self.M = t.batch_size, t.grad_accum, c.num_mini_batches
@@ -255,10 +256,8 @@ class RolloutSource:
         self.T, self.temperature = r.max_completion_length, r.temperature
         self.eos = sorted(eos_token_ids(setup.tokenizer, setup.model_path))
         self.reward_graphdef, self.reward_weights = reward
-        mesh = _mesh_of(setup.params)
+        mesh = mesh_of(setup.params)
         if mesh is not None:  # the reward model's weights on the policy's mesh, sharded by the same rules
-            from jaxft import sharding
-
             self.reward_weights = sharding.place(self.reward_weights, sharding.tree_shardings(
                 self.reward_weights, mesh, run.mesh.strategy))
         self.rollout_fn = make_rollout_fn(setup.graphdef, self.reward_graphdef, self.temperature)
@@ -284,21 +283,18 @@ class RolloutSource:
 
     def sample(self, k: int, params) -> dict[str, np.ndarray]:
         """Rollout batch k from the weights `params`: sample, forward, score, advantages (host arrays)."""
-        from jaxft.generate import Sampling, generate
-        from jaxft.objectives.rollout import _mesh_of, _Split, layout
-
         r = self.run.rollout
         ids = [p.ids for p in self.pick(k)]
         s = Sampling(temperature=r.temperature + TEMPERATURE_EPS, top_k=r.top_k, top_p=r.top_p,
                      max_new_tokens=self.T, seed=_seed(self.run.train.seed, k))
         t0 = time.perf_counter()
         gen = generate(self.setup.graphdef, (params, self.setup.frozen), ids, eos_ids=self.eos, sampling=s,
-                       mesh=_mesh_of(params))
+                       mesh=mesh_of(params))
         t1 = time.perf_counter()
         responses, seq_len = responses_of(gen.tokens, gen.lengths, self.T)
         tokens, positions, segment_ids = layout(ids, responses, seq_len + 1)
         fwd = dict(tokens=tokens, positions=positions, segment_ids=segment_ids, responses=responses, seq_len=seq_len)
-        split = self.wrap(_Split(fwd, self.N // self.B))  # the forward passes in training's micro-batches
+        split = self.wrap(Split(fwd, self.N // self.B))  # the forward passes in training's micro-batches
         outs = [jax.tree.map(to_host, self.rollout_fn(params, self.setup.frozen, self.reward_weights, split.batch(i)))
                 for i in range(self.N // self.B)]
         got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -320,17 +316,13 @@ class RolloutSource:
     def _save(self, k: int, arrays: dict) -> None:
         if jax.process_index() != 0:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{k}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.dir / f"{k}.npz")
+        with atomic_path(self.dir / f"{k}.npz", ".npz") as tmp:
+            np.savez(tmp, **arrays)
         for old in self.dir.glob("*.npz"):
             if old.stem.isdigit() and int(old.stem) <= k - self.kept:
                 old.unlink()
 
     def __call__(self, step: int, params) -> dict:
-        from jaxft.objectives.rollout import _Split
-
         k, i = divmod(step - 1, self.per_rollout)
         self.fresh = False
         if self.index != k:
@@ -345,7 +337,7 @@ class RolloutSource:
         epoch, mb = divmod(i, self.M)
         rows = np.random.default_rng([self.run.data.seed, k, epoch]).permutation(self.N)[
             mb * self.A * self.B:(mb + 1) * self.A * self.B]
-        return self.wrap(_Split({key: v[rows] for key, v in self.arrays.items()}, self.A)).step(0, self.A)
+        return self.wrap(Split({key: v[rows] for key, v in self.arrays.items()}, self.A)).step(0, self.A)
 
     def host_metrics(self, step: int) -> dict:
         """The sampling step's timings and EOS count (TRL's val/num_eos_tokens); {} on the other steps."""
@@ -357,8 +349,6 @@ class RolloutSource:
 
 def load_reward(path: str, setup):
     """The frozen reward model (graphdef, (params, frozen)) on one device, checked against the policy."""
-    from jaxft.objectives.reward_model import Scorer
-
     scorer = Scorer.load(path)
     rm = nnx.merge(scorer.graphdef, scorer.params, scorer.frozen)
     vocab = setup.frozen["model"]["embed_tokens"]["embedding"].shape[0]  # the reward model reads the policy's ids
@@ -387,7 +377,7 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
             init_value_head(setup, kernel)
         prompts, report = load_prompts(run.data, setup.tokenizer, "train")
         say(f"train prompts: {report.summary()}")
-        source = RolloutSource(run, setup, prompts, (graphdef, weights), wrap, say)
+        source = PpoSource(run, setup, prompts, (graphdef, weights), wrap, say)
     return Objective(name="ppo", train=source, loss_fn=make_loss(run.ppo, run.rollout.temperature),
                      count_name="episodes", metrics=METRICS, progress=("objective/scores", "objective/kl"),
                      heldout=run.data.validation)

@@ -21,7 +21,7 @@ Specs (rollout.reward_funcs):
     length_penalty     −(completion tokens) / rollout.max_completion_length
     overlong:CACHE     TRL's soft overlong punishment: 0 up to max − CACHE tokens, then linear to −1 at max
     reward_model:PATH  a jaxft reward run (objective reward) or a *ForSequenceClassification directory,
-                       scoring prompt + completion (jaxft.objectives.reward_model.Scorer)
+                       scoring prompt + completion (jaxft.scoring.Scorer)
     module:function    an importable function;   path/to/file.py:function   a function in a file
 """
 
@@ -37,8 +37,8 @@ from typing import Callable
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.metrics import json_fields, parse_json_object
-from jaxft.metrics import exact_match as _exact
+from jaxft.metrics import exact_match as _exact, json_fields, parse_json_object
+from jaxft.scoring import Scorer
 
 
 def _text(c) -> str:
@@ -105,8 +105,6 @@ def overlong_reward(max_len: int, cache: int) -> Callable:
 
 
 def reward_model_reward(path: str) -> Callable:
-    from jaxft.objectives.reward_model import Scorer
-
     scorer = Scorer.load(path)
 
     def reward_model(prompts, completions, completion_ids, **kw):

@@ -1,9 +1,8 @@
 """Reward models: Bradley–Terry on preference pairs with a ScoreModel (TRL RewardTrainer's definitions),
-and a scorer for files and for RL.
+(the scorer of a trained reward model: jaxft.scoring).
 
     loss_fn = make_loss(run.reward)        # (model, batch, ctx) → (sum of pair losses, pairs, metric sums)
     obj = make(run, setup, say)            # a jaxft.objective.Objective
-    scorer = Scorer.load("runs/reward")    # scorer(prompts, completions) → list[float]
 
 Chosen and rejected run in one forward pass (PairBatches' [2B, S]: chosen rows, then rejected rows);
 r = the score at each row's last non-pad token (jaxft.models.heads). Per pair, with the row's optional
@@ -24,17 +23,15 @@ Pairs longer than data.max_length (either side) are dropped and counted, as TRL 
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.context import ON, Ctx
 from jaxft.config import DpoConfig, RewardConfig, RunConfig
-from jaxft.errors import JaxftError
+from jaxft.context import ON, Ctx
+from jaxft.data.pairs import PairBatches, load_pairs
 from jaxft.objective import Objective, Prefetched, mean_over_batches
 from jaxft.sharding import to_host
 
@@ -112,8 +109,6 @@ def evaluator(eval_fn, batches, n: int):
 
 def pair_batches(run: RunConfig, setup, split: str, batch_size: int, say=lambda *a: None):
     """The split's PairBatches (None for an unconfigured validation split); over-length pairs dropped."""
-    from jaxft.data.pairs import PairBatches, load_pairs
-
     pairs, report = load_pairs(run.data, PAIRS, setup.tokenizer, split)
     if not pairs:
         return None
@@ -135,150 +130,3 @@ def make(run: RunConfig, setup, say=lambda *a: None, wrap=lambda b: b, train: bo
         evaluate = evaluator(make_eval_fn(setup.graphdef, run.reward), wrap(val), run.train.eval_batches)
     return Objective(name="reward", train=source, loss_fn=loss_fn, evaluate=evaluate, count_name="pairs",
                      metrics=METRICS, headline=("eval_accuracy", "eval_margin"))
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def _bucket(n: int, limit: int) -> int:
-    """Sequence length of a scoring batch: the next multiple of 64 (fewer shapes to compile), ≤ limit."""
-    return min(limit, 64 * math.ceil(n / 64))
-
-
-class Scorer:
-    """A reward function: `scorer(prompts, completions) → list[float]`, one score per (prompt, completion).
-
-    prompts: strings or chat message lists; completions: strings or assistant message lists (encoded
-    like a preference pair's side: chat template, EOS). A sequence longer than max_length keeps its last
-    max_length tokens (the score reads the end); a row that cannot be encoded scores NaN (TRL's "no reward").
-    Batches of `batch_size` rows, lengths in multiples of 64: one compiled program per length, reused for
-    new weights (`scorer.params = ...`, or `params=` per call).
-    """
-
-    def __init__(self, graphdef, params, frozen, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
-                 system_prompt: str | None = None):
-        from jaxft.data.encode import Encoder
-
-        self.graphdef, self.params, self.frozen, self.tokenizer = graphdef, params, frozen, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        self.encoder = Encoder(tokenizer, False, system_prompt)
-        self.fn = jax.jit(lambda p, f, b: nnx.merge(graphdef, p, f)(b["tokens"], b["positions"], b["segment_ids"]))
-
-    @classmethod
-    def load(cls, model_or_run: str, **kw) -> "Scorer":
-        """From a reward run directory (its newest checkpoint) or a `*ForSequenceClassification` model
-        directory (or "example" and other causal LMs: a new, untrained head)."""
-        from jaxft.setup import build
-
-        run = _scoring_run(model_or_run)
-        setup = build(run)
-        params = setup.params
-        if (Path(model_or_run) / "checkpoints").is_dir():
-            from jaxft.checkpoint import restore_trainable
-
-            params, _ = restore_trainable(model_or_run, setup.params)
-        kw.setdefault("max_length", run.data.max_length)
-        kw.setdefault("system_prompt", run.data.system_prompt)
-        return cls(setup.graphdef, params, setup.frozen, setup.tokenizer, **kw)
-
-    def __call__(self, prompts, completions, params=None) -> list[float]:
-        from jaxft.data.rows import RowError, _prompt_completion
-
-        if len(prompts) != len(completions):
-            raise JaxftError(f"Scorer: {len(prompts)} prompts but {len(completions)} completions")
-        parsed = []
-        for p, c in zip(prompts, completions):
-            try:
-                parsed.append(_prompt_completion(p, c))
-            except RowError as e:
-                parsed.append(e)
-        return self.score_parsed(parsed, params).tolist()
-
-    def score_parsed(self, parsed: list, params=None) -> np.ndarray:
-        """Scores [N] of parsed rows (jaxft.data.rows Chat / Pair; a RowError in the list scores NaN)."""
-        from jaxft.data.encode import Example, layout
-        from jaxft.data.rows import RowError
-
-        docs = []
-        for i, p in enumerate(parsed):
-            try:
-                if not isinstance(p, RowError):
-                    docs.append((i, self.encoder.render(p, f"row {i}")))
-            except RowError:  # the chat template rejects it: no score
-                pass
-        out = np.full(len(parsed), np.nan, np.float32)
-        encoded = self.encoder.tokenize([d for _, d in docs]) if docs else []
-        rows = [(i, Example(e[0][-self.max_length:], e[1][-self.max_length:]))
-                for (i, _), e in zip(docs, encoded) if not isinstance(e, RowError)]
-        params = self.params if params is None else params
-        B = self.batch_size
-        for k in range(0, len(rows), B):
-            chunk = rows[k:k + B]
-            S = _bucket(max(len(ex) for _, ex in chunk), self.max_length)
-            batch = layout([[ex] for _, ex in chunk], B, S)
-            r = to_host(self.fn(params, self.frozen, {n: batch[n] for n in ("tokens", "positions", "segment_ids")}))
-            out[[i for i, _ in chunk]] = r[:len(chunk)]
-        return out
-
-
-def _scoring_run(model_or_run: str) -> RunConfig:
-    """The run config that rebuilds a reward run's model, or a plain one around a model path."""
-    from jaxft.config import load_config
-
-    p = Path(model_or_run).expanduser()
-    if p.is_dir() and (p / "config.json").is_file() and (p / "checkpoints").is_dir():
-        run = load_config(p / "config.json")
-        if run.objective != "reward":
-            raise JaxftError(f"{p}: a run of objective {run.objective!r}; scoring needs a reward run")
-        return run
-    return load_config(None, ["objective=reward", f"model.path={model_or_run}", "lora.enabled=false"])
-
-
-def score_file(model_or_run: str, input_path: str, out_path: str | None = None, *, batch_size: int = 8,
-               max_length: int | None = None) -> dict:
-    """Score every row of a JSONL: preference pairs (chosen_score, rejected_score; accuracy overall) or
-    prompt/completion rows (score; `messages` rows: the last message is the completion). Bad rows are
-    skipped and counted. Writes `out_path` (default <input>.scores.jsonl) atomically; returns the summary."""
-    from jaxft.data.pairs import parse_pair
-    from jaxft.data.rows import RowError, _prompt_completion, read_rows, write_jsonl_atomic
-
-    kw = {} if max_length is None else {"max_length": max_length}
-    scorer = Scorer.load(model_or_run, batch_size=batch_size, **kw)
-    records = read_rows(input_path)
-    kinds, parsed, bad = [], [], 0
-    for rec in records:
-        try:
-            row = rec.row
-            if isinstance(row, RowError):
-                raise row
-            if isinstance(row, dict) and "chosen" in row:
-                parsed += list(parse_pair(row))
-                kinds.append((rec.where, 2))
-            elif isinstance(row, dict) and "messages" in row and "prompt" not in row:
-                parsed.append(_prompt_completion(row["messages"][:-1], row["messages"][-1:]))
-                kinds.append((rec.where, 1))
-            else:
-                parsed.append(_prompt_completion(row.get("prompt") if isinstance(row, dict) else row,
-                                                 row.get("completion") if isinstance(row, dict) else None))
-                kinds.append((rec.where, 1))
-        except (RowError, TypeError):
-            bad += 1
-    scores = scorer.score_parsed(parsed)
-    rows, k, right, n_pairs = [], 0, 0, 0
-    for where, n in kinds:
-        s = scores[k:k + n]
-        k += n
-        if np.isnan(s).any():
-            bad += 1
-        elif n == 2:
-            rows.append(dict(row=where, chosen_score=float(s[0]), rejected_score=float(s[1])))
-            right, n_pairs = right + int(s[0] > s[1]), n_pairs + 1
-        else:
-            rows.append(dict(row=where, score=float(s[0])))
-    out = Path(out_path or Path(input_path).with_suffix(".scores.jsonl"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out, rows)
-    summary = dict(scored=len(rows), bad=bad, out=str(out))
-    if n_pairs:
-        summary.update(pairs=n_pairs, accuracy=right / n_pairs)
-    return summary

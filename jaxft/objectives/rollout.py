@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.config import residual_init
 from jaxft.context import OFF, ON, Ctx
 from jaxft.errors import JaxftError
 from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket, shared_rows
@@ -135,8 +136,6 @@ class Reference:
     on — the initial policy, as TRL's second model copy / "ref" adapter."""
 
     def __init__(self, run, setup):
-        from jaxft.config import residual_init
-
         lora = run.lora
         self.off = lora.enabled and not lora.modules_to_save and not lora.init_adapter and not residual_init(lora.init)
         self.params = None if self.off else initial_copy(setup.params)
@@ -189,7 +188,7 @@ class RolloutSource:
         """Rollout r from the weights `params` (completions, the sampler's log-probs, rewards)."""
         chosen = self.pick(r)
         seed = (self.run.train.seed * 1_000_003 + r) % (2**31 - 1)
-        mesh = _mesh_of(params)
+        mesh = mesh_of(params)
         gen = generate(self.setup.graphdef, (params, self.setup.frozen), [p.ids for p in chosen], eos_ids=self.eos,
                        sampling=dataclasses.replace(self.sampling, seed=seed), mesh=mesh)
         return self.assemble(chosen, gen, r)
@@ -244,13 +243,13 @@ class RolloutSource:
         """{key: [N, …]} → micro-batches {key: [A, B, …]} on the mesh (via `wrap`), with the keys that run
         each micro-batch's prompts once in the training forward (`prompt_sharing`): groups are whole and in
         order, so a micro-batch holds at most `self.U` prompts whatever the rollout (one compiled step)."""
-        mesh = None if params is None else _mesh_of(params)
+        mesh = None if params is None else mesh_of(params)
         ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         rows = dict(rows, **prompt_sharing(rows, self.L, self.A, self.U, ways))
-        return self.wrap(_Split(rows, self.A)).step(0, self.A)
+        return self.wrap(Split(rows, self.A)).step(0, self.A)
 
 
-class _Split:
+class Split:
     """A generation batch as `jaxft.sharding.ShardedBatches` reads one: micro-batch j = part j of A equal
     parts of every key (rows [jB, (j+1)B) of the [N, …] keys; the prompt-sharing keys have their own sizes)."""
 
@@ -271,7 +270,7 @@ class _Split:
         return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in self.rows.items()}
 
 
-def _mesh_of(params):
+def mesh_of(params):
     sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
     return sh.mesh if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1 else None
 
@@ -294,7 +293,7 @@ def make_forward(graphdef, temperature: float):
 
     def forward(p, f, batch, ctx: Ctx):
         if ctx.adapter_ids is None:
-            mesh = _mesh_of(p)
+            mesh = mesh_of(p)
             ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
             batch = dict(batch, **prompt_sharing(batch, batch["mask"].shape[1], ways=ways))
         return fn(p, f, batch, ctx)

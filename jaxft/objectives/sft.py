@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from jaxft.data.encode import Batches, load_examples
 from jaxft.losses import sft_loss
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches, perplexity
+from jaxft.objectives.multi import make as make_multi
 
 
 def has_validation(run) -> bool:
@@ -13,10 +15,7 @@ def has_validation(run) -> bool:
 def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) -> Objective:
     """SFT batches (each wrapped by `wrap`, e.g. into sharded global batches), loss and validation."""
     if run.adapters:  # several adapters at once (jaxft.objectives.multi)
-        from jaxft.objectives.multi import make as make_multi
-
         return make_multi(run, setup, say, wrap, train)
-    from jaxft.data.encode import Batches, load_examples
 
     def batches(split: str, batch_size: int):
         examples, report = load_examples(run.data, setup.tokenizer, split)

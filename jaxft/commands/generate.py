@@ -1,0 +1,139 @@
+"""`jaxft generate` and `jaxft chat`: a model (+ a bank of adapters) answering prompts on the command line.
+
+    generate_answers("example", ["Name three colors."], sampling=Sampling(max_new_tokens=64))
+    chat("runs/quickstart/merged", sampling=Sampling(temperature=0.7))
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax.numpy as jnp
+
+from jaxft import runs
+from jaxft.adapters import bank
+from jaxft.errors import JaxftError
+from jaxft.formats.hf import load_pretrained, load_tokenizer
+from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
+from jaxft.setup import resolve_model
+
+
+def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()):
+    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr."""
+    path = resolve_model(model)
+    t0 = time.perf_counter()
+    dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+    model = load_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    if adapters:
+        names = runs.load_bank(model, list(adapters), base=str(path))
+        print(f"adapters: {', '.join(names)}", file=sys.stderr)
+    elif use:
+        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
+    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
+
+
+def rows_of(gen, n_prompts: int, adapters, use) -> tuple[list[int], list[str | None]]:
+    """(prompt index, adapter name) per generated row: --use once (every prompt), once per prompt, or, with
+    adapters and no --use, every adapter on every prompt; without adapters one row per prompt."""
+    if not adapters:
+        return list(range(n_prompts)), [None] * n_prompts
+    names = gen.adapter_names
+    if not use:
+        return [i for _ in names for i in range(n_prompts)], [n for n in names for _ in range(n_prompts)]
+    if len(use) not in (1, n_prompts):
+        raise JaxftError(f"--use: give it once or once per --prompt ({n_prompts}), not {len(use)} times")
+    use = list(use) * n_prompts if len(use) == 1 else list(use)
+    bank.ids(names, use, where="--use")  # unknown names: one line
+    return list(range(n_prompts)), use
+
+
+def messages(system, history):
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, system: str | None = None,
+                     raw: bool = False, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()) -> None:
+    """`jaxft generate`: answer each prompt (chat template applied unless raw) and print the answers; with
+    adapters, the adapters named by `use` (or every adapter) answer, in mixed-adapter batches."""
+    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
+    ids = [tok(p, add_special_tokens=True)["input_ids"] if raw
+               else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))
+               for p in prompts]
+    which, use = rows_of(gen, len(prompts), adapters, use)
+    t0 = time.perf_counter()
+    answers = gen([ids[i] for i in which], eos_ids=eos, sampling=sampling, adapters=use if adapters else None)
+    n = sum(map(len, answers))
+    for i, u, ids in zip(which, use, answers):
+        if len(answers) > 1:
+            print(f"--- [{i}]{f' ({u})' if u else ''} {prompts[i]}")
+        print(tok.decode(ids, skip_special_tokens=True).strip())
+    print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+
+class Stream:
+    """Prints an answer as its tokens arrive (called from inside the generation program)."""
+
+    def __init__(self, tokenizer, eos):
+        self.tok, self.eos = tokenizer, eos
+        self.start()
+
+    def start(self):
+        self.ids, self.shown, self.ended = [], 0, False
+
+    def __call__(self, tok_ids):
+        if self.ended or int(tok_ids[0]) in self.eos:
+            self.ended = True
+            return
+        self.ids.append(int(tok_ids[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        print(text[self.shown:], end="", flush=True)
+        self.shown = len(text)
+
+
+def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: str = "fp32", adapters: list[str] = (),
+         use: list[str] = ()) -> None:
+    """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal)."""
+    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    who = None
+    if adapters:
+        names = gen.adapter_names
+        who = use[0] if use else names[0]
+        bank.ids(names, [who], where="--use")
+    stream = Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
+    if interactive:
+        print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            if interactive:
+                break
+            continue
+        if line == "/reset":
+            history = []
+            continue
+        if line.startswith("/use ") and adapters:  # switch adapter (or base) mid-conversation
+            try:
+                bank.ids(names, [line[5:].strip()], where="/use")
+                who = line[5:].strip()
+                print(f"(now answering: {who})")
+            except JaxftError as e:
+                print(f"jaxft: {e}")
+            continue
+        if not interactive:
+            print(f"you> {line}")
+        history.append({"role": "user", "content": line})
+        stream.start()
+        print("model> ", end="", flush=True)
+        answer = gen([chat_prompt(tok, messages(system, history))], eos_ids=eos, sampling=sampling,
+                     on_token=stream, adapters=None if who is None else [who])[0]
+        print()
+        history.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
