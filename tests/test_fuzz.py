@@ -59,7 +59,7 @@ def bad_values(key, tp):
     if origin is tuple:
         return ["{a: 1}", "[[a]]", "[{a: 1}]", "[" * 1000 + "a", "not_a_module"]
     if tp is str:
-        from jaxft.config import NONEMPTY
+        from jaxft.config.load import NONEMPTY
 
         return ["[1, 2]", "{a: 1}", "a\0b", *([""] if key in NONEMPTY else [])]
     raise AssertionError(f"{key}: no fuzz values for type {tp} — add them here")
