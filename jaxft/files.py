@@ -66,7 +66,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    write_text(path, json.dumps(obj, indent=indent) + "\n")
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxft.context import Ctx
 from jaxft.config import RunConfig
+from jaxft.context import Ctx
 from jaxft.distributed import Preemption
 from jaxft.losses import sft_loss
 from jaxft.runlog import RunLog

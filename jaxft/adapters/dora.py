@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.context import Ctx
 from jaxft.adapters.lora import LoRA
+from jaxft.context import Ctx
 
 
 def _column_norm(w: jax.Array) -> jax.Array:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft.context import Ctx
 from jaxft.config import LoraConfig
+from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 
 from jaxft.models.names import IA3_FEEDFORWARD as FEEDFORWARD

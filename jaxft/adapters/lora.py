@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxft.context import Ctx
 from jaxft.config import LoraConfig, residual_init
+from jaxft.context import Ctx
 from jaxft.errors import JaxftError
 
 

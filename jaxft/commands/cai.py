@@ -47,7 +47,7 @@ from jaxft.config import RunConfig
 from jaxft.data.constitution import Principle, load_constitution
 from jaxft.data.rows import RowError, parse_messages, read_rows
 from jaxft.errors import JaxftError
-from jaxft.files import write_jsonl
+from jaxft.files import write_json, write_jsonl
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
 from jaxft.runs import load_run
 from jaxft.setup import build
@@ -268,7 +268,7 @@ def chunked(out_dir: Path, items: list, size: int, key: str, work, say=say_err) 
         raise JaxftError(f"{out_dir}: holds chunks of other settings, model or data (manifest.json differs); "
                          "use another cai.out_dir or remove that folder")
     if not manifest.is_file():
-        manifest.write_text(json.dumps(want))
+        write_json(manifest, want, indent=None)
     chunks = out_dir / "chunks"
     chunks.mkdir(exist_ok=True)
     rows, n = [], -(-len(items) // size)
@@ -351,7 +351,7 @@ def revise(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | N
     write_jsonl(out / "sft.jsonl", sft)
     summary = dict(prompts=len(prompts), sft_rows=len(sft), skipped=counts, out=str(out / "sft.jsonl"),
                    stats=policy.stats)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -427,7 +427,7 @@ def label(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | No
                    mean_confidence=float(np.mean(conf)) if conf else None,
                    first_chosen=float(np.mean([r["p_first"] >= 0.5 for r in rows if not r["skipped"]]))
                    if pairs else None, stats={"policy": policy.stats, "judge": feedback.stats})
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 

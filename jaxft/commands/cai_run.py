@@ -20,7 +20,6 @@ objectives exist (see `run_all`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from jaxft.config import RunConfig, load_config
 from jaxft.data.constitution import load_constitution
 from jaxft.data.prompts import heldout
 from jaxft.errors import JaxftError
-from jaxft.files import write_jsonl
+from jaxft.files import write_json, write_jsonl, write_text
 from jaxft.generate import Sampling
 from jaxft.metrics import score
 from jaxft.sharding import make_mesh
@@ -52,7 +51,7 @@ def stage_config(run: RunConfig, stage_dir: Path, objective: str, model: str, tr
         tree["eval"]["metric"] = "none"
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / "stage.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    write_text(path, yaml.safe_dump(tree, sort_keys=False))
     return load_config(path, list(overrides))
 
 
@@ -81,7 +80,7 @@ def merged_stage(run: RunConfig, say=say_err) -> Path:
         say(f"{out}: exported (step {step}), skipped")
         return out
     export(run, "merged", out, dtype="fp32", overwrite=True)
-    marker.write_text(str(step))
+    write_text(marker, str(step))
     return out
 
 
@@ -149,7 +148,7 @@ def summarize(run: RunConfig, out: Path, models: dict, judge_policy, say=say_err
         same = [a == b for a, b in zip(got, answers["base"])]
         rows[name]["judge_win"] = float(np.mean([0.5 if s else v["p"] for s, v in zip(same, verdicts)]))
         say(f"summary: {name} done")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "summary.json", rows)
     return rows
 
 

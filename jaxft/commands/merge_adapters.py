@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.commands.export import check_format
+from jaxft.config import read_config
 from jaxft.errors import JaxftError
 from jaxft.formats.peft import adapter_config, adapter_tensors, vllm_problems, write_adapter
 from jaxft.formats.peft_merge import PeftAdapter, combine, read_peft
-from jaxft.config import read_config
 from jaxft.runs import load_run
 
 

@@ -9,7 +9,6 @@ for the run directory.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from jaxft.checkpoint import Checkpoints
 from jaxft.config import RunConfig, check_files
 from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
+from jaxft.files import write_json
 from jaxft.optim import run_optimizer, schedule
 from jaxft.runlog import RunLog, plot_losses
 from jaxft.setup import build
@@ -59,7 +59,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                               lr_schedule=schedule(run.optim, run.train.steps),
                               out_shardings=(state_sh, sharding.replicated(mesh)))
     if primary:
-        (out / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+        write_json(out / "config.json", run.to_dict())
     log = RunLog(out, start, run, obj, primary, progress)
     try:
         with jax.set_mesh(mesh):  # activations follow the batch split (jaxft.models.decoder.constrain_batch)

@@ -35,8 +35,8 @@ import numpy as np
 from jinja2 import TemplateError
 
 from jaxft.config import DataConfig
-from jaxft.errors import JaxftError
 from jaxft.data.rows import Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, rows_format
+from jaxft.errors import JaxftError
 
 MAX_ERRORS = 5  # first bad rows kept in a report
 TOKENIZE_CHUNK = 1024  # rendered rows per tokenizer call

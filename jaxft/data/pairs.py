@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxft.config import DataConfig, DpoConfig
 from jaxft.data.encode import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, split_records, bad_row, layout
-from jaxft.errors import JaxftError
 from jaxft.data.rows import ROLES, Chat, Pair, RowError, get_field, parse_messages, prompt_completion, typename
+from jaxft.errors import JaxftError
 
 
 @dataclass(eq=False)
