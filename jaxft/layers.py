@@ -5,7 +5,15 @@ jaxft/ (function bodies included) and holds the code to it. Only the CLI defers 
 
 A row names packages or modules by their dotted prefix; a module belongs to the row with its longest prefix
 ("jaxft" alone is the package root, not a prefix: a new module must be given a row).
+
+    python scripts/layers.py        # the table, each layer's modules and lines, import counts, any breach
 """
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # what leans on nothing of ours: the error type, atomic files, text metrics, the example model's download
@@ -42,3 +50,103 @@ def layer_of(module: str) -> int:
     if best is None:
         raise KeyError(module)
     return best[1]
+
+
+# ---------------------------------------------------------------- reading the imports (tests/test_layers.py)
+
+
+def module_name(path: Path, root: Path) -> str:
+    rel = path.relative_to(root.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(root: Path) -> list[tuple[str, int, str, bool, tuple[str, ...]]]:
+    """(module, line, imported module, at module level?, names) for every import of a jaxft module."""
+    mods = {module_name(f, root): f for f in root.rglob("*.py")}
+    out = []
+    for mod, f in sorted(mods.items()):
+        tree = ast.parse(f.read_text(), str(f))
+        top = {id(n) for n in tree.body}
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolved against the importing package
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                if not (base == "jaxft" or base.startswith("jaxft.")):
+                    continue
+                for a in node.names:  # `from jaxft.pkg import sub` imports the submodule sub
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                    out.append((mod, node.lineno, target, id(node) in top, (a.name,)))
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name == "jaxft" or a.name.startswith("jaxft."):
+                        out.append((mod, node.lineno, a.name, id(node) in top, ()))
+    return out
+
+
+def violations(root: Path) -> list[str]:
+    """Every breach of the table in the package at `root`, one line each."""
+    bad = []
+    mods = {module_name(f, root) for f in root.rglob("*.py")}
+    for m in sorted(mods):
+        try:
+            layer_of(m)
+        except KeyError:
+            bad.append(f"{m}: in no row of jaxft/layers.py LAYERS (give it one)")
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, line, target, at_top, names in imports(root):
+        where = f"{mod.replace('.', '/')}.py:{line}"
+        if target in mods and target != mod:
+            graph[mod].add(target)
+        if target not in mods or mod not in mods:
+            continue
+        try:
+            up = layer_of(target) > layer_of(mod)
+        except KeyError:
+            continue
+        if up:
+            bad.append(f"{where}: {mod} ({LAYERS[layer_of(mod)][0]}) imports {target} "
+                       f"({LAYERS[layer_of(target)][0]}), a layer above it")
+        if not at_top and mod not in DEFERRED_OK:
+            bad.append(f"{where}: {mod} imports {target} inside a function (only {', '.join(DEFERRED_OK)} may)")
+        private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+        if private and target != mod:
+            bad.append(f"{where}: {mod} imports {target}'s private name {private[0]} (make it public or move it)")
+    bad += [f"import cycle: {' → '.join(c)}" for c in cycles(graph)]
+    return bad
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp) + [sorted(comp)[0]])
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
