@@ -23,16 +23,15 @@ def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list
     """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr."""
     path = resolve_model(model)
     t0 = time.perf_counter()
-    dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
-    model = load_pretrained(path, dtype=dtype)
+    decoder = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
     tokenizer = load_tokenizer(path)
     if adapters:
-        names = runs.load_bank(model, list(adapters), base=str(path))
+        names = runs.load_bank(decoder, list(adapters), base=str(path))
         print(f"adapters: {', '.join(names)}", file=sys.stderr)
     elif use:
         raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
+    return Generator(decoder), tokenizer, eos_token_ids(tokenizer, path)
 
 
 def rows_of(gen, n_prompts: int, adapters, use) -> tuple[list[int], list[str | None]]:
@@ -50,7 +49,8 @@ def rows_of(gen, n_prompts: int, adapters, use) -> tuple[list[int], list[str | N
     return list(range(n_prompts)), use
 
 
-def messages(system, history):
+def messages(system: str | None, history: list[dict]) -> list[dict]:
+    """The conversation with the system message first (when there is one)."""
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
@@ -60,16 +60,16 @@ def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, syst
     adapters, the adapters named by `use` (or every adapter) answer, in mixed-adapter batches."""
     gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
     ids = [tok(p, add_special_tokens=True)["input_ids"] if raw
-               else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))
-               for p in prompts]
+           else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))
+           for p in prompts]
     which, use = rows_of(gen, len(prompts), adapters, use)
     t0 = time.perf_counter()
     answers = gen([ids[i] for i in which], eos_ids=eos, sampling=sampling, adapters=use if adapters else None)
     n = sum(map(len, answers))
-    for i, u, ids in zip(which, use, answers):
+    for i, u, out in zip(which, use, answers):
         if len(answers) > 1:
             print(f"--- [{i}]{f' ({u})' if u else ''} {prompts[i]}")
-        print(tok.decode(ids, skip_special_tokens=True).strip())
+        print(tok.decode(out, skip_special_tokens=True).strip())
     print(f"{n} tokens in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
