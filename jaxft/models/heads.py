@@ -67,7 +67,9 @@ class PolicyWithValue(Decoder):
     value head, jaxft.adapters.trainable_filter), one optimizer.
 
     TRL's PPO value model is a second `*ForSequenceClassification` whose `score` runs at every position;
-    here that head shares the policy's backbone, and PPO starts it from a reward model's `score` kernel.
+    here that head reads the policy's backbone, and PPO starts it from a reward model's `score` kernel.
+    PPO's value loss stops at the hidden states (jaxft.objectives.ppo.policy_forward): like TRL's separate
+    value model, it trains the head and leaves the policy's adapter to the policy loss.
     Everything a Decoder does (generate, log-probs, exports of the policy) ignores the value head.
     """
 

@@ -24,6 +24,8 @@ token (the first EOS, or T − 1) and W = the generated width (TRL's `responses.
                   t ≤ s (Bessel variance, rsqrt(var + 1e-8)), 0 on padding; optional reward whitening first
     loss          masked_mean(max(−A·ρ, −A·clip(ρ, 1 ± cliprange)), t ≤ s)
                   + vf_coef · 0.5 · masked_mean(max((v−R)², (clip(v, V ± cliprange_value)−R)²), t ≤ s + 1)
+                  (v reads the backbone's hidden states outside the gradient: the value loss trains the value
+                  head only, as TRL's separate value model leaves the policy's weights alone)
 
 Means are per micro-batch, as TRL's; the loss returns (mean·B, B, metric means·B), so a step's loss
 and metrics are the mean over its micro-batches. Metrics (TRL's names): objective/{kl, entropy,
@@ -169,12 +171,16 @@ def row_metrics(mb: dict) -> dict:
 def policy_forward(model, mb: dict, ctx: Ctx, temperature: float, values: bool = True):
     """Response log-probs [B, T] at `temperature` and value estimates [B, T] (or None) of a rollout
     micro-batch: tokens/positions/segment_ids [B, P + T] (prompt, then response), responses [B, T].
-    Token t is predicted from position P − 1 + t, and its value is read there too (TRL's shift)."""
+    Token t is predicted from position P − 1 + t, and its value is read there too (TRL's shift).
+
+    The value head reads the hidden states outside the gradient: TRL's value model is a network of its
+    own, so the value loss trains the value head alone and the policy's adapter gets the policy loss's
+    gradient only (through the shared adapter, the value loss damped each step's policy change 3-30×)."""
     T = mb["responses"].shape[1]
     h, _ = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], ctx=ctx)
     hr = h[:, h.shape[1] - T - 1:-1]  # [B, T, D]
     lp = token_logprobs(model, hr, mb["responses"], temperature=temperature + TEMPERATURE_EPS)
-    return lp, (model.values(hr) if values else None), hr
+    return lp, (model.values(jax.lax.stop_gradient(hr)) if values else None), hr
 
 
 def _entropy(model, hr, temperature: float, mask):
