@@ -203,16 +203,20 @@ def _options(verb: str) -> set[str]:
 
 
 _VERB = re.compile(r"(?:^|(?<=[\s/(`\"']))jaxft\s+([a-z][\w-]*)")
+# what may precede a command word on a shell line: a prompt, env assignments, time / nice / timeout
+_LEAD = re.compile(r"\s*(?:[$+]\s+)?(?:(?:\w+=\S*|time|exec|nice(?:\s+-n\s*-?\d+)?|timeout\s+\S+)\s+)*")
 
 
 def _invocations():
     """(span, verb, the words after the verb) for every `jaxft VERB ...` in code; the words end at a shell
-    separator (&&, ;, a pipe between spaces)."""
+    separator (&&, ;, a pipe between spaces). `jaxft` counts as a command where a command can start: after
+    what _LEAD allows, or right after a path separator, a bracket or a quote (`.venv/bin/jaxft`, `$(jaxft ...)`),
+    not inside a line of program output (a table column named "jaxft")."""
     for page in PAGES:
         for span in _spans(page):
             for part in re.split(r"&&|;|\s\|\s|\|\||>", span.text):
                 m = _VERB.search(part)
-                if m:
+                if m and (_LEAD.fullmatch(part[:m.start()]) or part[m.start() - 1] in "/(`\"'"):
                     yield span, m.group(1), part[m.end():]
 
 
