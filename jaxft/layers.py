@@ -119,8 +119,23 @@ def violations(root: Path) -> list[str]:
     return bad
 
 
+def _loop_in(comp: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """A shortest import loop through comp[0] inside the component: [a, b, ..., a]."""
+    inside, start = set(comp), comp[0]
+    paths, seen = [[start]], {start}
+    while paths:
+        path = paths.pop(0)
+        for w in sorted(graph[path[-1]] & inside):
+            if w == start:
+                return path + [start]
+            if w not in seen:
+                seen.add(w)
+                paths.append(path + [w])
+    return comp + [start]
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    """One import loop per strongly connected component of more than one module (Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):
@@ -143,7 +158,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if w == v:
                     break
             if len(comp) > 1:
-                out.append(sorted(comp) + [sorted(comp)[0]])
+                out.append(_loop_in(sorted(comp), graph))
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
     for v in sorted(graph):
