@@ -10,6 +10,11 @@ rows into token ids and loss masks.
 Files: `.jsonl` / `.ndjson` are read line by line (an invalid line is one bad row, numbered from 1);
 `.json` holds a top-level array (or JSON Lines); `.parquet` and `.csv` are read with Hugging Face
 `datasets`, as are `save_to_disk` directories. Rows of those are numbered from 0 (`row N`).
+
+Text files (JSON Lines, JSON, CSV) are UTF-8, or UTF-16 / UTF-32 when a byte-order mark says so; a UTF-8
+byte-order mark is skipped (also one at the start of a JSON line, as `cat` of two such files leaves it),
+line ends may be LF or CRLF, blank and whitespace-only lines are not rows, and the last line needs no
+newline. UTF-16 / UTF-32 text without a byte-order mark is a one-line error naming the encoding it looks like.
 """
 
 from __future__ import annotations
@@ -98,12 +103,13 @@ def _read_any(path: str, split: str | None) -> list[Record]:
     if p.is_dir():
         return _read_saved(p, path, split)
     suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _first_char(p) != "["):
-        return _read_jsonl(p, path)
+    codec = text_encoding(p, path) if suffix in (".jsonl", ".ndjson", ".json", ".csv") else None
+    if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _first_char(p, codec) != "["):
+        return _read_jsonl(p, path, codec)
     if suffix == ".json":
-        return _read_json_array(p, path)
+        return _read_json_array(p, path, codec)
     if suffix in (".parquet", ".csv"):
-        return _read_with_datasets(p, path, suffix[1:])
+        return _read_with_datasets(p, path, suffix[1:], codec)
     raise JaxftError(f"{path}: unknown data file type {suffix or '(no extension)'!r} (expected {_SUFFIXES})")
 
 
@@ -138,8 +144,38 @@ def check_value(row: Any) -> Any:
     return row
 
 
-def _first_char(p: Path) -> str:
-    """The first non-whitespace character of a file ('' when empty)."""
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"), (BOM, "utf-8-sig"))  # UTF-32-LE's mark starts like UTF-16-LE's: tried first
+_NO_BOM = {(True, True, True, False): "UTF-32-BE", (False, True, True, True): "UTF-32-LE",
+           (True, False, True, False): "UTF-16-BE", (False, True, False, True): "UTF-16-LE"}  # where the NULs are
+
+
+def text_encoding(p: Path, name: str) -> str:
+    """The codec of a text data file: "utf-8", or "utf-8-sig" / "utf-16" / "utf-32" when it starts with that
+    byte-order mark (Python's codecs of those names skip the mark). Text whose first four bytes hold NULs
+    where UTF-16 / UTF-32 puts them around ASCII characters but has no mark is a one-line JaxftError:
+    its byte order is a guess, and read as UTF-8 every row would be bad."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    for mark, codec in _BOMS:
+        if head.startswith(mark):
+            return codec
+    guess = _NO_BOM.get(tuple(b == 0 for b in head)) if len(head) == 4 else None
+    if guess:
+        raise JaxftError(f"{name}: looks like {guess} text without a byte-order mark; save it as UTF-8 "
+                         "(or as UTF-16 with a byte-order mark)")
+    return "utf-8"
+
+
+def _first_char(p: Path, codec: str) -> str:
+    """The first non-whitespace character of a text file ('' when empty)."""
+    if codec != "utf-8":
+        with open(p, encoding=codec, errors="replace") as f:
+            while chunk := f.read(4096):
+                if stripped := chunk.lstrip():
+                    return stripped[0]
+        return ""
     with open(p, "rb") as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
@@ -148,34 +184,63 @@ def _first_char(p: Path) -> str:
     return ""
 
 
-def _read_jsonl(p: Path, name: str) -> list[Record]:
-    """JSON Lines, one Record per non-blank line; an undecodable line becomes a RowError record."""
+def _lines(p: Path, name: str, codec: str):
+    """(line number from 1, the line) of a text file: bytes for UTF-8 (decoded line by line, so that one
+    line that is not UTF-8 is one bad row), str for UTF-16 / UTF-32 (decoded whole: a decoding error
+    there is the file's, a one-line JaxftError). Lines end at "\\n" only (CRLF leaves a "\\r" that JSON
+    reads as whitespace; U+2028 inside a string is not a line end)."""
+    if codec in ("utf-8", "utf-8-sig"):
+        with open(p, "rb") as f:
+            yield from enumerate(f, 1)
+        return
+    try:
+        text = p.read_bytes().decode(codec)
+    except UnicodeDecodeError as e:
+        raise JaxftError(f"{name}: not valid {codec.upper()} text ({e.reason} at byte {e.start})") from None
+    yield from enumerate(text.split("\n"), 1)
+
+
+def _read_jsonl(p: Path, name: str, codec: str = "utf-8") -> list[Record]:
+    """JSON Lines, one Record per line that is not blank; an undecodable line becomes a RowError record."""
     records = []
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    for lineno, raw in _lines(p, name, codec):
+        if isinstance(raw, bytes):
+            if raw.startswith(BOM):
+                raw = raw[len(BOM):]
             try:
-                row = json.loads(raw.decode("utf-8"))
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                row = RowError("invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})")
-            except RecursionError:  # json's decoder recurses once per nesting level
-                row = RowError("too deeply nested", "invalid JSON (nested too deeply to decode)")
-            except json.JSONDecodeError as e:
-                row = RowError("invalid JSON", f"invalid JSON ({e})")
-            except ValueError as e:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
-                row = RowError("invalid JSON", f"invalid JSON ({str(e).splitlines()[0]})")
-            records.append(Record(f"{name}:{lineno}", row))
+                if raw.strip():
+                    records.append(Record(f"{name}:{lineno}", RowError(
+                        "invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})")))
+                continue
+        else:
+            line = raw.removeprefix("\ufeff")
+        if line.strip():
+            records.append(Record(f"{name}:{lineno}", _decode_line(line)))
     return records
 
 
-def _read_json_array(p: Path, name: str) -> list[Record]:
+def _decode_line(line: str) -> Any:
+    """One JSON line's value, or a RowError saying why it cannot be decoded."""
+    try:
+        return json.loads(line)
+    except RecursionError:  # json's decoder recurses once per nesting level
+        return RowError("too deeply nested", "invalid JSON (nested too deeply to decode)")
+    except json.JSONDecodeError as e:
+        return RowError("invalid JSON", f"invalid JSON ({e})")
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
+        return RowError("invalid JSON", f"invalid JSON ({str(e).splitlines()[0]})")
+
+
+def _read_json_array(p: Path, name: str, codec: str = "utf-8") -> list[Record]:
     """A top-level JSON array of rows, decoded element by element: one row of the wrong type, nested too
     deeply to decode or holding an out-of-range number is one bad row; broken syntax fails the file."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode(codec)
     except UnicodeDecodeError as e:
-        raise JaxftError(f"{name}: invalid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+        raise JaxftError(f"{name}: invalid JSON (not {codec.upper().removesuffix('-SIG')}: {e.reason} at byte "
+                         f"{e.start})") from None
     decoder, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
     records: list[Record] = []
     i = ws.match(text).end() + 1  # past the "[" (read_rows checked that it is there)
@@ -255,14 +320,16 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _read_with_datasets(p: Path, name: str, kind: str) -> list[Record]:
-    """Parquet or CSV through `datasets`, with a throw-away cache so nothing is left behind."""
+def _read_with_datasets(p: Path, name: str, kind: str, codec: str | None = None) -> list[Record]:
+    """Parquet or CSV (in `codec`: see text_encoding) through `datasets`, with a throw-away cache so nothing
+    is left behind. pandas' CSV reader skips blank and whitespace-only lines and reads CRLF line ends."""
     import datasets
 
     reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_csv
+    extra = {"encoding": codec} if codec and codec != "utf-8" else {}
     with tempfile.TemporaryDirectory(prefix="jaxft-data-") as cache, _quiet_datasets():
         try:
-            rows = reader(str(p), cache_dir=cache, keep_in_memory=True).to_list()
+            rows = reader(str(p), cache_dir=cache, keep_in_memory=True, **extra).to_list()
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types; report one line
             raise JaxftError(f"{name}: cannot read as {kind} ({one_line(e)})") from None
     return [Record(f"{name} row {i}", row) for i, row in enumerate(rows)]
