@@ -5,10 +5,11 @@
     batches = Batches(examples, batch_size=8, seq_len=run.data.max_length, packing=True, seed=0)
     batch = batches.batch(step)     # tokens, positions, segment_ids, targets, loss_mask: each [B, S]
 
-Formats (`data.format`, "auto" picks one from the columns of the first row that has them):
-messages (role/content), prompt_completion (strings, or TRL's chat-style lists), alpaca
-(instruction/input/output), sharegpt (conversations of from/value) and text. Reading and
-row checks live in `jaxft.data.rows`; this module needs the tokenizer.
+Formats (`data.format`; "auto" picks each row's from its columns, so one file may mix them, and a row
+whose columns match none is parsed as the file's format, that of the first row that has one): messages
+(role/content), prompt_completion (strings, or TRL's chat-style lists), alpaca (instruction/input/output),
+sharegpt (conversations of from/value) and text. Reading and row checks live in `jaxft.data.rows`; this
+module needs the tokenizer.
 
 Loss masks. A chat row is rendered once with `tokenizer.apply_chat_template(tokenize=False)` and
 tokenized with character offsets. Each trained assistant turn k is located by rendering prefixes:
@@ -35,7 +36,8 @@ import numpy as np
 from jinja2 import TemplateError
 
 from jaxft.config import DataConfig
-from jaxft.data.rows import Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, rows_format
+from jaxft.data.rows import (Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, row_format,
+                             rows_format)
 from jaxft.errors import JaxftError
 
 MAX_ERRORS = 5  # first bad rows kept in a report
@@ -246,7 +248,7 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
         try:
             if isinstance(rec.row, RowError):
                 raise rec.row
-            rendered.append(encoder.render(parse_row(rec.row, fmt), rec.where))
+            rendered.append(encoder.render(parse_row(rec.row, row_format(rec.row, cfg.format, fmt)), rec.where))
         except RowError as e:
             bad_row(cfg, report, rec.where, e)
     examples = []

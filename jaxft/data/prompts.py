@@ -24,7 +24,8 @@ from typing import Any
 
 from jaxft.config import DataConfig
 from jaxft.data.encode import DataReport, bad_row, split_records
-from jaxft.data.rows import ROLES, Chat, Pair, RowError, parse_messages, parse_row, read_rows, rows_format, typename
+from jaxft.data.rows import (ROLES, Chat, Pair, RowError, parse_messages, parse_row, read_rows, row_format, rows_format,
+                             typename)
 from jaxft.errors import JaxftError
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
@@ -115,13 +116,13 @@ def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dic
     """(prompt messages, reference answer) for each usable row: the last trained assistant turn is the
     reference, everything before it the prompt. Rows that cannot be parsed are skipped."""
     records = read_rows(path)
-    fmt = rows_format(records, fmt)
+    file_format = rows_format(records, fmt)
     out = []
     for rec in records:
         if isinstance(rec.row, RowError):
             continue
         try:
-            parsed = parse_row(rec.row, fmt)
+            parsed = parse_row(rec.row, row_format(rec.row, fmt, file_format))
         except RowError:
             continue
         if isinstance(parsed, Chat) and parsed.trained:

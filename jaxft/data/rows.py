@@ -5,6 +5,7 @@ rows into token ids and loss masks.
 
     records = read_rows("train.jsonl")           # [Record(where="train.jsonl:1", row={...}), ...]
     parse_row(records[0].row, "messages")        # Chat(messages=(...), trained=(2,)) or RowError
+    row_format(records[0].row, "auto", rows_format(records))   # "messages": the row's own columns
     prepare(["raw.jsonl"], "data/", validation_fraction=0.05, seed=0, near_dup_threshold=0.8)
 
 Files: `.jsonl` / `.ndjson` are read line by line (an invalid line is one bad row, numbered from 1);
@@ -494,10 +495,20 @@ def _alpaca(row: dict) -> Chat:
 
 
 def rows_format(records: list[Record], fmt: str = "auto") -> str | None:
-    """`fmt`, or for "auto" the format of the first row whose columns indicate one (None if none does)."""
+    """`fmt`, or for "auto" the format of the first row whose columns indicate one (None if none does):
+    a file's format, what `row_format` falls back to."""
     if fmt != "auto":
         return fmt
     return next((f for r in records if (f := detect_format(r.row)) is not None), None)
+
+
+def row_format(row: Any, fmt: str, file_format: str | None) -> str | None:
+    """The format one row is parsed as: `fmt` when it names one; for "auto" the row's own columns' format,
+    so that a file may mix formats (as `jaxft prepare` of several files writes them), else its file's
+    (`rows_format`), so that a row missing a field is told which one ("missing field 'completion'")."""
+    if fmt != "auto":
+        return fmt
+    return detect_format(row) or file_format
 
 
 def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
