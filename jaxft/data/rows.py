@@ -34,7 +34,7 @@ import numpy as np
 from jaxft.errors import JaxftError
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text")
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "model": "assistant"}
 _SUFFIXES = ".jsonl, .ndjson, .json, .parquet, .csv or a datasets save_to_disk directory"
@@ -63,11 +63,13 @@ class Record:
 
 @dataclass(frozen=True)
 class Chat:
-    """A conversation: messages {"role", "content"} (system/user/assistant) and the indices of the
-    assistant messages that are training targets."""
+    """A conversation: messages {"role", "content"} (system/user/assistant/tool; see `parse_message` for the
+    tool keys they may carry), the indices of the assistant messages that are training targets, and the
+    row's tool definitions (`parse_tools`), passed to the chat template as transformers does."""
 
     messages: tuple[dict, ...]
     trained: tuple[int, ...]
+    tools: tuple[dict, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -394,11 +396,12 @@ def parse_row(row: Any, fmt: str | None) -> Chat | Pair | Text:
         raise RowError("unknown format", f"columns ({', '.join(row) or 'none'}) match no format: messages, "
                                          "prompt/completion, instruction/output, conversations or text")
     if fmt == "messages":
-        return _chat(parse_messages(get_field(row, "messages"), "messages", ROLES), ())
+        return _chat(parse_messages(get_field(row, "messages"), "messages", ROLES), (), parse_tools(row))
     if fmt == "sharegpt":
-        return _chat(parse_messages(get_field(row, "conversations"), "conversations", SHAREGPT_ROLES), ())
+        return _chat(parse_messages(get_field(row, "conversations"), "conversations", SHAREGPT_ROLES), (),
+                     parse_tools(row))
     if fmt == "prompt_completion":
-        return prompt_completion(get_field(row, "prompt"), get_field(row, "completion"))
+        return prompt_completion(get_field(row, "prompt"), get_field(row, "completion"), parse_tools(row))
     if fmt == "alpaca":
         return _alpaca(row)
     if fmt == "text":
@@ -429,28 +432,147 @@ def typename(value: Any) -> str:
 
 
 def parse_messages(value: Any, name: str, roles: dict[str, str]) -> list[dict]:
-    """A list of {role, content} (or sharegpt's {from, value}) → [{"role", "content"}] with known roles."""
+    """A list of messages (`parse_message`) → [{"role", "content", ...}] with known roles."""
     if not isinstance(value, list):
         raise RowError("wrong type", f"{name!r} is a {typename(value)}, expected a list of messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise RowError("wrong type", f"{where} is a {typename(m)}, expected an object")
-        role_key, content_key = ("from", "value") if "from" in m or "value" in m else ("role", "content")
-        role, content = m.get(role_key), m.get(content_key)
-        for key, v in ((role_key, role), (content_key, content)):
-            if v is None:
-                raise RowError("missing field", f"missing field '{where}.{key}'")
-            if not isinstance(v, str):
-                raise RowError("wrong type", f"'{where}.{key}' is a {typename(v)}, expected a string")
-        if role not in roles:
-            raise RowError("unknown role", f"unknown role {role!r} in {where}")
-        out.append({"role": roles[role], "content": content})
+    return [parse_message(m, f"{name}[{i}]", roles) for i, m in enumerate(value)]
+
+
+def parse_message(m: Any, where: str, roles: dict[str, str]) -> dict:
+    """One message → {"role", "content"} (+ "tool_calls" on an assistant turn that calls tools, + "name" /
+    "tool_call_id" on a tool turn), in the layout transformers' chat templates read (OpenAI's, HF's).
+
+    {role, content} or sharegpt's {from, value}. content: a string, or a list of parts of which only text
+    parts ({"type": "text", "text": ...}) are taken, joined with "\\n" (as vLLM joins them for a text-only
+    model); an image, audio or other part is a RowError (jaxft trains text-only models). An assistant turn
+    with `tool_calls` may have no content (None: taken as ""). `where` names the message in errors.
+    """
+    if not isinstance(m, dict):
+        raise RowError("wrong type", f"{where} is a {typename(m)}, expected an object")
+    sharegpt = "from" in m or "value" in m
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    role = m.get(role_key)
+    if role is None:
+        raise RowError("missing field", f"missing field '{where}.{role_key}'")
+    if not isinstance(role, str):
+        raise RowError("wrong type", f"'{where}.{role_key}' is a {typename(role)}, expected a string")
+    if role not in roles:
+        raise RowError("unknown role", f"unknown role {role!r} in {where}")
+    out = {"role": roles[role]}
+    calls = None if sharegpt else m.get("tool_calls")
+    if calls is not None and calls != []:
+        if out["role"] != "assistant":
+            raise RowError("bad tool call", f"'{where}.tool_calls' on a {out['role']} turn (only assistant turns "
+                                            "call tools)")
+        calls = parse_tool_calls(calls, f"{where}.tool_calls")
+    content = m.get(content_key)
+    if content is None and not calls:
+        raise RowError("missing field", f"missing field '{where}.{content_key}'")
+    out["content"] = "" if content is None else _text(content, f"{where}.{content_key}")
+    if calls:
+        out["tool_calls"] = calls
+    if out["role"] == "tool":
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise RowError("wrong type", f"'{where}.{key}' is a {typename(m[key])}, expected a string")
+                out[key] = m[key]
     return out
 
 
-def _chat(messages: list[dict], context: tuple[int, ...]) -> Chat:
+def _text(content: Any, where: str) -> str:
+    """A message's content as one string: a string as it is, a list of text parts joined with "\\n"."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RowError("wrong type", f"'{where}' is a {typename(content)}, expected a string or a list of text parts")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise RowError("wrong type", f"'{where}[{i}]' is a {typename(part)}, expected a content part object")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind != "text":
+            raise RowError("non-text content", f"'{where}[{i}]' is a content part of type {kind!r}; jaxft trains "
+                                               "text-only models (text parts are joined; image, audio and other "
+                                               "parts are refused)")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise RowError("wrong type" if text is not None else "missing field",
+                           f"'{where}[{i}].text' is {'missing' if text is None else 'a ' + typename(text)}, "
+                           "expected a string")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def parse_tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant turn's tool calls → [{"type": "function", "function": {"name", "arguments": {...}}}] (+ "id"
+    when given), the layout transformers documents for chat templates. Each call is OpenAI's
+    {"type": "function", "function": {...}} or the bare {"name", "arguments"}; `arguments` an object or, as
+    OpenAI's API writes it, a JSON string of one (decoded here: templates render it with `tojson`)."""
+    if not isinstance(value, list):
+        raise RowError("bad tool call", f"'{where}' is a {typename(value)}, expected a list of tool calls")
+    calls = []
+    for i, call in enumerate(value):
+        w = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise RowError("bad tool call", f"'{w}' is a {typename(call)}, expected an object")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict):
+            raise RowError("bad tool call", f"'{w}.function' is a {typename(fn)}, expected an object")
+        name, args = fn.get("name"), fn.get("arguments", {})
+        if not isinstance(name, str) or not name.strip():
+            raise RowError("bad tool call", f"'{w}' has no function name")
+        if isinstance(args, str):
+            args = _json_value(args, f"'{w}' arguments", "bad tool call")
+        if not isinstance(args, dict):
+            raise RowError("bad tool call", f"'{w}' arguments are a {typename(args)}, expected an object")
+        out = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(call.get("id"), str):
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def parse_tools(row: dict) -> tuple[dict, ...] | None:
+    """A row's `tools` column, as transformers' `apply_chat_template(tools=...)` takes it: a list of tool
+    definitions (OpenAI's {"type": "function", "function": {"name", ...}} or a bare {"name", ...} schema),
+    or that list as a JSON string (how many datasets store it). None (or []) when there are none."""
+    value = row.get("tools")
+    if isinstance(value, str):
+        value = _json_value(value, "'tools'", "bad tools") if value.strip() else None
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise RowError("bad tools", f"'tools' is a {typename(value)}, expected a list of tool definitions")
+    for i, tool in enumerate(value):
+        if not isinstance(tool_name(tool), str) or not tool_name(tool).strip():
+            raise RowError("bad tools", f"'tools[{i}]' is not a tool definition with a function name")
+    return tuple(value)
+
+
+def tool_name(tool: Any) -> Any:
+    """The function name of a tool definition (OpenAI's nested layout or a bare schema); None if it has none."""
+    if not isinstance(tool, dict):
+        return None
+    fn = tool.get("function")
+    return (fn if isinstance(fn, dict) else tool).get("name")
+
+
+def _json_value(text: str, what: str, reason: str) -> Any:
+    """A JSON string inside a row (tool arguments, a tools column), decoded and checked like a row."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise RowError(reason, f"{what}: a JSON string nested too deeply to decode") from None
+    except ValueError as e:
+        raise RowError(reason, f"{what}: a string that is not valid JSON ({str(e).splitlines()[0]})") from None
+    checked = check_value(value)
+    if isinstance(checked, RowError):
+        raise RowError(reason, f"{what}: {checked}")
+    return value
+
+
+def _chat(messages: list[dict], context: tuple[int, ...], tools: tuple[dict, ...] | None = None) -> Chat:
     """Check a conversation; every assistant message not listed in `context` is trained."""
     roles = [m["role"] for m in messages]
     trained = tuple(i for i, r in enumerate(roles) if r == "assistant" and i not in context)
@@ -460,26 +582,27 @@ def _chat(messages: list[dict], context: tuple[int, ...]) -> Chat:
     if roles[first] == "assistant":
         raise RowError("assistant before user", f"message {first} is an assistant turn before any user turn")
     for i in trained:
-        if not messages[i]["content"].strip():
+        if not messages[i]["content"].strip() and not messages[i].get("tool_calls"):
             raise RowError("empty assistant content", f"message {i}: empty assistant content")
-    return Chat(tuple(messages), trained)
+    return Chat(tuple(messages), trained, tools)
 
 
-def prompt_completion(prompt: Any, completion: Any) -> Chat | Pair:
-    """Strings → Pair; chat-style lists (TRL's conversational prompt-completion) → Chat."""
+def prompt_completion(prompt: Any, completion: Any, tools: tuple[dict, ...] | None = None) -> Chat | Pair:
+    """Strings → Pair; chat-style lists (TRL's conversational prompt-completion) → Chat, as are strings that
+    come with tool definitions (only a chat template can show them)."""
     for name, v in (("prompt", prompt), ("completion", completion)):
         if not isinstance(v, (str, list)):
             raise RowError("wrong type", f"{name!r} is a {typename(v)}, expected a string or a list of messages")
-    if isinstance(prompt, str) and isinstance(completion, str):
+    if isinstance(prompt, str) and isinstance(completion, str) and tools is None:
         if not completion.strip():
             raise RowError("empty completion", "'completion' is empty")
         return Pair(prompt, completion)
     p = parse_messages(prompt, "prompt", ROLES) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     c = (parse_messages(completion, "completion", ROLES) if isinstance(completion, list)
          else [{"role": "assistant", "content": completion}])
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in c):
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in c):
         raise RowError("empty completion", "'completion' has no non-empty assistant message")
-    return _chat(p + c, context=tuple(range(len(p))))
+    return _chat(p + c, context=tuple(range(len(p))), tools=tools)
 
 
 def _alpaca(row: dict) -> Chat:
