@@ -165,6 +165,22 @@ def test_sft_formats_with_tools_render_alike(tmp_path, toks, template):
     assert_golden(tok, b, text, trained[1:])
 
 
+def test_tool_rows_from_parquet(tmp_path, toks):
+    """As a datasets Parquet file holds them: every message has every key (None where absent), content strings."""
+    import datasets
+
+    messages = copy.deepcopy(MESSAGES)
+    messages[1]["content"], messages[4]["content"] = "Weather in Paris?", "It is 18 C\nand sunny."
+    rows = [{"messages": messages, "tools": json.dumps(TOOLS)}, {"messages": MESSAGES[1:2] + [SNOW], "tools": None}]
+    rows[1]["messages"][0] = {"role": "user", "content": "Weather in Paris?"}
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    (ex, plain), report = load_examples(DataConfig(train=str(tmp_path / "t.parquet")), toks["chatml"])
+    assert report.skipped == 0, report.summary()
+    assert_golden(toks["chatml"], ex, *GOLDEN["chatml"])
+    assert toks["chatml"].decode(plain.tokens) == ("<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                                                   "<|im_start|>assistant\nIt is snowing.<|im_end|>\n")
+
+
 def test_prepare_keeps_tool_rows(tmp_path, capsys):
     src = write_rows(tmp_path / "raw.jsonl", [{"messages": MESSAGES, "tools": TOOLS}])
     counts = prepare([str(src)], str(tmp_path / "o"), validation_fraction=0, seed=0)
