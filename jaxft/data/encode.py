@@ -261,13 +261,13 @@ def check_tool_use(messages: list[dict], tools, render, shift: int = 0) -> None:
         return wanted[-1][0]
 
     probe_tools = None if tools is None else [
-        _renamed(t, mark(f"the tools column's tools[{i}] ({tool_name(t)!r})")) for i, t in enumerate(tools)]
+        _renamed(t, mark(f"the tools column's tools[{i}] ({repr(tool_name(t))[:60]})")) for i, t in enumerate(tools)]
     probe = []
     for i, m in enumerate(messages):
         m, n = dict(m), i - shift
         if m.get("tool_calls"):
             m["tool_calls"] = [{**c, "function": {**c["function"], "name": mark(
-                f"message {n}'s call of {c['function']['name']!r}")}} for c in m["tool_calls"]]
+                f"message {n}'s call of {repr(c['function']['name'])[:60]}")}} for c in m["tool_calls"]]
         if m["role"] == "tool" and m["content"].strip():
             m["content"] = mark(f"message {n} (a tool turn)")
         probe.append(m)

@@ -492,7 +492,7 @@ def _text(content: Any, where: str) -> str:
             raise RowError("wrong type", f"'{where}[{i}]' is a {typename(part)}, expected a content part object")
         kind = part.get("type", "text" if "text" in part else None)
         if kind != "text":
-            raise RowError("non-text content", f"'{where}[{i}]' is a content part of type {kind!r}; jaxft trains "
+            raise RowError("non-text content", f"'{where}[{i}]' is a content part of type {repr(kind)[:40]}; jaxft trains "
                                                "text-only models (text parts are joined; image, audio and other "
                                                "parts are refused)")
         text = part.get("text")
