@@ -53,6 +53,16 @@ def test_prepare_detects_each_files_format_and_says_why_rows_are_bad(tmp_path, c
     assert (report.rows, len(examples), report.skipped) == (20, 20, 0), report.summary()
 
 
+def test_prepare_lists_the_first_five_bad_rows(tmp_path, capsys):
+    src = tmp_path / "t.jsonl"
+    src.write_text("\n".join(['{"text": "good"}'] + ["{"] * 6 + ['{"text": ["a list"]}']) + "\n")
+    prepare([str(src)], str(tmp_path / "o"), validation_fraction=0, seed=0)
+    printed = capsys.readouterr().out
+    assert "7 rows skipped (6 invalid JSON, 1 wrong type); the first 5:\n" in printed
+    assert [line.split(": ")[0] for line in printed.splitlines() if line.startswith("  ")] == [
+        f"  {src}:{n}" for n in range(2, 7)]
+
+
 def test_a_row_of_another_format_inside_one_file_still_names_its_missing_field(tmp_path):
     """Training's "auto" reads each row by its own columns; a row whose columns match no format is parsed as
     its file's format, so the error still names the field it lacks."""

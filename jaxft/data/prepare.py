@@ -153,8 +153,9 @@ def _report_bad(report: DataReport) -> None:
     if not report.skipped:
         return
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped_by_reason.items(), key=lambda x: -x[1]))
-    first = "the first" if report.skipped > len(report.first_errors) else "they are"
-    print(f"{report.skipped} rows skipped ({reasons}); {first}:")
+    rows = "1 row" if report.skipped == 1 else f"{report.skipped} rows"
+    first = f"; the first {len(report.first_errors)}" if report.skipped > len(report.first_errors) else ""
+    print(f"{rows} skipped ({reasons}){first}:")
     for line in report.first_errors:
         print(f"  {line}")
 
