@@ -220,7 +220,7 @@ def _read_jsonl(p: Path, name: str, codec: str = "utf-8") -> list[Record]:
         else:
             line = raw.removeprefix("\ufeff")
         if line.strip():
-            records.append(Record(f"{name}:{lineno}", _decode_line(line)))
+            records.append(Record(f"{name}:{lineno}", _decode_line(line.rstrip("\r\n"))))
     return records
 
 
