@@ -220,8 +220,8 @@ PC_BAD = {  # (line, reason, text in the message) for a prompt/completion file
     "empty completion": ({"prompt": "a", "completion": "  "}, "empty completion", "'completion' is empty"),
 }
 CHAT_BAD = {
-    "unknown role": ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "x"},
-                                   {"role": "assistant", "content": "b"}]}, "unknown role", "unknown role 'tool'"),
+    "unknown role": ({"messages": [{"role": "user", "content": "a"}, {"role": "narrator", "content": "x"},
+                                   {"role": "assistant", "content": "b"}]}, "unknown role", "unknown role 'narrator'"),
     "no assistant turn": ({"messages": [{"role": "user", "content": "a"}]}, "no assistant turn", "no assistant turn"),
     "empty assistant": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
                         "empty assistant content", "empty assistant content"),

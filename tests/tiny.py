@@ -129,3 +129,22 @@ def save_spm_gemma(path, seed: int = 0):
     make_model("gemma", seed, vocab_size=384, num_hidden_layers=2, pad_token_id=0, eos_token_id=1,
                bos_token_id=2).save_pretrained(path)
     (path / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+CORPUS = ["The weather in Paris is sunny today.", "What is the weather in Berlin?", "It is 18 degrees and sunny.",
+          '{"name": "get_weather", "arguments": {"city": "Paris"}}', "Be brief. Answer the question.",
+          "system user assistant tool ipython function call response"]
+
+
+def chat_tokenizer(template: str, specials: list[str], eos: str, bos: str | None = None):
+    """A small byte-level BPE tokenizer (300 pieces, trained here on a few sentences; any text encodes) whose
+    `specials` are single tokens, with `template` as its chat template: a stand-in for a real model's
+    tokenizer and template, built without the Hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos, bos_token=bos, chat_template=template)

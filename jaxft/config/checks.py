@@ -1,15 +1,16 @@
 """Validation: every impossible value a one-line JaxftError naming its key, before any model loads.
 
     validate(run)          # ranges, cross-section rules, the objective's own checks (config/objectives.py)
-    check_files(run)       # ... and the files the run reads exist
+    check_files(run)       # ... and the files the run reads exist and are not empty
 
-Plain Python: functions of config values, no model, no I/O but `check_files`'s existence checks.
+Plain Python: functions of config values, no model, no I/O but `check_files`'s checks of the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,27 @@ def check_files(run: RunConfig, training: bool = True) -> None:
     for key, path in needed:
         if path and not Path(path).expanduser().exists():
             raise JaxftError(f"{key}: {path}: no such file or directory")
+        if path and no_rows(Path(path).expanduser()):
+            hint = ("; `jaxft prepare` writes an empty validation.jsonl when it holds out nothing: rerun it with "
+                    "--validation-fraction, or leave this key unset" if key.endswith("validation") else "")
+            raise JaxftError(f"{key}: {path}: the file has no rows{hint}")
+
+
+EMPTY_READ = 1 << 16  # a text data file longer than this has rows (or bad rows the data reader reports)
+
+
+def no_rows(p: Path) -> bool:
+    """Whether a text data file (.jsonl, .ndjson, .json, .csv) plainly holds no rows: nothing but whitespace
+    and byte-order marks, a JSON `[]`, or a CSV header alone. What `jaxft.data.rows` would read as zero rows,
+    told here without it (config imports no data code) and before the model loads."""
+    suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv") or not p.is_file() or p.stat().st_size > EMPTY_READ:
+        return False
+    with open(p, "rb") as f:
+        text = f.read(EMPTY_READ).replace(b"\x00", b"")  # UTF-16 / UTF-32 ASCII → its bytes
+    text = text.replace(b"\xef\xbb\xbf", b"").removeprefix(b"\xff\xfe").removeprefix(b"\xfe\xff").strip()
+    if suffix == ".json" and re.fullmatch(rb"\[\s*\]", text):
+        return True
+    if suffix == ".csv":
+        return len([line for line in text.splitlines() if line.strip()]) <= 1
+    return not text

@@ -5,10 +5,11 @@
     batches = Batches(examples, batch_size=8, seq_len=run.data.max_length, packing=True, seed=0)
     batch = batches.batch(step)     # tokens, positions, segment_ids, targets, loss_mask: each [B, S]
 
-Formats (`data.format`, "auto" picks one from the columns of the first row that has them):
-messages (role/content), prompt_completion (strings, or TRL's chat-style lists), alpaca
-(instruction/input/output), sharegpt (conversations of from/value) and text. Reading and
-row checks live in `jaxft.data.rows`; this module needs the tokenizer.
+Formats (`data.format`; "auto" picks each row's from its columns, so one file may mix them, and a row
+whose columns match none is parsed as the file's format, that of the first row that has one): messages
+(role/content), prompt_completion (strings, or TRL's chat-style lists), alpaca (instruction/input/output),
+sharegpt (conversations of from/value) and text. Reading and row checks live in `jaxft.data.rows`; this
+module needs the tokenizer.
 
 Loss masks. A chat row is rendered once with `tokenizer.apply_chat_template(tokenize=False)` and
 tokenized with character offsets. Each trained assistant turn k is located by rendering prefixes:
@@ -18,6 +19,12 @@ prefixes of the full text, otherwise the template is refused. A token is a targe
 character lies in such a span: the assistant content and the end-of-turn token are targets; the
 role header and the newline after the end-of-turn token are not. The token ids are exactly those
 of `apply_chat_template(tokenize=True)`.
+
+Tool use (as TRL's assistant-only loss treats it): a row's `tools` column goes to the template as
+`apply_chat_template(messages, tools=...)` does; an assistant turn that calls tools is trained like any
+assistant turn (its rendered calls and end of turn); tool turns (results) are context, never targets. A
+template that cannot show the tool use (it raises, or its text lacks a call, a tool turn or a tool
+definition: `check_tool_use`) makes the row bad, with its file:line.
 
 EOS: a chat rendering whose text ends (before trailing whitespace) with the EOS token is kept as
 it is (ChatML's `<|im_end|>` closes the turn); otherwise an EOS target is appended, as it is for
@@ -35,7 +42,8 @@ import numpy as np
 from jinja2 import TemplateError
 
 from jaxft.config import DataConfig
-from jaxft.data.rows import Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, rows_format
+from jaxft.data.rows import (Chat, Pair, Record, RowError, Text, holdout, one_line, parse_row, read_rows, row_format,
+                             rows_format, tool_name)
 from jaxft.errors import JaxftError
 
 MAX_ERRORS = 5  # first bad rows kept in a report
@@ -142,24 +150,26 @@ class Encoder:
         return self._render_chat(parsed, where)
 
     def _render_chat(self, chat: Chat, where: str) -> Rendered:
-        """The chat template's rendering; trained spans = the trained assistant turns."""
+        """The chat template's rendering (with the row's tools); trained spans = the trained assistant turns.
+        A conversation with tool use is refused (RowError) when the template leaves any of it out."""
         if not self.has_template:
             raise JaxftError(f"{where}: the tokenizer has no chat template, which chat rows need "
                              "(text rows and string prompt/completion rows work without one)")
-        messages, trained = list(chat.messages), chat.trained
+        messages, trained, tools, shift = list(chat.messages), chat.trained, chat.tools, 0
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            trained = tuple(i + 1 for i in trained)
-        text = self._apply(messages, False)
-        spans = None if self.train_on_prompt else self._spans(messages, trained, text, where)
+            trained, shift = tuple(i + 1 for i in trained), 1
+        text = self._apply(messages, False, tools)
+        check_tool_use(messages, tools, lambda m, t: self._apply(m, False, t), shift)
+        spans = None if self.train_on_prompt else self._spans(messages, trained, text, where, tools)
         return Rendered(text, spans, chat=True, where=where)
 
-    def _spans(self, messages: list[dict], trained: tuple[int, ...], text: str, where: str):
+    def _spans(self, messages: list[dict], trained: tuple[int, ...], text: str, where: str, tools=None):
         """Character spans [begin, end) of the trained assistant turns in `text`, by prefix rendering."""
         spans = []
         for k in trained:
-            head = self._apply(messages[:k], True)
-            upto = text if k + 1 == len(messages) else self._apply(messages[:k + 1], False)
+            head = self._apply(messages[:k], True, tools)
+            upto = text if k + 1 == len(messages) else self._apply(messages[:k + 1], False, tools)
             if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
                 raise JaxftError(
                     f"{where}: the chat template renders earlier turns differently once later turns follow "
@@ -168,11 +178,14 @@ class Encoder:
             spans.append((len(head), len(upto.rstrip())))
         return spans
 
-    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
+    def _apply(self, messages: list[dict], generation_prompt: bool, tools=None) -> str:
         try:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tok.apply_chat_template(messages, tools=None if tools is None else list(tools), tokenize=False,
+                                                add_generation_prompt=generation_prompt)
         except TemplateError as e:
             raise RowError("chat template error", f"chat template error: {e}") from None
+        except Exception as e:  # noqa: BLE001 — a template's own Python errors (None + str, a bad filter input)
+            raise RowError("chat template error", f"chat template error ({one_line(e)[:200]})") from None
 
     def tokenize(self, docs: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray] | RowError]:
         """Token ids int32 [n] and loss mask bool [n] of each rendered row, or a RowError for a row the
@@ -224,6 +237,54 @@ class Encoder:
         return ids.astype(np.int32), mask
 
 
+# ---------------------------------------------------------------- tool use the template must show
+
+
+def check_tool_use(messages: list[dict], tools, render, shift: int = 0) -> None:
+    """RowError when the chat template leaves any of a conversation's tool use out of its text.
+
+    A template without tool support raises (a RowError of `render`), or, worse, renders without a word:
+    ignores `tools`, drops `tool_calls` (showing an empty assistant turn) or skips tool turns, and the model
+    then learns to call tools it was never shown or to answer from results it never saw. So the conversation
+    is rendered once more (`render(messages, tools) -> str`) with every tool's and tool call's function name
+    and every tool turn's content replaced by a marker of its own, of letters and digits (which trimming,
+    `tojson` and escaping leave as they are), and each marker must be in the text. `shift`: messages added before the
+    row's own (a system prompt), left out of the message numbers in errors.
+    """
+    if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return
+    wanted: list[tuple[str, str]] = []  # (marker, what it stands for); each marker unique, so that a call's
+    # name found among the tool definitions does not pass for the call
+
+    def mark(what: str) -> str:
+        wanted.append((f"jaxftprobe{len(wanted)}x", what))
+        return wanted[-1][0]
+
+    probe_tools = None if tools is None else [
+        _renamed(t, mark(f"the tools column's tools[{i}] ({repr(tool_name(t))[:60]})")) for i, t in enumerate(tools)]
+    probe = []
+    for i, m in enumerate(messages):
+        m, n = dict(m), i - shift
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "name": mark(
+                f"message {n}'s call of {repr(c['function']['name'])[:60]}")}} for c in m["tool_calls"]]
+        if m["role"] == "tool" and m["content"].strip():
+            m["content"] = mark(f"message {n} (a tool turn)")
+        probe.append(m)
+    text = render(probe, probe_tools)
+    missing = next((what for marker, what in wanted if marker not in text), None)
+    if missing is not None:
+        raise RowError("template without tool support", f"the chat template leaves out {missing}: it cannot render "
+                                                        "tool use (set a chat template that does)")
+
+
+def _renamed(tool: dict, name: str) -> dict:
+    """A tool definition with its function name replaced (OpenAI's nested layout or a bare schema)."""
+    if isinstance(tool.get("function"), dict):
+        return {**tool, "function": {**tool["function"], "name": name}}
+    return {**tool, "name": name}
+
+
 # ---------------------------------------------------------------- loading a split
 
 
@@ -246,7 +307,7 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
         try:
             if isinstance(rec.row, RowError):
                 raise rec.row
-            rendered.append(encoder.render(parse_row(rec.row, fmt), rec.where))
+            rendered.append(encoder.render(parse_row(rec.row, row_format(rec.row, cfg.format, fmt)), rec.where))
         except RowError as e:
             bad_row(cfg, report, rec.where, e)
     examples = []

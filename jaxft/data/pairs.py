@@ -7,7 +7,8 @@
 
 Rows (TRL's preference formats): `prompt` / `chosen` / `rejected`, each a string or a list of chat
 messages (explicit prompt), or `chosen` / `rejected` message lists whose shared leading turns are the
-prompt (implicit prompt). Each side is encoded like an SFT prompt/completion row (`jaxft.data.encode.Encoder`):
+prompt (implicit prompt). Messages may hold tool calls and tool turns, and a `tools` column the tool
+definitions, as in SFT (`jaxft.data.rows.parse_message`, `parse_tools`). Each side is encoded like an SFT prompt/completion row (`jaxft.data.encode.Encoder`):
 chat template applied, the completion's tokens (content + end of turn) are the targets, EOS appended.
 
 Length: a pair longer than data.max_length (its longer side) keeps the last tokens of its prompt
@@ -24,7 +25,8 @@ import numpy as np
 
 from jaxft.config import DataConfig, DpoConfig
 from jaxft.data.encode import TOKENIZE_CHUNK, Batches, DataReport, Encoder, Example, split_records, bad_row, layout
-from jaxft.data.rows import ROLES, Chat, Pair, RowError, get_field, parse_messages, prompt_completion, typename
+from jaxft.data.rows import (ROLES, Chat, Pair, RowError, get_field, parse_messages, parse_tools, prompt_completion,
+                             typename)
 from jaxft.errors import JaxftError
 
 
@@ -46,6 +48,7 @@ def parse_pair(row) -> tuple[Chat | Pair, Chat | Pair]:
     if not isinstance(row, dict):
         raise RowError("wrong type", f"row is a {typename(row)}, expected an object")
     chosen, rejected, prompt = get_field(row, "chosen"), get_field(row, "rejected"), row.get("prompt")
+    tools = parse_tools(row)
     if prompt is None:  # implicit prompt: the shared leading turns
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise RowError("missing field", "missing field 'prompt' (without one, 'chosen' and 'rejected' must be "
@@ -55,12 +58,12 @@ def parse_pair(row) -> tuple[Chat | Pair, Chat | Pair]:
         if n == 0:
             raise RowError("no shared prompt", "'chosen' and 'rejected' share no leading turns (no implicit prompt)")
         prompt, chosen, rejected = c[:n], c[n:], r[n:]
-    return _side(prompt, chosen, "chosen"), _side(prompt, rejected, "rejected")
+    return _side(prompt, chosen, "chosen", tools), _side(prompt, rejected, "rejected", tools)
 
 
-def _side(prompt, completion, name: str) -> Chat | Pair:
+def _side(prompt, completion, name: str, tools) -> Chat | Pair:
     try:
-        return prompt_completion(prompt, completion)
+        return prompt_completion(prompt, completion, tools)
     except RowError as e:
         raise RowError(e.reason, f"{name}: {e}".replace("'completion'", f"'{name}'")) from None
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxft.data.encode import DataReport
 from jaxft.data.rows import FORMATS, Record, RowError, holdout, parse_row, read_rows, rows_format
 from jaxft.errors import JaxftError
 from jaxft.files import write_jsonl
@@ -114,34 +117,58 @@ def drop_near_duplicates(rows: list[Any], threshold: float) -> tuple[list[Any], 
     return kept, len(rows) - len(kept)
 
 
-def _clean_rows(inputs: list[str], fmt: str, counts: dict) -> list[Any]:
-    """Read, clean and check every row; count the bad and empty ones."""
-    records = [r for path in inputs for r in read_rows(path)]
-    counts["read"] = len(records)
-    cleaned = [Record(r.where, r.row if isinstance(r.row, RowError) else clean(r.row)) for r in records]
-    fmt = rows_format(cleaned, fmt)
+def _clean_rows(inputs: list[str], fmt: str, counts: dict, report: DataReport) -> list[Any]:
+    """Read, clean and check every row against its file's format (for "auto", found in that file, not in
+    the first input; a row of another format inside one file is bad); count the bad and empty ones in
+    `counts` and by reason (with the file:line and cause of the first few) in `report`. Prints one line
+    per file."""
     good = []
-    for r in cleaned:
-        try:
-            if isinstance(r.row, RowError):
-                raise r.row
-            if not any(s for s in _strings(r.row)):
-                raise RowError("empty row")
-            parse_row(r.row, fmt)
-        except RowError as e:
-            counts["empty" if e.reason.startswith("empty") else "bad"] += 1
-            continue
-        good.append(r.row)
+    for path in inputs:
+        records = read_rows(path)
+        counts["read"] += len(records)
+        cleaned = [Record(r.where, r.row if isinstance(r.row, RowError) else clean(r.row)) for r in records]
+        file_format = rows_format(cleaned, fmt)
+        kinds: Counter = Counter()
+        for r in cleaned:
+            try:
+                if isinstance(r.row, RowError):
+                    raise r.row
+                if not any(s for s in _strings(r.row)):
+                    raise RowError("empty row")
+                parse_row(r.row, file_format)
+            except RowError as e:
+                kind = "empty" if e.reason.startswith("empty") else "bad"
+                counts[kind] += 1
+                kinds[kind] += 1
+                report.add_bad(r.where, e)
+                continue
+            kinds[file_format] += 1
+            good.append(r.row)
+        print(f"{path}: {len(records)} rows" + "".join(f", {n} {k}" for k, n in kinds.most_common()))
     return good
+
+
+def _report_bad(report: DataReport) -> None:
+    """The bad and empty rows by reason, and the file:line and cause of the first few (as training reports them)."""
+    if not report.skipped:
+        return
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped_by_reason.items(), key=lambda x: -x[1]))
+    rows = "1 row" if report.skipped == 1 else f"{report.skipped} rows"
+    first = f"; the first {len(report.first_errors)}" if report.skipped > len(report.first_errors) else ""
+    print(f"{rows} skipped ({reasons}){first}:")
+    for line in report.first_errors:
+        print(f"  {line}")
 
 
 def prepare(inputs: list[str], out_dir: str, *, validation_fraction: float, seed: int,
             near_dup_threshold: float | None = None, fmt: str = "auto") -> dict:
     """Clean, deduplicate and split SFT rows into `out_dir`/train.jsonl and validation.jsonl.
 
-    Rows keep their own columns (cleaned). Returns (and prints) the counts: read, bad, empty,
-    exact_dups, near_dups, train, validation. Both files are always written (validation may be empty),
-    each atomically.
+    Rows keep their own columns (cleaned); each input's format is detected on its own (fmt "auto"), so
+    train.jsonl may mix formats, which training's data.format=auto reads row by row. Returns (and prints) the
+    counts: read, bad, empty, exact_dups, near_dups, train, validation; prints a line per input, the bad
+    rows by reason with the file:line of the first few, and a warning when validation.jsonl is empty.
+    Both files are always written (validation may be empty), each atomically.
     """
     if not inputs:
         raise JaxftError("prepare: no input files")
@@ -152,7 +179,8 @@ def prepare(inputs: list[str], out_dir: str, *, validation_fraction: float, seed
     if fmt != "auto" and fmt not in FORMATS:
         raise JaxftError(f"format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     counts = dict.fromkeys(("read", "bad", "empty", "exact_dups", "near_dups", "train", "validation"), 0)
-    rows = _clean_rows(inputs, fmt, counts)
+    report = DataReport()
+    rows = _clean_rows(inputs, fmt, counts, report)
     unique = drop_exact_duplicates(rows)
     counts["exact_dups"] = len(rows) - len(unique)
     if near_dup_threshold is not None:
@@ -164,4 +192,11 @@ def prepare(inputs: list[str], out_dir: str, *, validation_fraction: float, seed
     write_jsonl(out / "validation.jsonl", [r for i, r in enumerate(unique) if i in val])
     counts["train"], counts["validation"] = len(unique) - len(val), len(val)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    _report_bad(report)
+    if not val:
+        why = (f"--validation-fraction is {validation_fraction:g}" if validation_fraction <= 0 else
+               f"only {len(unique)} usable row{'s' if len(unique) != 1 else ''}: nothing to hold out")
+        print(f"jaxft: warning: {out / 'validation.jsonl'} is empty ({why}): do not pass it as data.validation; "
+              "rerun with --validation-fraction (e.g. 0.1), or let training hold out data.validation_fraction of "
+              "train.jsonl", file=sys.stderr)
     return counts

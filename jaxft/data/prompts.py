@@ -7,7 +7,8 @@
 
 Row formats (TRL's, plus the project's chat files):
 - `prompt`: a string (tokenized as plain text, with the tokenizer's special tokens, as TRL does) or a list
-  of messages (conversational: chat template + generation prompt);
+  of messages (conversational: chat template + generation prompt, with the row's `tools` column passed to
+  the template as SFT passes it; messages may hold tool calls and tool turns);
 - `messages`: a conversation; when it ends with an assistant turn, that turn is removed and its content
   becomes the `solution` column (the quickstart task's files work as they are, the answer is the reference).
   `prompt_completion` rows likewise: the completion becomes `solution`.
@@ -23,8 +24,9 @@ import dataclasses
 from typing import Any
 
 from jaxft.config import DataConfig
-from jaxft.data.encode import DataReport, bad_row, split_records
-from jaxft.data.rows import ROLES, Chat, Pair, RowError, parse_messages, parse_row, read_rows, rows_format, typename
+from jaxft.data.encode import DataReport, bad_row, check_tool_use, split_records
+from jaxft.data.rows import (ROLES, Chat, Pair, RowError, parse_messages, parse_row, parse_tools, read_rows, row_format,
+                             rows_format, typename)
 from jaxft.errors import JaxftError
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
@@ -67,13 +69,25 @@ def parse_prompt(row: Any) -> tuple[str | list[dict], dict[str, Any]]:
     return p, columns
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt: chat template with the generation prompt, or the plain text's tokens."""
+def encode_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None,
+                  tools: tuple[dict, ...] | None = None) -> list[int]:
+    """Token ids of a prompt: chat template with the generation prompt (and the row's `tools`, as SFT passes
+    them), or the plain text's tokens. RowError when the template leaves out the prompt's tool use."""
     if isinstance(prompt, str):
+        if tools:
+            raise RowError("bad tools", "a 'tools' column needs a prompt of chat messages (a plain string prompt "
+                                        "gets no chat template to show the tools)")
         return list(tokenizer(prompt)["input_ids"])
+    shift = 0
     if system_prompt and not any(m["role"] == "system" for m in prompt):
-        prompt = [{"role": "system", "content": system_prompt}] + prompt
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt, shift = [{"role": "system", "content": system_prompt}] + prompt, 1
+
+    def render(messages: list[dict], defs) -> str:
+        return tokenizer.apply_chat_template(messages, tools=None if defs is None else list(defs), tokenize=False,
+                                             add_generation_prompt=True)
+
+    text = render(prompt, tools)
+    check_tool_use(prompt, tools, render, shift)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -91,7 +105,9 @@ def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list
                 raise rec.row
             p, columns = parse_prompt(rec.row)
             try:
-                ids = encode_prompt(tokenizer, p, cfg.system_prompt)
+                ids = encode_prompt(tokenizer, p, cfg.system_prompt, parse_tools(rec.row))
+            except RowError:
+                raise
             except Exception as e:  # a chat template that rejects the conversation
                 raise RowError("template error", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
             if not ids:
@@ -115,13 +131,13 @@ def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dic
     """(prompt messages, reference answer) for each usable row: the last trained assistant turn is the
     reference, everything before it the prompt. Rows that cannot be parsed are skipped."""
     records = read_rows(path)
-    fmt = rows_format(records, fmt)
+    file_format = rows_format(records, fmt)
     out = []
     for rec in records:
         if isinstance(rec.row, RowError):
             continue
         try:
-            parsed = parse_row(rec.row, fmt)
+            parsed = parse_row(rec.row, row_format(rec.row, fmt, file_format))
         except RowError:
             continue
         if isinstance(parsed, Chat) and parsed.trained:
