@@ -80,6 +80,9 @@ def test_arguments_and_worker_round_trip(tmp_path):
     args = ap.parse_args(["--worker", "trl", "--worker-out", str(out)])
     assert benchlib.serve_worker(args, {"trl": lambda a: dict(framework="TRL", steps=a.steps)})
     assert json.loads(out.read_text()) == dict(framework="TRL", steps=3)
+    benchlib.write_json(None, results={})  # no --json: writes nothing
+    benchlib.write_json(str(tmp_path / "figures.json"), settings=vars(args), ratios={"x": 1.5})
+    assert json.loads((tmp_path / "figures.json").read_text())["ratios"] == {"x": 1.5}
 
 
 def test_step_lines_and_offline_env(monkeypatch, capsys):
