@@ -22,18 +22,11 @@ frozen base) + 6 · P_lora + A.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_dpo  # noqa: E402 — the DPO workers
-import bench_sft  # noqa: E402 — the SFT workers and the process helpers
+import bench_dpo  # the DPO workers
+import bench_sft  # the SFT workers
+from benchlib import NOISY_SHARE, others_share, run_worker, serve_worker, table, timed, warn_busy, write_json
 
 SETTINGS = {  # name → (script, its arguments, the two sides, dtype of the ceiling that applies)
     "lora": ("bench_sft.py", ["--mode", "lora", "--dtype", "fp32"], ("jaxft", "torch"), "fp32"),
@@ -45,7 +38,7 @@ TARGETS = "fp32 LoRA targets: >= 2.0x PyTorch tokens/s, MFU >= 55%, peak RSS <= 
 GEMMS = [(2048, 2048, 2048), (4096, 1024, 4096), (1024, 576, 1536)]  # (M, K, N); the last = a SmolLM2 MLP GEMM
 
 
-def ceiling() -> dict:
+def ceiling(_args=None) -> dict:
     """Best GFLOP/s of an XLA GEMM, fp32 and bf16 x bf16 → fp32, over GEMMS (median of 7 per shape)."""
     import jax
     import jax.numpy as jnp
@@ -58,12 +51,8 @@ def ceiling() -> dict:
             b = jax.random.normal(jax.random.key(1), (k, n)).astype(dt)
             f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
             jax.block_until_ready(f(a, b))
-            ts = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(a, b))
-                ts.append(time.perf_counter() - t0)
-            best[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(ts) / 1e9
+            t, _ = timed(lambda: jax.block_until_ready(f(a, b)), 7)
+            best[f"{m}x{k}x{n}"] = 2 * m * k * n / t / 1e9
         out[name] = dict(gflops=max(best.values()), shapes=best)
     return out
 
@@ -96,24 +85,18 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
-    ap.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ceiling"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.ceiling_worker:
-        Path(args.ceiling_worker).write_text(json.dumps(ceiling()))
+    if serve_worker(args, {"ceiling": ceiling}):
         return
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         ap.error(f"--settings: unknown {unknown[0]!r} (known: {', '.join(SETTINGS)})")
 
-    busy = bench_sft.busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ceiling.json"
-        print("[ceiling] fresh subprocess ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--ceiling-worker", str(out)], check=True)
-        ceil = json.loads(out.read_text())
+    busy = warn_busy()
+    ceil = run_worker("ceiling", [], __file__)
 
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
     sft_shape = ["--batch", str(args.batch), "--seq", str(args.seq)]
@@ -123,9 +106,9 @@ def main():
     for name in names:
         script, extra, sides, dt = SETTINGS[name]
         mod, shape = (bench_dpo, dpo_shape) if script == "bench_dpo.py" else (bench_sft, sft_shape)
-        sub = mod.__dict__["argparse"].Namespace(warmup=args.warmup, batch=args.batch, seq=args.seq,
-                                                 prompt=args.seq // 2, completion=args.seq // 2)
-        j, t = (mod.summarize(bench_sft.run_worker(side, extra + common + shape, mod.__file__), sub) for side in sides)
+        sub = argparse.Namespace(warmup=args.warmup, batch=args.batch, seq=args.seq, prompt=args.seq // 2,
+                                 completion=args.seq // 2)
+        j, t = (mod.summarize(run_worker(side, extra + common + shape, mod.__file__), sub) for side in sides)
         mode = {"full": "full", "dpo": "dpo"}.get(name, "lora")
         fpt, formula = flops_per_token(mode, args.seq, args.rank)
         mfu = fpt * j["tokens_per_s_median"] / (ceil[dt]["gflops"] * 1e9)
@@ -138,27 +121,25 @@ def main():
         print(f"  {dt}: " + ", ".join(f"{s} {g:.0f}" for s, g in ceil[dt]["shapes"].items()))
     print(f"example SmolLM2-135M, batch {args.batch} x seq {args.seq}, AdamW, {args.warmup} warmup + "
           f"{args.steps} timed steps, medians; cores: {os.cpu_count()}")
-    head = (f"{'setting':<8} | {'jaxft tok/s':>11} | {'PyTorch tok/s':>13} | {'ratio':>6} | {'MFU':>6} | "
-            f"{'jaxft RSS GB':>12} | {'PyTorch RSS GB':>14} | {'RSS ratio':>9} | {'compile s':>9}")
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        j, t = r["jaxft"], r["torch"]
-        print(f"{r['setting']:<8} | {j['tokens_per_s_median']:>11.1f} | {t['tokens_per_s_median']:>13.1f} | "
-              f"{j['tokens_per_s_median'] / t['tokens_per_s_median']:>5.2f}x | {100 * r['mfu']:>5.1f}% | "
-              f"{j['peak_rss_gb']:>12.2f} | {t['peak_rss_gb']:>14.2f} | {j['peak_rss_gb'] / t['peak_rss_gb']:>8.2f}x | "
-              f"{j['compile_s']:>9.1f}")
+    print("\n".join(table([
+        ("setting", "<8", "setting"), ("jaxft tok/s", ">11.1f", lambda r: r["jaxft"]["tokens_per_s_median"]),
+        ("PyTorch tok/s", ">13.1f", lambda r: r["torch"]["tokens_per_s_median"]),
+        ("ratio", ">6", lambda r: f"{r['jaxft']['tokens_per_s_median'] / r['torch']['tokens_per_s_median']:.2f}x"),
+        ("MFU", ">6", lambda r: f"{100 * r['mfu']:.1f}%"),
+        ("jaxft RSS GB", ">12.2f", lambda r: r["jaxft"]["peak_rss_gb"]),
+        ("PyTorch RSS GB", ">14.2f", lambda r: r["torch"]["peak_rss_gb"]),
+        ("RSS ratio", ">9", lambda r: f"{r['jaxft']['peak_rss_gb'] / r['torch']['peak_rss_gb']:.2f}x"),
+        ("compile s", ">9.1f", lambda r: r["jaxft"]["compile_s"])], rows)))
     for r in rows:
         print(f"{r['setting']}: model FLOPs/token {r['formula']} = {r['flops_per_token'] / 1e6:.1f} MFLOP; "
               f"MFU against the {r['ceiling_dtype']} ceiling")
     print(TARGETS)
     for r in rows:
         for side in ("jaxft", "torch"):
-            w = r[side]
-            share = w["others_cpu_s"] / (w["wall_s"] * os.cpu_count())
-            if share > 0.1:
-                print(f"NOISY: {r['setting']} {side}: other processes took {100 * share:.0f}% of the machine")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), ceiling=ceil, rows=rows, busy=busy), indent=1))
+            if others_share(r[side]) > NOISY_SHARE:
+                print(f"NOISY: {r['setting']} {side}: other processes took {100 * others_share(r[side]):.0f}% of "
+                      "the machine")
+    write_json(args.json, settings=vars(args), ceiling=ceil, rows=rows, busy=busy)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ compared). The jaxft figure is after a first (compiling) call, whose time is pri
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -27,14 +25,7 @@ from jaxft.example import example_model
 from jaxft.generate import Sampling
 from jaxft.data.task import make_examples, prompt_and_answer
 
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+from benchlib import timed
 
 
 def left_pad(rows):

@@ -11,7 +11,7 @@ one EOS), so every sequence has S = prompt + completion real tokens and no paddi
 beta, completion tokens only. LoRA r / alpha, dropout 0, on q,k,v,o,gate,up,down; AdamW, constant lr,
 no weight decay, no clipping; gradient accumulation 1.
 
-Sides, each in its own fresh subprocess (peak RSS is its own), reusing scripts/bench_sft.py's helpers:
+Sides, each in its own fresh subprocess (peak RSS is its own), with scripts/benchlib.py's harness:
 - jaxft        jaxft's DPO step (make_loss + make_train_step), the reference = the adapter switched off in
                the same weights, computed in the step (dpo.reference=lora_base)
 - jaxft-cache  the same with the reference log-probs computed once before the steps (dpo.reference=cache):
@@ -25,19 +25,15 @@ tokens/s = 2 * batch * S / step time (chosen and rejected tokens of the policy f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_sft  # noqa: E402  (helpers shared with the SFT benchmark)
-from bench_sft import LORA_TARGETS, RssSampler, peak_rss_gb, rss_gb, run_steps  # noqa: E402
+import bench_sft
+from benchlib import (LORA_TARGETS, RssSampler, add_side_args, add_training_args, in_order, noise_lines, peak_rss_gb,
+                      ratio_lines, rss_gb, run_sides, run_steps, serve_worker, step_stats, table,
+                      trainer_step_times, write_json)
 
-SIDES = ("jaxft", "cache", "sft", "trl")
 NAMES = {"jaxft": "jaxft DPO", "cache": "jaxft DPO+cache", "sft": "jaxft SFT 2xB", "trl": "TRL DPO+PEFT"}
 
 
@@ -135,30 +131,14 @@ def worker_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from jaxft.example import example_model
 
-    class Pretokenized(DPOTrainer):
+    class Pretokenized(in_order(DPOTrainer)):
         def _prepare_dataset(self, dataset, *a, **k):  # the ids are given: skip TRL's tokenization
             return dataset
-
-        def _get_train_sampler(self, train_dataset=None):  # in order, like the jaxft side's batches
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
-                                                      else self.train_dataset)
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], 0.0
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-            print(f"  step {len(self.times)}{' (warmup)' if len(self.times) <= args.warmup else ''}: "
-                  f"{self.times[-1]:.2f} s", file=sys.stderr, flush=True)
 
     path = example_model()
     torch.manual_seed(args.seed)
@@ -178,7 +158,7 @@ def worker_trl(args) -> dict:
                         loss_type=["sigmoid"], max_length=None, logging_steps=1, save_strategy="no",
                         report_to=[], use_cpu=True, dataloader_num_workers=0, seed=args.seed,
                         remove_unused_columns=False, disable_tqdm=True, gradient_checkpointing=False)
-        timer = StepTimes()
+        timer = trainer_step_times(args.warmup)
         trainer = Pretokenized(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                                                       target_modules=LORA_TARGETS, bias="none",
@@ -194,12 +174,12 @@ def worker_trl(args) -> dict:
                 times=timer.times, losses=losses, logps_chosen=logps, train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
 
 
+SIDES = {"jaxft": lambda args: worker_jaxft(args, False), "cache": lambda args: worker_jaxft(args, True),
+         "sft": worker_sft, "trl": worker_trl}
+
+
 def summarize(r: dict, args) -> dict:
-    timed = r["times"][args.warmup:]
-    tokens = 2 * args.batch * (args.prompt + args.completion)
-    tps = [tokens / t for t in timed]
-    return dict(r, first_step_s=r["times"][0], step_s_median=statistics.median(timed),
-                tokens_per_s_median=statistics.median(tps), tokens_per_s_mean=statistics.mean(tps))
+    return step_stats(r, args.warmup, 2 * args.batch * (args.prompt + args.completion))
 
 
 def main():
@@ -207,65 +187,34 @@ def main():
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--completion", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (jaxft's first compiles)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    add_training_args(ap)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
-    ap.add_argument("--only", choices=SIDES, action="append", help="run these sides only (repeatable)")
-    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_side_args(ap, SIDES)
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.completion < 2:
         ap.error("--warmup and --steps must be >= 1, --completion >= 2")
-
-    if args.worker:
-        work = {"jaxft": lambda: worker_jaxft(args, False), "cache": lambda: worker_jaxft(args, True),
-                "sft": lambda: worker_sft(args), "trl": lambda: worker_trl(args)}[args.worker]
-        Path(args.worker_out).write_text(json.dumps(work()))
+    if serve_worker(args, SIDES):
         return
-
-    busy = bench_sft.busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    argv = []
-    skip = False
-    for a in sys.argv[1:]:  # the workers get the settings, not --json / --only
-        if skip:
-            skip = False
-        elif a in ("--json", "--only"):
-            skip = True
-        elif not a.startswith(("--json=", "--only=")):
-            argv.append(a)
-    sides = [s for s in SIDES if not args.only or s in args.only]
-    results = {s: summarize(bench_sft.run_worker(s, argv, __file__), args) for s in sides}
+    busy, results = run_sides(args, SIDES, summarize, __file__)
 
     S = args.prompt + args.completion
     print(f"\nDPO training, SmolLM2-135M-Instruct fp32: LoRA r={args.rank} alpha={args.alpha:g} on "
           f"q,k,v,o,gate,up,down, sigmoid beta {args.beta:g}, {args.batch} pairs x (prompt {args.prompt} + "
           f"completion {args.completion}) = {2 * args.batch} x {S} tokens per step, AdamW lr {args.lr:g}, "
           f"{args.warmup} warmup + {args.steps} timed steps; cores {os.cpu_count()}")
-    head = (f"{'side':<16} | {'tokens/s med':>12} | {'step s med':>10} | {'peak RSS GB':>11} | "
-            f"{'train RSS GB':>12} | {'first step s':>12} | {'ref pass s':>10} | {'trainable':>10} | {'loss 1st':>8} | "
-            f"{'logps/chosen 1st':>16}")
-    print(head)
-    print("-" * len(head))
-    for r in results.values():
-        print(f"{r['framework']:<16} | {r['tokens_per_s_median']:>12.1f} | {r['step_s_median']:>10.2f} | "
-              f"{r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | {r['first_step_s']:>12.2f} | "
-              f"{r['reference_s']:>10.2f} | {r['n_trainable']:>10,} | {r['losses'][0]:>8.4f} | "
-              f"{r.get('logps_chosen', [float('nan')])[0]:>16.4f}")
+    print("\n".join(table([("side", "<16", "framework"), ("tokens/s med", ">12.1f", "tokens_per_s_median"),
+                          ("step s med", ">10.2f", "step_s_median"), ("peak RSS GB", ">11.2f", "peak_rss_gb"),
+                          ("train RSS GB", ">12.2f", "train_peak_rss_gb"), ("first step s", ">12.2f", "first_step_s"),
+                          ("ref pass s", ">10.2f", "reference_s"), ("trainable", ">10,", "n_trainable"),
+                          ("loss 1st", ">8.4f", lambda r: r["losses"][0]),
+                          ("logps/chosen 1st", ">16.4f", lambda r: r.get("logps_chosen", [float("nan")])[0])],
+                         results.values())))
     print("(loss 1st: DPO starts at ln 2 = 0.6931 on both sides; SFT's is a cross-entropy; logps/chosen 1st: the "
           "first batch's summed chosen log-prob, the same pairs on every side; ref pass: the cache's one reference "
           "pass over these pairs, before training)")
-    for r in results.values():
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-        print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "
-              f"machine" + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    print("\n".join(noise_lines(results.values())))
     ratios = {}
     if "jaxft" in results and "trl" in results:
         j, t = results["jaxft"], results["trl"]
@@ -274,11 +223,9 @@ def main():
     if "jaxft" in results and "sft" in results:
         ratios["DPO(lora_base)/SFT(2xB) train RSS"] = (results["jaxft"]["train_peak_rss_gb"]
                                                      / results["sft"]["train_peak_rss_gb"])
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, results=results, ratios=ratios),
-                                              indent=1))
+    for line in ratio_lines(ratios):
+        print(line)
+    write_json(args.json, settings=vars(args), busy=busy, results=results, ratios=ratios)
 
 
 if __name__ == "__main__":

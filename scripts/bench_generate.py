@@ -13,8 +13,6 @@ medians, ratios, the compile (first-call) time and the CPU flags.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import torch
@@ -25,14 +23,7 @@ from jaxft.example import example_model
 from jaxft.generate import Sampling, chat_prompt, generate
 from flax import nnx
 
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+from benchlib import cpu_flags, timed
 
 
 def main():
@@ -45,8 +36,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     args = ap.parse_args()
     path = example_model()
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
-                    if f.startswith(("avx512_bf16", "amx", "avx512f"))})
+    flags = cpu_flags()
     print(f"model: {path.name}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__} "
           f"threads={torch.get_num_threads()}  cpu flags: {' '.join(flags) or 'none of avx512f/avx512_bf16/amx'}")
 

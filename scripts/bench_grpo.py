@@ -23,7 +23,6 @@ both are printed. Each side runs in a fresh subprocess (peak RSS is its own).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,11 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_sft  # noqa: E402
-from bench_sft import LORA_TARGETS, RssSampler, peak_rss_gb  # noqa: E402
+from benchlib import (LORA_TARGETS, RssSampler, add_side_args, add_training_args, noise_lines, peak_rss_gb, run_sides,
+                      serve_worker, table, write_json)
 
-SIDES = ("jaxft", "trl")
 NAMES = {"jaxft": "jaxft grpo", "trl": "TRL GRPO+PEFT"}
 
 
@@ -176,6 +173,9 @@ def worker_trl(args) -> dict:
                 train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
 
 
+SIDES = {"jaxft": worker_jaxft, "trl": worker_trl}
+
+
 def summarize(r: dict, args) -> dict:
     # Steps after the warm-up that compiled (a new prompt bucket; jaxft only) are left out of the medians.
     timed = [x for x in r["rows"][args.warmup:] if x.get("compile_s", 0.0) < 1.0] or r["rows"][args.warmup:]
@@ -192,47 +192,32 @@ def main():
     ap.add_argument("--G", type=int, default=4, help="completions per prompt")
     ap.add_argument("--completion", type=int, default=32, help="max new tokens per completion")
     ap.add_argument("--beta", type=float, default=0.04)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (jaxft compiles in them)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-5)
+    add_training_args(ap, steps=3, warmup=1, lr=1e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=SIDES, action="append")
-    ap.add_argument("--json", metavar="OUT")
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_side_args(ap, SIDES)
     args = ap.parse_args()
-    if args.worker:
-        Path(args.worker_out).write_text(json.dumps({"jaxft": worker_jaxft, "trl": worker_trl}[args.worker](args)))
+    if serve_worker(args, SIDES):
         return
-    busy = bench_sft.busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    sides = [s for s in SIDES if not args.only or s in args.only]
-    argv = bench_sft.worker_argv(sys.argv[1:])
-    results = {s: summarize(bench_sft.run_worker(s, argv, __file__), args) for s in sides}
+    busy, results = run_sides(args, SIDES, summarize, __file__)
     print(f"\nGRPO step, SmolLM2-135M-Instruct fp32, LoRA r={args.rank} on q,k,v,o,gate,up,down: {args.prompts} "
           f"prompts "
           f"x G={args.G}, <= {args.completion} new tokens, beta {args.beta:g}, dapo; {args.warmup} warmup + "
           f"{args.steps} timed steps (medians); cores {os.cpu_count()}")
-    head = (f"{'side':<14} | {'step s':>7} | {'rollout s':>9} | {'ref+adv s':>9} | {'train s':>7} | {'tokens/s':>8} | "
-            f"{'compl len':>9} | {'peak RSS GB':>11} | {'first step s':>12}")
-    print(head)
-    print("-" * len(head))
-    for r in results.values():
-        print(f"{r['framework']:<14} | {r['step_s']:>7.2f} | {r['rollout_s']:>9.2f} | {r['ref_s']:>9.2f} | "
-              f"{r['train_s']:>7.2f} | {r['tokens_per_s']:>8.1f} | {r['completion_len']:>9.1f} | "
-              f"{r['peak_rss_gb']:>11.2f} | {r['first_step_s']:>12.1f}"
-              + (f"  ({r['compiled_steps']} timed step(s) that compiled a new prompt bucket left out)"
-                 if r["compiled_steps"] else ""))
-    print("\n".join(bench_sft.noise_lines(results)))
+    lines = table([("side", "<14", "framework"), ("step s", ">7.2f", "step_s"), ("rollout s", ">9.2f", "rollout_s"),
+                   ("ref+adv s", ">9.2f", "ref_s"), ("train s", ">7.2f", "train_s"),
+                   ("tokens/s", ">8.1f", "tokens_per_s"), ("compl len", ">9.1f", "completion_len"),
+                   ("peak RSS GB", ">11.2f", "peak_rss_gb"), ("first step s", ">12.1f", "first_step_s")],
+                  results.values())
+    for i, r in enumerate(results.values(), 2):  # after the header and its rule
+        if r["compiled_steps"]:
+            lines[i] += f"  ({r['compiled_steps']} timed step(s) that compiled a new prompt bucket left out)"
+    print("\n".join(lines))
+    print("\n".join(noise_lines(results.values())))
     if len(results) == 2:
         j, t = results["jaxft"], results["trl"]
         print(f"jaxft/trl step speed: {t['step_s'] / j['step_s']:.2f}x; tokens/s: "
               f"{j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, results=results), indent=1))
+    write_json(args.json, settings=vars(args), busy=busy, results=results)
 
 
 if __name__ == "__main__":

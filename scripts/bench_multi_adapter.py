@@ -16,8 +16,9 @@ import argparse
 import os
 import time
 
-# Offline: peft imports bitsandbytes, which (with `kernels` installed) fetches a kernel from the Hub on AVX512-BF16 CPUs
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from benchlib import offline_env, timed  # scripts/ is on the path when a script runs
+
+os.environ.update(offline_env())  # before the imports below: peft imports bitsandbytes (see benchlib.OFFLINE_ENV)
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,6 @@ from jaxft.generate import Sampling, generate
 from jaxft.optim import make_optimizer
 from jaxft.train import init_state, make_train_step
 from jaxft.optim import bank_optimizer
-
-from bench_generate import timed  # scripts/ is on the path when a script runs
 
 TARGETS = ("all-linear",)
 

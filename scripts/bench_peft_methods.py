@@ -13,13 +13,10 @@ its input). PiSSA's SVD runs at load (its time is in "load s", not in the step).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import busy_processes, run_worker, summarize  # noqa: E402
+import bench_sft
+from benchlib import NOISY_SHARE, add_training_args, others_share, run_worker, training_argv, warn_busy, write_json
 
 
 def main():
@@ -27,22 +24,16 @@ def main():
     ap.add_argument("--methods", default="lora,dora,pissa,ia3")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    add_training_args(ap)
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
-    busy = busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
-              str(args.warmup), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr)]
+    busy = warn_busy()
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), *training_argv(args)]
     ns = argparse.Namespace(batch=args.batch, seq=args.seq, warmup=args.warmup)
     rows = []
     for method in args.methods.split(","):
-        pair = [summarize(run_worker(side, [*common, "--method", method], label=f"{method} {side}"), ns)
+        pair = [bench_sft.summarize(run_worker(side, [*common, "--method", method], bench_sft.__file__,
+                                               label=f"{method} {side}"), ns)
                 for side in ("jaxft", "torch")]
         rows.append((method, *pair))
     print(f"\nSmolLM2-135M-Instruct fp32, batch {args.batch} x {args.seq} tokens, r={args.rank} alpha={args.alpha:g}, "
@@ -59,11 +50,10 @@ def main():
                   f"PEFT {t['n_trainable']:,})")
     for method, j, t in rows:
         for r in (j, t):
-            share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-            if share > 0.1:
-                print(f"{method} {r['framework']}: other processes took {100 * share:.0f}% of the machine: NOISY")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, rows=rows), indent=1))
+            if others_share(r) > NOISY_SHARE:
+                print(f"{method} {r['framework']}: other processes took {100 * others_share(r):.0f}% of the machine: "
+                      "NOISY")
+    write_json(args.json, settings=vars(args), busy=busy, rows=rows)
 
 
 if __name__ == "__main__":

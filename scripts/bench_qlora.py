@@ -21,15 +21,15 @@ and of its train state on the device and the temporary memory XLA allocates for 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import busy_processes, run_worker, summarize  # noqa: E402
+import bench_sft
+from benchlib import (NOISY, NOISY_SHARE, add_training_args, others_share, run_worker, table, training_argv, warn_busy,
+                      write_json)
 
 SIDES = {"jaxft-none": ("jaxft", "none"), "jaxft-nf4": ("jaxft", "nf4"), "jaxft-int8": ("jaxft", "int8"),
          "torch": ("torch", "none"), "torch-bnb": ("torch", "nf4")}
@@ -76,11 +76,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (jaxft's first compiles)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    add_training_args(ap)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="jaxft compute dtype (PyTorch: fp32)")
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none", help="jaxft only")
     ap.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
@@ -91,11 +87,8 @@ def main():
         write_hf_copy(Path(args.write_hf_copy))
         return
 
-    busy = busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    common = ["--mode", "lora", "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
+    busy = warn_busy()
+    common = ["--mode", "lora", "--batch", str(args.batch), "--seq", str(args.seq), *training_argv(args),
               "--remat", args.remat]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +100,8 @@ def main():
             argv = common + ["--quant", q, "--dtype", args.dtype if worker == "jaxft" else "fp32"]
             argv += ["--xla-memory"] if worker == "jaxft" else []
             argv += ["--hf-dir", str(hf_dir)] if side == "torch-bnb" else []
-            results.append(dict(summarize(run_worker(worker, argv, label=side), args), side=side))
+            r = run_worker(worker, argv, bench_sft.__file__, label=side)
+            results.append(dict(bench_sft.summarize(r, args), side=side))
 
     from jaxft.example import example_model
     from jaxft.commands.plan import model_config, plan
@@ -115,25 +109,23 @@ def main():
     print(f"\nQLoRA training, {example_model().name}: LoRA r={args.rank} alpha={args.alpha:g} on q,k,v,o,gate,up,down, "
           f"jaxft compute {args.dtype}, batch {args.batch} x seq {args.seq}, AdamW lr {args.lr:g}, "
           f"{args.warmup} warmup + {args.steps} timed steps, remat {args.remat} (jaxft)")
-    head = (f"{'side':<11} | {'tokens/s med':>12} | {'step s':>7} | {'peak RSS GB':>11} | {'train RSS GB':>12} | "
-            f"{'frozen GB':>9} | {'XLA temp GB':>11} | {'plan total GB':>13} | {'loss 1st':>8} | {'loss last':>9}")
-    print(head)
-    print("-" * len(head))
-    cfg = model_config("example")
+    cfg, nan = model_config("example"), float("nan")
+
+    def plan_total(r):  # what `jaxft plan` predicts for a jaxft side
+        return plan(cfg, plan_run(args, SIDES[r["side"]][1])).total / 1e9 if r["side"].startswith("jaxft") else nan
+
+    print("\n".join(table([("side", "<11", "side"), ("tokens/s med", ">12.1f", "tokens_per_s_median"),
+                          ("step s", ">7.2f", "step_s_median"), ("peak RSS GB", ">11.2f", "peak_rss_gb"),
+                          ("train RSS GB", ">12.2f", "train_peak_rss_gb"),
+                          ("frozen GB", ">9.3f", lambda r: r.get("frozen_gb", nan)),
+                          ("XLA temp GB", ">11.3f", lambda r: r.get("xla_temp_gb", nan)),
+                          ("plan total GB", ">13.3f", plan_total), ("loss 1st", ">8.4f", lambda r: r["losses"][0]),
+                          ("loss last", ">9.4f", lambda r: r["losses"][-1])], results)))
     for r in results:
-        jax_side = r["side"].startswith("jaxft")
-        total = plan(cfg, plan_run(args, SIDES[r["side"]][1])).total / 1e9 if jax_side else float("nan")
-        print(f"{r['side']:<11} | {r['tokens_per_s_median']:>12.1f} | {r['step_s_median']:>7.2f} | "
-              f"{r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | {r.get('frozen_gb', float('nan')):>9.3f} | "
-              f"{r.get('xla_temp_gb', float('nan')):>11.3f} | {total:>13.3f} | {r['losses'][0]:>8.4f} | "
-              f"{r['losses'][-1]:>9.4f}")
-    for r in results:
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-        print(f"{r['side']}: worker {r['wall_s']:.0f} s wall; other processes took {100 * share:.0f}% of the machine"
-              + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+        print(f"{r['side']}: worker {r['wall_s']:.0f} s wall; other processes took {100 * others_share(r):.0f}% of the "
+              f"machine" + (NOISY if others_share(r) > NOISY_SHARE else ""))
     print_plans(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, results=results), indent=1))
+    write_json(args.json, settings=vars(args), busy=busy, results=results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ dropout 0, on q,k,v,o,gate,up,down, the head trained in full (PEFT SEQ_CLS: modu
 constant lr, no weight decay, no clipping; gradient accumulation 1. TRL: gradient checkpointing off (its
 default is on), dropout off (its default). jaxft: its default remat policy ("proj").
 
-Each side runs in its own fresh subprocess (peak RSS is its own), with scripts/bench_sft.py's helpers;
+Each side runs in its own fresh subprocess (peak RSS is its own), with scripts/benchlib.py's harness;
 jaxft's step is compiled ahead of time ("compile s"), then --warmup untimed and --steps timed steps.
 tokens/s = 2 * batch * seq / step time (chosen and rejected tokens of the one forward pass).
 """
@@ -20,19 +20,14 @@ tokens/s = 2 * batch * seq / step time (chosen and rejected tokens of the one fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_sft  # noqa: E402  (helpers shared with the SFT benchmark)
-from bench_sft import LORA_TARGETS, RssSampler, peak_rss_gb, rss_gb, run_steps  # noqa: E402
+from benchlib import (LORA_TARGETS, RssSampler, add_side_args, add_training_args, in_order, noise_lines, peak_rss_gb,
+                      ratio_lines, rss_gb, run_sides, run_steps, serve_worker, step_stats, table,
+                      trainer_step_times, write_json)
 
-SIDES = ("jaxft", "trl")
 NAMES = {"jaxft": "jaxft reward", "trl": "TRL Reward+PEFT"}
 
 
@@ -106,27 +101,10 @@ def worker_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from jaxft.example import example_model
-
-    class InOrder(RewardTrainer):
-        def _get_train_sampler(self, train_dataset=None):  # in order, like the jaxft side's batches
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
-                                                      else self.train_dataset)
-
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], 0.0
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-            print(f"  step {len(self.times)}{' (warmup)' if len(self.times) <= args.warmup else ''}: "
-                  f"{self.times[-1]:.2f} s", file=sys.stderr, flush=True)
 
     path = example_model()
     torch.manual_seed(args.seed)
@@ -145,8 +123,8 @@ def worker_trl(args) -> dict:
                            weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch", max_length=None,
                            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                            dataloader_num_workers=0, seed=args.seed, disable_tqdm=True, gradient_checkpointing=False)
-        timer = StepTimes()
-        trainer = InOrder(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        timer = trainer_step_times(args.warmup)
+        trainer = in_order(RewardTrainer)(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                           peft_config=LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                                                  target_modules=LORA_TARGETS, bias="none", task_type="SEQ_CLS"),
                           callbacks=[timer])
@@ -161,75 +139,45 @@ def worker_trl(args) -> dict:
                 train_peak_rss_gb=sampler.peak, peak_rss_gb=peak_rss_gb())
 
 
+SIDES = {"jaxft": worker_jaxft, "trl": worker_trl}
+
+
 def summarize(r: dict, args) -> dict:
-    timed = r["times"][args.warmup:]
-    tps = [2 * args.batch * args.seq / t for t in timed]
-    return dict(r, first_step_s=r["times"][0], step_s_median=statistics.median(timed),
-                tokens_per_s_median=statistics.median(tps), tokens_per_s_mean=statistics.mean(tps))
+    return step_stats(r, args.warmup, 2 * args.batch * args.seq)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--seq", type=int, default=256, help="tokens per chosen / rejected sequence")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    add_training_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
-    ap.add_argument("--only", choices=SIDES, action="append", help="run these sides only (repeatable)")
-    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
-    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_side_args(ap, SIDES)
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
-    if args.worker:
-        work = {"jaxft": worker_jaxft, "trl": worker_trl}[args.worker]
-        Path(args.worker_out).write_text(json.dumps(work(args)))
+    if serve_worker(args, SIDES):
         return
-
-    busy = bench_sft.busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # the workers get the settings, not --json / --only
-        if skip:
-            skip = False
-        elif a in ("--json", "--only"):
-            skip = True
-        elif not a.startswith(("--json=", "--only=")):
-            argv.append(a)
-    sides = [s for s in SIDES if not args.only or s in args.only]
-    results = {s: summarize(bench_sft.run_worker(s, argv, __file__), args) for s in sides}
+    busy, results = run_sides(args, SIDES, summarize, __file__)
 
     print(f"\nReward-model training, SmolLM2-135M-Instruct fp32 + score head: LoRA r={args.rank} alpha={args.alpha:g} "
           f"on q,k,v,o,gate,up,down + the head in full, {args.batch} pairs x 2 x {args.seq} tokens per step, "
           f"AdamW lr {args.lr:g}, {args.warmup} warmup + {args.steps} timed steps; cores {os.cpu_count()}")
-    head = (f"{'side':<16} | {'tokens/s med':>12} | {'step s med':>10} | {'peak RSS GB':>11} | {'train RSS GB':>12} | "
-            f"{'first step s':>12} | {'compile s':>9} | {'trainable':>10} | {'loss 1st':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in results.values():
-        print(f"{r['framework']:<16} | {r['tokens_per_s_median']:>12.1f} | {r['step_s_median']:>10.2f} | "
-              f"{r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | {r['first_step_s']:>12.2f} | "
-              f"{r['compile_s']:>9.1f} | {r['n_trainable']:>10,} | {r['losses'][0]:>8.4f}")
-    for r in results.values():
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-        print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "
-              f"machine" + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+    print("\n".join(table([("side", "<16", "framework"), ("tokens/s med", ">12.1f", "tokens_per_s_median"),
+                          ("step s med", ">10.2f", "step_s_median"), ("peak RSS GB", ">11.2f", "peak_rss_gb"),
+                          ("train RSS GB", ">12.2f", "train_peak_rss_gb"), ("first step s", ">12.2f", "first_step_s"),
+                          ("compile s", ">9.1f", "compile_s"), ("trainable", ">10,", "n_trainable"),
+                          ("loss 1st", ">8.4f", lambda r: r["losses"][0])], results.values())))
+    print("\n".join(noise_lines(results.values())))
     ratios = {}
     if len(results) == 2:
         j, t = results["jaxft"], results["trl"]
         ratios = {"jaxft/trl throughput": j["tokens_per_s_median"] / t["tokens_per_s_median"],
                   "jaxft/trl peak RSS": j["peak_rss_gb"] / t["peak_rss_gb"]}
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), busy=busy, results=results, ratios=ratios),
-                                              indent=1))
+    for line in ratio_lines(ratios):
+        print(line)
+    write_json(args.json, settings=vars(args), busy=busy, results=results, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -23,54 +23,15 @@ then --warmup untimed steps run, then --steps timed steps; tokens/s = B*S / step
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from benchlib import (LORA_TARGETS, NOISY, NOISY_SHARE, RssSampler, add_side_args, add_training_args, others_share,
+                      peak_rss_gb, rss_gb, run_sides, run_steps, serve_worker, step_stats, table, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers shared by the workers
-
-
-def rss_gb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
-
-
-class RssSampler:
-    """Highest RSS seen by a background thread (every `every` s) while active: the training-phase peak."""
-
-    def __init__(self, every: float = 0.02):
-        self.peak, self.every, self._stop = 0.0, every, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_gb())
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_gb())
+# the batches both workers train on
 
 
 def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int):
@@ -79,19 +40,6 @@ def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int):
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=(batch, seq), dtype=np.int64) for _ in range(n)]
-
-
-def run_steps(step, batches, warmup: int) -> tuple[list[float], list[float]]:
-    """Call step(batch) → loss (a float, so the step has finished) for every batch; (times, losses)."""
-    times, losses = [], []
-    for b in batches:
-        t0 = time.perf_counter()
-        loss = step(b)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss)
-        print(f"  step {len(times)}{' (warmup)' if len(times) <= warmup else ''}: {times[-1]:.2f} s  "
-              f"loss {loss:.4f}", file=sys.stderr, flush=True)
-    return times, losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,82 +194,11 @@ def worker_torch(args) -> dict:
 # the driver
 
 
+SIDES = {"jaxft": worker_jaxft, "torch": worker_torch}
+
+
 def summarize(r: dict, args) -> dict:
-    timed = r["times"][args.warmup:]
-    tps = [args.batch * args.seq / t for t in timed]
-    return dict(r, first_step_s=r["times"][0], step_s_median=statistics.median(timed),
-                tokens_per_s_median=statistics.median(tps), tokens_per_s_mean=statistics.mean(tps))
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, all processes) since boot."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def run_worker(name: str, argv: list[str], script: str = __file__, label: str | None = None) -> dict:
-    """Run one side (`script --worker name`) in a fresh subprocess; also how much CPU other processes took."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        print(f"[{label or name}] fresh subprocess ...", file=sys.stderr, flush=True)
-        ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
-        # Offline: with `kernels` installed (transformers >= 5.25 pulls it in), bitsandbytes would fetch a
-        # kernel from the Hub at import on AVX512-BF16 CPUs; the tests measure its offline path too.
-        proc = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", name,
-                               "--worker-out", str(out)], check=False, env={"HF_HUB_OFFLINE": "1", **os.environ})
-        ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"{Path(script).name}: the {name} worker failed (exit code {proc.returncode})")
-        own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-        others = max(busy1 - busy0 - own, 0.0)
-        return dict(json.loads(out.read_text()), wall_s=wall, own_cpu_s=own, others_cpu_s=others)
-
-
-def worker_argv(argv: list[str]) -> list[str]:
-    """The command line minus --json / --only (what every side's worker gets)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--json", "--only"):
-            skip = True
-        elif not a.startswith(("--json=", "--only=")):
-            out.append(a)
-    return out
-
-
-def noise_lines(results: dict) -> list[str]:
-    """Per side: its worker's wall time and the share of the machine other processes took meanwhile."""
-    lines = []
-    for r in results.values():
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
-        lines.append(f"{r['framework']}: worker {r['wall_s']:.0f} s wall; other processes {100 * share:.0f}% of the "
-                     f"machine" + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
-    return lines
-
-
-def busy_processes() -> list[str]:
-    """Other processes using CPU right now (a noisy machine skews the figures): 'pid name %cpu'."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["pid", "name"]) if p.pid != os.getpid()]
-    for p in procs:
-        try:
-            p.cpu_percent(None)
-        except psutil.Error:
-            pass
-    time.sleep(1.0)
-    busy = []
-    for p in procs:
-        try:
-            c = p.cpu_percent(None)
-        except psutil.Error:
-            continue
-        if c >= 20:
-            busy.append(f"{p.pid} {p.info['name']} {c:.0f}%")
-    return busy
+    return step_stats(r, args.warmup, args.batch * args.seq)
 
 
 def main():
@@ -330,43 +207,24 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    add_training_args(ap)
     ap.add_argument("--remat", choices=["none", "proj", "dots", "full"], default="proj", help="jaxft only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
-    ap.add_argument("--only", choices=["jaxft", "torch"], help="run one side only")
-    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    add_side_args(ap, SIDES, repeat=False)
     ap.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
                     help="quantized frozen base (QLoRA); torch: nf4 only, via bitsandbytes (see bench_qlora.py)")
     ap.add_argument("--method", choices=["lora", "dora", "pissa", "olora", "ia3"], default="lora",
                     help="the PEFT method, both sides (bench_peft_methods.py runs each)")
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)  # torch + bitsandbytes loads this HF copy of the GGUF
     ap.add_argument("--xla-memory", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["jaxft", "torch"], help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
-
-    if args.worker:
-        result = (worker_jaxft if args.worker == "jaxft" else worker_torch)(args)
-        Path(args.worker_out).write_text(json.dumps(result))
+    if serve_worker(args, SIDES):
         return
-
-    busy = busy_processes()
-    if busy:
-        print(f"warning: other busy processes: {'; '.join(busy)}", file=sys.stderr)
-    argv = [a for a in sys.argv[1:]]
-    if "--json" in argv:
-        i = argv.index("--json")
-        del argv[i:i + 2]
-    argv = [a for a in argv if not a.startswith("--json=")]
-    sides = [s for s in ("jaxft", "torch") if args.only in (None, s)]
-    results = [summarize(run_worker(s, argv), args) for s in sides]
+    busy, results = run_sides(args, SIDES, summarize, __file__)
+    results = list(results.values())
 
     from jaxft.example import example_model
 
@@ -376,23 +234,19 @@ def main():
                f"{args.warmup} warmup + {args.steps} timed steps")
     print(f"\nSFT training, {example_model().name}: {setting}")
     print(f"cores: {os.cpu_count()}  " + "  ".join(f"{r['version']} (threads {r['threads']})" for r in results))
-    head = (f"{'framework':<13} | {'tokens/s med':>12} | {'tokens/s mean':>13} | {'step s med':>10} | "
-            f"{'peak RSS GB':>11} | {'train RSS GB':>12} | {'RSS after load':>14} | {'compile s':>9} | "
-            f"{'trainable':>11} | {'loss 1st':>8}")
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(f"{r['framework']:<13} | {r['tokens_per_s_median']:>12.1f} | {r['tokens_per_s_mean']:>13.1f} | "
-              f"{r['step_s_median']:>10.2f} | {r['peak_rss_gb']:>11.2f} | {r['train_peak_rss_gb']:>12.2f} | "
-              f"{r['rss_load_gb']:>14.2f} | {r.get('compile_s', float('nan')):>9.2f} | {r['n_trainable']:>11,} | "
-              f"{r['losses'][0]:>8.4f}")
+    print("\n".join(table([("framework", "<13", "framework"), ("tokens/s med", ">12.1f", "tokens_per_s_median"),
+                          ("tokens/s mean", ">13.1f", "tokens_per_s_mean"), ("step s med", ">10.2f", "step_s_median"),
+                          ("peak RSS GB", ">11.2f", "peak_rss_gb"), ("train RSS GB", ">12.2f", "train_peak_rss_gb"),
+                          ("RSS after load", ">14.2f", "rss_load_gb"),
+                          ("compile s", ">9.2f", lambda r: r.get("compile_s", float("nan"))),
+                          ("trainable", ">11,", "n_trainable"), ("loss 1st", ">8.4f", lambda r: r["losses"][0])],
+                         results)))
     print("(compile s = jaxft's ahead-of-time compile of the step; train RSS = highest RSS sampled during the steps; "
           "loss 1st = the first step's loss, before any update)")
     for r in results:  # the machine is shared: say how much CPU everything else took meanwhile
-        share = r["others_cpu_s"] / (r["wall_s"] * os.cpu_count())
         print(f"{r['framework']}: worker {r['wall_s']:.0f} s wall, {r['own_cpu_s']:.0f} CPU s; other processes "
-              f"{r['others_cpu_s']:.0f} CPU s ({100 * share:.0f}% of the machine)"
-              + ("  <-- NOISY: figures not trustworthy" if share > 0.1 else ""))
+              f"{r['others_cpu_s']:.0f} CPU s ({100 * others_share(r):.0f}% of the machine)"
+              + (NOISY if others_share(r) > NOISY_SHARE else ""))
     ratios = {}
     if len(results) == 2:
         j, t = results
@@ -403,9 +257,7 @@ def main():
               f"peak RSS {ratios['peak_rss']:.2f}x, train-phase RSS {ratios['train_rss']:.2f}x")
     if busy:
         print(f"note: other busy processes at start: {'; '.join(busy)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(settings=vars(args), cores=os.cpu_count(), busy=busy,
-                                                   results=results, ratios=ratios), indent=1))
+    write_json(args.json, settings=vars(args), cores=os.cpu_count(), busy=busy, results=results, ratios=ratios)
 
 
 if __name__ == "__main__":

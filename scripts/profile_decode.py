@@ -9,8 +9,6 @@ checkout (PYTHONPATH=<checkout>) to compare versions on the same machine.
 """
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import jax
@@ -22,15 +20,12 @@ from jaxft.formats.hf import load_pretrained
 from jaxft.example import example_model
 from jaxft.generate import Sampling, generate, sample_logits, token_logprob
 
+from benchlib import cpu_flags, timed
+
 
 def median_ms(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    jax.block_until_ready(fn())  # compiles
+    return 1e3 * timed(lambda: jax.block_until_ready(fn()), repeats)[0]
 
 
 def main():
@@ -40,8 +35,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
-                    if f.startswith(("avx512_bf16", "amx", "avx512f"))})
+    flags = cpu_flags()
     print(f"jax {jax.__version__}; jaxft {jaxft.__file__}; cpu flags: {' '.join(flags) or 'none of avx512f/amx'}")
     model = load_pretrained(example_model())
     graphdef, state = nnx.split(model)

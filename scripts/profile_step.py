@@ -18,7 +18,6 @@ import gzip
 import json
 import re
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -30,19 +29,16 @@ from jaxft.config import LoraConfig
 from jaxft.losses import sft_loss
 from jaxft.models.config import DecoderConfig, RopeConfig
 
+from benchlib import timed
+
 SMOLLM2 = DecoderConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                         num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope=RopeConfig(theta=100000.0))
 
 
 def median_time(fn, *args, repeats=3):
     fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    jax.block_until_ready(fn(*args))  # compiles
+    return timed(lambda: jax.block_until_ready(fn(*args)), repeats)[0]
 
 
 def op_profile(fn, args, top: int, calls: int = 3):
