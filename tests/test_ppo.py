@@ -299,7 +299,7 @@ def test_value_loss_trains_the_value_head_only_as_trl_s_separate_value_model(toy
 
     from flax import nnx
 
-    from jaxft.adapters.base import ON
+    from jaxft.context import ON
     from jaxft.objectives import ppo
     from jaxft.setup import build
 
