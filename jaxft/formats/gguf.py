@@ -22,7 +22,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from jaxft.errors import JaxftError
 from jaxft.files import atomic_path
@@ -153,7 +152,9 @@ class GGUFSource:
         return name
 
     @functools.cached_property
-    def hf_config(self) -> PretrainedConfig:
+    def hf_config(self) -> "transformers.PretrainedConfig":  # noqa: F821
+        from transformers import AutoConfig  # (transformers imports torch: only where a GGUF is read)
+
         return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
 
     def keys(self) -> list[str]:
@@ -191,6 +192,8 @@ def load_gguf_tokenizer(path):
     transformers builds it from the vocabulary, merges, special token ids and
     `tokenizer.chat_template` stored in the file's metadata.
     """
+    from transformers import AutoTokenizer
+
     path = _check_gguf_file(path)
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
