@@ -40,3 +40,14 @@ def test_config_and_data_import_no_jax():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"importing {', '.join(mods)} loaded {r.stdout.strip()}"
+
+
+def test_commands_start_without_torch_or_transformers():
+    """A command's start-up imports jaxft's layers, not PyTorch: transformers (which imports torch) loads only
+    where a tokenizer, an HF config or a GGUF's metadata is read (every `jaxft` process pays its import)."""
+    mods = sorted(module_name(f, PKG) for f in (PKG / "commands").glob("*.py")) + ["jaxft.cli"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in mods) +
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datasets')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"importing the commands loaded {r.stdout.strip()}"
