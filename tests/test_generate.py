@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import jaxft
+from jaxft.context import ON
 from jaxft.formats.hf import load_pretrained
 from jaxft.generate import Generator, Sampling, sample_logits
 from tiny import save_model
@@ -97,7 +97,7 @@ def test_repeated_prompts_share_one_prefill(tmp_path):
     tokens, pos, seg = layout(prompts, out.tokens, out.lengths)
     L = out.tokens.shape[1]
     lp = completion_logps(model, dict(tokens=tokens, positions=pos, segment_ids=seg,
-                                      mask=np.zeros((len(prompts), L), np.float32)), jaxft.adapters.base.ON, 1.0)
+                                      mask=np.zeros((len(prompts), L), np.float32)), ON, 1.0)
     keep = np.arange(L)[None] < out.lengths[:, None]
     assert np.abs(np.asarray(lp) - out.logprobs)[keep].max() <= 1e-5
 
