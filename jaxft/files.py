@@ -12,6 +12,8 @@ killed process leaves at most a `.name.*.tmp` sibling, never a half-written file
 
 Modes follow the umask as `open()` would give them (0644 / 0755 under the usual 022), not the 0600 / 0700
 of `tempfile`: exports and data are read by servers running as other users.
+
+Reading: `read_json(path)` — JSON whose objects may not repeat a key (json alone keeps the last, silently).
 """
 
 from __future__ import annotations
@@ -103,3 +105,26 @@ def staging_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook refusing a key given twice (ValueError), where json keeps the last silently."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice in one object")
+        out[k] = v
+    return out
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value; JaxftError '<path>: not valid JSON (cause)' for an unreadable file, bad UTF-8,
+    bad JSON, nesting too deep or a key given twice."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes(), object_pairs_hook=unique_keys)
+    except OSError as e:
+        raise JaxftError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        cause = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise JaxftError(f"{path}: not valid JSON ({cause})") from None
