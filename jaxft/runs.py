@@ -12,7 +12,6 @@ reads it here: config.json → jaxft.setup.build → the trainable weights of th
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ from jaxft.adapters import bank
 from jaxft.checkpoint import restore_trainable
 from jaxft.config import RunConfig, read_config
 from jaxft.errors import JaxftError
-from jaxft.formats.peft import load_adapter
+from jaxft.formats.peft import adapter_files, load_adapter
 from jaxft.quant import original_base_run
 from jaxft.setup import Setup, build, resolve_model
 
@@ -111,7 +110,7 @@ def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list
     entries, runs = [], {}
     for name, d in sources:
         if _is_peft(d):
-            c = json.loads((d / "adapter_config.json").read_text())
+            c, _ = adapter_files(d)
             cfg = load_adapter(model, d)
             entries.append(bank.Entry(name, cfg, bank.harvest(model), str(c.get("base_model_name_or_path") or ""),
                                       str(d)))

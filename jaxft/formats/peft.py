@@ -33,8 +33,8 @@ from jaxft import adapters
 from jaxft.adapters import bank
 from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
-from jaxft.files import staging_dir
-from jaxft.formats.hf import hf_names
+from jaxft.files import read_json, staging_dir
+from jaxft.formats.hf import hf_names, read_safetensors
 from jaxft.models.decoder import Decoder
 from jaxft.models.heads import ScoreModel
 from jaxft.models.names import PROJECTIONS, hf_module
@@ -96,21 +96,67 @@ def write_adapter(config: dict, tensors: dict[str, np.ndarray], out_dir, *, over
     return Path(out_dir)
 
 
-def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """A PEFT adapter directory → (jaxft LoraConfig, tensors); the method's class (by peft_type) parses
-    its config, unsupported settings are one-line errors."""
-    from safetensors.numpy import load_file
-
+def adapter_files(adapter_dir) -> tuple[dict, dict[str, np.ndarray]]:
+    """A PEFT adapter directory's adapter_config.json (checked: a mapping whose generic keys have their types)
+    and its tensors (the safetensors header validated as a model's is, every value finite); one-line
+    JaxftErrors naming the file otherwise."""
     d = Path(adapter_dir)
     cfg_path, st = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, st):
         if not p.is_file():
             raise JaxftError(f"{p}: no such file (expected a PEFT adapter directory)")
-    c = json.loads(cfg_path.read_text())
+    c = read_json(cfg_path)
+    if not isinstance(c, dict):
+        raise JaxftError(f"{cfg_path}: expected a JSON object of PEFT settings, got a {type(c).__name__}")
+    for key, ok, want in _PEFT_KEYS:
+        if c.get(key) is not None and not ok(c[key]):
+            raise JaxftError(f"{cfg_path}: {key}={str(c[key])[:60]!r}: expected {want}")
+    tensors = read_safetensors(st)
+    for name, t in tensors.items():
+        if not np.isfinite(np.asarray(t, np.float32)).all():
+            raise JaxftError(f"{st}: tensor {name} holds NaN or Inf values; the file is damaged")
+    return c, tensors
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+_PEFT_KEYS = (  # (key, check, what it should be) for the keys every method reads
+    ("peft_type", lambda v: isinstance(v, str), "a string"),
+    ("r", lambda v: _int(v) and 1 <= v <= 2**31 - 1, "a positive integer"),
+    ("lora_alpha", _number, "a finite number"),
+    ("lora_dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("target_modules", _names, "a module name or a list of them"),
+    ("feedforward_modules", _names, "a module name or a list of them"),
+    ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+    ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+    ("base_model_name_or_path", lambda v: isinstance(v, str), "a string"),
+)
+
+
+def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """A PEFT adapter directory → (jaxft LoraConfig, tensors); the method's class (by peft_type) parses
+    its config, unsupported settings are one-line errors."""
+    c, tensors = adapter_files(adapter_dir)
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
     kind = c.get("peft_type", "LORA")
     if kind not in adapters.READERS:
         raise JaxftError(f"{cfg_path}: peft_type {kind!r} is not one of {', '.join(adapters.READERS)}")
-    return adapters.READERS[kind].config_from_peft(c, cfg_path), load_file(str(st))
+    try:
+        return adapters.READERS[kind].config_from_peft(c, cfg_path), tensors
+    except KeyError as e:
+        raise JaxftError(f"{cfg_path}: {e.args[0]}: missing (a {kind} adapter_config.json needs it)") from None
+    except (TypeError, ValueError) as e:
+        raise JaxftError(f"{cfg_path}: not a usable {kind} config ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
@@ -122,7 +168,11 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
     cfg, tensors = read_adapter(adapter_dir)
     method = adapters.METHODS[adapters.method_of(cfg)]
     used = set()
-    for path, lin in adapters.targets(model, cfg.target_modules):
+    try:
+        targets = list(adapters.targets(model, cfg.target_modules))
+    except JaxftError as e:  # a module name the model does not have: the adapter's config says it
+        raise JaxftError(f"{Path(adapter_dir) / 'adapter_config.json'}: {e}") from None
+    for path, lin in targets:
         template = hf_module(tuple(str(p) for p in path))
         L, d_in, d_out = lin.kernel.shape
         per_layer = []
