@@ -20,12 +20,14 @@ with overwrite=True.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -33,7 +35,9 @@ from jaxft import adapters
 from jaxft.adapters import bank
 from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
+from jaxft.example import default_cache_dir
 from jaxft.files import read_json, staging_dir
+from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
 from jaxft.formats.hf import hf_names, read_safetensors
 from jaxft.models.decoder import Decoder
 from jaxft.models.heads import ScoreModel
@@ -226,45 +230,109 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
                   max_shard_bytes: int = 2 << 30) -> Path:
     """A Hugging Face model directory of the merged model: config.json, generation_config.json,
     safetensors (sharded with an index above max_shard_bytes), tokenizer files with the chat template."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     if out.exists() and not overwrite:  # before the (slow) merge
         raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    np_dtype = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}[dtype]
-    tensors = merged_tensors(model, np_dtype)
-    with staging_dir(out, overwrite) as tmp:
+    tensors = merged_tensors(model, _NP_DTYPES[dtype])
+    return write_hf_dir(tensors.__getitem__, {k: (v.shape, v.dtype) for k, v in tensors.items()}, hf_config,
+                        tokenizer, out, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                        pad_id=model.pad_id if _is_score_model(model) else None)
+
+
+_NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+
+
+def write_hf_dir(get, shapes: dict, hf_config, tokenizer, out_dir, *, dtype: str, overwrite: bool = False,
+                 max_shard_bytes: int = 2 << 30, pad_id: int | None = None, extra: dict | None = None) -> Path:
+    """An HF model directory, atomically: get(name) → each tensor (read one shard at a time, so a model larger
+    than memory streams through), shapes: name → (shape, dtype); config.json (+ a `*ForSequenceClassification`'s
+    keys when pad_id is given, else generation_config.json), tokenizer files; extra: more JSON files."""
+    from safetensors.numpy import save_file
+
+    with staging_dir(out_dir, overwrite) as tmp:
         shards, size = [[]], 0
-        for name, t in tensors.items():
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
+        for name, (shape, dt) in shapes.items():
+            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append(name)
-            size += t.nbytes
+            size += nbytes
         if len(shards) == 1:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file({n: get(n) for n in shards[0]}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             weight_map = {}
             for k, names in enumerate(shards):
                 fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                save_file({n: get(n) for n in names}, str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in names})
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = hf_config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
         config["architectures"] = config.get("architectures") or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
-        if _is_score_model(model):
-            config.update(seq_cls_config(config, model.pad_id))
+        if pad_id is not None:
+            config.update(seq_cls_config(config, pad_id))
         else:
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1))
         tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- the base an exported adapter names
+
+GGUF_ORIGIN = "jaxft_gguf_base.json"  # in an HF directory written from a GGUF: {"gguf": path, "dtype": ...}
+
+
+def serving_base(model_path, dtype: str = "fp32", *, cache_dir=None, say=print) -> Path:
+    """The Hugging Face model directory an adapter of this base is loaded over (PEFT's
+    `AutoPeftModelForCausalLM`, `vllm serve BASE --enable-lora`): an HF directory as it is; for a GGUF base,
+    its dequantized HF directory, written once into the jaxft cache (`<cache>/hf/<name>-<key>-<dtype>/`).
+
+    Why there: PEFT, transformers and vLLM read an adapter's base from `base_model_name_or_path` and none of
+    them serves a GGUF as a LoRA base (transformers wants `gguf_file=` beside a directory; vLLM's LoRA
+    support is for HF checkpoints). One copy serves every run and export of that base (the example's is 0.5 GB
+    in fp32), the user's GGUF folder may be read-only, and adapter folders stay small enough to copy around.
+    The tensors are the very values jaxft trained on: the GGUF dequantized in fp32 (then cast to the run's
+    dtype, bf16 as jaxft casts), so the adapter is served over the model that was tested. The key is the
+    GGUF's absolute path, size and modification time: a GGUF replaced in place gets a new directory."""
+    path = Path(model_path).expanduser()
+    if path.suffix != ".gguf":
+        return path.absolute()
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = Path(cache_dir or default_cache_dir()).absolute() / "hf" / f"{path.stem}-{key}-{dtype}"
+    if (out / GGUF_ORIGIN).is_file():
+        return out
+    src = GGUFSource(path)
+    np_dtype = _NP_DTYPES[dtype]
+    say(f"jaxft: writing the GGUF base {path.name} as a Hugging Face directory (dequantized, {dtype}) for "
+        f"PEFT / vLLM to load adapters over, once: {out}")
+    write_hf_dir(lambda n: src.get(n).astype(np_dtype), {n: (src.shape(n), np_dtype) for n in src.keys()},
+                 src.hf_config, load_gguf_tokenizer(path), out, dtype=dtype, overwrite=True,
+                 extra={GGUF_ORIGIN: {"gguf": str(path.resolve()), "dtype": dtype}})
     return out
+
+
+def base_identity(base: str) -> str:
+    """What a base model string stands for, to compare two adapters' bases: an HF directory that jaxft wrote
+    from a GGUF stands for that GGUF (an adapter exported now names the directory, its run the GGUF)."""
+    if not base:
+        return base
+    origin = Path(base).expanduser() / GGUF_ORIGIN
+    try:
+        if origin.is_file():
+            return str(Path(read_json(origin)["gguf"]).resolve())
+        return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    except (JaxftError, KeyError, TypeError, OSError):
+        return base
 
 
 def seq_cls_config(config: dict, pad_id: int) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.formats.peft import adapter_files, read_adapter
+from jaxft.formats.peft import adapter_files, base_identity, read_adapter
 from jaxft.models.names import PROJECTIONS
 
 BY_FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on A's and B's, equal ranks
@@ -222,7 +222,7 @@ def merged_config(ads: list[PeftAdapter], rank: int) -> dict:
 def _same_base(x: str, y: str) -> bool:
     if not x or not y or x == y:
         return True
-    return Path(x).exists() and Path(y).exists() and Path(x).resolve() == Path(y).resolve()
+    return base_identity(x) == base_identity(y)  # also: a GGUF and the HF directory jaxft wrote from it
 
 
 def check(ads: list[PeftAdapter], weights: list[float], method: str, *, density, sign_method: str,

@@ -1,0 +1,86 @@
+"""What a new user hit following the README (issue 30, "What a new user hit" 2, 4–9), one test each, on tiny
+models: a GGUF base with a ~300-token tokenizer (tests/tiny.py save_tiny_gguf) stands in for the example model.
+
+2  the exported adapter of a GGUF-based run loads the standard way (`AutoPeftModelForCausalLM`, offline) with
+   jaxft's logits, over an HF base directory written once; the serve script serves that base
+4  multi-adapter runs: said once when an adapter has no validation file, `lr_<name>` per adapter, rank-bucket
+   messages coherent with the bucket the bank pads to
+5  exports and generated data keep the umask's modes (022 and 077), serve_vllm.sh is executable
+6  Ctrl-C saves and says where (a second one stops at once and names the last checkpoint); training again
+   without --resume names --restart; --resume on a finished run says so
+7  `jaxft eval` does not replace an earlier evaluation without --overwrite (or --out)
+8  what can be refused before the model loads is refused before it loads
+9  chat's commands, `plan --model` without a config, help texts, the eval table's columns
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft.config import load_config, read_config
+from test_sft import task_data  # noqa: F401 — the shared task-data fixture
+from tiny import ROOT, save_tiny_gguf
+
+IDS = np.array([[1, 17, 250, 30, 42, 7, 90, 12, 60, 2]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf_base") / "tiny.gguf"  # a folder of its own: no HF files beside it
+    save_tiny_gguf(path)
+    return path
+
+
+def _overrides(base, task, out, **extra):
+    o = {"model.path": base, "data.train": task / "train.jsonl", "data.validation": task / "validation.jsonl",
+         "data.max_length": 256, "train.batch_size": 2, "train.steps": 2, "train.out_dir": out, "lora.r": 4,
+         "lora.alpha": 8, "optim.lr": 1e-2, "optim.warmup_steps": 0, "eval.max_new_tokens": 4,
+         "eval.max_examples": 2}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="module")
+def gguf_run(gguf_base, task_data, tmp_path_factory):  # noqa: F811
+    """A finished 2-step LoRA SFT run on the GGUF base."""
+    from jaxft.commands.train import train
+
+    out = tmp_path_factory.mktemp("gguf_run") / "run"
+    with contextlib.redirect_stderr(io.StringIO()):
+        train(load_config(ROOT / "configs" / "sft_lora.yaml", _overrides(gguf_base, task_data, out)), progress=False)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A jaxft cache of the test's own (where a GGUF base's HF directory is written)."""
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_adapter_of_a_gguf_run_loads_with_auto_peft_and_gives_jaxfts_logits(gguf_run, cache, tmp_path, capsys):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from jaxft.commands.export import export
+    from jaxft.runs import load_run
+
+    run = read_config(gguf_run)
+    out, step = export(run, "peft", tmp_path / "adapter")
+    assert step == 2 and "writing the GGUF base tiny.gguf as a Hugging Face directory" in capsys.readouterr().err
+    base = Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base.is_absolute() and base.parent == cache / "hf" and (base / "config.json").is_file()
+    model = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # base from the adapter
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(IDS.astype(np.int64))).logits.numpy()
+    ours = np.asarray(load_run(run).model()(jnp.asarray(IDS))[0])
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # written once: a second export names the same directory and writes nothing more
+    out2, _ = export(run, "peft", tmp_path / "adapter2")
+    assert "writing the GGUF base" not in capsys.readouterr().err
+    assert json.loads((out2 / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
