@@ -30,10 +30,13 @@ def init_state(params, tx) -> dict:
 
 
 def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0, dropout: bool = False,
-                    lr_schedule: optax.Schedule | None = None, out_shardings=None):
+                    lr_schedule: optax.Schedule | dict | None = None, out_shardings=None):
     """The jitted, donated step: (state, frozen, batch [A, B, S]) → (state, metrics).
 
-    out_shardings: (state shardings, metrics sharding) keep a sharded state in place step to step."""
+    lr_schedule: the schedule logged as metrics["lr"], or {metric name: schedule} (a multi-adapter run's
+    `lr_<name>`, jaxft.optim.lr_schedules). out_shardings: (state shardings, metrics sharding) keep a sharded
+    state in place step to step."""
+    schedules = {"lr": lr_schedule} if callable(lr_schedule) else dict(lr_schedule or {})
     base_key = jax.random.key(seed)
 
     def step(state, frozen, batch):
@@ -75,8 +78,8 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         )
         metrics = dict(loss=loss, targets=c, tokens=jnp.sum(batch["segment_ids"] > 0), grad_norm=grad_norm,
                        finite=finite, bad_steps=new_state["bad_steps"], **{k: v / denom for k, v in aux.items()})
-        if lr_schedule is not None:
-            metrics["lr"] = lr_schedule(state["step"])
+        for name, sched in schedules.items():
+            metrics[name] = sched(state["step"])
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, **({} if out_shardings is None else dict(out_shardings=out_shardings)))

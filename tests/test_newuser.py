@@ -84,3 +84,36 @@ def test_adapter_of_a_gguf_run_loads_with_auto_peft_and_gives_jaxfts_logits(gguf
     out2, _ = export(run, "peft", tmp_path / "adapter2")
     assert "writing the GGUF base" not in capsys.readouterr().err
     assert json.loads((out2 / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+
+
+@pytest.fixture(scope="module")
+def multi_run(gguf_base, task_data, tmp_path_factory):  # noqa: F811
+    """Two adapters, different ranks (one bucket) and learning rates, only `a` with a validation file."""
+    from jaxft.commands.train import train
+
+    out = tmp_path_factory.mktemp("multi") / "run"
+    f = out.parent / "multi.yaml"
+    f.write_text(f"model: {{path: {gguf_base}}}\nlora: {{r: 8, alpha: 16}}\n"
+                 f"data: {{max_length: 256}}\noptim: {{warmup_steps: 0}}\n"
+                 f"train: {{steps: 2, batch_size: 2, out_dir: {out}}}\nadapters:\n"
+                 f"  - {{name: a, train: {task_data / 'train.jsonl'}, lr: 1.0e-3, r: 4, alpha: 8, "
+                 f"validation: {task_data / 'validation.jsonl'}}}\n"
+                 f"  - {{name: b, train: {task_data / 'train.jsonl'}, lr: 5.0e-3}}\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        train(load_config(f), progress=True)
+    return out, err.getvalue()
+
+
+def test_multi_adapter_run_says_which_adapters_are_evaluated_and_logs_each_lr(multi_run):
+    out, err = multi_run
+    said = [line for line in err.splitlines() if "no validation file" in line]
+    assert said == ["validation: b has no validation file (adapters[i].validation): eval_loss_<name> is logged "
+                    "for a only"], err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all("lr" not in r and {"lr_a", "lr_b"} <= set(r) for r in steps)
+    assert steps[0]["lr_a"] == pytest.approx(1e-3) and steps[0]["lr_b"] == pytest.approx(5e-3)
+    assert all(r["lr_b"] == pytest.approx(5 * r["lr_a"]) for r in steps)  # each its own lr, on one schedule
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and "eval_loss_a" in evals[-1] and "eval_loss_b" not in evals[-1]

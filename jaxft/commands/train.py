@@ -20,7 +20,7 @@ from jaxft.config import RunConfig, check_files
 from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
-from jaxft.optim import run_optimizer, schedule
+from jaxft.optim import lr_schedules, run_optimizer
 from jaxft.runlog import RunLog, plot_losses
 from jaxft.setup import build
 from jaxft.train import init_state, loop, make_train_step
@@ -56,7 +56,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             say(f"resumed from {ckpts.dir / str(start)} (step {start})")
     step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
                               dropout=run.lora.enabled and run.lora.dropout > 0,
-                              lr_schedule=schedule(run.optim, run.train.steps),
+                              lr_schedule=lr_schedules(run, run.train.steps),
                               out_shardings=(state_sh, sharding.replicated(mesh)))
     if primary:
         write_json(out / "config.json", run.to_dict())

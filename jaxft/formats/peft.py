@@ -355,8 +355,16 @@ def vllm_problems(config: dict, tensor_names) -> list[str]:
     out = []
     if config.get("peft_type", "LORA") != "LORA":
         return [f"peft_type={config['peft_type']}: vLLM loads LoRA adapters only; export with --format merged"]
-    if r not in VLLM_RANKS:
-        out.append(f"rank r={r} is not one of the ranks vLLM supports ({', '.join(map(str, VLLM_RANKS))})")
+    # vLLM serves any rank up to its --max-lora-rank (one of VLLM_RANKS, default 16), padding it to that rank
+    bucket = rank_bucket(r) if isinstance(r, int) else None
+    if bucket not in VLLM_RANKS:
+        out.append(f"rank r={r} is not one of the ranks vLLM supports: above {VLLM_RANKS[-1]}, the largest "
+                   f"--max-lora-rank it accepts; export with --format merged")
+    elif r not in VLLM_RANKS:
+        out.append(f"rank r={r} is not one of the ranks vLLM supports as --max-lora-rank "
+                   f"({', '.join(map(str, VLLM_RANKS))}): vLLM serves it padded to the rank bucket {bucket}, with "
+                   f"--max-lora-rank {bucket} or more" + (f" (the default {VLLM_DEFAULT_MAX_RANK} does)"
+                                                         if bucket <= VLLM_DEFAULT_MAX_RANK else ""))
     elif r > VLLM_DEFAULT_MAX_RANK:
         out.append(f"rank r={r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} "
                    f"(start vLLM with --max-lora-rank {r})")
@@ -403,8 +411,10 @@ def export_bank(model, out, *, base_model: str = "", strict: bool = False, overw
             found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
         finally:
             bank.restore(model, saved)
-        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
-        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
+        # the command line sets --max-lora-rank to the bank's bucket (r=4 and r=8: 8), so a rank within vLLM's
+        # ranks is no problem here, whatever the default
+        served = rank_bucket(cfg.r) in VLLM_RANKS
+        problems += [f"{name}: {p}" for p in found if not (served and p.startswith("rank r="))]
     for p in problems:
         say(f"jaxft: vLLM: {p}")
     if problems and strict:
