@@ -78,6 +78,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def make_executable(path: str | os.PathLike) -> None:
+    """Mode 0777 less the umask (0755 under 022): a script written into an export, run as `./serve_vllm.sh`."""
+    os.chmod(path, 0o777 & ~umask())
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory onto `out` (an existing `out` is replaced only now)."""
     if out.exists():
@@ -87,6 +92,18 @@ def publish_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def _umask_modes(top: Path) -> None:
+    """Every folder and file under top (top included) to the umask's mode: mkdtemp makes folders 0700 and some
+    writers (the safetensors library) make files 0600; scripts written executable stay executable."""
+    mask = umask()
+    for d, _, files in os.walk(top):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(d, f)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -100,7 +117,7 @@ def staging_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it 0700; the files inside were written with the umask
+        _umask_modes(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

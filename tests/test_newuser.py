@@ -16,6 +16,8 @@ models: a GGUF base with a ~300-token tokenizer (tests/tiny.py save_tiny_gguf) s
 import contextlib
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -117,3 +119,28 @@ def test_multi_adapter_run_says_which_adapters_are_evaluated_and_logs_each_lr(mu
     assert all(r["lr_b"] == pytest.approx(5 * r["lr_a"]) for r in steps)  # each its own lr, on one schedule
     evals = [r for r in rows if "eval_loss" in r]
     assert evals and "eval_loss_a" in evals[-1] and "eval_loss_b" not in evals[-1]
+
+
+def test_bank_export_serves_the_tested_base_with_an_executable_script(multi_run, cache, tmp_path, capsys):
+    from jaxft.commands.export import export
+    from jaxft.formats.peft import vllm_problems
+
+    out, _ = multi_run
+    path, _ = export(read_config(out), "peft", tmp_path / "served")
+    err = capsys.readouterr().err
+    assert "jaxft: vLLM:" not in err  # r=4 and r=8 share the bucket 8 the command line asks for
+    script = path / "serve_vllm.sh"
+    cmd = script.read_text().splitlines()[-1]
+    base = json.loads((path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert cmd.startswith(f"vllm serve {base} ") and ".gguf" not in cmd and "--max-lora-rank 8" in cmd
+    assert Path(base).parent == cache / "hf"
+    assert stat.S_IMODE(script.stat().st_mode) == 0o777 & ~_umask()
+    # one adapter of rank 4 alone: what vLLM does with it, as the README says (bucket 8)
+    (msg,) = vllm_problems({"r": 4, "target_modules": ["q_proj"]}, [])
+    assert "padded to the rank bucket 8" in msg and "--max-lora-rank 8" in msg
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old

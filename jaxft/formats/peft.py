@@ -36,7 +36,7 @@ from jaxft.adapters import bank
 from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
 from jaxft.example import default_cache_dir
-from jaxft.files import read_json, staging_dir
+from jaxft.files import make_executable, read_json, staging_dir
 from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
 from jaxft.formats.hf import hf_names, read_safetensors
 from jaxft.models.decoder import Decoder
@@ -428,6 +428,9 @@ def export_bank(model, out, *, base_model: str = "", strict: bool = False, overw
                 export_adapter(model, cfg, tmp / name, base_model=base_model)
             finally:
                 bank.restore(model, saved)
-        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
+        script = tmp / "serve_vllm.sh"
+        script.write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine, over the base it was tested on\n"
+                          f"{cmd}\n")
+        make_executable(script)
     say(cmd)
     return out
