@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from jaxft.errors import JaxftError
+from jaxft.errors import Interrupted, JaxftError
 
 EXAMPLE = "example"
 
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     except JaxftError as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says where it stopped and what it saved
+        print(f"\njaxft: {e if isinstance(e, Interrupted) else 'stopped (Ctrl-C)'}", file=sys.stderr)
         return 130
     return 0
 

@@ -17,7 +17,11 @@ import contextlib
 import io
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -26,7 +30,7 @@ import pytest
 
 from jaxft.config import load_config, read_config
 from test_sft import task_data  # noqa: F401 — the shared task-data fixture
-from tiny import ROOT, save_tiny_gguf
+from tiny import ROOT, save_tiny_chat, save_tiny_gguf
 
 IDS = np.array([[1, 17, 250, 30, 42, 7, 90, 12, 60, 2]], np.int32)
 
@@ -144,3 +148,91 @@ def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def _train(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_rows(out: Path, n: int, p, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        path = out / "metrics.jsonl"
+        if path.exists() and sum(1 for line in path.read_text().splitlines() if '"loss"' in line) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} logged steps: {p.poll()} {p.stderr.read() if p.poll() is not None else ''}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_chat")
+    save_tiny_chat(d)
+    return d
+
+
+def test_ctrl_c_saves_says_where_and_resume_and_restart_are_named(tiny_chat, task_data, tmp_path):  # noqa: F811
+    from jaxft.cli import main
+
+    cfg = ROOT / "configs" / "sft_lora.yaml"
+    out = tmp_path / "run"
+    o = _overrides(tiny_chat, task_data, out, **{"train.steps": 5000, "data.validation": "null"})
+    p = _train([cfg, *o])
+    _wait_for_rows(out, 2, p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    step = int(line.split("stopped at step ")[1].split(" ")[0])
+    assert line == (f"jaxft: stopped at step {step} (Ctrl-C): checkpoint {step} saved in {out / 'checkpoints'}; "
+                    "continue with --resume"), err[-2000:]
+    assert "Traceback" not in err and (out / "checkpoints" / str(step)).is_dir()
+    # again without --resume: the error names both ways on
+    capture = io.StringIO()
+    with contextlib.redirect_stderr(capture):
+        assert main(["train", str(cfg), *o]) == 2
+    assert "--resume" in capture.getvalue() and "--restart" in capture.getvalue()
+    # --resume with train.steps reached: it says the run is finished, and at which step
+    capture, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(capture), contextlib.redirect_stdout(stdout):
+        assert main(["train", str(cfg), *o, f"train.steps={step}", "--resume"]) == 0
+    assert f"is already trained to step {step} (train.steps={step}); nothing to do" in capture.getvalue()
+    assert json.loads(stdout.getvalue())["step"] == step
+
+
+def test_a_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
+    """The loop itself, with a step during which Ctrl-C comes twice (two signals sent from one process to a
+    busy one coalesce, so this is where the second one is made certain)."""
+    from types import SimpleNamespace
+
+    from jaxft.errors import Interrupted
+    from jaxft.train import loop
+
+    saved = []
+
+    class Source:
+        def __call__(self, step, params):
+            return step
+
+        def __len__(self):
+            return 100
+
+    def step_fn(state, frozen, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop...
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # ...the second, before the step ends: stop now
+            time.sleep(5)
+        return state, {}
+
+    ckpts = SimpleNamespace(dir=tmp_path / "checkpoints", save=lambda step, state, meta: saved.append(step))
+    log = SimpleNamespace(step=lambda *a: None, eval=lambda *a: None, flush=lambda: {})
+    obj = SimpleNamespace(train=Source(), evaluate=None)
+    run = load_config(None, ["train.steps=10", "train.save_every=2"])
+    with pytest.raises(Interrupted) as e:
+        loop(run, obj, step_fn, {"params": None}, None, 0, ckpts, log, lambda *a: None)
+    assert saved == [2] and str(e.value) == (
+        f"stopped after step 2 (a second Ctrl-C: nothing more saved); the last checkpoint is step 2 "
+        f"({tmp_path / 'checkpoints' / '2'}): continue from it with --resume")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
