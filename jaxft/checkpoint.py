@@ -221,6 +221,20 @@ def _all_finite_per_leaf(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
+def saved_steps(out_dir: str | Path) -> list[int]:
+    """The steps of a run's finished checkpoints, from the directory listing alone (nothing is read: cheap, for
+    the checks made before a model loads); damaged ones moved aside and unfinished saves are not steps."""
+    d = Path(out_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
+def require_checkpoint(out_dir: str | Path) -> None:
+    """JaxftError when the run has no checkpoint to read (before its model is loaded for nothing)."""
+    if not saved_steps(out_dir):
+        raise JaxftError(f"{Path(out_dir)}: no checkpoint to read (train first; `jaxft eval --base-only` evaluates "
+                         "the base model alone)")
+
+
 def set_aside(out_dir: str | Path) -> Path | None:
     """Move <out_dir>/checkpoints to checkpoints.old-<time> (kept, never deleted) so that a run can start
     over from step 0 in the same directory; returns where they went (None when there were none)."""

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--base-only", action="store_true", help="evaluate the base model only (no run needed)")
     e.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="score the base and each of these adapters side by side (mixed-adapter batches); repeatable")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="where summary.json and predictions.jsonl go (default: <train.out_dir>/eval)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in that folder (without it, one there is an error)")
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
     pr.add_argument("inputs", nargs="+")
     pr.add_argument("--out", required=True)
@@ -184,21 +188,22 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from jaxft.commands.evaluate import evaluate, format_table
+    from jaxft.commands.evaluate import eval_dir, evaluate, format_table
 
     run = _run_config(args.config, args.overrides)
+    where = eval_dir(run, args.out, args.overwrite)
     if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
         args.adapter = [run.train.out_dir]
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
         from jaxft.commands.evaluate import compare
 
-        results = compare(run, args.adapter)
+        results = compare(run, args.adapter, out=where, overwrite=args.overwrite)
         print(format_table(results))
-        print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl, compare.png)")
+        print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
         return
-    results = evaluate(run, base_only=args.base_only)
+    results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite)
     print(format_table(results))
-    print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl)")
+    print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
 
 
 def cmd_prepare(args):

@@ -157,8 +157,9 @@ def run_adapters(model, d: Path, base: str = "") -> list[bank.Entry]:
     return out
 
 
-def load_bank(model, specs: list[str], base: str = "") -> tuple[str, ...]:
-    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names."""
-    entries = load_entries(model, expand(specs), base)
+def load_bank(model, specs: list[str], base: str = "", sources: list[tuple[str, Path]] | None = None) -> tuple[str, ...]:
+    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names.
+    sources: `expand(specs)`, when the caller already has it (read before the model loaded)."""
+    entries = load_entries(model, sources if sources is not None else expand(specs), base)
     bank.install(model, entries)
     return tuple(e.name for e in entries)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from jaxft.config import load_config, read_config
+from jaxft.errors import JaxftError
 from test_sft import task_data  # noqa: F401 — the shared task-data fixture
 from tiny import ROOT, save_tiny_chat, save_tiny_gguf
 
@@ -150,6 +151,38 @@ def _umask() -> int:
     return old
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_exports_and_generated_data_keep_the_umasks_modes(mask, gguf_run, multi_run, task_data, cache,  # noqa: F811
+                                                          tmp_path, capsys):
+    from jaxft.commands.evaluate import evaluate
+    from jaxft.commands.export import export
+    from jaxft.data.prepare import prepare
+    from jaxft.data.task import write_task_files
+
+    old = os.umask(mask)
+    try:
+        run = read_config(gguf_run)
+        written = [export(run, fmt, tmp_path / name, gguf_type="f32")[0]
+                   for fmt, name in (("peft", "adapter"), ("merged", "merged"), ("gguf", "m.gguf"))]
+        written.append(export(read_config(multi_run[0]), "peft", tmp_path / "served")[0])
+        written.append(cache / "hf")  # the GGUF base's HF directory
+        write_task_files(tmp_path / "task", 4, 2, 2)
+        prepare([str(task_data / "train.jsonl")], str(tmp_path / "prepared"), validation_fraction=0.25, seed=0)
+        evaluate(load_config(None, _overrides(run.model.path, task_data, gguf_run)), progress=False,
+                 out=tmp_path / "eval")
+        written += [tmp_path / "task", tmp_path / "prepared", tmp_path / "eval"]
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    seen = 0
+    for top in written:
+        for p in [top, *top.rglob("*")] if top.is_dir() else [top]:
+            want = (0o777 if p.is_dir() or p.name == "serve_vllm.sh" else 0o666) & ~mask
+            assert stat.S_IMODE(p.stat().st_mode) == want, f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}"
+            seen += 1
+    assert seen > 30 and (tmp_path / "eval" / "predictions.jsonl").is_file()
+
+
 def _train(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -236,3 +269,56 @@ def test_a_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
         f"stopped after step 2 (a second Ctrl-C: nothing more saved); the last checkpoint is step 2 "
         f"({tmp_path / 'checkpoints' / '2'}): continue from it with --resume")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+
+def test_eval_refuses_to_replace_an_earlier_evaluation(gguf_run, tmp_path, monkeypatch, capsys):
+    from jaxft.cli import main
+    from jaxft.commands import evaluate as ev
+
+    args = ["eval", str(gguf_run), "eval.max_examples=1"]
+    assert main(args) == 0
+    first = (gguf_run / "eval" / "predictions.jsonl").read_text()
+    (gguf_run / "eval" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "load_run", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"jaxft: error: {gguf_run / 'eval'}: holds an earlier evaluation" in err and "--overwrite" in err
+    assert (gguf_run / "eval" / "predictions.jsonl").read_text() == first
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "elsewhere")]) == 0
+    assert f"outputs: {tmp_path / 'elsewhere'}/" in capsys.readouterr().out
+    assert main([*args, "--overwrite"]) == 0
+    assert not (gguf_run / "eval" / "notes.txt").exists()  # the folder is this evaluation's, whole
+
+
+def _no_model(monkeypatch, *where):
+    for module, name in where:
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{name} ran before the refusal"))
+
+
+def test_what_can_be_refused_before_loading_is(gguf_base, gguf_run, task_data, cache, tmp_path,  # noqa: F811
+                                                monkeypatch):
+    from jaxft.commands import evaluate as ev
+    from jaxft.commands import generate as gen
+    from jaxft.commands import train as tr
+    from jaxft.commands.export import export
+    from jaxft.generate import Sampling
+
+    peft, _ = export(read_config(gguf_run), "peft", tmp_path / "peft")
+    _no_model(monkeypatch, (gen, "load_pretrained"), (ev, "load_run"), (tr, "build"))
+    with pytest.raises(JaxftError, match=r"--use: unknown adapter 'zzz' \(known: a, base\)"):
+        gen.generate_answers(str(gguf_base), ["hi"], sampling=Sampling(), adapters=[f"a={peft}"], use=["zzz"])
+    with pytest.raises(JaxftError, match=r"--use: give it once or once per --prompt"):
+        gen.generate_answers(str(gguf_base), ["hi"], sampling=Sampling(), adapters=[f"a={peft}"], use=["a", "a"])
+    empty = load_config(None, _overrides(gguf_base, task_data, tmp_path / "never_trained"))
+    with pytest.raises(JaxftError, match=r"never_trained: no checkpoint to read \(train first"):
+        ev.evaluate(empty, progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    wrong = load_config(None, _overrides(gguf_base, task_data, tmp_path / "r", **{"data.train": pairs}))
+    with pytest.raises(JaxftError, match=rf"data.train: {pairs}: no usable SFT rows \(all 1 bad; first: {pairs}:1: "):
+        tr.train(wrong, progress=False)
+    with pytest.raises(JaxftError, match=r"data.validation: .*pairs.jsonl: no usable SFT rows"):
+        ev.evaluate(load_config(None, _overrides(gguf_base, task_data, gguf_run, **{"data.validation": pairs})),
+                    progress=False, out=tmp_path / "e")

@@ -20,17 +20,21 @@ from jaxft.setup import resolve_model
 
 
 def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()):
-    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr."""
+    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr.
+    The adapters' names (and --use's) are checked before the model loads."""
+    if use and not adapters:
+        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
+    sources = runs.expand(list(adapters)) if adapters else []
+    if use:  # an unknown name: said now, not after the model load
+        bank.ids(tuple(n for n, _ in sources), list(use), where="--use")
     path = resolve_model(model)
     t0 = time.perf_counter()
     dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     model = load_pretrained(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
     if adapters:
-        names = runs.load_bank(model, list(adapters), base=str(path))
+        names = runs.load_bank(model, list(adapters), base=str(path), sources=sources)
         print(f"adapters: {', '.join(names)}", file=sys.stderr)
-    elif use:
-        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return Generator(model), tokenizer, eos_token_ids(tokenizer, path)
 
@@ -58,6 +62,8 @@ def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, syst
                      raw: bool = False, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()) -> None:
     """`jaxft generate`: answer each prompt (chat template applied unless raw) and print the answers; with
     adapters, the adapters named by `use` (or every adapter) answer, in mixed-adapter batches."""
+    if adapters and use and len(use) not in (1, len(prompts)):  # before the model loads
+        raise JaxftError(f"--use: give it once or once per --prompt ({len(prompts)}), not {len(use)} times")
     gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
     ids = [tok(p, add_special_tokens=True)["input_ids"] if raw
                else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))

@@ -31,6 +31,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     """The whole run of `run.objective`; returns the last logged row. See README 'Training' for the run
     directory."""
     check_files(run)
+    objectives.check_data(run)  # wrong columns: said now, not after the model load
     init_distributed(run.mesh)
     mesh, primary = sharding.make_mesh(run.mesh), is_primary()
     progress = progress and primary
