@@ -70,6 +70,9 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+# ---------------------------------------------------------------- 2: the adapter of a GGUF run, the standard way
+
+
 def test_adapter_of_a_gguf_run_loads_with_auto_peft_and_gives_jaxfts_logits(gguf_run, cache, tmp_path, capsys):
     import torch
     from peft import AutoPeftModelForCausalLM
@@ -91,6 +94,9 @@ def test_adapter_of_a_gguf_run_loads_with_auto_peft_and_gives_jaxfts_logits(gguf
     out2, _ = export(run, "peft", tmp_path / "adapter2")
     assert "writing the GGUF base" not in capsys.readouterr().err
     assert json.loads((out2 / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+
+
+# ---------------------------------------------------------------- 4 (+ 2, 5): a multi-adapter run
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +151,9 @@ def test_bank_export_serves_the_tested_base_with_an_executable_script(multi_run,
     assert "padded to the rank bucket 8" in msg and "--max-lora-rank 8" in msg
 
 
+# ---------------------------------------------------------------- 5: modes under the umask
+
+
 def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
@@ -181,6 +190,9 @@ def test_exports_and_generated_data_keep_the_umasks_modes(mask, gguf_run, multi_
             assert stat.S_IMODE(p.stat().st_mode) == want, f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}"
             seen += 1
     assert seen > 30 and (tmp_path / "eval" / "predictions.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- 6: Ctrl-C, --resume, --restart
 
 
 def _train(args, **kw):
@@ -271,6 +283,9 @@ def test_a_second_ctrl_c_stops_at_once_and_names_the_last_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
+# ---------------------------------------------------------------- 7: eval does not replace an evaluation silently
+
+
 def test_eval_refuses_to_replace_an_earlier_evaluation(gguf_run, tmp_path, monkeypatch, capsys):
     from jaxft.cli import main
     from jaxft.commands import evaluate as ev
@@ -290,6 +305,9 @@ def test_eval_refuses_to_replace_an_earlier_evaluation(gguf_run, tmp_path, monke
     assert f"outputs: {tmp_path / 'elsewhere'}/" in capsys.readouterr().out
     assert main([*args, "--overwrite"]) == 0
     assert not (gguf_run / "eval" / "notes.txt").exists()  # the folder is this evaluation's, whole
+
+
+# ---------------------------------------------------------------- 8: refused before the model loads
 
 
 def _no_model(monkeypatch, *where):
@@ -322,3 +340,63 @@ def test_what_can_be_refused_before_loading_is(gguf_base, gguf_run, task_data, c
     with pytest.raises(JaxftError, match=r"data.validation: .*pairs.jsonl: no usable SFT rows"):
         ev.evaluate(load_config(None, _overrides(gguf_base, task_data, gguf_run, **{"data.validation": pairs})),
                     progress=False, out=tmp_path / "e")
+
+
+# ---------------------------------------------------------------- 9: small things
+
+
+def test_chat_commands_are_not_messages(gguf_base, monkeypatch, capsys):
+    from jaxft.commands.generate import CHAT_HELP, chat
+    from jaxft.generate import Sampling
+
+    sent = []
+    monkeypatch.setattr("jaxft.commands.generate.chat_prompt", lambda tok, msgs: sent.append(msgs) or [1, 2, 3])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/help\nhello\n/reset\n/nope\n//etc is a path\n/quit\nnever\n"))
+    chat(str(gguf_base), sampling=Sampling(max_new_tokens=2))
+    out = capsys.readouterr().out
+    assert CHAT_HELP in out and "(conversation forgotten)" in out and "(unknown command /nope; /help lists them)" in out
+    assert [[m["content"] for m in msgs if m["role"] == "user"] for msgs in sent] == [["hello"], ["/etc is a path"]]
+    assert out.count("model> ") == 2 and "never" not in out.split("you> /quit")[1]
+
+
+def test_plan_with_model_and_no_config(capsys):
+    from jaxft.cli import main
+
+    assert main(["plan", "--model", "llama3-70b"]) == 0
+    assert "llama3-70b" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama3-8b", "train.batch_size=1"]) == 0
+    assert "micro-batch 1 x" in capsys.readouterr().out
+    assert main(["plan"]) == 2 and "give a run config, or --model" in capsys.readouterr().err
+
+
+def test_help_texts_say_what_and_the_defaults():
+    from jaxft.cli import _parser
+
+    commands = _parser().commands
+    prepare, export = (" ".join(commands[c].format_help().split()) for c in ("prepare", "export"))
+    for flag in ("--format", "--seed", "--out", "--validation-fraction"):
+        action = next(a for a in commands["prepare"]._actions if flag in a.option_strings)
+        assert action.help, flag
+    assert "default: auto" in prepare and "default: 0" in prepare
+    for default in ("default: peft", "default: f16", "default: bf16", "default: refuse", "default: warnings"):
+        assert default in export, default
+
+
+def test_eval_table_columns_line_up_with_long_names():
+    from jaxft.commands.evaluate import format_table
+
+    table = format_table({"base": {"eval_loss": 0.5, "eval_rewards/accuracies_of_a_long_metric": 0.25},
+                          "an_adapter_with_a_long_name": {"eval_loss": 0.125}})
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1, table
+    ends = [[i + len(w) for i, w in _words(line)] for line in lines]
+    assert all(e[1:] == ends[0][1:] for e in ends), table  # every column's right edge the same
+
+
+def _words(line):
+    i, out = 0, []
+    for w in line.split():
+        i = line.index(w, i)
+        out.append((i, w))
+        i += len(w)
+    return out

@@ -143,13 +143,15 @@ def _validation(run, graphdef, params, frozen, tokenizer, variants, results):
 
 
 def format_table(results: dict) -> str:
-    """Metrics as rows, base and tuned as columns."""
+    """Metrics as rows, base and tuned (or each adapter) as columns, each as wide as its longest entry."""
     names = list(results)
     keys = [k for k in dict.fromkeys(k for r in results.values() for k in r)]
-    lines = [f"{'metric':<18}" + "".join(f"{n:>12}" for n in names)]
-    for k in keys:
-        cells = "".join(f"{results[n].get(k, float('nan')):>12.4f}" for n in names)
-        lines.append(f"{k:<18}{cells}")
+    first = max([16, *map(len, keys)]) + 2  # 18 wide, as before, unless a name is longer
+    cells = {n: [f"{results[n].get(k, float('nan')):.4f}" for k in keys] for n in names}
+    width = {n: max([10, len(n), *map(len, cells[n])]) + 2 for n in names}
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width[n]}}" for n in names)]
+    for i, k in enumerate(keys):
+        lines.append(f"{k:<{first}}" + "".join(f"{cells[n][i]:>{width[n]}}" for n in names))
     return "\n".join(lines)
 
 

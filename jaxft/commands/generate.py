@@ -99,9 +99,17 @@ class Stream:
         self.shown = len(text)
 
 
+CHAT_HELP = ("commands: /reset forgets the conversation, /use NAME switches the adapter (or base) that answers, "
+             "/quit (or Ctrl-D, or an empty line) ends, /help shows this; start a line with // to send one that "
+             "begins with /")
+
+
 def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: str = "fp32", adapters: list[str] = (),
          use: list[str] = ()) -> None:
-    """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal)."""
+    """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal). Lines
+    starting with / are commands (CHAT_HELP), never sent to the model."""
+    if len(use) > 1:
+        raise JaxftError(f"--use: chat takes one (the adapter that answers first), not {len(use)}")
     gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
@@ -112,7 +120,7 @@ def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: st
         bank.ids(names, [who], where="--use")
     stream = Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
     if interactive:
-        print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
+        print("Chat with the model; an empty line or Ctrl-D ends, /help lists the commands.")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -123,19 +131,31 @@ def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: st
             if interactive:
                 break
             continue
-        if line == "/reset":
-            history = []
-            continue
-        if line.startswith("/use ") and adapters:  # switch adapter (or base) mid-conversation
-            try:
-                bank.ids(names, [line[5:].strip()], where="/use")
-                who = line[5:].strip()
-                print(f"(now answering: {who})")
-            except JaxftError as e:
-                print(f"jaxft: {e}")
-            continue
         if not interactive:
             print(f"you> {line}")
+        if line.startswith("/") and not line.startswith("//"):  # a command, never a message to the model
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history = []
+                print("(conversation forgotten)")
+            elif command == "/help":
+                print(CHAT_HELP)
+            elif command == "/use" and adapters and arg.strip():  # switch adapter (or base) mid-conversation
+                try:
+                    bank.ids(names, [arg.strip()], where="/use")
+                    who = arg.strip()
+                    print(f"(now answering: {who})")
+                except JaxftError as e:
+                    print(f"jaxft: {e}")
+            elif command == "/use":
+                print("(/use NAME: give the adapters with --adapter NAME=DIR" + (f"; these are {', '.join(names)})"
+                                                                                 if adapters else ")"))
+            else:
+                print(f"(unknown command {command}; /help lists them)")
+            continue
+        line = line[1:] if line.startswith("//") else line
         history.append({"role": "user", "content": line})
         stream.start()
         print("model> ", end="", flush=True)
