@@ -8,10 +8,17 @@ saving leaves no half checkpoint under a final name. A checkpoint that exists bu
 (damaged files) is reported, moved aside to `<step>.damaged-<time>` and the previous one is used; when
 none restores, resuming is an error (never a silent restart from step 0). A checkpoint is never written
 from non-finite arrays.
+
+Orbax checks no sums: a flipped bit in a compressed chunk often still decodes, to other numbers. So the meta
+holds two 32-bit sums of each array's words (`checksums`), written with the checkpoint and compared after
+every restore: a checkpoint whose arrays do not match them, or whose meta names another step, is damaged
+(checkpoints written before the sums existed restore unchecked).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 import time
 from pathlib import Path
@@ -35,10 +42,11 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict) -> None:
         """Asynchronous: returns once the arrays are copied off the devices. JaxftError (nothing written)
         when any array of `state` holds NaN/Inf: such a checkpoint would poison every resume and export."""
-        bad = nonfinite_paths(state)
+        bad, sums = _summaries(state)
         if bad:
             raise JaxftError(f"{self.dir / str(step)}: not written: {len(bad)} array(s) of the train state hold "
                              f"NaN/Inf (first: {bad[0]}); lower optim.lr or check the data and the base model")
+        meta = {**meta, CHECKSUMS: sums}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -58,10 +66,12 @@ class Checkpoints:
         restores: resuming must not silently become a run from step 0."""
         for step in reversed(self.steps()):
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                jax.block_until_ready(out.state)
-                return out.state, dict(out.meta)
+                with quiet_background_errors():
+                    out = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                    jax.block_until_ready(out.state)
+                meta = verified(out.state, out.meta, step)
+                return out.state, meta
             except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
                 cause = str(e).splitlines()[0] if str(e) else type(e).__name__
                 aside = self.dir / f"{step}.damaged-{int(time.time())}"
@@ -97,10 +107,13 @@ def restore_trainable(out_dir: str | Path, params_like) -> tuple[object, dict]:
         errors = []
         for step in reversed(steps):
             try:
-                out = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-                    meta=ocp.args.JsonRestore()))
-                return out.state["params"], dict(out.meta)
+                with quiet_background_errors():
+                    out = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+                        meta=ocp.args.JsonRestore()))
+                    jax.block_until_ready(out.state)
+                meta = verified(out.state, out.meta, step)
+                return out.state["params"], meta
             except Exception as e:  # noqa: BLE001 — a damaged checkpoint: try the previous one
                 errors.append(f"{step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         if errors:
@@ -109,6 +122,88 @@ def restore_trainable(out_dir: str | Path, params_like) -> tuple[object, dict]:
     finally:
         if manager is not None:
             manager.close()
+
+
+CHECKSUMS = "checksums"  # meta key: {array path: [sum of its words, index-weighted sum], both mod 2**32}
+
+
+def verified(state, meta, step: int) -> dict:
+    """The checkpoint's meta, after checking it names `step` and that every restored array of `state` has the
+    sums written with it; ValueError (a damaged checkpoint) otherwise."""
+    if not isinstance(meta, dict) or meta.get("step") != step or isinstance(meta.get("step"), bool):
+        got = meta.get("step") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"its meta names step {str(got)[:40]}, not {step}")
+    want = meta.get(CHECKSUMS)
+    if want is None:  # written before the sums existed
+        return dict(meta)
+    if not isinstance(want, dict):
+        raise ValueError(f"its meta's {CHECKSUMS} is not a mapping")
+    _, got = _summaries(state)
+    for path, sums in got.items():
+        if path not in want:
+            raise ValueError(f"its meta has no checksum for {path}")
+        if want[path] != sums:
+            raise ValueError(f"{path} does not match the checksum written with it (damaged data)")
+    return dict(meta)
+
+
+def _summaries(tree) -> tuple[list[str], dict[str, list[int]]]:
+    """(paths of the floating-point arrays holding NaN/Inf, {path: [Σ words, Σ (i + 1) · word_i] mod 2**32})
+    of every array of tree, in one pass over the devices. Integer sums are exact in any order, so they do
+    not depend on the mesh or the shards an array is read back onto."""
+    flat = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+    if not flat:
+        return [], {}
+    finite, s1, s2 = jax.device_get(_leaf_summaries([x for _, x in flat]))
+    bad = [path for (path, _), ok in zip(flat, finite) if not ok]
+    return bad, {path: [int(a), int(b)] for (path, _), a, b in zip(flat, s1, s2)}
+
+
+@jax.jit
+def _leaf_summaries(leaves):
+    finite, s1, s2 = [], [], []
+    for x in leaves:
+        x = jnp.asarray(x)
+        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True))
+        if x.dtype == jnp.bool_:
+            words = x.astype(jnp.uint32)
+        else:
+            words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+            words = words.astype(jnp.uint32)
+        index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for d in reversed(range(x.ndim)):  # the flat index, mod 2**32
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[d]
+        s1.append(jnp.sum(words, dtype=jnp.uint32))
+        s2.append(jnp.sum(words * (index + jnp.uint32(1)), dtype=jnp.uint32))
+    return jnp.stack(finite), jnp.stack(s1), jnp.stack(s2)
+
+
+@contextlib.contextmanager
+def quiet_background_errors():
+    """Orbax restores in an asyncio loop of its own: when one array of a damaged checkpoint fails, the reads
+    still pending end after that loop closed, and Python prints each as an "Exception ignored in ..."
+    traceback, then or much later (a thread finishing a read). They say nothing that the error (reported in
+    one line by the caller) does not, so from the first restore on, unraisable errors of orbax's reads are
+    dropped; every other one still reaches the hook that was installed before."""
+    if not isinstance(sys.unraisablehook, _DropOrbaxLeftovers):
+        sys.unraisablehook = _DropOrbaxLeftovers(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        gc.collect()  # the failed reads' coroutines are collected (and dropped) now
+
+
+class _DropOrbaxLeftovers:
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        where = getattr(code, "co_filename", "") or ""
+        if "orbax" in where or "Event loop is closed" in str(unraisable.exc_value):
+            return
+        self.previous(unraisable)
 
 
 def nonfinite_paths(tree) -> list[str]:
@@ -124,6 +219,20 @@ def nonfinite_paths(tree) -> list[str]:
 @jax.jit
 def _all_finite_per_leaf(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def saved_steps(out_dir: str | Path) -> list[int]:
+    """The steps of a run's finished checkpoints, from the directory listing alone (nothing is read: cheap, for
+    the checks made before a model loads); damaged ones moved aside and unfinished saves are not steps."""
+    d = Path(out_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
+def require_checkpoint(out_dir: str | Path) -> None:
+    """JaxftError when the run has no checkpoint to read (before its model is loaded for nothing)."""
+    if not saved_steps(out_dir):
+        raise JaxftError(f"{Path(out_dir)}: no checkpoint to read (train first; `jaxft eval --base-only` evaluates "
+                         "the base model alone)")
 
 
 def set_aside(out_dir: str | Path) -> Path | None:

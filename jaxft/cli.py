@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from jaxft.errors import JaxftError
+from jaxft.errors import Interrupted, JaxftError
 
 EXAMPLE = "example"
 
@@ -65,25 +66,36 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--base-only", action="store_true", help="evaluate the base model only (no run needed)")
     e.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="score the base and each of these adapters side by side (mixed-adapter batches); repeatable")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="where summary.json and predictions.jsonl go (default: <train.out_dir>/eval)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in that folder (without it, one there is an error)")
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
-    pr.add_argument("inputs", nargs="+")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--validation-fraction", type=float, default=0.0)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("inputs", nargs="+", help="data files (JSONL, JSON, Parquet, CSV or datasets folders)")
+    pr.add_argument("--out", required=True, metavar="DIR",
+                    help="folder for train.jsonl and validation.jsonl (created; files there are replaced)")
+    pr.add_argument("--validation-fraction", type=float, default=0.0,
+                    help="share of the rows held out as validation.jsonl (default: 0.0, none)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the train / validation split (default: 0)")
     pr.add_argument("--near-dup-threshold", type=float, default=None,
                     help="also drop near-duplicates (MinHash Jaccard >= this, e.g. 0.8)")
-    pr.add_argument("--format", default="auto")
+    pr.add_argument("--format", default="auto",
+                    help="row format: auto (from the columns), messages, prompt_completion, alpaca, sharegpt or "
+                         "text (default: auto)")
     x = sub.add_parser("export", help="write a run's PEFT adapter, merged Hugging Face model or GGUF file")
     x.add_argument("run", help="run directory (train.out_dir)")
     x.add_argument("--format", choices=["peft", "merged", "gguf", "gguf-lora"], default="peft",
                    help="peft: adapter dir; merged: HF model dir; gguf: merged model as one llama.cpp GGUF file; "
-                        "gguf-lora: the adapter as a llama.cpp --lora GGUF")
+                        "gguf-lora: the adapter as a llama.cpp --lora GGUF (default: peft)")
     x.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
-                   help="tensor type of a --format gguf file's matrices (norms and 1-D tensors stay f32)")
-    x.add_argument("--out", required=True)
-    x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="merged weights dtype")
-    x.add_argument("--overwrite", action="store_true")
-    x.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
+                   help="tensor type of a --format gguf file's matrices (norms and 1-D tensors stay f32; "
+                        "default: f16)")
+    x.add_argument("--out", required=True, help="the folder (peft, merged) or file (gguf, gguf-lora) to write")
+    x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="merged weights dtype (--format merged; default: bf16)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    x.add_argument("--strict", action="store_true",
+                   help="vLLM compatibility problems are errors, not warnings (default: warnings)")
     ma = sub.add_parser("merge-adapters", help="merge LoRA adapters (PEFT directories or jaxft runs) into one PEFT "
                                                "adapter, as PEFT's add_weighted_adapter")
     ma.add_argument("adapters", nargs="+", help="PEFT adapter directories and/or jaxft run directories")
@@ -108,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's)")
     pl = sub.add_parser("plan", help="expected device memory of a training run (weights, adapter, optimizer, "
                                      "activations), from the model's shape only")
-    pl.add_argument("config", help="YAML run config")
+    pl.add_argument("config", nargs="?", default=None,
+                    help="YAML run config (optional with --model: the defaults, changed by the overrides)")
     pl.add_argument("overrides", nargs="*", help="section.key=value")
     pl.add_argument("--model", help="an HF directory, a .gguf file or a preset (llama3-8b, llama3-70b); "
                                     "default: the config's model.path")
@@ -184,21 +197,22 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from jaxft.commands.evaluate import evaluate, format_table
+    from jaxft.commands.evaluate import eval_dir, evaluate, format_table
 
     run = _run_config(args.config, args.overrides)
+    where = eval_dir(run, args.out, args.overwrite)
     if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
         args.adapter = [run.train.out_dir]
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
         from jaxft.commands.evaluate import compare
 
-        results = compare(run, args.adapter)
+        results = compare(run, args.adapter, out=where, overwrite=args.overwrite)
         print(format_table(results))
-        print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl, compare.png)")
+        print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
         return
-    results = evaluate(run, base_only=args.base_only)
+    results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite)
     print(format_table(results))
-    print(f"outputs: {run.train.out_dir}/eval/ (summary.json, predictions.jsonl)")
+    print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
 
 
 def cmd_prepare(args):
@@ -237,7 +251,17 @@ def cmd_score(args):
 def cmd_plan(args):
     from jaxft.commands.plan import format_plan, model_config, plan
 
-    run = _run_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # `plan --model M key=value`: an
+        config, overrides = None, [config, *overrides]                      # override, not a config file
+    if config is None and not args.model:
+        raise JaxftError("plan: give a run config, or --model (an HF directory, a .gguf file or a preset)")
+    if config is None:
+        from jaxft.config import load_config
+
+        run = load_config(None, overrides)
+    else:
+        run = _run_config(config, overrides)
     name = args.model or run.model.path
     cfg = model_config(name)
     print(format_plan(plan(cfg, run), cfg, run, name))
@@ -288,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except JaxftError as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says where it stopped and what it saved
+        print(f"\njaxft: {e if isinstance(e, Interrupted) else 'stopped (Ctrl-C)'}", file=sys.stderr)
         return 130
     return 0
 

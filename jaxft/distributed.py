@@ -33,23 +33,34 @@ def is_primary() -> bool:
 
 
 class Preemption:
-    """SIGTERM (a TPU preemption notice is one) → stop at a step boundary that every process agrees on.
+    """SIGTERM (a TPU preemption notice is one) or a first Ctrl-C → stop at a step boundary that every
+    process agrees on, with a checkpoint.
 
-    One process: a signal handler sets a flag. Several: JAX's preemption sync service (it catches
-    SIGTERM itself) names the same step on every host. `close()` restores the previous handler."""
+    One process: signal handlers set `requested` ("SIGTERM" or "Ctrl-C"); a second Ctrl-C raises
+    KeyboardInterrupt at once (stop without saving). Several: JAX's preemption sync service (it catches
+    SIGTERM itself) names the same step on every host, and Ctrl-C keeps Python's meaning. `close()` restores
+    the previous handlers."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, say=None):
+        self.requested: str | None = None
         self.multi = jax.process_count() > 1
-        self._old = None
+        self.say = say or (lambda *a: None)
+        self._old: dict = {}
         if not self.multi:
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread: leave SIGTERM alone
-                pass
+            for sig, handler in ((signal.SIGTERM, self._term), (signal.SIGINT, self._interrupt)):
+                try:
+                    self._old[sig] = signal.signal(sig, handler)
+                except ValueError:  # not the main thread: leave the signals alone
+                    pass
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def _term(self, signum, frame):
+        self.requested = self.requested or "SIGTERM"
+
+    def _interrupt(self, signum, frame):
+        if self.requested == "Ctrl-C":  # the second one: stop now
+            raise KeyboardInterrupt
+        self.requested = "Ctrl-C"
+        self.say("\njaxft: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)")
 
     def __call__(self, step: int) -> bool:
         """True at the step where the run should save and stop (call it at every step, on every process)."""
@@ -57,9 +68,9 @@ class Preemption:
             from jax.experimental import multihost_utils
 
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        return self.requested is not None
 
     def close(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}

@@ -12,6 +12,8 @@ killed process leaves at most a `.name.*.tmp` sibling, never a half-written file
 
 Modes follow the umask as `open()` would give them (0644 / 0755 under the usual 022), not the 0600 / 0700
 of `tempfile`: exports and data are read by servers running as other users.
+
+Reading: `read_json(path)` — JSON whose objects may not repeat a key (json alone keeps the last, silently).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def make_executable(path: str | os.PathLike) -> None:
+    """Mode 0777 less the umask (0755 under 022): a script written into an export, run as `./serve_vllm.sh`."""
+    os.chmod(path, 0o777 & ~umask())
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory onto `out` (an existing `out` is replaced only now)."""
     if out.exists():
@@ -85,6 +92,18 @@ def publish_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def _umask_modes(top: Path) -> None:
+    """Every folder and file under top (top included) to the umask's mode: mkdtemp makes folders 0700 and some
+    writers (the safetensors library) make files 0600; scripts written executable stay executable."""
+    mask = umask()
+    for d, _, files in os.walk(top):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(d, f)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -98,8 +117,31 @@ def staging_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it 0700; the files inside were written with the umask
+        _umask_modes(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook refusing a key given twice (ValueError), where json keeps the last silently."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice in one object")
+        out[k] = v
+    return out
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value; JaxftError '<path>: not valid JSON (cause)' for an unreadable file, bad UTF-8,
+    bad JSON, nesting too deep or a key given twice."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes(), object_pairs_hook=unique_keys)
+    except OSError as e:
+        raise JaxftError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        cause = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise JaxftError(f"{path}: not valid JSON ({cause})") from None

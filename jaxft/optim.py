@@ -70,8 +70,7 @@ def bank_optimizer(run, total_steps: int, params):
     schedule (its adapters[n].lr, else optim.lr; LoRA+'s B ratio on top). Every trainable leaf is a bank
     factor [L, N, ...] (adapters: admits no modules_to_save), so axis 1 is the adapter axis everywhere."""
     cfg = run.optim
-    scheds = [schedule(dataclasses.replace(cfg, lr=cfg.lr if a.lr is None else a.lr), total_steps)
-              for a in run.adapters]
+    scheds = list(lr_schedules(run, total_steps).values())
     names = leaf_names(params)
     mult = jax.tree.map(lambda n: cfg.lora_b_lr_ratio if n == "b" else 1.0, names)
     decay_mask = jax.tree.map(lambda n: n not in NO_DECAY_LEAVES, names)
@@ -99,6 +98,15 @@ def bank_optimizer(run, total_steps: int, params):
     tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
                      optax.add_decayed_weights(cfg.weight_decay, decay_mask), scale_by_schedules())
     return optax.chain(clip(cfg.clip_norm), tx) if cfg.clip_norm else tx
+
+
+def lr_schedules(run: RunConfig, total_steps: int) -> dict[str, optax.Schedule]:
+    """The learning rates a run follows, by the name its metrics log them under: {"lr": optim.lr's schedule},
+    or with `adapters:` one `lr_<name>` per adapter (its adapters[n].lr, else optim.lr)."""
+    if not run.adapters:
+        return {"lr": schedule(run.optim, total_steps)}
+    return {f"lr_{a.name}": schedule(dataclasses.replace(run.optim, lr=run.optim.lr if a.lr is None else a.lr),
+                                     total_steps) for a in run.adapters}
 
 
 def run_optimizer(run: RunConfig, total_steps: int, params) -> optax.GradientTransformation:

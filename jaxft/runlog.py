@@ -88,7 +88,8 @@ class RunLog:
         if self.rate_from is None:
             self.rate_from = (t, self.tokens)
         rate = (self.tokens - self.rate_from[1]) / (t - self.rate_from[0]) if t > self.rate_from[0] else 0.0
-        row = dict(step=step, loss=m["loss"], lr=m.get("lr"), grad_norm=m["grad_norm"], tokens=int(m["tokens"]),
+        lrs = {k: m[k] for k in m if k == "lr" or k.startswith("lr_")}  # one per adapter of a multi-adapter run
+        row = dict(step=step, loss=m["loss"], **lrs, grad_norm=m["grad_norm"], tokens=int(m["tokens"]),
                    **{self.obj.count_name: int(m["targets"])}, tokens_per_s=rate, elapsed=t - self.t0,
                    skipped=not m["finite"], **{k: m[k] for k in self.obj.metrics if k in m})
         if step % self.run.train.log_every == 0 or step == self.run.train.steps:

@@ -12,7 +12,6 @@ reads it here: config.json → jaxft.setup.build → the trainable weights of th
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ from jaxft.adapters import bank
 from jaxft.checkpoint import restore_trainable
 from jaxft.config import RunConfig, read_config
 from jaxft.errors import JaxftError
-from jaxft.formats.peft import load_adapter
+from jaxft.formats.peft import adapter_files, base_identity, load_adapter
 from jaxft.quant import original_base_run
 from jaxft.setup import Setup, build, resolve_model
 
@@ -111,9 +110,9 @@ def load_entries(model, sources: list[tuple[str, Path]], base: str = "") -> list
     entries, runs = [], {}
     for name, d in sources:
         if _is_peft(d):
-            c = json.loads((d / "adapter_config.json").read_text())
+            c, _ = adapter_files(d)
             cfg = load_adapter(model, d)
-            entries.append(bank.Entry(name, cfg, bank.harvest(model), str(c.get("base_model_name_or_path") or ""),
+            entries.append(bank.Entry(name, cfg, bank.harvest(model), base_identity(c.get("base_model_name_or_path") or ""),
                                       str(d)))
         elif is_run(d):
             if d not in runs:
@@ -133,8 +132,8 @@ def run_adapters(model, d: Path, base: str = "") -> list[bank.Entry]:
     """The adapter(s) of a jaxft run's newest checkpoint, read onto `model`'s base (no second base model is
     built: only the adapter weights are restored)."""
     run = read_config(d)
-    trained_on = str(resolve_model(run.model.path))
-    if base and Path(trained_on).resolve() != Path(base).resolve():
+    trained_on = base_identity(str(resolve_model(run.model.path)))
+    if base and trained_on != base_identity(base):
         raise JaxftError(f"{d}: the run trained on {trained_on}, not on the base {base} (adapters of different bases)")
     if run.adapters:
         bank.install(model, bank.fresh_entries(model, run))
@@ -158,8 +157,9 @@ def run_adapters(model, d: Path, base: str = "") -> list[bank.Entry]:
     return out
 
 
-def load_bank(model, specs: list[str], base: str = "") -> tuple[str, ...]:
-    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names."""
-    entries = load_entries(model, expand(specs), base)
+def load_bank(model, specs: list[str], base: str = "", sources: list[tuple[str, Path]] | None = None) -> tuple[str, ...]:
+    """Install the bank of `--adapter` values (NAME=DIR or DIR) under `model`; returns the adapter names.
+    sources: `expand(specs)`, when the caller already has it (read before the model loaded)."""
+    entries = load_entries(model, sources if sources is not None else expand(specs), base)
     bank.install(model, entries)
     return tuple(e.name for e in entries)

@@ -21,6 +21,7 @@ from flax import nnx
 from jaxft.config import RunConfig
 from jaxft.context import Ctx
 from jaxft.distributed import Preemption
+from jaxft.errors import Interrupted
 from jaxft.losses import sft_loss
 from jaxft.runlog import RunLog
 
@@ -30,10 +31,13 @@ def init_state(params, tx) -> dict:
 
 
 def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0, dropout: bool = False,
-                    lr_schedule: optax.Schedule | None = None, out_shardings=None):
+                    lr_schedule: optax.Schedule | dict | None = None, out_shardings=None):
     """The jitted, donated step: (state, frozen, batch [A, B, S]) → (state, metrics).
 
-    out_shardings: (state shardings, metrics sharding) keep a sharded state in place step to step."""
+    lr_schedule: the schedule logged as metrics["lr"], or {metric name: schedule} (a multi-adapter run's
+    `lr_<name>`, jaxft.optim.lr_schedules). out_shardings: (state shardings, metrics sharding) keep a sharded
+    state in place step to step."""
+    schedules = {"lr": lr_schedule} if callable(lr_schedule) else dict(lr_schedule or {})
     base_key = jax.random.key(seed)
 
     def step(state, frozen, batch):
@@ -75,8 +79,8 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         )
         metrics = dict(loss=loss, targets=c, tokens=jnp.sum(batch["segment_ids"] > 0), grad_norm=grad_norm,
                        finite=finite, bad_steps=new_state["bad_steps"], **{k: v / denom for k, v in aux.items()})
-        if lr_schedule is not None:
-            metrics["lr"] = lr_schedule(state["step"])
+        for name, sched in schedules.items():
+            metrics[name] = sched(state["step"])
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, **({} if out_shardings is None else dict(out_shardings=out_shardings)))
@@ -89,17 +93,20 @@ def _all_finite(tree) -> jax.Array:
 
 
 def loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: RunLog, say):
-    """for step: batch → step → log; every N: evaluate, checkpoint; SIGTERM: checkpoint and stop."""
+    """for step: batch → step → log; every N: evaluate, checkpoint; SIGTERM: checkpoint and stop; Ctrl-C:
+    checkpoint and raise Interrupted (a second Ctrl-C: Interrupted at once, naming the last checkpoint)."""
     t = run.train
     meta = lambda step: dict(step=step, data_position=step * t.grad_accum,  # noqa: E731
                              micro_batches_per_epoch=len(obj.train), config=run.to_dict())
-    preempted = Preemption()  # SIGTERM → checkpoint at the next step boundary, then a clean exit
+    preempted = Preemption(say)  # SIGTERM / Ctrl-C → checkpoint at the next step boundary, then stop
+    done, saved = start, start  # the last step completed, the last checkpoint written (start: resumed from it)
     try:
         for step in range(start + 1, t.steps + 1):
             state, metrics = step_fn(state, frozen, obj.train(step, state["params"]))
             if hasattr(obj.train, "host_metrics"):  # what the source measured itself (RL: rewards, rollout time)
                 metrics = {**metrics, **obj.train.host_metrics(step)}
             log.step(step, metrics)
+            done = step
             end = step == t.steps
             if obj.evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or end):
                 log.eval(step, obj.evaluate(state["params"], frozen))
@@ -107,9 +114,19 @@ def loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: Ru
             if (t.save_every and step % t.save_every == 0) or end or stop:
                 log.flush()
                 ckpts.save(step, state, meta(step))
+                saved = step
+            if stop and preempted.requested == "Ctrl-C":
+                raise Interrupted(f"stopped at step {step} (Ctrl-C): checkpoint {step} saved in {ckpts.dir}; "
+                                  "continue with --resume")
             if stop:
                 say(f"\nstopped at step {step} (SIGTERM / preemption notice): checkpoint saved, continue with --resume")
                 break
         log.flush()
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        where = (f"the last checkpoint is step {saved} ({ckpts.dir / str(saved)}): continue from it with --resume"
+                 if saved else "no checkpoint was saved: train again to start over")
+        raise Interrupted(f"stopped after step {done} (a second Ctrl-C: nothing more saved); {where}") from None
     finally:
         preempted.close()

@@ -2,9 +2,10 @@
 
     python scripts/check_peft_export.py runs/quickstart
 
-Loads the base model with transformers (the same GGUF), applies `<run>/adapter` with
-`PeftModel.from_pretrained`, answers the held-out prompts greedily and compares them with the tuned
-answers jaxft wrote to `<run>/eval/predictions.jsonl`. Exits 1 when any answer differs.
+Loads `<run>/adapter` the standard way, `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`: PEFT reads the
+base from the adapter's `base_model_name_or_path` (for a GGUF base such as the example, the dequantized Hugging Face
+directory `jaxft export` wrote once into the jaxft cache), answers the held-out prompts greedily and compares them
+with the tuned answers jaxft wrote to `<run>/eval/predictions.jsonl`. Exits 1 when any answer differs.
 """
 
 import json
@@ -34,8 +35,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 # ruff: noqa: E402 — the imports below come after the filters: bitsandbytes logs its notice at import
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from peft import AutoPeftModelForCausalLM
 
 from jaxft.config import load_config
 from jaxft.data.prompts import heldout
@@ -49,9 +49,7 @@ def main(run_dir: str, batch: int = 16) -> int:
     run = load_config(run_dir / "config.json")
     path = resolve_model_path(run.model.path)
     tok = load_tokenizer(path)
-    kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
-    base = AutoModelForCausalLM.from_pretrained(path.parent if kw else path, dtype=torch.float32, **kw)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter", dtype=torch.float32).eval()
     items = heldout(run.eval.file or run.data.validation, run.data.format, run.eval.max_examples)
     expected = [json.loads(l)["tuned"] for l in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     eos = sorted(eos_token_ids(tok, path))

@@ -7,4 +7,4 @@
 set -x
 jaxft task-data runs/dpo/data --pairs
 jaxft train configs/dpo_lora.yaml "$@" --resume
-jaxft eval configs/dpo_lora.yaml "$@"
+jaxft eval configs/dpo_lora.yaml "$@" --overwrite

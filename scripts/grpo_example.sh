@@ -8,5 +8,5 @@
 set -x
 jaxft task-data runs/grpo/data
 jaxft train configs/grpo_lora.yaml "$@" --resume
-jaxft eval configs/grpo_lora.yaml "$@"
+jaxft eval configs/grpo_lora.yaml "$@" --overwrite
 jaxft export runs/grpo --format peft --out runs/grpo/adapter --overwrite

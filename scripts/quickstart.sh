@@ -6,7 +6,7 @@
 set -x
 jaxft task-data runs/quickstart/data
 jaxft train configs/quickstart.yaml "$@" --resume
-jaxft eval configs/quickstart.yaml "$@"
+jaxft eval configs/quickstart.yaml "$@" --overwrite   # re-running replaces the last evaluation
 jaxft export runs/quickstart --format peft --out runs/quickstart/adapter --overwrite
 jaxft export runs/quickstart --format gguf --gguf-type q8_0 --out runs/quickstart/model-q8_0.gguf --overwrite
 python scripts/check_peft_export.py runs/quickstart

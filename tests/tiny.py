@@ -148,3 +148,55 @@ def chat_tokenizer(template: str, specials: list[str], eos: str, bos: str | None
     t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tf.PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos, bos_token=bos, chat_template=template)
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer of about 300 tokens with ChatML's special tokens and template (built in
+    well under a second: a GGUF carrying it loads its tokenizer fast, unlike the example's 49152 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = '{"name": "Ada Lovelace", "city": "Paris", "date": "2024-01-02", "amount": 12.50} user assistant system'
+    tok.train_from_iterator([text] * 20, trainer)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_gguf(path, arch: str = "llama", seed: int = 0):
+    """A tiny random model with `tiny_bpe_tokenizer` as an f32 GGUF file at `path` (in a folder of its own:
+    no HF files beside it), written by jaxft's exporter; returns the HF model (torch)."""
+    import tempfile
+
+    from jaxft.formats.gguf import write_gguf
+
+    tok = tiny_bpe_tokenizer()
+    model = make_model(arch, seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        write_gguf(tensors, model.config, tok, path, gguf_type="f32", source=Path(d))
+    return model
+
+
+def save_tiny_chat(path, arch: str = "llama", seed: int = 0):
+    """A tiny random HF model directory with `tiny_bpe_tokenizer` (fast to load, train and generate with)."""
+    tok = tiny_bpe_tokenizer()
+    model = make_model(arch, seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model

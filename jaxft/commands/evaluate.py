@@ -24,7 +24,8 @@ from jaxft.config import RunConfig, check_files
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.prompts import heldout
 from jaxft.errors import JaxftError
-from jaxft.files import atomic_path, write_json, write_jsonl
+from jaxft.checkpoint import require_checkpoint
+from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import answer_chats, eos_token_ids
 from jaxft.metrics import score
@@ -34,10 +35,27 @@ from jaxft.runs import load_run
 from jaxft.setup import resolve_model
 
 
-def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) -> dict:
+def eval_dir(run: RunConfig, out=None, overwrite: bool = False) -> Path:
+    """Where an evaluation writes (`out`, default <train.out_dir>/eval), checked before anything loads: a folder
+    holding an earlier evaluation is replaced only with overwrite (as `jaxft export` replaces only with
+    --overwrite). Not a new numbered folder: a user compares against the results they know the place of."""
+    d = Path(out) if out else Path(run.train.out_dir) / "eval"
+    if d.exists() and (not d.is_dir() or any(d.iterdir())) and not overwrite:
+        held = ", ".join(sorted(p.name for p in d.iterdir())[:4]) if d.is_dir() else "a file"
+        raise JaxftError(f"{d}: holds an earlier evaluation ({held}); pass --overwrite to replace it, or --out DIR "
+                         "to write this one elsewhere")
+    return d
+
+
+def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, out=None,
+             overwrite: bool = False) -> dict:
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
-    and batches as training's evaluations) and the generation metric's scores."""
+    and batches as training's evaluations) and the generation metric's scores, written to `eval_dir`."""
     check_files(run, training=False)
+    where = eval_dir(run, out, overwrite)
+    objectives.check_data(run, training=False)  # what can be refused is refused before the model loads
+    if not base_only:
+        require_checkpoint(run.train.out_dir)
     out_dir = Path(run.train.out_dir)
     done = load_run(run, restore=not base_only)
     setup = done.setup
@@ -52,7 +70,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
             results[k].update(obj.evaluate(params, setup.frozen))
 
     file = run.eval.file or obj.heldout
-    predictions = {}
+    predictions, rows = {}, None
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts, refs = [p for p, _ in items], [r for _, r in items]
@@ -63,32 +81,34 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True) 
                                               system_prompt=run.data.system_prompt,
                                               progress=f"generating ({k})" if progress else "")
             results[k].update(score(run.eval.metric, predictions[k], refs))
-        eval_dir = out_dir / "eval"
-        eval_dir.mkdir(parents=True, exist_ok=True)
         rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
                 for i, (p, r) in enumerate(items)]
-        write_jsonl(eval_dir / "predictions.jsonl", rows)
-    write_json(out_dir / "eval" / "summary.json", results)
+    with staging_dir(where, overwrite=True) as tmp:  # one evaluation's files together, never half of two
+        if rows is not None:
+            write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "summary.json", results)
     return results
 
 
-def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
+def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None, overwrite: bool = False) -> dict:
     """{"base": metrics, <adapter>: metrics, ...}: validation loss (SFT) and the generation metric."""
     check_files(run, training=False)
     if run.objective != "sft":
         raise JaxftError(f"--adapter: side-by-side adapter evaluation supports objective sft, not {run.objective}")
+    where = eval_dir(run, out, overwrite)
+    objectives.check_data(run, training=False)
+    sources = runs.expand(specs)  # names and folders, read before the model loads
     path = resolve_model(run.model.path)
     model = load_pretrained(path, dtype=jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32)
     tokenizer = load_tokenizer(path)
-    names = runs.load_bank(model, specs, base=str(path))
+    names = runs.load_bank(model, specs, base=str(path), sources=sources)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     variants = {"base": -1, **{n: i for i, n in enumerate(names)}}
     results: dict[str, dict] = {k: {} for k in variants}
     if run.data.validation:
         results = _validation(run, graphdef, params, frozen, tokenizer, variants, results)
-    out_dir = Path(run.train.out_dir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     file = run.eval.file or run.data.validation or next((a.validation for a in run.adapters if a.validation), None)
+    rows = None
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts = [p for _ in variants for p, _ in items]
@@ -101,11 +121,13 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True) -> dict:
         predictions = {k: answers[j * n:(j + 1) * n] for j, k in enumerate(variants)}
         for k in variants:
             results[k].update(score(run.eval.metric, predictions[k], refs))
-        write_jsonl(out_dir / "predictions.jsonl",
-                    [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in variants})
-                     for i, (p, r) in enumerate(items)])
-    write_json(out_dir / "summary.json", results)
-    plot(results, out_dir / "compare.png")
+        rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in variants})
+                for i, (p, r) in enumerate(items)]
+    with staging_dir(where, overwrite=True) as tmp:
+        if rows is not None:
+            write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "summary.json", results)
+        plot(results, tmp / "compare.png")
     return results
 
 
@@ -121,13 +143,15 @@ def _validation(run, graphdef, params, frozen, tokenizer, variants, results):
 
 
 def format_table(results: dict) -> str:
-    """Metrics as rows, base and tuned as columns."""
+    """Metrics as rows, base and tuned (or each adapter) as columns, each as wide as its longest entry."""
     names = list(results)
     keys = [k for k in dict.fromkeys(k for r in results.values() for k in r)]
-    lines = [f"{'metric':<18}" + "".join(f"{n:>12}" for n in names)]
-    for k in keys:
-        cells = "".join(f"{results[n].get(k, float('nan')):>12.4f}" for n in names)
-        lines.append(f"{k:<18}{cells}")
+    first = max([16, *map(len, keys)]) + 2  # 18 wide, as before, unless a name is longer
+    cells = {n: [f"{results[n].get(k, float('nan')):.4f}" for k in keys] for n in names}
+    width = {n: max([10, len(n), *map(len, cells[n])]) + 2 for n in names}
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width[n]}}" for n in names)]
+    for i, k in enumerate(keys):
+        lines.append(f"{k:<{first}}" + "".join(f"{cells[n][i]:>{width[n]}}" for n in names))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from jaxft.config.objectives import head_of
 from jaxft.errors import JaxftError
 from jaxft.formats.gguf import GGUFSource, write_gguf, write_gguf_lora
 from jaxft.formats.peft import (adapter_config, adapter_tensors, export_adapter, export_bank, export_merged,
-                                merged_tensors, vllm_problems)
+                                merged_tensors, serving_base, vllm_problems)
 from jaxft.runs import load_run
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
@@ -58,9 +58,11 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     model = done.model()
     if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone
         model.value_head = None
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    # what the adapter names as its base: an HF directory PEFT / vLLM load (a GGUF base's, written once)
+    base = str(serving_base(setup.model_path, run.model.dtype, say=say)) if fmt == "peft" else ""
     if fmt == "peft" and run.adapters:  # one folder per adapter + the vLLM command line serving them all
-        path = export_bank(model, out, base_model=str(setup.model_path), strict=strict, overwrite=overwrite,
-                           say=lambda m: print(m, file=sys.stderr))
+        path = export_bank(model, out, base_model=base, strict=strict, overwrite=overwrite, say=say)
     elif fmt == "peft":
         problems = vllm_problems(adapter_config(model, run.lora), adapter_tensors(model))
         if hasattr(model, "score"):  # a reward model: its head is trained in full (modules_to_save)
@@ -70,7 +72,7 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
             print(f"jaxft: vLLM: {p}", file=sys.stderr)
         if problems and strict:
             raise JaxftError(f"the adapter breaks {len(problems)} vLLM rule(s) (see above); nothing written")
-        path = export_adapter(model, run.lora, out, base_model=str(setup.model_path), overwrite=overwrite)
+        path = export_adapter(model, run.lora, out, base_model=base, overwrite=overwrite)
     elif fmt == "merged":
         path = export_merged(model, setup.tokenizer, hf_config_of(setup.model_path), out, dtype=dtype,
                              overwrite=overwrite)

@@ -20,16 +20,20 @@ from jaxft.setup import resolve_model
 
 
 def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()):
-    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr."""
+    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr.
+    The adapters' names (and --use's) are checked before the model loads."""
+    if use and not adapters:
+        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
+    sources = runs.expand(list(adapters)) if adapters else []
+    if use:  # an unknown name: said now, not after the model load
+        bank.ids(tuple(n for n, _ in sources), list(use), where="--use")
     path = resolve_model(model)
     t0 = time.perf_counter()
     decoder = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
     tokenizer = load_tokenizer(path)
     if adapters:
-        names = runs.load_bank(decoder, list(adapters), base=str(path))
+        names = runs.load_bank(decoder, list(adapters), base=str(path), sources=sources)
         print(f"adapters: {', '.join(names)}", file=sys.stderr)
-    elif use:
-        raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return Generator(decoder), tokenizer, eos_token_ids(tokenizer, path)
 
@@ -58,6 +62,8 @@ def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, syst
                      raw: bool = False, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()) -> None:
     """`jaxft generate`: answer each prompt (chat template applied unless raw) and print the answers; with
     adapters, the adapters named by `use` (or every adapter) answer, in mixed-adapter batches."""
+    if adapters and use and len(use) not in (1, len(prompts)):  # before the model loads
+        raise JaxftError(f"--use: give it once or once per --prompt ({len(prompts)}), not {len(use)} times")
     gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
     ids = [tok(p, add_special_tokens=True)["input_ids"] if raw
            else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))
@@ -93,9 +99,17 @@ class Stream:
         self.shown = len(text)
 
 
+CHAT_HELP = ("commands: /reset forgets the conversation, /use NAME switches the adapter (or base) that answers, "
+             "/quit (or Ctrl-D, or an empty line) ends, /help shows this; start a line with // to send one that "
+             "begins with /")
+
+
 def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: str = "fp32", adapters: list[str] = (),
          use: list[str] = ()) -> None:
-    """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal)."""
+    """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal). Lines
+    starting with / are commands (CHAT_HELP), never sent to the model."""
+    if len(use) > 1:
+        raise JaxftError(f"--use: chat takes one (the adapter that answers first), not {len(use)}")
     gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
@@ -106,7 +120,7 @@ def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: st
         bank.ids(names, [who], where="--use")
     stream = Stream(tok, eos)  # one callable for the session: it is part of the generation program's key
     if interactive:
-        print("Chat with the model; an empty line or Ctrl-D ends, /reset forgets the conversation.")
+        print("Chat with the model; an empty line or Ctrl-D ends, /help lists the commands.")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -117,19 +131,31 @@ def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: st
             if interactive:
                 break
             continue
-        if line == "/reset":
-            history = []
-            continue
-        if line.startswith("/use ") and adapters:  # switch adapter (or base) mid-conversation
-            try:
-                bank.ids(names, [line[5:].strip()], where="/use")
-                who = line[5:].strip()
-                print(f"(now answering: {who})")
-            except JaxftError as e:
-                print(f"jaxft: {e}")
-            continue
         if not interactive:
             print(f"you> {line}")
+        if line.startswith("/") and not line.startswith("//"):  # a command, never a message to the model
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history = []
+                print("(conversation forgotten)")
+            elif command == "/help":
+                print(CHAT_HELP)
+            elif command == "/use" and adapters and arg.strip():  # switch adapter (or base) mid-conversation
+                try:
+                    bank.ids(names, [arg.strip()], where="/use")
+                    who = arg.strip()
+                    print(f"(now answering: {who})")
+                except JaxftError as e:
+                    print(f"jaxft: {e}")
+            elif command == "/use":
+                print("(/use NAME: give the adapters with --adapter NAME=DIR" + (f"; these are {', '.join(names)})"
+                                                                                 if adapters else ")"))
+            else:
+                print(f"(unknown command {command}; /help lists them)")
+            continue
+        line = line[1:] if line.startswith("//") else line
         history.append({"role": "user", "content": line})
         stream.start()
         print("model> ", end="", flush=True)

@@ -15,7 +15,7 @@ import numpy as np
 from jaxft.commands.export import check_format
 from jaxft.config import read_config
 from jaxft.errors import JaxftError
-from jaxft.formats.peft import adapter_config, adapter_tensors, vllm_problems, write_adapter
+from jaxft.formats.peft import adapter_config, adapter_tensors, serving_base, vllm_problems, write_adapter
 from jaxft.formats.peft_merge import PeftAdapter, combine, read_peft
 from jaxft.runs import load_run
 
@@ -36,7 +36,8 @@ def read(path) -> PeftAdapter:
         model = done.model()
         if getattr(model, "value_head", None) is not None:  # PPO's policy: the causal LM's adapter alone
             model.value_head = None
-        config = adapter_config(model, done.run.lora, str(done.setup.model_path))
+        base = serving_base(done.setup.model_path, run.model.dtype, say=lambda m: print(m, file=sys.stderr))
+        config = adapter_config(model, done.run.lora, str(base))
         config = json.loads(json.dumps(config))  # as read back from adapter_config.json
         tensors = {k: np.asarray(v, np.float32) for k, v in adapter_tensors(model).items()}
         return PeftAdapter(config, tensors, str(p))

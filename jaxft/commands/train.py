@@ -9,6 +9,7 @@ for the run directory.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jaxft.config import RunConfig, check_files
 from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
-from jaxft.optim import run_optimizer, schedule
+from jaxft.optim import lr_schedules, run_optimizer
 from jaxft.runlog import RunLog, plot_losses
 from jaxft.setup import build
 from jaxft.train import init_state, loop, make_train_step
@@ -30,14 +31,15 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     """The whole run of `run.objective`; returns the last logged row. See README 'Training' for the run
     directory."""
     check_files(run)
+    objectives.check_data(run)  # wrong columns: said now, not after the model load
     init_distributed(run.mesh)
     mesh, primary = sharding.make_mesh(run.mesh), is_primary()
     progress = progress and primary
     out = Path(run.train.out_dir)
     ckpts_dir = out / "checkpoints"
     if ckpts_dir.exists() and any(ckpts_dir.iterdir()) and not resume:
-        raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue or choose another "
-                         f"train.out_dir")
+        raise JaxftError(f"{out}: already holds checkpoints; pass --resume to continue from the newest, --restart "
+                         f"to train from step 0 (the old checkpoints are kept aside), or choose another train.out_dir")
     out.mkdir(parents=True, exist_ok=True)
     setup = build(run, mesh)
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
@@ -53,10 +55,18 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         if restored is not None:
             state, meta = restored
             start = int(meta["step"])
+            if start >= run.train.steps:  # nothing to train: say so, and report the run's last figures
+                obj.train.close()
+                ckpts.close()
+                if primary:
+                    print(f"jaxft: {out} is already trained to step {start} (train.steps={run.train.steps}); "
+                          "nothing to do: raise train.steps to train further, or --restart to start over",
+                          file=sys.stderr)
+                return finished_row(out, start)
             say(f"resumed from {ckpts.dir / str(start)} (step {start})")
     step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
                               dropout=run.lora.enabled and run.lora.dropout > 0,
-                              lr_schedule=schedule(run.optim, run.train.steps),
+                              lr_schedule=lr_schedules(run, run.train.steps),
                               out_shardings=(state_sh, sharding.replicated(mesh)))
     if primary:
         write_json(out / "config.json", run.to_dict())
@@ -72,3 +82,17 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         plot_losses(out / "metrics.jsonl", out / "loss.png", obj.progress)
     say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
     return log.last
+
+
+def finished_row(out: Path, step: int) -> dict:
+    """The figures a finished run logged at its last step (metrics.jsonl's rows of that step, merged)."""
+    row = {"step": step}
+    path = out / "metrics.jsonl"
+    try:
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            r = json.loads(line)
+            if isinstance(r, dict) and r.get("step") == step:
+                row.update(r)
+    except (OSError, ValueError):  # a damaged log: the step alone
+        pass
+    return row

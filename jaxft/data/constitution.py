@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 
-import yaml
-
+from jaxft.config.load import read_yaml
 from jaxft.errors import JaxftError
+from jaxft.files import read_json
 
 PRINCIPLE_KEYS = ("name", "critique", "revision", "compare")
 EXAMPLE_KEYS = ("principle", "prompt", "answer", "critique", "revision")
@@ -83,11 +82,10 @@ def load_constitution(path: str | Path) -> Constitution:
     if not p.is_file():
         raise JaxftError(f"{p}: no such constitution file")
     raw = p.read_bytes()
-    try:
-        data = json.loads(raw) if p.suffix == ".json" else yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError, RecursionError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise JaxftError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first[:160]})") from None
+    if p.suffix == ".json":
+        data = read_json(p)
+    else:  # strictly: a key given twice, merge keys, several documents are errors (jaxft.config.load)
+        data = read_yaml(raw, str(p), "not valid YAML")
     where = str(p)
     if isinstance(data, list):
         principles, few_shot, name = _madison(data, where), (), p.stem
@@ -107,6 +105,16 @@ def load_constitution(path: str | Path) -> Constitution:
     if not principles:
         raise JaxftError(f"{where}: principles: none given")
     return Constitution(name, tuple(principles), tuple(few_shot), where, hashlib.sha256(raw).hexdigest())
+
+
+def _items(data: dict, key: str, where: str) -> list:
+    """data[key] as a list (absent or null: empty); anything else is a one-line error."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise JaxftError(f"{where}: {key}: expected a list, got {type(value).__name__}")
+    return value
 
 
 def _text(value, where: str, field: str) -> str:
@@ -146,7 +154,7 @@ def _ours(data: dict, where: str):
         principles.append(Principle(item["name"].strip(), **fields))
     by_name = {q.name: q for q in principles}
     few_shot = []
-    for i, ex in enumerate(data.get("examples") or []):
+    for i, ex in enumerate(_items(data, "examples", where)):
         label = f"{where}: example #{i + 1}"
         if not isinstance(ex, dict):
             raise JaxftError(f"{label}: expected a mapping with {', '.join(EXAMPLE_KEYS)}")
@@ -203,14 +211,14 @@ def _swarm(data: dict, where: str) -> list[Principle]:
             raise JaxftError(f"{label}: expected a mapping with critic and revision")
         out.append(Principle(f"c{i}", _text(item.get("critic"), label, "critic"),
                              _text(item.get("revision"), label, "revision")))
-    for i, q in enumerate(data.get("feedback_principles") or []):
+    for i, q in enumerate(_items(data, "feedback_principles", where)):
         out.append(Principle(f"compare{i}", compare=_text(q, f"{where}: principle 'compare{i}'", "question")))
     return out
 
 
 def _swarm_chat(data: dict, where: str) -> list[dict]:
     out = []
-    for i, conv in enumerate(data.get("system_chat") or []):
+    for i, conv in enumerate(_items(data, "system_chat", where)):
         for j, m in enumerate(conv if isinstance(conv, list) else [None]):
             label = f"{where}: system_chat[{i}][{j}]"
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):

@@ -17,7 +17,10 @@ quantization type jaxft cannot read, a tensor with no Hugging Face counterpart) 
 
 import functools
 import json
+import math
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -96,6 +99,129 @@ def _check_gguf_file(path) -> Path:
     return path
 
 
+# GGUF value types (gguf.GGUFValueType) → bytes of one value; 8 is a string, 9 an array
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+GGML_MAX_DIMS = 4
+
+
+class _Header:
+    """A bounds-checked walk over a GGUF file's header (mmap'd), before gguf.GGUFReader trusts it: every count,
+    length and offset is checked against the bytes the file has, so a lying header is an error, never an
+    allocation of what it claims nor a loop of 2**60 turns (the reader's own walk loops on past the end of a
+    file: reads there are empty, not errors)."""
+
+    def __init__(self, path: Path, data):
+        self.path, self.data, self.pos = path, data, 0
+
+    def fail(self, what: str):
+        raise JaxftError(f"{self.path}: not a valid GGUF file, damaged or truncated ({what})")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            self.fail(f"{what} at byte {self.pos} needs {n} bytes, the file has {len(self.data) - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "little")
+
+    def u64(self, what: str) -> int:
+        return int.from_bytes(self.take(8, what), "little")
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.u64(f"{what}'s length"), what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} at byte {self.pos - len(raw)} is not UTF-8")
+
+    def count(self, n: int, smallest: int, what: str) -> int:
+        """A count of items of at least `smallest` bytes each, checked against the bytes left."""
+        left = len(self.data) - self.pos
+        if n > left // smallest:
+            self.fail(f"{what} claims {n} items, the {left} bytes left hold at most {left // smallest}")
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        """Skip one value of type vtype; scalars come back as their bytes, strings decoded, arrays as None."""
+        if vtype in _SCALAR_BYTES:
+            return self.take(_SCALAR_BYTES[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype != _ARRAY or depth > 2:
+            self.fail(f"{what} has value type {vtype}, which GGUF does not define here")
+        itype = self.u32(f"{what}'s item type")
+        n = self.u64(f"{what}'s length")
+        if itype in _SCALAR_BYTES:
+            self.take(self.count(n, _SCALAR_BYTES[itype], what) * _SCALAR_BYTES[itype], what)
+            return None
+        for _ in range(self.count(n, 8 if itype == _STRING else 12, what)):
+            self.value(itype, what, depth + 1)
+        return None
+
+    def walk(self) -> None:
+        if self.take(4, "the magic") != b"GGUF":
+            self.fail("no GGUF magic")
+        version = self.u32("the version")
+        if version not in (2, 3):
+            self.fail(f"GGUF version {version}; jaxft reads versions 2 and 3")
+        n_tensors, n_kv = self.u64("the tensor count"), self.u64("the metadata count")
+        self.count(n_kv, 13, "the metadata count")  # key length, a key byte, the type, a value byte at least
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            key = self.string(f"metadata key #{i}")
+            vtype = self.u32(f"metadata {key[:60]!r}'s type")
+            value = self.value(vtype, f"metadata {key[:60]!r}")
+            if key == "general.alignment":
+                alignment = int.from_bytes(value, "little") if vtype == 4 else 0
+                if alignment == 0 or alignment & (alignment - 1):
+                    self.fail("general.alignment is not a uint32 power of two")
+        self.count(n_tensors, 24, "the tensor count")  # name length, dimension count, type, offset at least
+        spans = []
+        for i in range(n_tensors):
+            name = self.string(f"tensor #{i}'s name")[:80]
+            n_dims = self.u32(f"tensor {name}'s dimension count")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                self.fail(f"tensor {name} has {n_dims} dimensions (1 to {GGML_MAX_DIMS})")
+            dims = [self.u64(f"tensor {name}'s dimensions") for _ in range(n_dims)]
+            qtype = self.u32(f"tensor {name}'s type")
+            offset = self.u64(f"tensor {name}'s offset")
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            except (ValueError, KeyError):
+                self.fail(f"tensor {name} has type {qtype}, which GGML does not define")
+            if dims[0] % block:
+                self.fail(f"tensor {name}'s rows of {dims[0]} values do not split into blocks of {block}")
+            spans.append((offset, math.prod(dims) * type_size // block, name))  # Python ints: no overflow
+        start = -(-self.pos // alignment) * alignment
+        for offset, n_bytes, name in spans:
+            if offset % alignment:
+                self.fail(f"tensor {name}'s offset {offset} is not a multiple of the alignment {alignment}")
+            if start + offset + n_bytes > len(self.data):
+                self.fail(f"tensor {name} ends at byte {start + offset + n_bytes}, the file has {len(self.data)}")
+        spans.sort()
+        at = 0  # as every GGUF writer lays them out: back to back, each padded to the alignment
+        for offset, n_bytes, name in spans:
+            if offset != at:
+                self.fail(f"tensor {name} at offset {offset} {'overlaps the one before' if offset < at else 'leaves a gap'}"
+                          f" (expected {at})")
+            at = -(-(offset + n_bytes) // alignment) * alignment
+
+
+def _check_structure(path: Path) -> None:
+    """`_Header.walk` over the file, mapped read-only."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise JaxftError(f"{path}: not a valid GGUF file, damaged or truncated (only {size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Header(path, data).walk()
+
+
 class GGUFSource:
     """A GGUF checkpoint seen as a Hugging Face state dict, read lazily.
 
@@ -107,13 +233,14 @@ class GGUFSource:
 
     def __init__(self, path):
         self.path = _check_gguf_file(path)
+        _check_structure(self.path)
         try:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader raises whatever numpy raises on a damaged file
-            cause = " ".join(str(e).split()) or type(e).__name__
+            cause = " ".join(str(e).split())[:200] or type(e).__name__
             raise JaxftError(f"{self.path}: not a valid GGUF file, damaged or truncated ({cause})") from None
         self._arch = self._metadata("general.architecture")
-        if self._arch not in _ARCHITECTURES:
+        if not isinstance(self._arch, str) or self._arch not in _ARCHITECTURES:
             raise JaxftError(
                 f"{self.path}: GGUF architecture {self._arch!r} is not supported by jaxft "
                 f"(supported: {', '.join(_ARCHITECTURES)})"
@@ -125,7 +252,10 @@ class GGUFSource:
 
     def _metadata(self, key: str, default=None):
         field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        try:
+            return default if field is None else field.contents()
+        except Exception as e:  # noqa: BLE001 — a value the reader cannot decode (damaged text)
+            raise JaxftError(f"{self.path}: metadata {key}: cannot be read ({type(e).__name__})") from None
 
     def _check_rope_scaling(self) -> None:
         """Refuse rope scaling, which transformers' GGUF loader ignores for these architectures."""
@@ -155,7 +285,16 @@ class GGUFSource:
     def hf_config(self) -> "transformers.PretrainedConfig":  # noqa: F821
         from transformers import AutoConfig  # (transformers imports torch: only where a GGUF is read)
 
-        return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 — transformers' GGUF mapping raises anything on odd metadata
+            cause = " ".join(str(e).split())[:160] or type(e).__name__
+            raise JaxftError(f"{self.path}: transformers cannot build a model config from this GGUF's metadata "
+                             f"({type(e).__name__}: {cause})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's HF shape ([out, in] for linear weights), without reading it."""
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
     def keys(self) -> list[str]:
         """HF tensor names in file order; "lm_head.weight" only if the file has output.weight."""
@@ -178,12 +317,18 @@ class GGUFSource:
 
     @functools.cached_property
     def _n_heads(self) -> int:
-        return int(self._metadata(f"{self._arch}.attention.head_count"))
+        return self._heads(f"{self._arch}.attention.head_count", None)
 
     @functools.cached_property
     def _n_kv_heads(self) -> int:
         # llama.cpp permutes K with n_head when the file states no KV head count.
-        return int(self._metadata(f"{self._arch}.attention.head_count_kv", self._n_heads))
+        return self._heads(f"{self._arch}.attention.head_count_kv", self._n_heads)
+
+    def _heads(self, key: str, default) -> int:
+        n = self._metadata(key, default)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise JaxftError(f"{self.path}: metadata {key}={str(n)[:40]}: expected a positive integer")
+        return n
 
 
 def load_gguf_tokenizer(path):
@@ -195,10 +340,13 @@ def load_gguf_tokenizer(path):
     from transformers import AutoTokenizer
 
     path = _check_gguf_file(path)
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except ValueError as e:
-        raise JaxftError(f"{path}: cannot build a tokenizer from this GGUF file ({' '.join(str(e).split())})") from None
+    _check_structure(path)
+    try:  # from an empty directory: transformers prefers tokenizer files lying next to the GGUF to its own
+        with tempfile.TemporaryDirectory(prefix="jaxft-gguf-") as empty:
+            return AutoTokenizer.from_pretrained(empty, gguf_file=str(path.absolute()), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 — transformers' GGUF tokenizer raises anything on damaged metadata
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        raise JaxftError(f"{path}: cannot build a tokenizer from this GGUF file ({cause})") from None
 
 
 # ---------------------------------------------------------------- export: a merged model as one GGUF file
@@ -417,8 +565,6 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None, ar
         return
     if arch.startswith("gemma") and source is not None and (source / "tokenizer.model").is_file():
         return _sentencepiece(w, source, hf_config, arch)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         if source is not None and (source / "tokenizer.json").is_file():
             d = source  # the original files: what they say (add_bos_token, ...) survives no re-save

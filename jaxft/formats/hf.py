@@ -16,6 +16,8 @@ copy of the model. Only safetensors and GGUF are read — no pickle, no remote c
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from pathlib import Path
 from typing import Callable, Protocol
@@ -27,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import JaxftError
+from jaxft.files import read_json, unique_keys
 from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
 from jaxft.models.config import DecoderConfig
 from jaxft.models.decoder import CPU_TUNED, Decoder
@@ -57,10 +60,7 @@ class SafetensorsSource:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise JaxftError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+            weight_map = _weight_map(index)
             files = {f: self._inside(f, index) for f in sorted(set(weight_map.values()))}
         elif single.is_file():
             weight_map, files = None, {"model.safetensors": single}
@@ -80,6 +80,8 @@ class SafetensorsSource:
         self._maps: dict[Path, np.memmap] = {}
 
     def _inside(self, fname: str, index: Path) -> Path:
+        if not fname or "\0" in fname:
+            raise JaxftError(f"{index}: shard name {fname!r} is not a file name")
         p = (self.dir / fname).resolve()
         if not p.is_relative_to(self.dir.resolve()):
             raise JaxftError(f"{index}: shard {fname!r} points outside the model directory; refused")
@@ -103,33 +105,95 @@ class SafetensorsSource:
         return self._maps[fpath][offset:offset + n].view(dt).reshape(shape)
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a header
+
+
+def _ints(value, n: int | None = None) -> bool:
+    """value is a list of non-negative ints (of length n)."""
+    return (isinstance(value, list) and (n is None or len(value) == n)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor → shard file name), checked."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise JaxftError(f"{index}: not a valid shard index (expected a weight_map of tensor name → shard file)")
+    return weight_map
+
+
 def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """name → (dtype, shape, absolute byte offset); checks the file holds every tensor's bytes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise JaxftError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise JaxftError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise JaxftError(f"{path}: not a safetensors file (header is not JSON)") from None
-    header.pop("__metadata__", None)
-    out = {}
+    """name → (dtype, shape, absolute byte offset), after checking everything the header says against the
+    file: its length, each entry's fields and types, each tensor's bytes for its shape and dtype, that every
+    tensor lies inside the file and that no two share bytes. Nothing is allocated from what the header
+    claims."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise JaxftError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise JaxftError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
+            if n > MAX_HEADER_BYTES:
+                raise JaxftError(f"{path}: not a safetensors file (a header of {n} bytes; at most "
+                                 f"{MAX_HEADER_BYTES} are read)")
+            raw = f.read(n)
+    except OSError as e:
+        raise JaxftError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a key twice
+        cause = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise JaxftError(f"{path}: not a safetensors file (header is not a valid JSON object: {cause})") from None
+    if not isinstance(header, dict):
+        raise JaxftError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise JaxftError(f"{path}: __metadata__ is not a mapping of strings")
+    out, spans = {}, []
     for name, e in header.items():
-        begin, end = e["data_offsets"]
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise JaxftError(f"{path}: tensor {name[:80]}: expected an entry with dtype, shape and data_offsets")
         if e["dtype"] not in _ST_DTYPES:
-            raise JaxftError(f"{path}: tensor {name} has dtype {e['dtype']}; jaxft reads {', '.join(_ST_DTYPES)}")
-        want = int(np.prod(e["shape"])) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize
+            raise JaxftError(f"{path}: tensor {name} has dtype {str(e['dtype'])[:20]}; jaxft reads "
+                             f"{', '.join(_ST_DTYPES)}")
+        if not _ints(e["shape"]) or not _ints(e["data_offsets"], 2) or e["data_offsets"][0] > e["data_offsets"][1]:
+            raise JaxftError(f"{path}: tensor {name}: shape {str(e['shape'])[:40]} / data_offsets "
+                             f"{str(e['data_offsets'])[:40]} are not non-negative integers (begin <= end)")
+        begin, end = e["data_offsets"]
+        want = math.prod(e["shape"]) * np.dtype(_ST_DTYPES[e["dtype"]]).itemsize  # Python ints: no overflow
         if end - begin != want:
             raise JaxftError(f"{path}: tensor {name} has {end - begin} bytes for shape {e['shape']} ({want} expected)")
         if 8 + n + end > size:
             raise JaxftError(f"{path}: truncated safetensors file (tensor {name} ends at byte {8 + n + end}, "
                              f"file has {size})")
         out[name] = (e["dtype"], tuple(e["shape"]), 8 + n + begin)
+        spans.append((begin, end, name))
+    spans.sort()
+    at = 0  # as the safetensors library checks: the tensors tile the data, back to back, to the end of the file
+    for begin, end, name in spans:
+        if begin != at:
+            why = "shares bytes with the tensor before it" if begin < at else f"leaves a gap at byte {8 + n + at}"
+            raise JaxftError(f"{path}: tensor {name} {why} (data_offsets {[begin, end]}); a damaged header")
+        at = end
+    if 8 + n + at != size:
+        raise JaxftError(f"{path}: the tensors end at byte {8 + n + at}, the file has {size}; a damaged header")
+    return out
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (a PEFT adapter's), validated as `SafetensorsSource` does and
+    copied into memory."""
+    path = Path(path)
+    entries = _read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if entries else None
+    out = {}
+    for name, (dtype, shape, offset) in entries.items():
+        dt = np.dtype(_ST_DTYPES[dtype])
+        out[name] = np.array(data[offset:offset + math.prod(shape) * dt.itemsize].view(dt).reshape(shape))
     return out
 
 
@@ -177,6 +241,7 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     >>> logits, _ = model(jnp.array([[1, 2, 3]]))
     """
     src, cfg = open_checkpoint(path)
+    _check_layer_count(src, cfg, path)
     compute_dtype = compute_dtype or dtype
 
     kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED)
@@ -235,6 +300,16 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     return model
 
 
+def _check_layer_count(src: TensorSource, cfg: DecoderConfig, path) -> None:
+    """The config's layer count against the layers the checkpoint holds, before any name list or array is
+    built from it (a damaged header can claim 2**31 layers)."""
+    held = {int(m[1]) for n in src.keys() if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    n = max(held) + 1 if held else 0
+    if n < cfg.num_layers:
+        raise JaxftError(f"{path}: tensor model.layers.{n}.* is missing from the checkpoint (the config says "
+                         f"{cfg.num_layers} layers, the checkpoint holds {n})")
+
+
 def _pad_id(pad_token_id, path) -> int:
     if pad_token_id is None:
         raise JaxftError(f"{path}: a score model needs a pad token id for pooling (none given)")
@@ -245,7 +320,7 @@ def _hf_config_dict(src, path) -> dict:
     """config.json of a directory, or the GGUF's transformers config, as a dict."""
     if hasattr(src, "hf_config"):
         return src.hf_config.to_dict()
-    return json.loads((Path(path).expanduser() / "config.json").read_text())
+    return read_json(Path(path).expanduser() / "config.json")
 
 
 def score_head(src, path, hidden: int) -> float | None:
@@ -273,8 +348,8 @@ def pad_token_id(path, tokenizer) -> int | None:
     or its EOS."""
     p = Path(path).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
-        c = json.loads((p / "config.json").read_text())
-        if any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or []) \
+        c = read_json(p / "config.json")
+        if isinstance(c, dict) and any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or []) \
                 and c.get("pad_token_id") is not None:
             return int(c["pad_token_id"])
     pad = getattr(tokenizer, "pad_token_id", None)

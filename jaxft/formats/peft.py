@@ -20,12 +20,14 @@ with overwrite=True.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -33,8 +35,10 @@ from jaxft import adapters
 from jaxft.adapters import bank
 from jaxft.config import VLLM_RANKS, LoraConfig, rank_bucket
 from jaxft.errors import JaxftError
-from jaxft.files import staging_dir
-from jaxft.formats.hf import hf_names
+from jaxft.example import default_cache_dir
+from jaxft.files import make_executable, read_json, staging_dir
+from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
+from jaxft.formats.hf import hf_names, read_safetensors
 from jaxft.models.decoder import Decoder
 from jaxft.models.heads import ScoreModel
 from jaxft.models.names import PROJECTIONS, hf_module
@@ -96,21 +100,67 @@ def write_adapter(config: dict, tensors: dict[str, np.ndarray], out_dir, *, over
     return Path(out_dir)
 
 
-def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """A PEFT adapter directory → (jaxft LoraConfig, tensors); the method's class (by peft_type) parses
-    its config, unsupported settings are one-line errors."""
-    from safetensors.numpy import load_file
-
+def adapter_files(adapter_dir) -> tuple[dict, dict[str, np.ndarray]]:
+    """A PEFT adapter directory's adapter_config.json (checked: a mapping whose generic keys have their types)
+    and its tensors (the safetensors header validated as a model's is, every value finite); one-line
+    JaxftErrors naming the file otherwise."""
     d = Path(adapter_dir)
     cfg_path, st = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, st):
         if not p.is_file():
             raise JaxftError(f"{p}: no such file (expected a PEFT adapter directory)")
-    c = json.loads(cfg_path.read_text())
+    c = read_json(cfg_path)
+    if not isinstance(c, dict):
+        raise JaxftError(f"{cfg_path}: expected a JSON object of PEFT settings, got a {type(c).__name__}")
+    for key, ok, want in _PEFT_KEYS:
+        if c.get(key) is not None and not ok(c[key]):
+            raise JaxftError(f"{cfg_path}: {key}={str(c[key])[:60]!r}: expected {want}")
+    tensors = read_safetensors(st)
+    for name, t in tensors.items():
+        if not np.isfinite(np.asarray(t, np.float32)).all():
+            raise JaxftError(f"{st}: tensor {name} holds NaN or Inf values; the file is damaged")
+    return c, tensors
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+_PEFT_KEYS = (  # (key, check, what it should be) for the keys every method reads
+    ("peft_type", lambda v: isinstance(v, str), "a string"),
+    ("r", lambda v: _int(v) and 1 <= v <= 2**31 - 1, "a positive integer"),
+    ("lora_alpha", _number, "a finite number"),
+    ("lora_dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("target_modules", _names, "a module name or a list of them"),
+    ("feedforward_modules", _names, "a module name or a list of them"),
+    ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+    ("use_dora", lambda v: isinstance(v, bool), "true or false"),
+    ("base_model_name_or_path", lambda v: isinstance(v, str), "a string"),
+)
+
+
+def read_adapter(adapter_dir) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """A PEFT adapter directory → (jaxft LoraConfig, tensors); the method's class (by peft_type) parses
+    its config, unsupported settings are one-line errors."""
+    c, tensors = adapter_files(adapter_dir)
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
     kind = c.get("peft_type", "LORA")
     if kind not in adapters.READERS:
         raise JaxftError(f"{cfg_path}: peft_type {kind!r} is not one of {', '.join(adapters.READERS)}")
-    return adapters.READERS[kind].config_from_peft(c, cfg_path), load_file(str(st))
+    try:
+        return adapters.READERS[kind].config_from_peft(c, cfg_path), tensors
+    except KeyError as e:
+        raise JaxftError(f"{cfg_path}: {e.args[0]}: missing (a {kind} adapter_config.json needs it)") from None
+    except (TypeError, ValueError) as e:
+        raise JaxftError(f"{cfg_path}: not a usable {kind} config ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
@@ -122,7 +172,11 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
     cfg, tensors = read_adapter(adapter_dir)
     method = adapters.METHODS[adapters.method_of(cfg)]
     used = set()
-    for path, lin in adapters.targets(model, cfg.target_modules):
+    try:
+        targets = list(adapters.targets(model, cfg.target_modules))
+    except JaxftError as e:  # a module name the model does not have: the adapter's config says it
+        raise JaxftError(f"{Path(adapter_dir) / 'adapter_config.json'}: {e}") from None
+    for path, lin in targets:
         template = hf_module(tuple(str(p) for p in path))
         L, d_in, d_out = lin.kernel.shape
         per_layer = []
@@ -176,45 +230,109 @@ def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16"
                   max_shard_bytes: int = 2 << 30) -> Path:
     """A Hugging Face model directory of the merged model: config.json, generation_config.json,
     safetensors (sharded with an index above max_shard_bytes), tokenizer files with the chat template."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     if out.exists() and not overwrite:  # before the (slow) merge
         raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    np_dtype = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}[dtype]
-    tensors = merged_tensors(model, np_dtype)
-    with staging_dir(out, overwrite) as tmp:
+    tensors = merged_tensors(model, _NP_DTYPES[dtype])
+    return write_hf_dir(tensors.__getitem__, {k: (v.shape, v.dtype) for k, v in tensors.items()}, hf_config,
+                        tokenizer, out, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                        pad_id=model.pad_id if _is_score_model(model) else None)
+
+
+_NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+
+
+def write_hf_dir(get, shapes: dict, hf_config, tokenizer, out_dir, *, dtype: str, overwrite: bool = False,
+                 max_shard_bytes: int = 2 << 30, pad_id: int | None = None, extra: dict | None = None) -> Path:
+    """An HF model directory, atomically: get(name) → each tensor (read one shard at a time, so a model larger
+    than memory streams through), shapes: name → (shape, dtype); config.json (+ a `*ForSequenceClassification`'s
+    keys when pad_id is given, else generation_config.json), tokenizer files; extra: more JSON files."""
+    from safetensors.numpy import save_file
+
+    with staging_dir(out_dir, overwrite) as tmp:
         shards, size = [[]], 0
-        for name, t in tensors.items():
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
+        for name, (shape, dt) in shapes.items():
+            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append(name)
-            size += t.nbytes
+            size += nbytes
         if len(shards) == 1:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file({n: get(n) for n in shards[0]}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             weight_map = {}
             for k, names in enumerate(shards):
                 fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                save_file({n: get(n) for n in names}, str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in names})
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+            total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = hf_config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
         config["architectures"] = config.get("architectures") or [type(hf_config).__name__.replace("Config", "ForCausalLM")]
-        if _is_score_model(model):
-            config.update(seq_cls_config(config, model.pad_id))
+        if pad_id is not None:
+            config.update(seq_cls_config(config, pad_id))
         else:
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1))
         tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- the base an exported adapter names
+
+GGUF_ORIGIN = "jaxft_gguf_base.json"  # in an HF directory written from a GGUF: {"gguf": path, "dtype": ...}
+
+
+def serving_base(model_path, dtype: str = "fp32", *, cache_dir=None, say=print) -> Path:
+    """The Hugging Face model directory an adapter of this base is loaded over (PEFT's
+    `AutoPeftModelForCausalLM`, `vllm serve BASE --enable-lora`): an HF directory as it is; for a GGUF base,
+    its dequantized HF directory, written once into the jaxft cache (`<cache>/hf/<name>-<key>-<dtype>/`).
+
+    Why there: PEFT, transformers and vLLM read an adapter's base from `base_model_name_or_path` and none of
+    them serves a GGUF as a LoRA base (transformers wants `gguf_file=` beside a directory; vLLM's LoRA
+    support is for HF checkpoints). One copy serves every run and export of that base (the example's is 0.5 GB
+    in fp32), the user's GGUF folder may be read-only, and adapter folders stay small enough to copy around.
+    The tensors are the very values jaxft trained on: the GGUF dequantized in fp32 (then cast to the run's
+    dtype, bf16 as jaxft casts), so the adapter is served over the model that was tested. The key is the
+    GGUF's absolute path, size and modification time: a GGUF replaced in place gets a new directory."""
+    path = Path(model_path).expanduser()
+    if path.suffix != ".gguf":
+        return path.absolute()
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = Path(cache_dir or default_cache_dir()).absolute() / "hf" / f"{path.stem}-{key}-{dtype}"
+    if (out / GGUF_ORIGIN).is_file():
+        return out
+    src = GGUFSource(path)
+    np_dtype = _NP_DTYPES[dtype]
+    say(f"jaxft: writing the GGUF base {path.name} as a Hugging Face directory (dequantized, {dtype}) for "
+        f"PEFT / vLLM to load adapters over, once: {out}")
+    write_hf_dir(lambda n: src.get(n).astype(np_dtype), {n: (src.shape(n), np_dtype) for n in src.keys()},
+                 src.hf_config, load_gguf_tokenizer(path), out, dtype=dtype, overwrite=True,
+                 extra={GGUF_ORIGIN: {"gguf": str(path.resolve()), "dtype": dtype}})
     return out
+
+
+def base_identity(base: str) -> str:
+    """What a base model string stands for, to compare two adapters' bases: an HF directory that jaxft wrote
+    from a GGUF stands for that GGUF (an adapter exported now names the directory, its run the GGUF)."""
+    if not base:
+        return base
+    origin = Path(base).expanduser() / GGUF_ORIGIN
+    try:
+        if origin.is_file():
+            return str(Path(read_json(origin)["gguf"]).resolve())
+        return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    except (JaxftError, KeyError, TypeError, OSError):
+        return base
 
 
 def seq_cls_config(config: dict, pad_id: int) -> dict:
@@ -237,8 +355,16 @@ def vllm_problems(config: dict, tensor_names) -> list[str]:
     out = []
     if config.get("peft_type", "LORA") != "LORA":
         return [f"peft_type={config['peft_type']}: vLLM loads LoRA adapters only; export with --format merged"]
-    if r not in VLLM_RANKS:
-        out.append(f"rank r={r} is not one of the ranks vLLM supports ({', '.join(map(str, VLLM_RANKS))})")
+    # vLLM serves any rank up to its --max-lora-rank (one of VLLM_RANKS, default 16), padding it to that rank
+    bucket = rank_bucket(r) if isinstance(r, int) else None
+    if bucket not in VLLM_RANKS:
+        out.append(f"rank r={r} is not one of the ranks vLLM supports: above {VLLM_RANKS[-1]}, the largest "
+                   f"--max-lora-rank it accepts; export with --format merged")
+    elif r not in VLLM_RANKS:
+        out.append(f"rank r={r} is not one of the ranks vLLM supports as --max-lora-rank "
+                   f"({', '.join(map(str, VLLM_RANKS))}): vLLM serves it padded to the rank bucket {bucket}, with "
+                   f"--max-lora-rank {bucket} or more" + (f" (the default {VLLM_DEFAULT_MAX_RANK} does)"
+                                                         if bucket <= VLLM_DEFAULT_MAX_RANK else ""))
     elif r > VLLM_DEFAULT_MAX_RANK:
         out.append(f"rank r={r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} "
                    f"(start vLLM with --max-lora-rank {r})")
@@ -285,8 +411,10 @@ def export_bank(model, out, *, base_model: str = "", strict: bool = False, overw
             found = vllm_problems(adapter_config(model, cfg), adapter_tensors(model))
         finally:
             bank.restore(model, saved)
-        # the command line sets --max-lora-rank to the bank's bucket, so vLLM's default rank is no problem here
-        problems += [f"{name}: {p}" for p in found if "default --max-lora-rank" not in p]
+        # the command line sets --max-lora-rank to the bank's bucket (r=4 and r=8: 8), so a rank within vLLM's
+        # ranks is no problem here, whatever the default
+        served = rank_bucket(cfg.r) in VLLM_RANKS
+        problems += [f"{name}: {p}" for p in found if not (served and p.startswith("rank r="))]
     for p in problems:
         say(f"jaxft: vLLM: {p}")
     if problems and strict:
@@ -300,6 +428,9 @@ def export_bank(model, out, *, base_model: str = "", strict: bool = False, overw
                 export_adapter(model, cfg, tmp / name, base_model=base_model)
             finally:
                 bank.restore(model, saved)
-        (tmp / "serve_vllm.sh").write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine\n{cmd}\n")
+        script = tmp / "serve_vllm.sh"
+        script.write_text(f"#!/bin/sh\n# every adapter of the run in one vLLM engine, over the base it was tested on\n"
+                          f"{cmd}\n")
+        make_executable(script)
     say(cmd)
     return out

@@ -29,16 +29,14 @@ new adapter's layers come first (`_init_draws`), then one mask per tensor in PEF
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from jaxft.errors import JaxftError
-from jaxft.formats.peft import read_adapter
+from jaxft.formats.peft import adapter_files, base_identity, read_adapter
 from jaxft.models.names import PROJECTIONS
 
 BY_FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on A's and B's, equal ranks
@@ -224,7 +222,7 @@ def merged_config(ads: list[PeftAdapter], rank: int) -> dict:
 def _same_base(x: str, y: str) -> bool:
     if not x or not y or x == y:
         return True
-    return Path(x).exists() and Path(y).exists() and Path(x).resolve() == Path(y).resolve()
+    return base_identity(x) == base_identity(y)  # also: a GGUF and the HF directory jaxft wrote from it
 
 
 def check(ads: list[PeftAdapter], weights: list[float], method: str, *, density, sign_method: str,
@@ -313,6 +311,6 @@ def read_peft(path) -> PeftAdapter:
     """A PEFT adapter directory as merge input, after jaxft's own refusals (patterns, modules_to_save, bias,
     residual inits, ...: jaxft.formats.peft.read_adapter)."""
     p = Path(path)
-    read_adapter(p)
-    tensors = {k: np.asarray(v, _F32) for k, v in load_file(str(p / "adapter_model.safetensors")).items()}
-    return PeftAdapter(json.loads((p / "adapter_config.json").read_text()), tensors, str(p))
+    read_adapter(p)  # the refusals
+    config, tensors = adapter_files(p)
+    return PeftAdapter(config, {k: np.asarray(v, _F32) for k, v in tensors.items()}, str(p))

@@ -98,7 +98,29 @@ class DecoderConfig:
         >>> DecoderConfig.from_hf("path/to/SmolLM2").num_kv_heads
         3
         """
-        return _from_hf_config(_as_hf_config(source), _where(source))
+        where = _where(source)
+        try:
+            cfg = _from_hf_config(_as_hf_config(source), where)
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            cause = str(e).splitlines()[0][:120] if str(e) else ""  # a damaged config: a value of the wrong kind
+            raise JaxftError(f"{where}: not a usable model config ({type(e).__name__}: {cause})") from None
+        _check_sizes(cfg, where)
+        return cfg
+
+
+def _check_sizes(c: "DecoderConfig", where: str) -> None:
+    """Sizes a damaged or hand-edited config.json (or GGUF header) can get wrong, each a one-line error before
+    any shape is built from them."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "max_position_embeddings"):
+        v = getattr(c, key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 2**31 - 1:
+            raise JaxftError(f"{where}: {key}={v!r}: expected a positive integer")
+    if c.num_heads % c.num_kv_heads:
+        raise JaxftError(f"{where}: num_attention_heads={c.num_heads} is not a multiple of "
+                         f"num_key_value_heads={c.num_kv_heads}")
+    if not (isinstance(c.rms_norm_eps, float) and math.isfinite(c.rms_norm_eps) and c.rms_norm_eps >= 0):
+        raise JaxftError(f"{where}: rms_norm_eps={c.rms_norm_eps!r}: expected a finite number >= 0")
 
 
 def _where(source: Any) -> str:

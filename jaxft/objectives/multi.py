@@ -96,23 +96,30 @@ def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True) 
         mixed = wrap(MixedBatches([batches(a, "train") for a in run.adapters], run.train.grad_accum))
         source = Prefetched(lambda step: mixed.step(step - 1, run.train.grad_accum), len(mixed))
     evaluate = None
-    if all(a.validation for a in run.adapters):
-        vals = [MixedBatches([batches(a, "validation")]) for a in run.adapters]
+    judged = [(n, a) for n, a in enumerate(run.adapters) if a.validation]  # each adapter with its own validation
+    unjudged = [a.name for a in run.adapters if not a.validation]
+    if train and unjudged:  # said once, at the start: no eval_loss_<name> for these
+        say(f"validation: {', '.join(unjudged)} {'has' if len(unjudged) == 1 else 'have'} no validation file "
+            f"(adapters[i].validation): " + (f"eval_loss_<name> is logged for {', '.join(a.name for _, a in judged)} "
+                                            "only" if judged else "no validation loss is logged"))
+    if judged:
+        vals = [(n, a.name, MixedBatches([batches(a, "validation")])) for n, a in judged]
         eval_step = make_eval_step(setup.graphdef, single_adapter_loss)
 
         def evaluate(params, frozen):
             out = {}
-            for n, (name, val) in enumerate(zip(names, vals)):
+            for n, name, val in vals:
                 tagged = Tagged(val, n)
                 r = mean_over_batches(eval_step, params, frozen, tagged, run.train.eval_batches, "eval_tokens")
                 out[f"eval_loss_{name}"] = r["eval_loss"]
                 out[f"eval_ppl_{name}"] = perplexity(r["eval_loss"])
-            out["eval_loss"] = float(np.mean([out[f"eval_loss_{n}"] for n in names]))
+            out["eval_loss"] = float(np.mean([out[f"eval_loss_{name}"] for _, name, _ in vals]))
             return out
 
     return Objective(name="sft", train=source, loss_fn=loss_fn, evaluate=evaluate, count_name="targets",
-                     metrics=tuple(f"loss_{n}" for n in names), headline=tuple(f"eval_loss_{n}" for n in names),
-                     heldout=run.adapters[0].validation)
+                     metrics=tuple(f"loss_{n}" for n in names),
+                     headline=tuple(f"eval_loss_{a.name}" for _, a in judged),
+                     heldout=judged[0][1].validation if judged else None)
 
 
 def single_adapter_loss(model, batch, ctx):
