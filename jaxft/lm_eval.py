@@ -55,6 +55,7 @@ from jaxft.models.decoder import head_logits
 from jaxft.setup import resolve_model
 
 MIN_QUERIES = 16  # scored positions per row: a power of two, at least this
+MIN_SHARED = 8  # contexts of at least this many tokens with several continuations run once for all of them
 
 
 def pow2(n: int, least: int = 1) -> int:
@@ -65,14 +66,9 @@ def pow2(n: int, least: int = 1) -> int:
 # ---------------------------------------------------------------- the scoring program
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def score_rows(weights, tokens, positions, segment_ids, q_pos, q_tok, ctx, *, graphdef):
-    """Log-probs of chosen next tokens in packed rows. tokens / positions / segment_ids [R, S] (segment 0: padding);
-    q_pos [R, C]: positions whose next token is scored, q_tok [R, C]: that token. Returns (log p(q_tok) [R, C] fp32,
-    whether q_tok is the argmax [R, C]). Only the R x C queried positions go through the vocabulary projection,
-    C // c chunks of [R, c, V] at a time."""
-    model = nnx.merge(graphdef, *weights)
-    h, _ = model.hidden(tokens, positions, segment_ids, ctx=ctx)  # [R, S, D]
+def _queries(model, h, q_pos, q_tok):
+    """(log p(q_tok) [R, C] fp32, q_tok is the argmax [R, C]) at positions q_pos [R, C] of hidden states h [R, S, D]:
+    only these R x C states go through the vocabulary projection, C // c chunks of [R, c, V] at a time."""
     hq = jnp.take_along_axis(h, q_pos[..., None], axis=1)  # [R, C, D]
     R, C, D = hq.shape
     c = max(1, min(C, 512 // R))
@@ -91,9 +87,31 @@ def score_rows(weights, tokens, positions, segment_ids, q_pos, q_tok, ctx, *, gr
     return join(lp), join(greedy)
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
+def score_rows(weights, tokens, positions, segment_ids, q_pos, q_tok, ctx, *, graphdef):
+    """Log-probs of chosen next tokens in packed rows. tokens / positions / segment_ids [R, S] (segment 0: padding);
+    q_pos [R, C]: positions whose next token is scored, q_tok [R, C]: that token. Returns (log p(q_tok) [R, C] fp32,
+    whether q_tok is the argmax [R, C])."""
+    model = nnx.merge(graphdef, *weights)
+    h, _ = model.hidden(tokens, positions, segment_ids, ctx=ctx)  # [R, S, D]
+    return _queries(model, h, q_pos, q_tok)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def score_shared(weights, prefix, suffix, src, ctx_p, ctx_s, *, graphdef):
+    """Contexts run once for all their continuations. prefix: (tokens, positions, segment_ids, q_pos, q_tok) of
+    rows [Rp, Sp] packed with contexts; suffix: the same of rows [Rs, Ss], each row holding at most one
+    continuation of each context of prefix row src[b] (under that context's segment id, positions after it),
+    attending to it through the prefix's keys and values. Returns score_rows's pair for each."""
+    model = nnx.merge(graphdef, *weights)
+    hp, kv = model.hidden(*prefix[:3], ctx=ctx_p, keep_kv=True)
+    hs, _ = model.hidden(*suffix[:3], ctx=ctx_s, prefix=(kv, src))
+    return _queries(model, hp, *prefix[3:]), _queries(model, hs, *suffix[3:])
+
+
 def score_calls() -> int:
-    """How many programs `score_rows` has compiled in this process (its jit cache)."""
-    return score_rows._cache_size()
+    """How many scoring programs (`score_rows`, `score_shared`) this process has compiled (their jit caches)."""
+    return score_rows._cache_size() + score_shared._cache_size()
 
 
 @dataclasses.dataclass
@@ -149,6 +167,98 @@ def share_inputs(inputs: list[tuple[int, ...]]) -> list[tuple[int, int]]:
         if len(x) <= len(y) and y[:len(x)] == x:
             host[a] = host[b]
     return host
+
+
+@dataclasses.dataclass
+class Group:
+    """Requests whose inputs start with the same context: `prefix` (the context up to the token that predicts the
+    first continuation token) and, per member, the rest of its input and the tokens its positions predict."""
+
+    prefix: tuple[int, ...]
+    members: list[int]  # request indices
+    suffixes: list[list[int]]  # the rest of each member's input (may be empty)
+    targets: list[list[int]]  # each member's continuation: len(suffix) + 1 tokens
+
+
+@dataclasses.dataclass
+class SharedPacked:
+    """score_shared's arrays: prefix and suffix (tokens, positions, segment_ids, q_pos, q_tok) and src, and per
+    member request its query cells (0: prefix rows, 1: suffix rows; row; column) in token order."""
+
+    prefix: tuple
+    suffix: tuple
+    src: np.ndarray
+    where: dict[int, list[tuple[int, int, int]]]
+
+
+def pack_shared(groups: list[Group], start: int, length: int, max_rows: int, max_suffix: int, rows_of=pow2
+                ) -> tuple[SharedPacked, int]:
+    """Pack groups[start:] (longest prefix first) into at most max_rows prefix rows of `length` tokens, the j-th
+    continuations of a row's contexts into its suffix row j (at most max_suffix tokens each); returns the packed
+    call and the index of the first group left out. rows_of(n): the padded row count of n rows."""
+    free: list[int] = []
+    sums: list[list[int]] = []
+    placed: list[tuple[int, int, int]] = []  # (group, row, offset)
+    i = start
+    while i < len(groups):
+        g = groups[i]
+        a, bs = len(g.prefix), sorted((len(x) for x in g.suffixes if x), reverse=True)
+        if a > length or any(b > max_suffix for b in bs):
+            break
+        fits = lambda r: free[r] >= a and all(j >= len(sums[r]) or sums[r][j] + b <= max_suffix  # noqa: E731
+                                              for j, b in enumerate(bs))
+        r = next((r for r in range(len(free)) if fits(r)), None)
+        if r is None:
+            if len(free) == max_rows:
+                break
+            free.append(length)
+            sums.append([])
+            r = len(free) - 1
+        placed.append((i, r, length - free[r]))
+        free[r] -= a
+        for j, b in enumerate(bs):
+            if j == len(sums[r]):
+                sums[r].append(0)
+            sums[r][j] += b
+        i += 1
+    Rp, base = rows_of(len(free)), np.cumsum([0] + [len(x) for x in sums])
+    Rs, Ss = rows_of(max(int(base[-1]), 1)), pow2(max([x for r in sums for x in r] or [1]), MIN_QUERIES)
+    arrays = lambda R, S: [np.zeros((R, S), np.int32) for _ in range(3)]  # noqa: E731
+    (pt, pp, ps), (st, sp, ss) = arrays(Rp, length), arrays(Rs, Ss)
+    src = np.zeros(Rs, np.int32)
+    qp, qs = [[] for _ in range(Rp)], [[] for _ in range(Rs)]  # (position, token) per row
+    where: dict[int, list[tuple[int, int, int]]] = {}
+    used, nseg = np.zeros(Rs, np.int64), [0] * Rp
+    for gi, r, at in placed:
+        g = groups[gi]
+        a = len(g.prefix)
+        nseg[r] += 1
+        pt[r, at:at + a], pp[r, at:at + a], ps[r, at:at + a] = g.prefix, np.arange(a), nseg[r]
+        order = sorted(range(len(g.members)), key=lambda k: -len(g.suffixes[k]))
+        for j, k in enumerate(order):
+            cells = [(0, r, len(qp[r]))]
+            qp[r].append((at + a - 1, g.targets[k][0]))
+            suf = g.suffixes[k]
+            if suf:
+                row = int(base[r]) + j
+                o = int(used[row])
+                st[row, o:o + len(suf)], sp[row, o:o + len(suf)], ss[row, o:o + len(suf)] = suf, a + np.arange(len(suf)), nseg[r]
+                src[row] = r
+                for t, tok in enumerate(g.targets[k][1:]):
+                    cells.append((1, row, len(qs[row])))
+                    qs[row].append((o + t, tok))
+                used[row] += len(suf)
+            where[g.members[k]] = cells
+
+    def queries(q):
+        C = pow2(max(len(x) for x in q), MIN_QUERIES)
+        pos, tok = np.zeros((len(q), C), np.int32), np.zeros((len(q), C), np.int32)
+        for r, x in enumerate(q):
+            if x:
+                pos[r, :len(x)], tok[r, :len(x)] = zip(*x)
+        return pos, tok
+
+    return SharedPacked((pt, pp, ps, *queries(qp)), (st, sp, ss, *queries(qs)), src, where), i
 
 
 # ---------------------------------------------------------------- loading a model
@@ -345,14 +455,9 @@ class JaxftLM(TemplateLM):
         return r
 
     def _run_packed(self, p: Packed):
-        args = [p.tokens, p.positions, p.segment_ids, p.q_pos, p.q_tok]
         R = p.tokens.shape[0]
-        mesh_ctx = contextlib.nullcontext()
-        if self.mesh is not None:
-            rows = NamedSharding(self.mesh, sharding.batch_spec(self.mesh, R))
-            args = [jax.device_put(a, rows) for a in args]
-            mesh_ctx = jax.set_mesh(self.mesh)
-        with mesh_ctx:
+        args = self._place([p.tokens, p.positions, p.segment_ids, p.q_pos, p.q_tok], R)
+        with (jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()):
             lp, greedy = score_rows(tuple(self.weights), *args, self._ctx(R), graphdef=self.m.graphdef)
         self.calls += 1
         return sharding.to_host(lp), sharding.to_host(greedy)
@@ -401,11 +506,45 @@ class JaxftLM(TemplateLM):
         bar.close()
         return out
 
+    def _place(self, arrays, rows: int):
+        """Host arrays [rows, ...] on the mesh, split over its batch axes (as they are without a mesh)."""
+        if self.mesh is None:
+            return arrays
+        where = NamedSharding(self.mesh, sharding.batch_spec(self.mesh, rows))
+        return jax.tree.map(lambda a: jax.device_put(a, where), arrays)
+
+    def score_groups(self, groups: list[Group], progress: str = "") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Requests sharing a context (score_shared): per member request, its log-probs and argmax-matches."""
+        groups = sorted(groups, key=lambda g: -len(g.prefix))
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        bar = tqdm(total=sum(len(g.members) for g in groups), desc=progress, disable=not progress or self.rank != 0)
+        k = 0
+        while k < len(groups):
+            length = max(self.pack_length, pow2(len(groups[k].prefix)))
+            sp, nxt = pack_shared(groups, k, length, max(1, self.batch_tokens // (2 * length)),
+                                  max(self.pack_length, pow2(max(len(x) for x in groups[k].suffixes))), self._rows)
+            Rp, Rs = sp.prefix[0].shape[0], sp.suffix[0].shape[0]
+            with (jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()):
+                res = score_shared(tuple(self.weights), self._place(sp.prefix, Rp), self._place(sp.suffix, Rs),
+                                   self._place(sp.src, Rs), self._ctx(Rp), self._ctx(Rs), graphdef=self.m.graphdef)
+            self.calls += 1
+            (lp_p, g_p), (lp_s, g_s) = [tuple(sharding.to_host(x) for x in pair) for pair in res]
+            lp, greedy = (lp_p, lp_s), (g_p, g_s)
+            for i, cells in sp.where.items():
+                out[i] = (np.asarray([lp[w][r, c] for w, r, c in cells], np.float64),
+                          np.asarray([greedy[w][r, c] for w, r, c in cells], bool))
+            bar.update(sum(len(g.members) for g in groups[k:nxt]))
+            k = nxt
+        bar.close()
+        return out
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
-        """requests: ((context, continuation), context ids, continuation ids) → (sum of log-probs, greedy)."""
-        inputs, queries = [], []
+        """requests: ((context, continuation), context ids, continuation ids) → (sum of log-probs, greedy).
+        Requests whose contexts (of at least MIN_SHARED tokens) have several continuations run the context once
+        (score_groups); the others run packed whole (score_inputs)."""
+        inputs, queries, by_prefix = [], [], {}
         L = self.max_length
-        for _, ctx_ids, cont_ids in requests:
+        for i, (_, ctx_ids, cont_ids) in enumerate(requests):
             if not ctx_ids or not cont_ids or len(cont_ids) > L:
                 raise JaxftError(f"lm-eval request: context of {len(ctx_ids)} and continuation of {len(cont_ids)} "
                                  f"tokens (both must be non-empty, the continuation at most {L})")
@@ -413,9 +552,19 @@ class JaxftLM(TemplateLM):
             n, m = len(inp), len(cont_ids)
             inputs.append(inp)
             queries.append([(n - m + j, t) for j, t in enumerate(cont_ids)])
-        got = self.score_inputs(inputs, queries, "" if disable_tqdm else "loglikelihood")
+            by_prefix.setdefault(tuple(inp[:n - m + 1]), []).append(i)
+        groups = [Group(p, ids, [inputs[i][len(p):] for i in ids], [requests[i][2] for i in ids])
+                  for p, ids in by_prefix.items()
+                  if len(p) >= MIN_SHARED and sum(len(inputs[i]) > len(p) for i in ids) >= 2
+                  and not self.config.sliding_window]  # windows count slots: a suffix row's are not positions
+        shared = {i for g in groups for i in g.members}
+        rest = [i for i in range(len(requests)) if i not in shared]
+        desc = "" if disable_tqdm else "loglikelihood"
+        got = dict(zip(rest, self.score_inputs([inputs[i] for i in rest], [queries[i] for i in rest], desc)))
+        got.update(self.score_groups(groups, desc) if groups else {})
         out = []
-        for ((ctx, cont), _, _), (lp, greedy) in zip(requests, got):
+        for i, ((ctx, cont), _, _) in enumerate(requests):
+            lp, greedy = got[i]
             ans = (float(lp.sum()), bool(greedy.all()))
             if ctx is not None:
                 self.cache_hook.add_partial("loglikelihood", (ctx, cont), ans)

@@ -45,7 +45,9 @@ LL = [("The weather in Paris", " is sunny today"),  # multi-token continuation
       ("Question: 2+2=", "4"), ("Question: 2+2= ", "4"),  # the trailing space moves to the continuation
       ("Answer:", " A"), ("Answer:", " B"), ("Answer:", " C"),  # one input shared by three requests
       ("word " * 80, " and a tail"),  # longer than the context: truncated from the left
-      ("abc", "def ghi jkl")]
+      ("abc", "def ghi jkl"),
+      *[("Question: what colour is the sky over the sea at noon?\nAnswer:", c)  # one context run once for all
+        for c in (" blue and clear", " grey", " it depends on the weather", " green")]]
 
 
 def _greedy_requests(jx):
@@ -139,10 +141,21 @@ def test_compiles_once_per_bucket_for_new_weights_and_lengths(tmp_path):
 
 
 def test_packing_and_shared_inputs():
+    from jaxft.lm_eval import Group, pack_shared
+
+    groups = [Group((1, 2, 3), [0, 1, 2], [[7, 8], [9], []], [[7, 8, 5], [9, 6], [4]]),
+              Group((5, 6), [3, 4], [[1], [2, 3, 4]], [[1, 0], [2, 3, 4, 0]])]
+    sp, nxt = pack_shared(groups, 0, length=8, max_rows=2, max_suffix=8)
+    assert nxt == 2 and sp.prefix[0].tolist() == [[1, 2, 3, 5, 6, 0, 0, 0]]
+    assert sp.suffix[0][:2, :4].tolist() == [[7, 8, 2, 3], [9, 1, 0, 0]] and sp.src[:2].tolist() == [0, 0]
+    assert sp.suffix[2][:2, :4].tolist() == [[1, 1, 2, 2], [1, 2, 0, 0]]  # each context's segment id
+    assert sp.suffix[1][:2, :4].tolist() == [[3, 4, 2, 3], [3, 2, 0, 0]]  # positions after the context
+    assert [sp.where[2]] == [[(0, 0, 2)]]  # an empty suffix: only the context's last position
+
     assert share_inputs([(1, 2, 3), (1, 2), (4,), (1, 2, 3), (1, 2, 3, 4)]) == [4, 4, 2, 4, 4]
     p = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[(2, 11)], [(0, 12), (1, 13)], [(3, 14)]], length=6, rows=2)
     assert p.tokens.tolist() == [[6, 7, 8, 9, 4, 5], [1, 2, 3, 0, 0, 0]]
-    assert p.segment_ids.tolist() == [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0]]
+    assert p.segment_ids.tolist() == [[2, 2, 2, 2, 1, 1], [1, 1, 1, 0, 0, 0]]  # numbered in input order
     assert p.positions[0].tolist() == [0, 1, 2, 3, 0, 1]
     assert [[(int(p.q_pos[r, c]), int(p.q_tok[r, c])) for r, c in w] for w in p.where] == \
         [[(2, 11)], [(4, 12), (5, 13)], [(3, 14)]]
