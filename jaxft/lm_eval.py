@@ -330,8 +330,7 @@ class JaxftLM(TemplateLM):
         self.weights, self.adapter_id = self.m.weights, self.m.adapter_id
         self.tokenizer = self.m.tokenizer
         self.mesh = mesh
-        cfg = self.m.graphdef  # the decoder config is read from a merged model once
-        self.config = nnx.merge(cfg, *self.weights).config
+        self.config = nnx.merge(self.m.graphdef, *self.weights).config  # the DecoderConfig
         self._max_length = int(max_length or self.config.max_position_embeddings)
         self.batch_size, self.batch_tokens = int(batch_size), int(batch_tokens)
         self.pack_length = min(pow2(int(pack_length)), pow2(self._max_length))
@@ -366,9 +365,6 @@ class JaxftLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return str(self.m.path).replace("/", "__")
-
-    def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return super().chat_template(chat_template)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the tokenizer's chat template (as HFLM renders it)."""

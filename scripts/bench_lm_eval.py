@@ -34,8 +34,13 @@ def hf_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = model.config
+        if hasattr(config, "quantization_config"):  # transformers refuses to save a model it read from a GGUF
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
         tmp = out.with_name(out.name + ".part")
-        model.save_pretrained(tmp)
+        plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         os.replace(tmp, out)
     return out

@@ -199,6 +199,43 @@ def test_run_directory_equals_its_merged_export_through_hflm(tmp_path):
         assert max(abs(a[0] - b[0]) for a, b in zip(want, got)) < 1e-4, base
     assert abs(want[0][0] - JaxftLM(str(tmp_path / "run")).loglikelihood(reqs[:1], True)[0][0]) > 1e-3  # tuned ≠ base
 
+    # `jaxft lm-eval RUN --base`: both variants, lm-eval's tables and one side by side, one JSON
+    from jaxft.commands.lm_eval import lm_eval_command
+
+    out = tmp_path / "both.json"
+    got = lm_eval_command(str(tmp_path / "run"), ["jaxft_extract_mc"], include_path=str(TASKS), limit=2, base=True,
+                          output=str(out))
+    saved = json.loads(out.read_text())
+    assert list(got) == list(saved) == ["base", "tuned"] and "samples" not in saved["tuned"]
+    assert saved["base"]["n-samples"]["jaxft_extract_mc"]["effective"] == 2
+
+
+def test_adapter_of_a_bank_equals_hflm_with_peft(tmp_path):
+    """--adapter NAME=DIR --use NAME: one PEFT adapter of a bank scores as HFLM with that adapter (peft=DIR)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    d = _save(tmp_path / "m", "qwen2")
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.5 * torch.randn_like(p))
+        pm.save_pretrained(tmp_path / name)
+    reqs = [_req("loglikelihood", a, i) for i, a in enumerate(LL)]
+    lm = JaxftLM(d, adapters=[f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"], use="b")
+    got = lm.loglikelihood(reqs, True)
+    want = HFLM(pretrained=str(d), peft=str(tmp_path / "b"), dtype="float32", device="cpu",
+                batch_size=4).loglikelihood(reqs, True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(want, got)) < 1e-4 and [a[1] for a in want] == [b[1] for b in got]
+    lm.select("base")  # the bare base under the bank
+    base = HFLM(pretrained=str(d), dtype="float32", device="cpu", batch_size=4).loglikelihood(reqs, True)
+    assert max(abs(a[0] - b[0]) for a, b in zip(base, lm.loglikelihood(reqs, True))) < 1e-4
+
 
 def test_cli_writes_results_and_prints_the_table(tmp_path):
     """`jaxft lm-eval` on a user's own task (a YAML with local data_files), offline: lm-eval's table and the
