@@ -1,5 +1,5 @@
 """`jaxft` command line: train | eval | export | merge-adapters | score | plan | prepare | task-data | generate | chat | cai |
-example-model.
+lm-eval | example-model.
 
 Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
 """
@@ -138,6 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("stage", choices=["revise", "label", "run"])
     ca.add_argument("config", help="YAML run config with a cai: section (e.g. configs/cai_task.yaml)")
     ca.add_argument("overrides", nargs="*", help="section.key=value")
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model or a run (base and tuned with --base)")
+    le.add_argument("model", help="HF model directory, .gguf file, 'example', or a jaxft run directory (its tuned "
+                                  "weights)")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
+    le.add_argument("--include-path", default=None, metavar="DIR",
+                    help="more task YAMLs (e.g. configs/lm_eval: the quickstart's task, offline)")
+    le.add_argument("--num-fewshot", type=int, default=None)
+    le.add_argument("--limit", type=float, default=None, help="at most N documents per task (a fraction if < 1)")
+    le.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    le.add_argument("--base", action="store_true", help="a run (or --use ADAPTER): its base model beside it")
+    le.add_argument("--output", default=None, metavar="FILE.json", help="write the results dict (JSON)")
+    le.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
+    le.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="adapters over MODEL (PEFT directories or jaxft runs), one bank; --use picks the one to run")
+    le.add_argument("--use", default=None, metavar="NAME", help="the adapter to evaluate (default: the first)")
+    le.add_argument("--batch-size", type=int, default=16, help="generation rows per call")
+    le.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    le.add_argument("--seed", type=int, default=0)
     parser.commands = sub.choices  # name → sub-parser, for _parse
     return parser
 
@@ -290,9 +308,26 @@ def cmd_cai(args):
     print(json.dumps({k: v for k, v in summary.items() if k != "stats"}))
 
 
+def cmd_lm_eval(args):
+    try:
+        from jaxft.commands.lm_eval import lm_eval_command
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        raise JaxftError("lm-eval is not installed: pip install 'jaxft[lm-eval]' (or pip install lm-eval==0.4.13)") \
+            from None
+    tasks = [t for t in args.tasks.split(",") if t]
+    lm_eval_command(args.model, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                    limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                    apply_chat_template=args.apply_chat_template, base=args.base, output=args.output,
+                    log_samples=args.log_samples, adapters=args.adapter, use=args.use, batch_size=args.batch_size,
+                    dtype=args.dtype, seed=args.seed)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,
             "eval": cmd_eval, "prepare": cmd_prepare, "task-data": cmd_task_data, "export": cmd_export,
-            "plan": cmd_plan, "score": cmd_score, "merge-adapters": cmd_merge_adapters, "cai": cmd_cai}
+            "plan": cmd_plan, "score": cmd_score, "merge-adapters": cmd_merge_adapters, "cai": cmd_cai,
+            "lm-eval": cmd_lm_eval}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -170,7 +170,7 @@ def _run(weights, tokens, positions, segment_ids, alive, src, eos, key, max_new,
 
 def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[int], sampling: Sampling = Sampling(),
              ctx: Ctx = ON, mesh: jax.sharding.Mesh | None = None,
-             on_token: Callable[[np.ndarray], None] | None = None) -> Generated:
+             on_token: Callable[[np.ndarray], None] | None = None, prompt_length: int = 0) -> Generated:
     """Sample a completion for each prompt from the model `nnx.merge(graphdef, *weights)`.
 
     A pure function of the weights: compiled once per (rows, prompt length, new-token) bucket and
@@ -179,11 +179,12 @@ def generate(graphdef, weights, prompts: list[list[int]], *, eos_ids: Iterable[i
     ctx: adapters on / off, per-row adapter ids (padded rows reuse row 0's). mesh: run on it (the
     weights already placed; the rows split over (data, fsdp) when they divide). on_token(ids [B]) is
     called from inside the program after every step (streaming); it is part of the compile key, so
-    pass the same callable for a session.
+    pass the same callable for a session. prompt_length: pad the prompts to at least this many tokens (a caller's
+    own shape bucket, e.g. jaxft.lm_eval's powers of two; by default the longest prompt rounded up to 32).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    B, P = len(prompts), bucket(max(len(p) for p in prompts))
+    B, P = len(prompts), max(bucket(max(len(p) for p in prompts)), prompt_length)
     R = row_bucket(B)
     # Rows that repeat a prompt (GRPO's G completions of each) share its prefill, unless adapters differ by row
     first, src = shared_rows([tuple(p) for p in prompts]) if ctx.adapter_ids is None else ([], None)

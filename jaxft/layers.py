@@ -33,8 +33,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
              "jaxft.losses", "jaxft.objective", "jaxft.generate", "jaxft.train")),
     # what a run can train: one module per objective, picked from a table
     ("objectives", ("jaxft.objectives",)),
-    # what a CLI verb runs
-    ("commands", ("jaxft.commands",)),
+    # what a CLI verb runs, and lm-evaluation-harness's backend (jaxft.lm_eval.JaxftLM)
+    ("commands", ("jaxft.commands", "jaxft.lm_eval")),
     # argparse
     ("cli", ("jaxft.cli",)),
 )

@@ -4,7 +4,7 @@
                                      [--task-prompts G] [--temperature T]
 
 Both load the same GGUF (the example model) to float32 and decode greedily on the CPU with a KV
-cache; EOS is ignored so both produce exactly --new-tokens tokens. `--task-prompts G` uses the quickstart
+cache; EOS is ignored (neither a stop nor masked) so both produce exactly --new-tokens tokens. `--task-prompts G` uses the quickstart
 task's chat prompts instead (130-180 tokens), each repeated G times in consecutive rows (a GRPO generation
 batch: `--batches 16 --task-prompts 8` is configs/grpo_lora.yaml's rollout), and `--temperature T > 0` samples
 (no top-k / top-p) on both sides, as a rollout does; rows are then compared only for length. jaxft runs `jaxft.generate.generate`
@@ -16,7 +16,7 @@ import argparse
 
 import jax
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.example import example_model
@@ -44,6 +44,7 @@ def main():
     t_jx, model = timed(lambda: jax.block_until_ready(load_pretrained(path)), 1)
     t_hf, hf = timed(lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                  dtype=torch.float32).eval(), 1)
+    hf.generation_config.eos_token_id = None  # EOS is no stop (generate() would take it back from the model)
     print(f"\nload (weights, fp32)      jaxft {t_jx:6.1f} s   transformers {t_hf:6.1f} s   ratio {t_hf / t_jx:.2f}x"
           f"   (tokenizer from GGUF: {t_tok:.1f} s)")
 
@@ -79,10 +80,13 @@ def main():
         for i, p in enumerate(batch):
             inp[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
 
+        # EOS neither stops a row nor is masked on either side: min_new_tokens would set its logit to -inf until
+        # the n-th token, so transformers would take the runner-up where jaxft takes EOS (scripts/greedy_ties.py)
+        cfg = GenerationConfig(max_new_tokens=n, pad_token_id=0, **sample_kw)
+
         def run_hf():
             with torch.no_grad():
-                return hf.generate(input_ids=inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   pad_token_id=0, **sample_kw)
+                return hf.generate(input_ids=inp, attention_mask=mask, generation_config=cfg)
 
         t_h, ref = timed(run_hf, args.repeats)
         assert ref.shape[1] - P == n
