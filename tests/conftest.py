@@ -1,9 +1,19 @@
 import os
+import tempfile
 
 # Simulated devices for sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One persistent XLA compilation cache for this pytest run, shared by its workers and by the `jaxft` processes
+# the CLI tests start (they inherit the environment): a resume test's second and third process, and every test
+# that builds the same tiny step again, load the program instead of compiling it (a cached executable is the
+# same binary, so bit-exact comparisons between processes are unaffected). Fresh per run, never reused across
+# runs: the suite's time stays that of a clean checkout.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"jaxft-tests-xla-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import pytest  # noqa: E402 — after the environment above
