@@ -52,9 +52,28 @@ def main() -> None:
     print(f"\nimports of jaxft modules: {len(own)}; inside functions: {len(lazy)} "
           f"({sum(1 for i in lazy if not i[0].endswith('cli'))} outside cli.py); module edges: {len(edges)}")
     print(f"running up the table: {len(up)}; private names across modules: {len(private)}; "
-          f"import cycles: {len(loops)} (largest: {max((len(c) - 1 for c in loops), default=0)} modules)")
+          f"import cycles: {len(loops)} (modules caught in them: {max((len(knot(graph, c[0])) for c in loops), default=0)}"
+          f"; shortest loop: {min((len(c) - 1 for c in loops), default=0)} modules)")
     flat = [f for f in files.values() if f.parent == root and f.name != "__init__.py"]
     print(f"modules directly in {root.name}/ (not in a sub-package): {len(flat)}")
+
+
+def knot(graph: dict[str, set[str]], m: str) -> set[str]:
+    """The modules on some import loop through m (its strongly connected component): reached from m and reaching it."""
+    def reach(start, edges):
+        seen, todo = {start}, [start]
+        while todo:
+            for w in edges.get(todo.pop(), ()):
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        return seen
+
+    back = {}
+    for a, ts in graph.items():
+        for t in ts:
+            back.setdefault(t, set()).add(a)
+    return reach(m, graph) & reach(m, back)
 
 
 if __name__ == "__main__":
