@@ -195,8 +195,9 @@ def long_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("task")
-    rows = make_examples(44, seed=3)
-    _write(d / "train.jsonl", rows[:40] + rows[40:41])  # one held-out row is also a training row
+    rows = make_examples(46, seed=3)
+    # two held-out rows are training rows too: one among the 4 evaluated (eval.max_examples), one past them
+    _write(d / "train.jsonl", rows[:40] + rows[40:41] + rows[45:46])
     _write(d / "validation.jsonl", rows[40:])
     return d
 

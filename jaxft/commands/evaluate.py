@@ -81,7 +81,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
         eos = eos_token_ids(setup.tokenizer, setup.model_path)
         if run.eval.few_shot:  # built (and its length checked) before any generation
             context = nnx.merge(setup.graphdef, setup.params, setup.frozen).config.max_position_embeddings
-            shots = shot_prompts(run, setup.tokenizer, prompts, context)
+            shots = shot_prompts(run, setup.tokenizer, file, prompts, context)
         for k, params in variants.items():
             predictions[k] = answer_chats(setup.graphdef, (params, setup.frozen), setup.tokenizer, prompts, eos=eos,
                                               max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
@@ -126,11 +126,13 @@ def check_few_shot(run: RunConfig) -> None:
         raise JaxftError(f"eval.few_shot={k}: needs held-out prompts to answer (eval.file or data.validation)")
 
 
-def shot_prompts(run: RunConfig, tokenizer, prompts: list[list[dict]], context: int) -> list[list[dict]]:
+def shot_prompts(run: RunConfig, tokenizer, file: str, prompts: list[list[dict]], context: int) -> list[list[dict]]:
     """The held-out prompts, each after the same eval.few_shot training rows (drawn by eval.few_shot_seed, none
-    asking a held-out question), checked to fit the model's context with eval.max_new_tokens."""
+    asking a question of the held-out `file`, past eval.max_examples too), checked to fit the model's context
+    with eval.max_new_tokens."""
     k = run.eval.few_shot
-    shots = few_shot(shot_pool(run.data.train, run.data.format), k, run.eval.few_shot_seed, prompts, run.data.train)
+    held = [p for p, _ in heldout(file, run.data.format)]
+    shots = few_shot(shot_pool(run.data.train, run.data.format), k, run.eval.few_shot_seed, held, run.data.train)
     out = [with_shots(p, shots) for p in prompts]
     longest = max(len(chat_prompt(tokenizer, with_system(p, run.data.system_prompt))) for p in out)
     if longest + run.eval.max_new_tokens > context:
@@ -179,7 +181,7 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None
         names = list(variants)
         if run.eval.few_shot:  # the base's K-shot prompts ride in the same mixed batches
             names.append(shot_name(run.eval.few_shot))
-            prompts += shot_prompts(run, tokenizer, [p for p, _ in items], model.config.max_position_embeddings)
+            prompts += shot_prompts(run, tokenizer, file, [p for p, _ in items], model.config.max_position_embeddings)
             rows += [-1] * len(items)
         answers = answer_chats(graphdef, (params, frozen), tokenizer, prompts, adapter_ids=rows,
                                    eos=eos_token_ids(tokenizer, path), max_new_tokens=run.eval.max_new_tokens,
