@@ -252,3 +252,31 @@ def test_eval_few_shot_refusals(chat_model, task_data, tmp_path):
         evaluate(run(**{"eval.few_shot": 50}), base_only=True, progress=False)
     with pytest.raises(JaxftError, match=r"eval\.few_shot=1: needs a generation metric"):
         evaluate(run(**{"eval.few_shot": 1, "eval.metric": "none"}), base_only=True, progress=False)
+
+
+def test_adapter_compare_has_the_k_shot_column_as_evaluate_alone(long_model, task_data, tmp_path):
+    """`--adapter` mode: the K-shot prompts ride in the mixed-adapter batches (adapter id -1, the base) and
+    answer as `jaxft eval --base-only` answers them; report.md shows the column and compare.png."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.commands.evaluate import compare, evaluate
+
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(long_model),
+                        PeftLoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    pm.save_pretrained(tmp_path / "a")
+    o = _overrides(long_model, task_data, tmp_path / "cmp", **{"eval.few_shot": 1, "eval.few_shot_seed": 3})
+    got = compare(load_config(None, o), [f"a={tmp_path / 'a'}"], progress=False)
+    assert list(got) == ["base", "base_1shot", "a"]
+    alone = evaluate(load_config(None, [*o, f"train.out_dir={tmp_path / 'alone'}"]), base_only=True, progress=False)
+    assert alone["base_1shot"] == got["base_1shot"]
+
+    def answers(d):
+        return [json.loads(line)["base_1shot"] for line in (d / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+    assert answers(tmp_path / "cmp") == answers(tmp_path / "alone")
+    report = (tmp_path / "cmp" / "eval" / "report.md").read_text()
+    assert "| metric | base | base, 1-shot | a |" in report and "[variants side by side](compare.png)" in report
