@@ -111,7 +111,7 @@ GOLDEN = """\
 | exact_match | 0.1250 | 0.5000 | 0.8750 | 0.8750 |
 | n | 8.0000 | 8.0000 | 8.0000 | — |
 
-- `eval_loss`: validation loss (mean token cross-entropy on data.validation)
+- `eval_loss`: the objective's validation loss (SFT: mean token cross-entropy on the validation split)
 - `eval_ppl`: validation perplexity, exp(eval_loss)
 - `exact_match`: share of held-out answers equal to the reference (whitespace-trimmed)
 - `n`: held-out prompts the generation metric was measured on

@@ -21,7 +21,7 @@ LM_EVAL = "lm_eval.json"
 
 # What each task metric is: one line per metric a variant's summary can hold (prefixes end with "/").
 MEANINGS = {
-    "eval_loss": "validation loss (mean token cross-entropy on data.validation)",
+    "eval_loss": "the objective's validation loss (SFT: mean token cross-entropy on the validation split)",
     "eval_ppl": "validation perplexity, exp(eval_loss)",
     "eval_tokens": "tokens the validation loss was measured on",
     "exact_match": "share of held-out answers equal to the reference (whitespace-trimmed)",
