@@ -8,7 +8,8 @@ evaluate: the base model is the run's own starting point (a fresh adapter has B 
 base model); the tuned one is the newest checkpoint of the run. compare: every (prompt, variant) pair is one
 row of the generation stream, so a batch of eval.batch_size rows holds prompts of several adapters (and the
 base) at once; with an SFT validation split, each variant's validation loss comes from the same batches.
-Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl[, compare.png]}.
+Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl, report.md[, compare.png]}; eval.few_shot adds
+the column base_<K>shot (the base prompted with K training rows).
 """
 
 from __future__ import annotations

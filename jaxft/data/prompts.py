@@ -209,8 +209,9 @@ def few_shot(pool: list[tuple[list[dict], str]], k: int, seed: int, exclude: lis
             unique.setdefault(key, (prompt, answer))
     rows = list(unique.values())
     if k > len(rows):
+        why = "" if pool else " (prompt-only rows, as GRPO's, have no answer to show)"
         raise JaxftError(f"eval.few_shot={k}: {where} has only {len(rows)} distinct rows with an answer whose "
-                         "prompt is not a held-out one")
+                         f"prompt is not a held-out one{why}")
     turns = []
     for i in random.Random(seed).sample(range(len(rows)), k):
         prompt, answer = rows[i]
