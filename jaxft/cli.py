@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where summary.json and predictions.jsonl go (default: <train.out_dir>/eval)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation in that folder (without it, one there is an error)")
+    e.add_argument("--lm-eval", default=None, metavar="FILE.json",
+                   help="lm-eval results (jaxft lm-eval --output) for report.md (default: <eval dir>/lm_eval.json "
+                        "when there)")
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
     pr.add_argument("inputs", nargs="+", help="data files (JSONL, JSON, Parquet, CSV or datasets folders)")
     pr.add_argument("--out", required=True, metavar="DIR",
@@ -224,11 +227,11 @@ def cmd_eval(args):
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
         from jaxft.commands.evaluate import compare
 
-        results = compare(run, args.adapter, out=where, overwrite=args.overwrite)
+        results = compare(run, args.adapter, out=where, overwrite=args.overwrite, lm_eval_file=args.lm_eval)
         print(format_table(results))
         print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
         return
-    results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite)
+    results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite, lm_eval_file=args.lm_eval)
     print(format_table(results))
     print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
 

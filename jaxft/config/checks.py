@@ -108,6 +108,8 @@ def validate(run: RunConfig) -> None:
         (run.eval.max_examples >= 0, "eval.max_examples", "must be >= 0"),
         (run.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
         (run.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
+        (run.eval.few_shot >= 0, "eval.few_shot", "must be >= 0 (0 = no K-shot column)"),
+        (run.eval.few_shot_seed >= 0, "eval.few_shot_seed", "must be >= 0"),
         (run.dpo.beta > 0, "dpo.beta", "must be > 0"),
         (0 <= run.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
         (run.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),

@@ -92,6 +92,8 @@ class EvalConfig:
     max_examples: int = 64
     max_new_tokens: int = 128
     batch_size: int = 8  # prompts per generation batch
+    few_shot: int = 0  # K > 0: one more column, base_<K>shot: the base with K training rows as earlier chat turns
+    few_shot_seed: int = 0  # which K training rows
 
 
 @dataclasses.dataclass(frozen=True)

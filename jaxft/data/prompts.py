@@ -16,17 +16,22 @@ Row formats (TRL's, plus the project's chat files):
 Every column other than prompt / messages / completion is passed to the reward functions as a keyword
 argument (one value per completion). A prompt longer than data.max_length tokens is dropped and counted
 (TRL never truncates prompts). Nothing here imports jax.
+
+Held-out items for `jaxft eval`: `heldout` (prompt, reference) rows; `shot_pool` / `few_shot` / `with_shots`
+build eval.few_shot's K-shot prompts from training rows, never one asking a held-out question.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 from jaxft.config import DataConfig
 from jaxft.data.encode import DataReport, bad_row, check_tool_use, split_records
-from jaxft.data.rows import (ROLES, Chat, Pair, RowError, parse_messages, parse_row, parse_tools, read_rows, row_format,
-                             rows_format, typename)
+from jaxft.data.pairs import parse_pair
+from jaxft.data.rows import (ROLES, Chat, Pair, RowError, Text, parse_messages, parse_row, parse_tools, read_rows,
+                             row_format, rows_format, typename)
 from jaxft.errors import JaxftError
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
@@ -127,6 +132,17 @@ def load_prompts(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[list
     return out, report
 
 
+def prompt_answer(parsed: Chat | Pair | Text) -> tuple[list[dict], str] | None:
+    """(prompt messages, answer) of a parsed row: its last trained assistant turn and everything before it, or
+    a prompt/completion pair; None for a row with no answer (plain text, a conversation with nothing trained)."""
+    if isinstance(parsed, Chat) and parsed.trained:
+        i = parsed.trained[-1]
+        return list(parsed.messages[:i]), parsed.messages[i]["content"]
+    if isinstance(parsed, Pair):
+        return [{"role": "user", "content": parsed.prompt}], parsed.completion
+    return None
+
+
 def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference answer) for each usable row: the last trained assistant turn is the
     reference, everything before it the prompt. Rows that cannot be parsed are skipped."""
@@ -140,13 +156,69 @@ def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dic
             parsed = parse_row(rec.row, row_format(rec.row, fmt, file_format))
         except RowError:
             continue
-        if isinstance(parsed, Chat) and parsed.trained:
-            i = parsed.trained[-1]
-            out.append((list(parsed.messages[:i]), parsed.messages[i]["content"]))
-        elif isinstance(parsed, Pair):
-            out.append(([{"role": "user", "content": parsed.prompt}], parsed.completion))
+        item = prompt_answer(parsed)
+        if item is not None:
+            out.append(item)
         if limit and len(out) >= limit:
             break
     if not out:
         raise JaxftError(f"{path}: no rows with a prompt and a reference answer to evaluate")
     return out
+
+
+def shot_key(prompt: list[dict]) -> str:
+    """What makes two prompts the same question: the last user turn's text, whitespace collapsed (a training
+    row asking a held-out question must never be a shot, whatever its system turn or spacing)."""
+    text = next((m.get("content") or "" for m in reversed(prompt) if m["role"] == "user"), "")
+    return " ".join(str(text).split())
+
+
+def shot_pool(path: str, fmt: str = "auto") -> list[tuple[list[dict], str]]:
+    """The (prompt, answer) rows of a training file that can be K-shot examples: chat / prompt-completion /
+    alpaca rows (the last trained assistant turn is the answer) and preference rows (the chosen answer).
+    Rows with neither (prompt-only RL rows, plain text) are skipped."""
+    records = read_rows(path)
+    file_format = rows_format(records, fmt)
+    out = []
+    for rec in records:
+        try:
+            if isinstance(rec.row, RowError):
+                continue
+            if isinstance(rec.row, dict) and "chosen" in rec.row:  # a preference pair: the chosen answer
+                parsed = parse_pair(rec.row)[0]
+            else:
+                parsed = parse_row(rec.row, row_format(rec.row, fmt, file_format))
+        except RowError:
+            continue
+        item = prompt_answer(parsed)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def few_shot(pool: list[tuple[list[dict], str]], k: int, seed: int, exclude: list[list[dict]],
+             where: str = "data.train") -> list[dict]:
+    """K examples as chat turns (each row's non-system turns, then its answer as an assistant turn): k distinct
+    rows of `pool` drawn by `seed`, none asking a question of `exclude` (the held-out prompts, by `shot_key`).
+    JaxftError when fewer than k rows qualify."""
+    banned = {shot_key(p) for p in exclude}
+    unique: dict[str, tuple[list[dict], str]] = {}
+    for prompt, answer in pool:
+        key = shot_key(prompt)
+        if key and key not in banned:
+            unique.setdefault(key, (prompt, answer))
+    rows = list(unique.values())
+    if k > len(rows):
+        why = "" if pool else " (prompt-only rows, as GRPO's, have no answer to show)"
+        raise JaxftError(f"eval.few_shot={k}: {where} has only {len(rows)} distinct rows with an answer whose "
+                         f"prompt is not a held-out one{why}")
+    turns = []
+    for i in random.Random(seed).sample(range(len(rows)), k):
+        prompt, answer = rows[i]
+        turns += [m for m in prompt if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
+    return turns
+
+
+def with_shots(prompt: list[dict], shots: list[dict]) -> list[dict]:
+    """`prompt` with the K-shot turns before its own: its system turns stay first."""
+    return ([m for m in prompt if m["role"] == "system"] + shots + [m for m in prompt if m["role"] != "system"])
