@@ -8,6 +8,9 @@ evaluate: the base model is the run's own starting point (a fresh adapter has B 
 base model); the tuned one is the newest checkpoint of the run. compare: every (prompt, variant) pair is one
 row of the generation stream, so a batch of eval.batch_size rows holds prompts of several adapters (and the
 base) at once; with an SFT validation split, each variant's validation loss comes from the same batches.
+Regression check (eval.regression, jaxft.regression): every non-base variant also gets reg_* figures against the
+base on the base's greedy answers to general prompts; eval.max_kl / eval.max_ce_increase make them a gate
+(`gate`). compare_export: an exported artifact against the fp32 tuned model, as one more variant "export".
 Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl[, compare.png]}.
 """
 
@@ -22,17 +25,21 @@ from flax import nnx
 from jaxft import objectives, runs
 from jaxft.config import RunConfig, check_files
 from jaxft.data.encode import Batches, load_examples
-from jaxft.data.prompts import heldout
+from jaxft.data.prompts import general_prompts, heldout
 from jaxft.errors import JaxftError
 from jaxft.checkpoint import require_checkpoint
 from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
 from jaxft.formats.hf import load_pretrained, load_tokenizer
+from jaxft.formats.peft import load_adapter
 from jaxft.generate import answer_chats, eos_token_ids
 from jaxft.metrics import score
 from jaxft.objective import make_eval_step, mean_over_batches, perplexity
 from jaxft.objectives.multi import MixedBatches, Tagged, single_adapter_loss
+from jaxft.regression import Variant, answer_batches, divergences, greedy_answers
 from jaxft.runs import load_run
 from jaxft.setup import resolve_model
+
+GATE_EXIT = 3  # `jaxft eval`'s exit status when a regression threshold is crossed (2: bad input)
 
 
 def eval_dir(run: RunConfig, out=None, overwrite: bool = False) -> Path:
@@ -48,11 +55,18 @@ def eval_dir(run: RunConfig, out=None, overwrite: bool = False) -> Path:
 
 
 def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, out=None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, compare_export=None) -> dict:
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
-    and batches as training's evaluations) and the generation metric's scores, written to `eval_dir`."""
+    and batches as training's evaluations), the generation metric's scores and (eval.regression) the tuned
+    model's reg_* figures against the base, written to `eval_dir`. compare_export: an exported artifact (merged
+    HF directory, .gguf, PEFT adapter directory) judged against the tuned model: a variant "export"."""
     check_files(run, training=False)
     where = eval_dir(run, out, overwrite)
+    if compare_export is not None and base_only:
+        raise JaxftError("--compare-export compares an export with the tuned model: not with --base-only")
+    export_path = Path(compare_export).expanduser() if compare_export is not None else None
+    if export_path is not None and not export_path.exists():
+        raise JaxftError(f"--compare-export: {export_path}: no such file or directory")
     objectives.check_data(run, training=False)  # what can be refused is refused before the model loads
     if not base_only:
         require_checkpoint(run.train.out_dir)
@@ -70,7 +84,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
             results[k].update(obj.evaluate(params, setup.frozen))
 
     file = run.eval.file or obj.heldout
-    predictions, rows = {}, None
+    predictions, items = {}, None
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts, refs = [p for p, _ in items], [r for _, r in items]
@@ -81,13 +95,90 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
                                               system_prompt=run.data.system_prompt,
                                               progress=f"generating ({k})" if progress else "")
             results[k].update(score(run.eval.metric, predictions[k], refs))
-        rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
-                for i, (p, r) in enumerate(items)]
+    if run.eval.regression and not base_only:
+        base = Variant(setup.graphdef, (setup.params, setup.frozen))
+        tuned = {k: Variant(setup.graphdef, (p, setup.frozen)) for k, p in variants.items() if k != "base"}
+        for k, figures in regression(run, setup.tokenizer, setup.model_path, base, tuned, progress).items():
+            results[k].update(figures)
+    if export_path is not None:
+        results["export"], exported = compare_export_to(run, done, export_path, items, progress)
+        if exported is not None:
+            predictions["export"] = exported
     with staging_dir(where, overwrite=True) as tmp:  # one evaluation's files together, never half of two
-        if rows is not None:
-            write_jsonl(tmp / "predictions.jsonl", rows)
+        if items is not None:
+            write_jsonl(tmp / "predictions.jsonl", [
+                dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
+                for i, (p, r) in enumerate(items)])
         write_json(tmp / "summary.json", results)
     return results
+
+
+def regression(run: RunConfig, tokenizer, model_path, base: Variant, others: dict[str, Variant],
+               progress: bool = True) -> dict[str, dict]:
+    """{variant: reg_* figures}: each of `others` against `base`, teacher-forced on the base's greedy answers
+    (eval.regression_new_tokens long) to the general prompts (eval.regression_file, default the shipped set)."""
+    chats = general_prompts(run.eval.regression_file, run.eval.regression_prompts)
+    if progress:
+        print(f"regression check: {len(chats)} general prompts, the base's answers", file=sys.stderr)
+    prompts, answers = greedy_answers(base, tokenizer, chats, eos=eos_token_ids(tokenizer, model_path),
+                                      max_new_tokens=run.eval.regression_new_tokens,
+                                      batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt)
+    batches = answer_batches(prompts, answers, run.eval.batch_size, run.eval.regression_new_tokens)
+    return divergences(base, others, batches, prefix="reg_")
+
+
+def gate(run: RunConfig, results: dict) -> str | None:
+    """The first regression threshold a variant crosses, as one line (None: every figure within its bound)."""
+    bounds = (("reg_kl_mean", run.eval.max_kl, "eval.max_kl"),
+              ("reg_ce_increase", run.eval.max_ce_increase, "eval.max_ce_increase"))
+    for name, r in results.items():
+        for key, bound, knob in bounds:
+            if bound is not None and key in r and r[key] > bound:
+                return f"regression gate: {name}: {key} {r[key]:.6g} > {knob} {bound:g}"
+    return None
+
+
+def exported_model(run: RunConfig, path: Path):
+    """The exported artifact as a model: a merged HF directory or a .gguf (read as it is), or a PEFT adapter
+    directory over the run's base (quantized as the run's, e.g. NF4 for QLoRA)."""
+    if (path / "adapter_config.json").is_file():
+        model = load_pretrained(resolve_model(run.model.path), quant=run.quant)
+        load_adapter(model, path)
+        return model
+    return load_pretrained(path)
+
+
+def compare_export_to(run: RunConfig, done, path: Path, items, progress: bool = True) -> tuple[dict, list | None]:
+    """(exp_* figures and the task metric, its answers to the held-out prompts or None) of the exported artifact
+    at `path` against the fp32 tuned model (a quantized run's base re-read unquantized), teacher-forced on the
+    tuned model's greedy answers to the held-out prompts (`items`; none: the general prompts)."""
+    if run.quant.base != "none":
+        done = load_run(run, unquantized=True)
+    setup = done.setup
+    ref = Variant(setup.graphdef, (done.params, setup.frozen))
+    model = exported_model(run, path)
+    want = done.model().config.vocab_size
+    if model.config.vocab_size != want:
+        raise JaxftError(f"--compare-export: {path}: a vocabulary of {model.config.vocab_size} tokens, the run's "
+                         f"model has {want}: not an export of this run")
+    graphdef, state = nnx.split(model)
+    exp = Variant(graphdef, (state,))
+    chats = [p for p, _ in items] if items else general_prompts(run.eval.regression_file, run.eval.regression_prompts)
+    eos = eos_token_ids(setup.tokenizer, setup.model_path)
+    n_new = run.eval.max_new_tokens if items else run.eval.regression_new_tokens
+    if progress:
+        print(f"--compare-export {path}: {len(chats)} prompts, the tuned model's answers", file=sys.stderr)
+    prompts, answers = greedy_answers(ref, setup.tokenizer, chats, eos=eos, max_new_tokens=n_new,
+                                      batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt)
+    figures = divergences(ref, {"export": exp}, answer_batches(prompts, answers, run.eval.batch_size, n_new),
+                          prefix="exp_")["export"]
+    exported = None
+    if items and run.eval.metric != "none":
+        exported = answer_chats(graphdef, (state,), setup.tokenizer, chats, eos=eos,
+                                max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
+                                system_prompt=run.data.system_prompt, progress="generating (export)" if progress else "")
+        figures.update(score(run.eval.metric, exported, [r for _, r in items]))
+    return figures, exported
 
 
 def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None, overwrite: bool = False) -> dict:
@@ -123,6 +214,11 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None
             results[k].update(score(run.eval.metric, predictions[k], refs))
         rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in variants})
                 for i, (p, r) in enumerate(items)]
+    if run.eval.regression:  # each adapter against the base: rows of the one bank with adapter id -1 / i
+        others = {k: Variant(graphdef, (params, frozen), i) for k, i in variants.items() if k != "base"}
+        base = Variant(graphdef, (params, frozen), -1)
+        for k, figures in regression(run, tokenizer, path, base, others, progress).items():
+            results[k].update(figures)
     with staging_dir(where, overwrite=True) as tmp:
         if rows is not None:
             write_jsonl(tmp / "predictions.jsonl", rows)

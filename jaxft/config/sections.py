@@ -92,6 +92,13 @@ class EvalConfig:
     max_examples: int = 64
     max_new_tokens: int = 128
     batch_size: int = 8  # prompts per generation batch
+    # the regression check (jaxft.regression): tuned vs base on the base's greedy answers to general prompts
+    regression: bool = True
+    regression_file: str | None = None  # prompts (JSONL rows with prompt / messages); default: the shipped 100
+    regression_prompts: int = 32  # the first N prompts (0 = all): 32 keeps a CPU evaluation quick
+    regression_new_tokens: int = 48  # length of the base's greedy answers (the compared tokens)
+    max_kl: float | None = None  # gate: `jaxft eval` exits 3 when a variant's reg_kl_mean exceeds it
+    max_ce_increase: float | None = None  # gate: ... when a variant's reg_ce_increase (nats / token) exceeds it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ argument (one value per completion). A prompt longer than data.max_length tokens
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from jaxft.config import DataConfig
@@ -30,6 +31,7 @@ from jaxft.data.rows import (ROLES, Chat, Pair, RowError, parse_messages, parse_
 from jaxft.errors import JaxftError
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
+GENERAL_PROMPTS = Path(__file__).with_name("general_prompts.jsonl")  # 100 varied instructions written for jaxft
 
 
 @dataclasses.dataclass
@@ -149,4 +151,25 @@ def heldout(path: str, fmt: str = "auto", limit: int = 0) -> list[tuple[list[dic
             break
     if not out:
         raise JaxftError(f"{path}: no rows with a prompt and a reference answer to evaluate")
+    return out
+
+
+def general_prompts(path: str | None = None, limit: int = 0) -> list[list[dict]]:
+    """The regression check's prompts as chat messages: `path` (rows with `prompt` — a string or messages — or
+    `messages`; a final assistant turn is dropped), default the shipped GENERAL_PROMPTS; the first `limit`
+    (0 = all). Bad rows are skipped; none usable is a JaxftError naming the file."""
+    where = str(path or GENERAL_PROMPTS)
+    out = []
+    for rec in read_rows(where):
+        try:
+            if isinstance(rec.row, RowError):
+                raise rec.row
+            p, _ = parse_prompt(rec.row)
+        except RowError:
+            continue
+        out.append([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise JaxftError(f"{where}: no usable prompts (rows need a 'prompt' or 'messages' column)")
     return out
