@@ -20,8 +20,8 @@ def token_parts(ref_lp: np.ndarray, new_lp: np.ndarray, targets: np.ndarray, mas
 
     ref_lp, new_lp [B, L, V] float: full log-softmax at the L positions that predict targets [B, L] int;
     mask [B, L] bool: the real answer tokens. Returns kl, ref_nll, new_nll, agree — each [n] over the n masked
-    tokens, row-major — and changed [B] bool: rows with at least one masked position where the top-1 tokens
-    differ (rows with no masked token: False).
+    tokens, row-major — and changed [r] bool over the r rows with a masked token (rows without one are filler):
+    whether the top-1 tokens differ at one of its masked positions at least.
 
     kl = Σ_v p_ref(v) (log p_ref(v) − log p_new(v)), KL(ref ‖ new) in nats; nll = −log p(target).
     """
@@ -32,7 +32,7 @@ def token_parts(ref_lp: np.ndarray, new_lp: np.ndarray, targets: np.ndarray, mas
     new_nll = -np.take_along_axis(new_lp, t, axis=-1)[..., 0].astype(np.float64)
     agree = ref_lp.argmax(-1) == new_lp.argmax(-1)
     return dict(kl=np.maximum(kl[mask], 0.0), ref_nll=ref_nll[mask], new_nll=new_nll[mask], agree=agree[mask],
-                changed=(~agree & mask).any(axis=1))
+                changed=(~agree & mask).any(axis=1)[mask.any(axis=1)])
 
 
 def summarize(parts: list[dict], prefix: str = "") -> dict[str, float]:

@@ -20,20 +20,22 @@ from jaxft.divergence import summarize, token_parts
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import eos_token_ids
 from jaxft.regression import Variant, answer_batches, answer_logsoftmax, divergences, greedy_answers
-from tiny import ROOT, save_chat_model
+from tiny import ROOT, save_chat_model, spread
 
 N_NEW = 10
 
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    """A tiny chat model and the same model with every weight perturbed, as two HF directories."""
+    """A tiny chat model (weights spread: peaked distributions, no near-ties of the top-1) and the same model with
+    every weight perturbed, as two HF directories."""
     d = tmp_path_factory.mktemp("regression")
-    base = save_chat_model(d / "base")
+    base = spread(save_chat_model(d / "base"), "llama")
+    base.save_pretrained(d / "base")
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in base.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g) * p.abs().mean())
+            p.add_(0.2 * torch.randn(p.shape, generator=g) * p.abs().mean())
     base.save_pretrained(d / "tuned")
     load_tokenizer(d / "base").save_pretrained(d / "tuned")
     return d / "base", d / "tuned"
