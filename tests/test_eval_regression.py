@@ -2,6 +2,7 @@
 export vs the fp32 tuned model): figures against a numpy computation from transformers' logits, the identity
 case, the gate's exit status, the export bounds, and one compile of the teacher-forced forward."""
 
+import dataclasses
 import json
 
 import jax
@@ -156,22 +157,29 @@ def test_gate_exit_status(trained, capsys):
     assert main([*args, "--overwrite", "eval.max_kl=0"]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("jaxft: regression gate: tuned: reg_kl_mean ") and err.endswith("> eval.max_kl 0"), err
-    assert main([*args, "--overwrite", "eval.max_ce_increase=0", "eval.max_kl=1000"]) in (0, 3)
+    ce = summary["tuned"]["reg_ce_increase"]
+    assert ce > 0  # 3 steps at lr 1e-2 on the task made the base's general answers less likely
+    assert main([*args, "--overwrite", f"eval.max_ce_increase={ce / 2}", "eval.max_kl=1000"]) == 3
+    assert "tuned: reg_ce_increase " in capsys.readouterr().err
+    assert main([*args, "--overwrite", f"eval.max_ce_increase={ce * 2}", "eval.max_kl=1000"]) == 0
     assert main([*args, "--overwrite", "eval.max_kl=-1"]) == 2  # a bad threshold is bad input
     assert "eval.max_kl: must be >= 0" in capsys.readouterr().err
 
 
 def test_compare_export(trained):
     run, _, exports, d = trained
+    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, regression=False))  # not what is tested here
     got = {}
     for name in ("merged", "f32.gguf", "q8_0.gguf", "peft"):
         r = evaluate(run, progress=False, out=d / f"eval-{name}", compare_export=exports[name])
         got[name] = r["export"]
         assert {"exp_kl_mean", "exp_kl_p95", "exp_top1_agree", "exact_match"} <= set(r["export"])
-    for name in ("merged", "f32.gguf", "peft"):  # the same fp32 maths, read back by jaxft's own loaders
-        assert got[name]["exp_kl_mean"] <= 1e-6 and got[name]["exp_top1_agree"] == 1.0, (name, got[name])
-        assert got[name]["exact_match"] == r["tuned"]["exact_match"]
-    # q8_0 on this tiny random model: measured kl_mean 0.0 (see test body) — the bound leaves a margin
+        rows = [json.loads(line) for line in (d / f"eval-{name}" / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all("export" in row for row in rows)
+        if name != "q8_0.gguf":  # the same fp32 maths, read back by jaxft's own loaders: the same answers
+            assert got[name]["exp_kl_mean"] <= 1e-6 and got[name]["exp_top1_agree"] == 1.0, (name, got[name])
+            assert [row["export"] for row in rows] == [row["tuned"] for row in rows]
+            assert got[name]["exact_match"] == r["tuned"]["exact_match"]
+    # q8_0 on this tiny model, 24 answer tokens: measured kl_mean 4.8e-4, kl_p95 1.2e-3, top-1 agreement 23/24
     q = got["q8_0.gguf"]
-    print("q8_0", q)
-    assert 0 < q["exp_kl_mean"] < 1e-2 and q["exp_top1_agree"] > 0.9
+    assert 0 < q["exp_kl_mean"] < 5e-3 and q["exp_kl_p95"] < 1e-2 and q["exp_top1_agree"] >= 0.8, q
