@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxft import objectives, runs
 from jaxft.config import RunConfig, check_files
+from jaxft.config.objectives import head_of
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.prompts import general_prompts, heldout
 from jaxft.errors import JaxftError
@@ -64,6 +65,9 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
     where = eval_dir(run, out, overwrite)
     if compare_export is not None and base_only:
         raise JaxftError("--compare-export compares an export with the tuned model: not with --base-only")
+    if compare_export is not None and head_of(run) == "score":
+        raise JaxftError(f"--compare-export: objective {run.objective} trains a reward model, which has no next-token "
+                         "distribution to compare")
     export_path = Path(compare_export).expanduser() if compare_export is not None else None
     if export_path is not None and not export_path.exists():
         raise JaxftError(f"--compare-export: {export_path}: no such file or directory")
@@ -95,7 +99,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
                                               system_prompt=run.data.system_prompt,
                                               progress=f"generating ({k})" if progress else "")
             results[k].update(score(run.eval.metric, predictions[k], refs))
-    if run.eval.regression and not base_only:
+    if run.eval.regression and not base_only and head_of(run) != "score":  # a reward model has no next token
         base = Variant(setup.graphdef, (setup.params, setup.frozen))
         tuned = {k: Variant(setup.graphdef, (p, setup.frozen)) for k, p in variants.items() if k != "base"}
         for k, figures in regression(run, setup.tokenizer, setup.model_path, base, tuned, progress).items():
