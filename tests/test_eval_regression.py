@@ -135,10 +135,12 @@ def trained(tmp_path_factory, two_models):
     o = {"model.path": two_models[0], "data.train": d / "train.jsonl", "data.validation": d / "validation.jsonl",
          "data.max_length": 256, "train.batch_size": 2, "train.steps": 3, "optim.lr": 1e-2, "train.out_dir": d / "run",
          "lora.r": 4, "lora.alpha": 8, "eval.max_new_tokens": 8, "eval.max_examples": 3, "eval.batch_size": 4,
-         "eval.regression_prompts": 4, "eval.regression_new_tokens": 8, "train.eval_batches": 1}
+         "eval.regression_prompts": 4, "eval.regression_new_tokens": 8, "train.eval_batches": 1,
+         "eval.regression_after_training": True}
     overrides = [f"{k}={v}" for k, v in o.items()]
     run = load_config(ROOT / "configs" / "sft_lora.yaml", overrides)
-    train(run, progress=False)
+    last = train(run, progress=False)
+    assert last["reg_kl_mean"] > 0 and (d / "run" / "regression.json").is_file()  # the check after training
     exports = {}
     for name, fmt, kw in (("merged", "merged", dict(dtype="fp32")), ("f32.gguf", "gguf", dict(gguf_type="f32")),
                           ("q8_0.gguf", "gguf", dict(gguf_type="q8_0")), ("peft", "peft", {})):
@@ -157,6 +159,10 @@ def test_gate_exit_status(trained, capsys):
     assert main([*args, "--overwrite", "eval.max_kl=0"]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("jaxft: regression gate: tuned: reg_kl_mean ") and err.endswith("> eval.max_kl 0"), err
+    after_training = json.loads((d / "run" / "regression.json").read_text())
+    assert after_training.pop("step") == 3
+    for k, v in after_training.items():  # training's final check is `jaxft eval`'s, on the same checkpoint
+        assert summary["tuned"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     ce = summary["tuned"]["reg_ce_increase"]
     assert ce > 0  # 3 steps at lr 1e-2 on the task made the base's general answers less likely
     assert main([*args, "--overwrite", f"eval.max_ce_increase={ce / 2}", "eval.max_kl=1000"]) == 3

@@ -99,6 +99,7 @@ class EvalConfig:
     regression_new_tokens: int = 48  # length of the base's greedy answers (the compared tokens)
     max_kl: float | None = None  # gate: `jaxft eval` exits 3 when a variant's reg_kl_mean exceeds it
     max_ce_increase: float | None = None  # gate: ... when a variant's reg_ce_increase (nats / token) exceeds it
+    regression_after_training: bool = False  # `jaxft train` ends with the check too (<out_dir>/regression.json)
 
 
 @dataclasses.dataclass(frozen=True)
