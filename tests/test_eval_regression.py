@@ -170,6 +170,8 @@ def test_gate_exit_status(trained, capsys):
     assert main([*args, "--overwrite", f"eval.max_ce_increase={ce * 2}", "eval.max_kl=1000"]) == 0
     assert main([*args, "--overwrite", "eval.max_kl=-1"]) == 2  # a bad threshold is bad input
     assert "eval.max_kl: must be >= 0" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--compare-export", str(d / "nowhere.gguf")]) == 2
+    assert f"--compare-export: {d / 'nowhere.gguf'}: no such file or directory" in capsys.readouterr().err
 
 
 def test_compare_export(trained):
@@ -189,3 +191,16 @@ def test_compare_export(trained):
     # q8_0 on this tiny model, 24 answer tokens: measured kl_mean 4.8e-4, kl_p95 1.2e-3, top-1 agreement 23/24
     q = got["q8_0.gguf"]
     assert 0 < q["exp_kl_mean"] < 5e-3 and q["exp_kl_p95"] < 1e-2 and q["exp_top1_agree"] >= 0.8, q
+
+
+def test_compare_adapters_get_the_same_figures(trained):
+    """`jaxft eval --adapter`: an adapter of the bank gets the reg_* figures of the run it was exported from."""
+    from jaxft.commands.evaluate import compare
+
+    run, _, exports, d = trained
+    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, metric="none"))
+    got = compare(run, [f"peft={exports['peft']}"], progress=False, out=d / "cmp")
+    want = json.loads((d / "run" / "regression.json").read_text())
+    assert "reg_kl_mean" not in got["base"]
+    for k in ("reg_kl_mean", "reg_kl_p95", "reg_ce_increase", "reg_top1_agree", "reg_changed", "reg_tokens"):
+        assert got["peft"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
