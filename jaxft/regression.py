@@ -88,6 +88,15 @@ def answer_batches(prompts: list[list[int]], answers: list[list[int]], batch_siz
     return out
 
 
+def text_windows(ids: list[int], length: int, limit: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """A text's token ids as (prompts, answers) for answer_batches: consecutive windows of length + 1 tokens whose
+    first token is the context and the rest are scored, so every token after the first of each window is
+    predicted exactly once; the first `limit` windows (0 = all)."""
+    starts = range(0, max(len(ids) - 1, 0), length)
+    windows = [ids[i:i + length + 1] for i in (starts if not limit else starts[:limit])]
+    return [w[:1] for w in windows], [w[1:] for w in windows]
+
+
 def logsoftmax(v: Variant, batch: dict) -> np.ndarray:
     """answer_logsoftmax of one variant on one batch, on the host [B, L, V]."""
     return to_host(answer_logsoftmax(v.weights, batch["tokens"], batch["positions"], batch["segment_ids"],

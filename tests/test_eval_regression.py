@@ -20,7 +20,7 @@ from jaxft.data.task import make_examples
 from jaxft.divergence import summarize, token_parts
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import eos_token_ids
-from jaxft.regression import Variant, answer_batches, answer_logsoftmax, divergences, greedy_answers
+from jaxft.regression import Variant, answer_batches, answer_logsoftmax, divergences, greedy_answers, text_windows
 from tiny import ROOT, save_chat_model, spread
 
 N_NEW = 10
@@ -204,3 +204,32 @@ def test_compare_adapters_get_the_same_figures(trained):
     assert "reg_kl_mean" not in got["base"]
     for k in ("reg_kl_mean", "reg_kl_p95", "reg_ce_increase", "reg_top1_agree", "reg_changed", "reg_tokens"):
         assert got["peft"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
+
+
+def test_text_windows_predict_every_token_once():
+    prompts, answers = text_windows(list(range(10)), 4)
+    assert prompts == [[0], [4], [8]] and answers == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert text_windows(list(range(10)), 4, limit=2) == ([[0], [4]], [[1, 2, 3, 4], [5, 6, 7, 8]])
+
+
+def test_text_cross_entropy_equals_transformers(two_models, tmp_path):
+    """eval.regression_text: reg_text_ce_increase is the mean NLL change over the text's windows, as transformers
+    computes it on each window."""
+    from jaxft.commands.evaluate import regression
+
+    base_dir, tuned_dir = two_models
+    text = tmp_path / "general.txt"
+    text.write_text("The river runs past the old mill. Bread is baked there every morning, and the smell "
+                    "reaches the bridge before the first train leaves the station.\n")
+    run = load_config(None, [f"eval.regression_text={text}", "eval.regression_prompts=2",
+                             f"eval.regression_new_tokens={N_NEW}", "eval.batch_size=4"])
+    tok = load_tokenizer(base_dir)
+    got = regression(run, tok, base_dir, _variant(base_dir), {"tuned": _variant(tuned_dir)}, progress=False)["tuned"]
+    ids = list(tok(text.read_text())["input_ids"])
+    rows = [ids[i:i + N_NEW + 1] for i in range(0, len(ids) - 1, N_NEW)][:2]  # eval.regression_prompts windows
+    ref, new = _torch_logsoftmax(base_dir, rows), _torch_logsoftmax(tuned_dir, rows)
+    d = [(lb[np.arange(len(w) - 1), w[1:]] - lt[np.arange(len(w) - 1), w[1:]]) for w, lb, lt in zip(rows, ref, new)]
+    want = np.concatenate(d).mean()
+    assert len(ids) > 2 * N_NEW and abs(want) > 1e-3
+    np.testing.assert_allclose(got["reg_text_ce_increase"], want, rtol=1e-4, atol=0)
+    np.testing.assert_allclose(got["reg_text_ppl_ratio"], np.exp(want), rtol=1e-4, atol=0)

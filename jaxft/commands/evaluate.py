@@ -16,6 +16,7 @@ Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl[, compare.png]}.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from jaxft.generate import answer_chats, eos_token_ids
 from jaxft.metrics import score
 from jaxft.objective import make_eval_step, mean_over_batches, perplexity
 from jaxft.objectives.multi import MixedBatches, Tagged, single_adapter_loss
-from jaxft.regression import Variant, answer_batches, divergences, greedy_answers
+from jaxft.regression import Variant, answer_batches, divergences, greedy_answers, text_windows
 from jaxft.runs import load_run
 from jaxft.setup import resolve_model
 
@@ -128,7 +129,27 @@ def regression(run: RunConfig, tokenizer, model_path, base: Variant, others: dic
                                       max_new_tokens=run.eval.regression_new_tokens,
                                       batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt)
     batches = answer_batches(prompts, answers, run.eval.batch_size, run.eval.regression_new_tokens)
-    return divergences(base, others, batches, prefix="reg_")
+    out = divergences(base, others, batches, prefix="reg_")
+    if run.eval.regression_text:  # cross-entropy change on plain general text (PEFT's forgetting measure)
+        windows = text_windows(read_text_ids(run.eval.regression_text, tokenizer), run.eval.regression_new_tokens,
+                               run.eval.regression_prompts)
+        text = answer_batches(*windows, run.eval.batch_size, run.eval.regression_new_tokens)
+        for k, f in divergences(base, others, text, prefix="reg_text_").items():
+            out[k].update(reg_text_ce_increase=f["reg_text_ce_increase"],
+                          reg_text_ppl_ratio=math.exp(f["reg_text_ce_increase"]), reg_text_kl_mean=f["reg_text_kl_mean"])
+    return out
+
+
+def read_text_ids(path: str, tokenizer) -> list[int]:
+    """The token ids of a UTF-8 text file (eval.regression_text); one-line errors naming it."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaxftError(f"eval.regression_text: {path}: cannot be read as UTF-8 text ({type(e).__name__})") from None
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) < 2:
+        raise JaxftError(f"eval.regression_text: {path}: needs at least two tokens of text")
+    return ids
 
 
 def gate(run: RunConfig, results: dict) -> str | None:

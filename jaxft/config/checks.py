@@ -205,7 +205,7 @@ def check_files(run: RunConfig, training: bool = True) -> None:
     validate() again: a RunConfig built in code (not by load_config) is checked here too."""
     validate(run)
     needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file),
-              ("eval.regression_file", run.eval.regression_file)]
+              ("eval.regression_file", run.eval.regression_file), ("eval.regression_text", run.eval.regression_text)]
     needed += [(f"adapters[{i}].{k}", getattr(a, k)) for i, a in enumerate(run.adapters) for k in ("train", "validation")]
     if training and run.adapters:
         pass  # each adapter names its own training file (checked above)
