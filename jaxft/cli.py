@@ -1,7 +1,8 @@
 """`jaxft` command line: train | eval | export | merge-adapters | score | plan | prepare | task-data | generate | chat | cai |
 lm-eval | example-model.
 
-Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback.
+Bad input ends in one line on stderr (`jaxft: error: ...`) and exit status 2, never a traceback; `jaxft eval`
+exits 3 when a regression threshold (eval.max_kl, eval.max_ce_increase) is crossed.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-eval", default=None, metavar="FILE.json",
                    help="lm-eval results (jaxft lm-eval --output) for report.md (default: <eval dir>/lm_eval.json "
                         "when there)")
+    e.add_argument("--compare-export", default=None, metavar="PATH",
+                   help="also judge an export of the run (merged HF directory, .gguf, PEFT adapter directory) against "
+                        "the fp32 tuned model: KL, top-1 agreement and the task metric, as a column 'export'")
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
     pr.add_argument("inputs", nargs="+", help="data files (JSONL, JSON, Parquet, CSV or datasets folders)")
     pr.add_argument("--out", required=True, metavar="DIR",
@@ -218,7 +222,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from jaxft.commands.evaluate import eval_dir, evaluate, format_table
+    from jaxft.commands.evaluate import GATE_EXIT, eval_dir, evaluate, format_table, gate
 
     run = _run_config(args.config, args.overrides)
     where = eval_dir(run, args.out, args.overwrite)
@@ -227,13 +231,21 @@ def cmd_eval(args):
     if args.adapter:  # the base and every adapter side by side, mixed-adapter batches
         from jaxft.commands.evaluate import compare
 
+        if args.compare_export:
+            raise JaxftError("--compare-export: compares one run's export with its tuned model, not with --adapter")
         results = compare(run, args.adapter, out=where, overwrite=args.overwrite, lm_eval_file=args.lm_eval)
         print(format_table(results))
         print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
-        return
-    results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite, lm_eval_file=args.lm_eval)
-    print(format_table(results))
-    print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
+    else:
+        results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite,
+                           compare_export=args.compare_export, lm_eval_file=args.lm_eval)
+        print(format_table(results))
+        print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
+    failed = gate(run, results)
+    if failed:  # the figures are written and shown; the exit status tells a script the model regressed
+        print(f"jaxft: {failed}", file=sys.stderr)
+        return GATE_EXIT
+    return 0
 
 
 def cmd_prepare(args):
@@ -346,14 +358,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)  # None: success; eval: GATE_EXIT when a regression gate is crossed
     except JaxftError as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C; a training run says where it stopped and what it saved
         print(f"\njaxft: {e if isinstance(e, Interrupted) else 'stopped (Ctrl-C)'}", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # what leans on nothing of ours: the error type, atomic files, text metrics, the example model's download
-    ("leaves", ("jaxft", "jaxft.errors", "jaxft.files", "jaxft.metrics", "jaxft.example", "jaxft.layers")),
+    # what leans on nothing of ours: the error type, atomic files, text metrics, distribution divergences (numpy),
+    # the example model's download
+    ("leaves", ("jaxft", "jaxft.errors", "jaxft.files", "jaxft.metrics", "jaxft.divergence", "jaxft.example",
+                "jaxft.layers")),
     # the one parametric decoder, its heads and name tables, and the per-call state its layers read
     ("models", ("jaxft.context", "jaxft.models")),
     # run configuration: plain Python, no jax, no objective
@@ -30,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("formats", ("jaxft.formats",)),
     # a run: building it, its optimizer, step, loop, checkpoints, logs, sampling, reading it back, scoring
     ("run", ("jaxft.optim", "jaxft.setup", "jaxft.runs", "jaxft.scoring", "jaxft.checkpoint", "jaxft.runlog",
-             "jaxft.losses", "jaxft.objective", "jaxft.generate", "jaxft.train")),
+             "jaxft.losses", "jaxft.objective", "jaxft.generate", "jaxft.regression", "jaxft.train")),
     # what a run can train: one module per objective, picked from a table
     ("objectives", ("jaxft.objectives",)),
     # what a CLI verb runs, and lm-evaluation-harness's backend (jaxft.lm_eval.JaxftLM)

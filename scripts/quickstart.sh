@@ -10,3 +10,6 @@ jaxft eval configs/quickstart.yaml "$@" --overwrite   # re-running replaces the 
 jaxft export runs/quickstart --format peft --out runs/quickstart/adapter --overwrite
 jaxft export runs/quickstart --format gguf --gguf-type q8_0 --out runs/quickstart/model-q8_0.gguf --overwrite
 python scripts/check_peft_export.py runs/quickstart
+# what the q8_0 GGUF costs against the fp32 tuned model (KL, top-1 agreement, the task metric), in its own folder
+jaxft eval configs/quickstart.yaml "$@" eval.regression=false --compare-export runs/quickstart/model-q8_0.gguf \
+  --out runs/quickstart/eval-export --overwrite

@@ -8,12 +8,16 @@ evaluate: the base model is the run's own starting point (a fresh adapter has B 
 base model); the tuned one is the newest checkpoint of the run. compare: every (prompt, variant) pair is one
 row of the generation stream, so a batch of eval.batch_size rows holds prompts of several adapters (and the
 base) at once; with an SFT validation split, each variant's validation loss comes from the same batches.
+Regression check (eval.regression, jaxft.regression): every non-base variant also gets reg_* figures against the
+base on the base's greedy answers to general prompts; eval.max_kl / eval.max_ce_increase make them a gate
+(`gate`). compare_export: an exported artifact against the fp32 tuned model, as one more variant "export".
 Outputs: <train.out_dir>/eval/{summary.json, predictions.jsonl, report.md[, compare.png]}; eval.few_shot adds
 the column base_<K>shot (the base prompted with K training rows).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -22,19 +26,24 @@ from flax import nnx
 
 from jaxft import objectives, runs
 from jaxft.config import RunConfig, check_files
+from jaxft.config.objectives import head_of
 from jaxft.data.encode import Batches, load_examples
-from jaxft.data.prompts import few_shot, heldout, shot_pool, with_shots
+from jaxft.data.prompts import few_shot, general_prompts, heldout, shot_pool, with_shots
 from jaxft.errors import JaxftError
 from jaxft.checkpoint import require_checkpoint
 from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.commands.eval_report import LM_EVAL, read_lm_eval, write_report
+from jaxft.formats.peft import load_adapter
 from jaxft.generate import answer_chats, chat_prompt, eos_token_ids, with_system
 from jaxft.metrics import score
 from jaxft.objective import make_eval_step, mean_over_batches, perplexity
 from jaxft.objectives.multi import MixedBatches, Tagged, single_adapter_loss
+from jaxft.regression import Variant, answer_batches, divergences, greedy_answers, text_windows
 from jaxft.runs import load_run
 from jaxft.setup import resolve_model
+
+GATE_EXIT = 3  # `jaxft eval`'s exit status when a regression threshold is crossed (2: bad input)
 
 
 def eval_dir(run: RunConfig, out=None, overwrite: bool = False) -> Path:
@@ -51,11 +60,21 @@ def eval_dir(run: RunConfig, out=None, overwrite: bool = False) -> Path:
 
 
 def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, out=None,
-             overwrite: bool = False, lm_eval_file=None) -> dict:
+             overwrite: bool = False, compare_export=None, lm_eval_file=None) -> dict:
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
-    and batches as training's evaluations) and the generation metric's scores, written to `eval_dir`."""
+    and batches as training's evaluations), the generation metric's scores and (eval.regression) the tuned
+    model's reg_* figures against the base, written to `eval_dir`. compare_export: an exported artifact (merged
+    HF directory, .gguf, PEFT adapter directory) judged against the tuned model: a variant "export"."""
     check_files(run, training=False)
     where = eval_dir(run, out, overwrite)
+    if compare_export is not None and base_only:
+        raise JaxftError("--compare-export compares an export with the tuned model: not with --base-only")
+    if compare_export is not None and head_of(run) == "score":
+        raise JaxftError(f"--compare-export: objective {run.objective} trains a reward model, which has no next-token "
+                         "distribution to compare")
+    export_path = Path(compare_export).expanduser() if compare_export is not None else None
+    if export_path is not None and not export_path.exists():
+        raise JaxftError(f"--compare-export: {export_path}: no such file or directory")
     objectives.check_data(run, training=False)  # what can be refused is refused before the model loads
     check_few_shot(run)
     lm_eval = read_lm_eval(where, lm_eval_file)
@@ -75,7 +94,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
             results[k].update(obj.evaluate(params, setup.frozen))
 
     file = run.eval.file or obj.heldout
-    predictions, rows = {}, None
+    predictions, items = {}, None
     if run.eval.metric != "none" and file:
         items = heldout(file, run.data.format, run.eval.max_examples)
         prompts, refs = [p for p, _ in items], [r for _, r in items]
@@ -96,15 +115,112 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
                                           system_prompt=run.data.system_prompt,
                                           progress=f"generating ({k})" if progress else "")
             results = after_base(results, k, score(run.eval.metric, predictions[k], refs))
-        rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
-                for i, (p, r) in enumerate(items)]
+    if run.eval.regression and not base_only and head_of(run) != "score":  # a reward model has no next token
+        base = Variant(setup.graphdef, (setup.params, setup.frozen))
+        tuned = {k: Variant(setup.graphdef, (p, setup.frozen)) for k, p in variants.items() if k != "base"}
+        for k, figures in regression(run, setup.tokenizer, setup.model_path, base, tuned, progress).items():
+            results[k].update(figures)
+    if export_path is not None:
+        results["export"], exported = compare_export_to(run, done, export_path, items, progress)
+        if exported is not None:
+            predictions["export"] = exported
     with staging_dir(where, overwrite=True) as tmp:  # one evaluation's files together, never half of two
-        if rows is not None:
-            write_jsonl(tmp / "predictions.jsonl", rows)
+        if items is not None:
+            write_jsonl(tmp / "predictions.jsonl", [
+                dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in predictions})
+                for i, (p, r) in enumerate(items)])
         write_json(tmp / "summary.json", results)
         write_report(tmp, results, where, Path(run.train.out_dir), lm_eval)
     print(f"report: {where / 'report.md'}", file=sys.stderr)
     return results
+
+
+def regression(run: RunConfig, tokenizer, model_path, base: Variant, others: dict[str, Variant],
+               progress: bool = True) -> dict[str, dict]:
+    """{variant: reg_* figures}: each of `others` against `base`, teacher-forced on the base's greedy answers
+    (eval.regression_new_tokens long) to the general prompts (eval.regression_file, default the shipped set)."""
+    chats = general_prompts(run.eval.regression_file, run.eval.regression_prompts)
+    if progress:
+        print(f"regression check: {len(chats)} general prompts, the base's answers", file=sys.stderr)
+    prompts, answers = greedy_answers(base, tokenizer, chats, eos=eos_token_ids(tokenizer, model_path),
+                                      max_new_tokens=run.eval.regression_new_tokens,
+                                      batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt)
+    batches = answer_batches(prompts, answers, run.eval.batch_size, run.eval.regression_new_tokens)
+    out = divergences(base, others, batches, prefix="reg_")
+    if run.eval.regression_text:  # cross-entropy change on plain general text (PEFT's forgetting measure)
+        windows = text_windows(read_text_ids(run.eval.regression_text, tokenizer), run.eval.regression_new_tokens,
+                               run.eval.regression_prompts)
+        text = answer_batches(*windows, run.eval.batch_size, run.eval.regression_new_tokens)
+        for k, f in divergences(base, others, text, prefix="reg_text_").items():
+            out[k].update(reg_text_ce_increase=f["reg_text_ce_increase"],
+                          reg_text_ppl_ratio=math.exp(f["reg_text_ce_increase"]), reg_text_kl_mean=f["reg_text_kl_mean"])
+    return out
+
+
+def read_text_ids(path: str, tokenizer) -> list[int]:
+    """The token ids of a UTF-8 text file (eval.regression_text); one-line errors naming it."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaxftError(f"eval.regression_text: {path}: cannot be read as UTF-8 text ({type(e).__name__})") from None
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) < 2:
+        raise JaxftError(f"eval.regression_text: {path}: needs at least two tokens of text")
+    return ids
+
+
+def gate(run: RunConfig, results: dict) -> str | None:
+    """The first regression threshold a variant crosses, as one line (None: every figure within its bound)."""
+    bounds = (("reg_kl_mean", run.eval.max_kl, "eval.max_kl"),
+              ("reg_ce_increase", run.eval.max_ce_increase, "eval.max_ce_increase"))
+    for name, r in results.items():
+        for key, bound, knob in bounds:
+            if bound is not None and key in r and r[key] > bound:
+                return f"regression gate: {name}: {key} {r[key]:.6g} > {knob} {bound:g}"
+    return None
+
+
+def exported_model(run: RunConfig, path: Path):
+    """The exported artifact as a model: a merged HF directory or a .gguf (read as it is), or a PEFT adapter
+    directory over the run's base (quantized as the run's, e.g. NF4 for QLoRA)."""
+    if (path / "adapter_config.json").is_file():
+        model = load_pretrained(resolve_model(run.model.path), quant=run.quant)
+        load_adapter(model, path)
+        return model
+    return load_pretrained(path)
+
+
+def compare_export_to(run: RunConfig, done, path: Path, items, progress: bool = True) -> tuple[dict, list | None]:
+    """(exp_* figures and the task metric, its answers to the held-out prompts or None) of the exported artifact
+    at `path` against the fp32 tuned model (a quantized run's base re-read unquantized), teacher-forced on the
+    tuned model's greedy answers to the held-out prompts (`items`; none: the general prompts)."""
+    if run.quant.base != "none":
+        done = load_run(run, unquantized=True)
+    setup = done.setup
+    ref = Variant(setup.graphdef, (done.params, setup.frozen))
+    model = exported_model(run, path)
+    want = done.model().config.vocab_size
+    if model.config.vocab_size != want:
+        raise JaxftError(f"--compare-export: {path}: a vocabulary of {model.config.vocab_size} tokens, the run's "
+                         f"model has {want}: not an export of this run")
+    graphdef, state = nnx.split(model)
+    exp = Variant(graphdef, (state,))
+    chats = [p for p, _ in items] if items else general_prompts(run.eval.regression_file, run.eval.regression_prompts)
+    eos = eos_token_ids(setup.tokenizer, setup.model_path)
+    n_new = run.eval.max_new_tokens if items else run.eval.regression_new_tokens
+    if progress:
+        print(f"--compare-export {path}: {len(chats)} prompts, the tuned model's answers", file=sys.stderr)
+    prompts, answers = greedy_answers(ref, setup.tokenizer, chats, eos=eos, max_new_tokens=n_new,
+                                      batch_size=run.eval.batch_size, system_prompt=run.data.system_prompt)
+    figures = divergences(ref, {"export": exp}, answer_batches(prompts, answers, run.eval.batch_size, n_new),
+                          prefix="exp_")["export"]
+    exported = None
+    if items and run.eval.metric != "none":
+        exported = answer_chats(graphdef, (state,), setup.tokenizer, chats, eos=eos,
+                                max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
+                                system_prompt=run.data.system_prompt, progress="generating (export)" if progress else "")
+        figures.update(score(run.eval.metric, exported, [r for _, r in items]))
+    return figures, exported
 
 
 def shot_name(k: int) -> str:
@@ -196,6 +312,11 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None
             results = after_base(results, names[-1], score(run.eval.metric, predictions[names[-1]], refs))
         rows = [dict(prompt=p[-1]["content"], reference=r, **{k: predictions[k][i] for k in names})
                 for i, (p, r) in enumerate(items)]
+    if run.eval.regression:  # each adapter against the base: rows of the one bank with adapter id -1 / i
+        others = {k: Variant(graphdef, (params, frozen), i) for k, i in variants.items() if k != "base"}
+        base = Variant(graphdef, (params, frozen), -1)
+        for k, figures in regression(run, tokenizer, path, base, others, progress).items():
+            results[k].update(figures)
     with staging_dir(where, overwrite=True) as tmp:
         if rows is not None:
             write_jsonl(tmp / "predictions.jsonl", rows)

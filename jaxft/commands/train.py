@@ -16,12 +16,15 @@ from pathlib import Path
 import jax
 
 from jaxft import objectives, sharding
-from jaxft.checkpoint import Checkpoints
+from jaxft.checkpoint import Checkpoints, restore_trainable
+from jaxft.commands.evaluate import regression
 from jaxft.config import RunConfig, check_files
+from jaxft.config.objectives import head_of
 from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
 from jaxft.optim import lr_schedules, run_optimizer
+from jaxft.regression import Variant
 from jaxft.runlog import RunLog, plot_losses
 from jaxft.setup import build
 from jaxft.train import init_state, loop, make_train_step
@@ -80,8 +83,22 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         ckpts.close()
     if primary:
         plot_losses(out / "metrics.jsonl", out / "loss.png", obj.progress)
+    last = log.last
+    if run.eval.regression_after_training and jax.process_count() == 1 and head_of(run) != "score":
+        last = {**last, **final_regression(run, setup, out, say if progress else None)}
     say(f"run directory: {out}  (checkpoints/, metrics.jsonl, tensorboard/, loss.png)")
-    return log.last
+    return last
+
+
+def final_regression(run: RunConfig, setup, out: Path, say=None) -> dict:
+    """The regression check of the finished run (its newest checkpoint against the starting weights, as `jaxft
+    eval` computes it), written to <out>/regression.json; returns its reg_* figures."""
+    params, meta = restore_trainable(out, setup.params)
+    base = Variant(setup.graphdef, (setup.params, setup.frozen))
+    tuned = Variant(setup.graphdef, (params, setup.frozen))
+    got = regression(run, setup.tokenizer, setup.model_path, base, {"tuned": tuned}, progress=say is not None)["tuned"]
+    write_json(out / "regression.json", dict(step=int(meta["step"]), **got))
+    return got
 
 
 def finished_row(out: Path, step: int) -> dict:

@@ -110,6 +110,11 @@ def validate(run: RunConfig) -> None:
         (run.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
         (run.eval.few_shot >= 0, "eval.few_shot", "must be >= 0 (0 = no K-shot column)"),
         (run.eval.few_shot_seed >= 0, "eval.few_shot_seed", "must be >= 0"),
+        (run.eval.regression_prompts >= 0, "eval.regression_prompts", "must be >= 0 (0 = all)"),
+        (1 <= run.eval.regression_new_tokens <= 4096, "eval.regression_new_tokens", "must be in [1, 4096]"),
+        (run.eval.max_kl is None or run.eval.max_kl >= 0, "eval.max_kl", "must be >= 0 or null"),
+        (run.eval.max_ce_increase is None or run.eval.max_ce_increase >= 0, "eval.max_ce_increase",
+         "must be >= 0 or null"),
         (run.dpo.beta > 0, "dpo.beta", "must be > 0"),
         (0 <= run.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
         (run.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
@@ -201,7 +206,8 @@ def check_files(run: RunConfig, training: bool = True) -> None:
 
     validate() again: a RunConfig built in code (not by load_config) is checked here too."""
     validate(run)
-    needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file)]
+    needed = [("data.validation", run.data.validation), ("eval.file", run.eval.file),
+              ("eval.regression_file", run.eval.regression_file), ("eval.regression_text", run.eval.regression_text)]
     needed += [(f"adapters[{i}].{k}", getattr(a, k)) for i, a in enumerate(run.adapters) for k in ("train", "validation")]
     if training and run.adapters:
         pass  # each adapter names its own training file (checked above)

@@ -36,8 +36,8 @@ from jaxft.config.sections import show
 from jaxft.errors import JaxftError
 
 # paths / addresses: "" would silently mean the current directory
-NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "lora.init_adapter", "dpo.cache_dir",
-            "mesh.coordinator_address", "ppo.reward_model", "cai.out_dir")
+NONEMPTY = ("model.path", "train.out_dir", "data.validation", "eval.file", "eval.regression_file", "lora.init_adapter",
+            "eval.regression_text", "dpo.cache_dir", "mesh.coordinator_address", "ppo.reward_model", "cai.out_dir")
 MAX_YAML_NODES = 100_000  # values after alias expansion: a run config has a few hundred
 
 

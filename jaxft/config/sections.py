@@ -94,6 +94,15 @@ class EvalConfig:
     batch_size: int = 8  # prompts per generation batch
     few_shot: int = 0  # K > 0: one more column, base_<K>shot: the base with K training rows as earlier chat turns
     few_shot_seed: int = 0  # which K training rows
+    # the regression check (jaxft.regression): tuned vs base on the base's greedy answers to general prompts
+    regression: bool = True
+    regression_file: str | None = None  # prompts (JSONL rows with prompt / messages); default: the shipped 100
+    regression_prompts: int = 32  # the first N prompts (0 = all): 32 keeps a CPU evaluation quick
+    regression_new_tokens: int = 48  # length of the base's greedy answers (the compared tokens)
+    regression_text: str | None = None  # plain UTF-8 text: reg_text_* (cross-entropy change), windows of the above
+    max_kl: float | None = None  # gate: `jaxft eval` exits 3 when a variant's reg_kl_mean exceeds it
+    max_ce_increase: float | None = None  # gate: ... when a variant's reg_ce_increase (nats / token) exceeds it
+    regression_after_training: bool = False  # `jaxft train` ends with the check too (<out_dir>/regression.json)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 from typing import Any
 
 from jaxft.config import DataConfig
@@ -35,6 +36,7 @@ from jaxft.data.rows import (ROLES, Chat, Pair, RowError, Text, parse_messages, 
 from jaxft.errors import JaxftError
 
 PROMPT_KEYS = ("prompt", "messages", "completion")
+GENERAL_PROMPTS = Path(__file__).with_name("general_prompts.jsonl")  # 100 varied instructions written for jaxft
 
 
 @dataclasses.dataclass
@@ -222,3 +224,24 @@ def few_shot(pool: list[tuple[list[dict], str]], k: int, seed: int, exclude: lis
 def with_shots(prompt: list[dict], shots: list[dict]) -> list[dict]:
     """`prompt` with the K-shot turns before its own: its system turns stay first."""
     return ([m for m in prompt if m["role"] == "system"] + shots + [m for m in prompt if m["role"] != "system"])
+
+
+def general_prompts(path: str | None = None, limit: int = 0) -> list[list[dict]]:
+    """The regression check's prompts as chat messages: `path` (rows with `prompt` — a string or messages — or
+    `messages`; a final assistant turn is dropped), default the shipped GENERAL_PROMPTS; the first `limit`
+    (0 = all). Bad rows are skipped; none usable is a JaxftError naming the file."""
+    where = str(path or GENERAL_PROMPTS)
+    out = []
+    for rec in read_rows(where):
+        try:
+            if isinstance(rec.row, RowError):
+                raise rec.row
+            p, _ = parse_prompt(rec.row)
+        except RowError:
+            continue
+        out.append([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise JaxftError(f"{where}: no usable prompts (rows need a 'prompt' or 'messages' column)")
+    return out
