@@ -6,10 +6,9 @@
 set -x
 jaxft task-data runs/quickstart/data
 jaxft train configs/quickstart.yaml "$@" --resume
-jaxft eval configs/quickstart.yaml "$@" --overwrite   # re-running replaces the last evaluation
 jaxft export runs/quickstart --format peft --out runs/quickstart/adapter --overwrite
 jaxft export runs/quickstart --format gguf --gguf-type q8_0 --out runs/quickstart/model-q8_0.gguf --overwrite
+# base vs tuned, the regression check against the base, and what the q8_0 GGUF costs against the fp32 tuned
+# model (KL, top-1 agreement, the task metric) in one table and one report (runs/quickstart/eval/report.md)
+jaxft eval configs/quickstart.yaml "$@" --overwrite --compare-export runs/quickstart/model-q8_0.gguf
 python scripts/check_peft_export.py runs/quickstart
-# what the q8_0 GGUF costs against the fp32 tuned model (KL, top-1 agreement, the task metric), in its own folder
-jaxft eval configs/quickstart.yaml "$@" eval.regression=false --compare-export runs/quickstart/model-q8_0.gguf \
-  --out runs/quickstart/eval-export --overwrite
