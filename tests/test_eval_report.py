@@ -89,9 +89,9 @@ SUMMARY = {
     "base": {"eval_loss": 2.5, "eval_ppl": 12.182493960703473, "exact_match": 0.125, "n": 8.0},
     "base_3shot": {"exact_match": 0.5, "n": 8.0},
     "tuned": {"eval_loss": 1.25, "eval_ppl": 3.4903429574618414, "exact_match": 0.875, "n": 8.0,
-              "reg_kl_mean": 0.0123, "reg_kl_p95": 0.05, "reg_ce_increase": 0.02, "reg_top1_agreement": 0.97,
-              "reg_changed_share": 0.1},
-    "export": {"exact_match": 0.875, "exp_kl_mean": 0.0004, "exp_top1_agreement": 0.999},
+              "reg_kl_mean": 0.0123, "reg_kl_p95": 0.05, "reg_ce_increase": 0.02, "reg_top1_agree": 0.97,
+              "reg_changed": 0.1},
+    "export": {"exact_match": 0.875, "exp_kl_mean": 0.0004, "exp_top1_agree": 0.999},
 }
 LM_EVAL = {"base": {"results": {"jaxft_extract_mc": {"alias": "jaxft_extract_mc", "acc,none": 0.25,
                                                      "acc_stderr,none": 0.0625}}},
@@ -127,29 +127,29 @@ General prompts, not the task: how far each variant moved from the base model's 
 | reg_kl_mean | 0.0123 |
 | reg_kl_p95 | 0.0500 |
 | reg_ce_increase | 0.0200 |
-| reg_top1_agreement | 0.9700 |
-| reg_changed_share | 0.1000 |
+| reg_top1_agree | 0.9700 |
+| reg_changed | 0.1000 |
 
-- `reg_kl_mean`: mean per-token KL divergence KL(base || variant) on the base model's own greedy answers to the \
-general prompts: 0 is the base's distribution exactly.
-- `reg_kl_p95`: 95th percentile of the per-token KL(base || variant) on the general prompts' base answers: the \
-worst tokens, where a change of behaviour shows first.
-- `reg_ce_increase`: the variant's cross-entropy on those answers (or on the general text) minus the base's: how \
-much less likely it finds what the base would say; above 0 is forgetting.
-- `reg_top1_agreement`: share of answer tokens where the variant's top-1 token is the base's: 1 means the same \
-greedy choices.
-- `reg_changed_share`: share of general prompts whose greedy answer changes: how often a user would notice.
+- `reg_kl_mean`: mean per-token KL(base || variant) on the base model's own greedy answers to the general \
+prompts, nats: 0 is the base's distribution exactly.
+- `reg_kl_p95`: 95th percentile of that per-token KL: the worst tokens, where a change of behaviour shows first.
+- `reg_ce_increase`: the variant's cross-entropy on those answers minus the base's, nats / token: how much less \
+likely it finds what the base would say; above 0 is forgetting.
+- `reg_top1_agree`: share of answer tokens where the variant's top-1 token is the base's: 1 means the same greedy \
+choices.
+- `reg_changed`: share of general prompts whose greedy answer would change (the variant's top-1 leaves the base's \
+answer somewhere): how often a user would notice.
 
 ## What the export costs
 
 | metric | export |
 |---|---:|
 | exp_kl_mean | 0.0004 |
-| exp_top1_agreement | 0.9990 |
+| exp_top1_agree | 0.9990 |
 
-- `exp_kl_mean`: KL divergence of the exported artifact from the fp32 tuned model on the held-out prompts (per \
-token; llama.cpp's `--kl-divergence`): the quality the export costs.
-- `exp_top1_agreement`: share of held-out tokens where the export's top-1 token is the fp32 tuned model's.
+- `exp_kl_mean`: mean per-token KL(fp32 tuned || export) on the tuned model's answers to the held-out prompts, \
+nats (llama.cpp's `--kl-divergence`): the quality the export costs.
+- `exp_top1_agree`: share of answer tokens where the export's top-1 token is the fp32 tuned model's.
 
 ## lm-evaluation-harness
 

@@ -34,28 +34,31 @@ MEANINGS = {
     "eval_rewards/": "DPO's implicit rewards on the validation pairs",
     "eval_logps/": "log-probabilities of the validation pairs' answers",
 }
-# The regression check's and the export's figures, matched by what their names contain (first match).
-REGRESSION = (
-    ("kl", "p95", "95th percentile of the per-token KL(base || variant) on the general prompts' base answers: "
-                  "the worst tokens, where a change of behaviour shows first."),
-    ("kl", "", "mean per-token KL divergence KL(base || variant) on the base model's own greedy answers to the "
-               "general prompts: 0 is the base's distribution exactly."),
-    ("ce", "", "the variant's cross-entropy on those answers (or on the general text) minus the base's: how much "
-               "less likely it finds what the base would say; above 0 is forgetting."),
-    ("agree", "", "share of answer tokens where the variant's top-1 token is the base's: 1 means the same "
-                  "greedy choices."),
-    ("top1", "", "share of answer tokens where the variant's top-1 token is the base's: 1 means the same "
-                 "greedy choices."),
-    ("changed", "", "share of general prompts whose greedy answer changes: how often a user would notice."),
-    ("ppl", "", "perplexity change on the general text."),
-)
-EXPORT = (
-    ("kl", "", "KL divergence of the exported artifact from the fp32 tuned model on the held-out prompts (per "
-               "token; llama.cpp's `--kl-divergence`): the quality the export costs."),
-    ("agree", "", "share of held-out tokens where the export's top-1 token is the fp32 tuned model's."),
-    ("top1", "", "share of held-out tokens where the export's top-1 token is the fp32 tuned model's."),
-    ("", "", "the task metric of the exported artifact, read back by jaxft's own loaders."),
-)
+# The regression check's and the export's figures (jaxft.divergence.summarize's names, after the prefix).
+REGRESSION = {
+    "kl_mean": "mean per-token KL(base || variant) on the base model's own greedy answers to the general prompts, "
+               "nats: 0 is the base's distribution exactly.",
+    "kl_p95": "95th percentile of that per-token KL: the worst tokens, where a change of behaviour shows first.",
+    "ce_increase": "the variant's cross-entropy on those answers minus the base's, nats / token: how much less likely "
+                   "it finds what the base would say; above 0 is forgetting.",
+    "top1_agree": "share of answer tokens where the variant's top-1 token is the base's: 1 means the same greedy "
+                  "choices.",
+    "changed": "share of general prompts whose greedy answer would change (the variant's top-1 leaves the base's "
+               "answer somewhere): how often a user would notice.",
+    "tokens": "answer tokens compared.",
+    "text_ce_increase": "cross-entropy change on the general text (eval.regression_text), nats / token.",
+    "text_ppl_ratio": "perplexity on the general text over the base's (exp of the above).",
+    "text_kl_mean": "mean per-token KL(base || variant) on the general text.",
+}
+EXPORT = {
+    "kl_mean": "mean per-token KL(fp32 tuned || export) on the tuned model's answers to the held-out prompts, nats "
+               "(llama.cpp's `--kl-divergence`): the quality the export costs.",
+    "kl_p95": "95th percentile of that per-token KL.",
+    "ce_increase": "the export's cross-entropy on the tuned model's answers minus the tuned model's, nats / token.",
+    "top1_agree": "share of answer tokens where the export's top-1 token is the fp32 tuned model's.",
+    "changed": "share of held-out prompts whose greedy answer the export would change.",
+    "tokens": "answer tokens compared.",
+}
 
 
 def number(v) -> str:
@@ -74,10 +77,10 @@ def label(variant: str) -> str:
 
 
 def meaning(metric: str, rules=None) -> str | None:
-    """A metric's one-line explanation: from MEANINGS, or with `rules` the first (part, part, text) whose two
-    parts the name contains."""
+    """A metric's one-line explanation: from MEANINGS, or from `rules` (REGRESSION / EXPORT, by the name after its
+    prefix)."""
     if rules is not None:
-        return next((text for a, b, text in rules if a in metric.lower() and b in metric.lower()), None)
+        return rules.get(metric)
     return MEANINGS.get(metric) or next((t for k, t in MEANINGS.items() if k.endswith("/") and metric.startswith(k)),
                                         None)
 
