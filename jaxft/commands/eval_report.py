@@ -62,11 +62,12 @@ EXPORT = {
 
 
 def number(v) -> str:
-    """A cell as `format_table` writes it (4 decimals); what is not a number as it is, a missing one as —."""
+    """A cell of the printed table and of report.md: 4 decimals; what is not a number as it is, a missing one as —."""
     if v is None:
         return "—"
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return f"{v:.4f}"
+        # 4 decimals; a figure below 0.001 (an export's KL) in 3 significant digits rather than as 0.0001
+        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
     return str(v)
 
 

@@ -33,7 +33,7 @@ from jaxft.errors import JaxftError
 from jaxft.checkpoint import require_checkpoint
 from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
 from jaxft.formats.hf import load_pretrained, load_tokenizer
-from jaxft.commands.eval_report import LM_EVAL, read_lm_eval, write_report
+from jaxft.commands.eval_report import LM_EVAL, number, read_lm_eval, write_report
 from jaxft.formats.peft import load_adapter
 from jaxft.generate import answer_chats, chat_prompt, eos_token_ids, with_system
 from jaxft.metrics import score
@@ -343,7 +343,7 @@ def format_table(results: dict) -> str:
     names = list(results)
     keys = [k for k in dict.fromkeys(k for r in results.values() for k in r)]
     first = max([16, *map(len, keys)]) + 2  # 18 wide, as before, unless a name is longer
-    cells = {n: [f"{results[n].get(k, float('nan')):.4f}" for k in keys] for n in names}
+    cells = {n: [number(results[n].get(k)) for k in keys] for n in names}  # — where a column has no such figure
     width = {n: max([10, len(n), *map(len, cells[n])]) + 2 for n in names}
     lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width[n]}}" for n in names)]
     for i, k in enumerate(keys):
