@@ -144,7 +144,7 @@ answer somewhere): how often a user would notice.
 
 | metric | export |
 |---|---:|
-| exp_kl_mean | 0.0004 |
+| exp_kl_mean | 4.00e-04 |
 | exp_top1_agree | 0.9990 |
 
 - `exp_kl_mean`: mean per-token KL(fp32 tuned || export) on the tuned model's answers to the held-out prompts, \
