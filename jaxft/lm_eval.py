@@ -63,6 +63,14 @@ def pow2(n: int, least: int = 1) -> int:
     return 1 << (max(n, least) - 1).bit_length()
 
 
+def size_bucket(n: int, least: int = 1) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24 ... (powers of two and 1.5 times them) >= max(n, least): scoring
+    shapes pad at most a third (powers of two alone: up to half, measured as most of a multiple-choice task's
+    slots), for about twice the buckets."""
+    p = pow2(n, least)
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= max(n, least) else p
+
+
 # ---------------------------------------------------------------- the scoring program
 
 
@@ -139,7 +147,7 @@ def pack(inputs: list[list[int]], queries: list[list[tuple[int, int]]], length: 
     per_row = [0] * rows
     for (r, _), q in zip(placed, queries):
         per_row[r] += len(q)
-    C = pow2(max(per_row), MIN_QUERIES)
+    C = size_bucket(max(per_row), MIN_QUERIES)
     tokens, positions, seg = (np.zeros((rows, length), np.int32) for _ in range(3))
     q_pos, q_tok = np.zeros((rows, C), np.int32), np.zeros((rows, C), np.int32)
     used, where, nseg = [0] * rows, [], [0] * rows
@@ -193,65 +201,90 @@ class SharedPacked:
 
 def pack_shared(groups: list[Group], start: int, length: int, max_rows: int, max_suffix: int, rows_of=pow2
                 ) -> tuple[SharedPacked, int]:
-    """Pack groups[start:] (longest prefix first) into at most max_rows prefix rows of `length` tokens, the j-th
-    continuations of a row's contexts into its suffix row j (at most max_suffix tokens each); returns the packed
-    call and the index of the first group left out. rows_of(n): the padded row count of n rows."""
+    """Pack groups[start:] (longest prefix first) into at most max_rows prefix rows of `length` tokens, and their
+    members' suffixes into suffix rows that each attend to one prefix row (src); returns the packed call and the
+    index of the first group left out. rows_of(n): the padded row count of n rows.
+
+    A suffix row holds suffixes of contexts of one prefix row, at most one per context (two continuations of one
+    context in a row would see each other: they share its segment id), first fit, longest first, in rows of the
+    width (a size_bucket up to max_suffix) that leaves the fewest padded slots."""
     free: list[int] = []
-    sums: list[list[int]] = []
     placed: list[tuple[int, int, int]] = []  # (group, row, offset)
     i = start
     while i < len(groups):
         g = groups[i]
-        a, bs = len(g.prefix), sorted((len(x) for x in g.suffixes if x), reverse=True)
-        if a > length or any(b > max_suffix for b in bs):
+        a = len(g.prefix)
+        if a > length or any(len(x) > max_suffix for x in g.suffixes):
             break
-        fits = lambda r: free[r] >= a and all(j >= len(sums[r]) or sums[r][j] + b <= max_suffix  # noqa: E731
-                                              for j, b in enumerate(bs))
-        r = next((r for r in range(len(free)) if fits(r)), None)
+        r = next((r for r in range(len(free)) if free[r] >= a), None)
         if r is None:
             if len(free) == max_rows:
                 break
             free.append(length)
-            sums.append([])
             r = len(free) - 1
         placed.append((i, r, length - free[r]))
         free[r] -= a
-        for j, b in enumerate(bs):
-            if j == len(sums[r]):
-                sums[r].append(0)
-            sums[r][j] += b
         i += 1
-    Rp, base = rows_of(len(free)), np.cumsum([0] + [len(x) for x in sums])
-    Rs, Ss = rows_of(max(int(base[-1]), 1)), pow2(max([x for r in sums for x in r] or [1]), MIN_QUERIES)
+    # every (group, member) with a suffix, per prefix row, longest first
+    per_row: list[list[tuple[int, int]]] = [[] for _ in free]
+    for gi, r, _ in placed:
+        per_row[r] += [(gi, k) for k, x in enumerate(groups[gi].suffixes) if x]
+    for items in per_row:
+        items.sort(key=lambda t: -len(groups[t[0]].suffixes[t[1]]))
+    longest = max((len(groups[gi].suffixes[k]) for items in per_row for gi, k in items), default=1)
+
+    def bins(width: int) -> list[tuple[int, list[tuple[int, int]]]]:
+        """(prefix row, its members) per suffix row, first fit decreasing under the one-per-context rule."""
+        out = []
+        for r, items in enumerate(per_row):
+            mine: list[list] = []  # [room, members, groups] of this prefix row's suffix rows
+            for gi, k in items:
+                n = len(groups[gi].suffixes[k])
+                b = next((b for b in mine if b[0] >= n and gi not in b[2]), None)
+                if b is None:
+                    b = [width, [], set()]
+                    mine.append(b)
+                b[0] -= n
+                b[1].append((gi, k))
+                b[2].add(gi)
+            out += [(r, b[1]) for b in mine]
+        return out
+
+    widths, w = [], size_bucket(longest, MIN_QUERIES)
+    while w <= max(max_suffix, size_bucket(longest, MIN_QUERIES)):
+        widths.append(w)
+        w = size_bucket(w + 1)
+    Ss, suffix_rows = min(((w, bins(w)) for w in widths), key=lambda x: (rows_of(max(len(x[1]), 1)) * x[0], x[0]))
+    Rp, Rs = rows_of(len(free)), rows_of(max(len(suffix_rows), 1))
     arrays = lambda R, S: [np.zeros((R, S), np.int32) for _ in range(3)]  # noqa: E731
     (pt, pp, ps), (st, sp, ss) = arrays(Rp, length), arrays(Rs, Ss)
     src = np.zeros(Rs, np.int32)
     qp, qs = [[] for _ in range(Rp)], [[] for _ in range(Rs)]  # (position, token) per row
     where: dict[int, list[tuple[int, int, int]]] = {}
-    used, nseg = np.zeros(Rs, np.int64), [0] * Rp
+    seg_of: dict[int, int] = {}  # group → its segment id in its prefix row
+    nseg = [0] * Rp
     for gi, r, at in placed:
         g = groups[gi]
         a = len(g.prefix)
         nseg[r] += 1
+        seg_of[gi] = nseg[r]
         pt[r, at:at + a], pp[r, at:at + a], ps[r, at:at + a] = g.prefix, np.arange(a), nseg[r]
-        order = sorted(range(len(g.members)), key=lambda k: -len(g.suffixes[k]))
-        for j, k in enumerate(order):
-            cells = [(0, r, len(qp[r]))]
+        for k, m in enumerate(g.members):  # every member's first continuation token: the context's last position
+            where[m] = [(0, r, len(qp[r]))]
             qp[r].append((at + a - 1, g.targets[k][0]))
-            suf = g.suffixes[k]
-            if suf:
-                row = int(base[r]) + j
-                o = int(used[row])
-                st[row, o:o + len(suf)], sp[row, o:o + len(suf)], ss[row, o:o + len(suf)] = suf, a + np.arange(len(suf)), nseg[r]
-                src[row] = r
-                for t, tok in enumerate(g.targets[k][1:]):
-                    cells.append((1, row, len(qs[row])))
-                    qs[row].append((o + t, tok))
-                used[row] += len(suf)
-            where[g.members[k]] = cells
+    for row, (r, members) in enumerate(suffix_rows):
+        src[row], o = r, 0
+        for gi, k in members:
+            g, suf = groups[gi], groups[gi].suffixes[k]
+            a, n = len(g.prefix), len(suf)
+            st[row, o:o + n], sp[row, o:o + n], ss[row, o:o + n] = suf, a + np.arange(n), seg_of[gi]
+            for t, tok in enumerate(g.targets[k][1:]):
+                where[g.members[k]].append((1, row, len(qs[row])))
+                qs[row].append((o + t, tok))
+            o += n
 
     def queries(q):
-        C = pow2(max(len(x) for x in q), MIN_QUERIES)
+        C = size_bucket(max(len(x) for x in q), MIN_QUERIES)
         pos, tok = np.zeros((len(q), C), np.int32), np.zeros((len(q), C), np.int32)
         for r, x in enumerate(q):
             if x:
@@ -441,10 +474,10 @@ class JaxftLM(TemplateLM):
             return self.m.ctx
         return dataclasses.replace(self.m.ctx, adapter_ids=jnp.full((rows,), self.adapter_id, jnp.int32))
 
-    def _rows(self, n: int) -> int:
-        """Rows of a call holding n rows of data: a power of two (or a multiple of 8), divisible by the mesh's
-        data x fsdp."""
-        r = row_bucket(n)
+    def _rows(self, n: int, bucket=size_bucket) -> int:
+        """Rows of a call holding n rows of data: bucket(n) (generation: row_bucket's powers of two, multiples of
+        8), rounded up to a multiple of the mesh's data x fsdp."""
+        r = bucket(n)
         if self.mesh is not None:
             ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
             r = -(-r // ways) * ways
@@ -509,6 +542,24 @@ class JaxftLM(TemplateLM):
         where = NamedSharding(self.mesh, sharding.batch_spec(self.mesh, rows))
         return jax.tree.map(lambda a: jax.device_put(a, where), arrays)
 
+    def _pack_shared(self, groups: list[Group], k: int) -> tuple[SharedPacked, int]:
+        """pack_shared from groups[k] on, with the prefix row length (a size_bucket from the longest context up to
+        pack_length) that pads least per request packed."""
+        top = max(self.pack_length, pow2(len(groups[k].prefix)))
+        max_suffix = max(self.pack_length, pow2(max(len(x) for x in groups[k].suffixes)))
+        lengths, n = [], size_bucket(len(groups[k].prefix))
+        while n <= top:
+            lengths.append(n)
+            n = size_bucket(n + 1)
+
+        def cost(packed):
+            sp, nxt = packed
+            slots = sp.prefix[0].size + sp.suffix[0].size
+            return slots / sum(len(g.members) for g in groups[k:nxt]), -nxt
+
+        return min((pack_shared(groups, k, n, max(1, self.batch_tokens // (2 * n)), max_suffix, self._rows)
+                    for n in lengths), key=cost)
+
     def score_groups(self, groups: list[Group], progress: str = "") -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Requests sharing a context (score_shared): per member request, its log-probs and argmax-matches."""
         groups = sorted(groups, key=lambda g: -len(g.prefix))
@@ -516,9 +567,7 @@ class JaxftLM(TemplateLM):
         bar = tqdm(total=sum(len(g.members) for g in groups), desc=progress, disable=not progress or self.rank != 0)
         k = 0
         while k < len(groups):
-            length = max(self.pack_length, pow2(len(groups[k].prefix)))
-            sp, nxt = pack_shared(groups, k, length, max(1, self.batch_tokens // (2 * length)),
-                                  max(self.pack_length, pow2(max(len(x) for x in groups[k].suffixes))), self._rows)
+            sp, nxt = self._pack_shared(groups, k)
             Rp, Rs = sp.prefix[0].shape[0], sp.suffix[0].shape[0]
             with (jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()):
                 res = score_shared(tuple(self.weights), self._place(sp.prefix, Rp), self._place(sp.suffix, Rs),
@@ -623,7 +672,7 @@ class JaxftLM(TemplateLM):
             mesh_kw, rows = {}, prompts
             if self.mesh is not None:  # rows split over data x fsdp: pad them to a multiple (repeats share a prefill)
                 mesh_kw = {"mesh": self.mesh}
-                rows = prompts + [prompts[-1]] * (self._rows(len(prompts)) - len(prompts))
+                rows = prompts + [prompts[-1]] * (self._rows(len(prompts), row_bucket) - len(prompts))
             out = generate(self.m.graphdef, tuple(self.weights), rows, eos_ids=self.eos | self.stop_ids(until),
                            sampling=sampling, ctx=self._ctx(len(rows)), prompt_length=pow2(max(map(len, rows)), 32),
                            **mesh_kw)

@@ -147,9 +147,11 @@ def test_packing_and_shared_inputs():
               Group((5, 6), [3, 4], [[1], [2, 3, 4]], [[1, 0], [2, 3, 4, 0]])]
     sp, nxt = pack_shared(groups, 0, length=8, max_rows=2, max_suffix=8)
     assert nxt == 2 and sp.prefix[0].tolist() == [[1, 2, 3, 5, 6, 0, 0, 0]]
-    assert sp.suffix[0][:2, :4].tolist() == [[7, 8, 2, 3], [9, 1, 0, 0]] and sp.src[:2].tolist() == [0, 0]
-    assert sp.suffix[2][:2, :4].tolist() == [[1, 1, 2, 2], [1, 2, 0, 0]]  # each context's segment id
-    assert sp.suffix[1][:2, :4].tolist() == [[3, 4, 2, 3], [3, 2, 0, 0]]  # positions after the context
+    # suffixes first fit, longest first; the second row because a row holds one continuation per context
+    assert sp.suffix[0][:2, :5].tolist() == [[2, 3, 4, 7, 8], [9, 1, 0, 0, 0]] and sp.src[:2].tolist() == [0, 0]
+    assert sp.suffix[2][:2, :5].tolist() == [[2, 2, 2, 1, 1], [1, 2, 0, 0, 0]]  # each context's segment id
+    assert sp.suffix[1][:2, :5].tolist() == [[2, 3, 4, 3, 4], [3, 2, 0, 0, 0]]  # positions after the context
+    assert sp.where[0] == [(0, 0, 0), (1, 0, 3), (1, 0, 4)] and sp.where[4] == [(0, 0, 4), (1, 0, 0), (1, 0, 1), (1, 0, 2)]
     assert [sp.where[2]] == [[(0, 0, 2)]]  # an empty suffix: only the context's last position
 
     assert share_inputs([(1, 2, 3), (1, 2), (4,), (1, 2, 3), (1, 2, 3, 4)]) == [4, 4, 2, 4, 4]
