@@ -31,9 +31,6 @@ from jax.ad_checkpoint import checkpoint_name
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 NO_WINDOW = 1 << 30  # the window of a global layer: wider than any sequence, and q_slot - kv_slot cannot overflow
 SAVED = "attn_res"  # the name of the blockwise residuals (output, log-sum-exp) for a remat policy to keep
-# On CPU the blockwise kernel only pays off once the S × T scores stop fitting the caches; below this many keys
-# `auto` keeps XLA's einsums (scripts/bench_attention.py measured the crossing, docs/performance.md)
-CPU_BLOCKWISE_FROM = 1024
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("q_seg", "kv_seg", "q_slot", "kv_slot", "window"),
@@ -108,17 +105,16 @@ def splash_covers(mask: Mask, S: int, kernel: AttentionKernel) -> bool:
 def choose(kernel: AttentionKernel, q, mask: Mask, softcap, backend: str | None = None) -> str:
     """The implementation that runs for this call (static: shapes, dtypes and the backend are known at trace
     time). auto: GPU → cudnn where it covers the layer, else blockwise; TPU → splash where it covers, else
-    blockwise; CPU → xla below CPU_BLOCKWISE_FROM keys, blockwise from there. An explicit cudnn / splash falls
+    blockwise; CPU → blockwise (scripts/bench_attention.py measured it faster than XLA's einsums at every
+    length from 32 to 4096 keys, docs/performance.md, so no length switch). An explicit cudnn / splash falls
     back to blockwise where it does not cover the layer."""
     backend = backend or jax.default_backend()
-    S, T = q.shape[-2], mask.kv_seg.shape[1]
     impl = kernel.impl
     if impl == "auto":
-        impl = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "blockwise", "tpu": "splash"}.get(backend)
-        impl = impl or ("xla" if T < CPU_BLOCKWISE_FROM else "blockwise")
+        impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "blockwise")
     if impl == "cudnn" and not cudnn_covers(q, mask, softcap):
         return "blockwise"
-    if impl == "splash" and not splash_covers(mask, S, kernel):
+    if impl == "splash" and not splash_covers(mask, q.shape[-2], kernel):
         return "blockwise"
     return impl
 
@@ -146,9 +142,9 @@ def attend(kernel: AttentionKernel, q, k, v, mask: Mask, *, scale: float, softca
 
 
 def blocks(kernel: AttentionKernel, S: int, T: int, backend: str | None = None) -> tuple[int, int]:
-    """The blockwise tiles: the kernel's, else 512 × 512 on CPU (scripts/bench_attention.py) and 128 × 128
-    elsewhere, never longer than the sequence."""
-    default = 512 if (backend or jax.default_backend()) == "cpu" else 128
+    """The blockwise tiles: the kernel's, else 256 × 256 on CPU (scripts/bench_attention.py: as fast as 128,
+    faster than 512 from 1k keys) and 128 × 128 elsewhere, never longer than the sequence."""
+    default = 256 if (backend or jax.default_backend()) == "cpu" else 128
     return min(kernel.block_q or default, S), min(kernel.block_k or default, T)
 
 
