@@ -25,7 +25,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
@@ -75,6 +74,9 @@ class AttentionKernel:
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention={self.impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+
+
+AUTO = AttentionKernel()
 
 
 def as_kernel(attention: AttentionKernel | str) -> AttentionKernel:
@@ -310,7 +312,7 @@ def fused_attention(q, k, v, mask: Mask, scale: float, sliding_window: int | Non
         out = call(None)
     else:
         out = jax.lax.cond(mask.window < NO_WINDOW, lambda: call((sliding_window - 1, 0)), lambda: call(None))
-    out = jnp.where(same.any(-1)[:, 0, :, None, None], out.reshape(B, S, K, G, H), 0)  # rows that see nothing: 0
+    out = jnp.where(same.any(-1)[:, 0, :, None, None, None], out.reshape(B, S, K, G, H), 0)  # rows that see nothing: 0
     return out.transpose(0, 2, 3, 1, 4)
 
 

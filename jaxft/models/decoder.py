@@ -29,7 +29,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.context import ON, Ctx
-from jaxft.models.attention import NO_WINDOW, SAVED, AttentionKernel, Mask, as_kernel, attend
+from jaxft.models.attention import AUTO, NO_WINDOW, SAVED, AttentionKernel, Mask, as_kernel, attend
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
@@ -149,7 +149,7 @@ def _softcap(x, cap):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED,
-                 attention: AttentionKernel = AttentionKernel()):
+                 attention: AttentionKernel = AUTO):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
         self.q_proj = Linear(D, N * H, bias=cfg.qkv_bias, name="q_proj", **lin)
@@ -222,7 +222,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED,
-                 attention: AttentionKernel = AttentionKernel()):
+                 attention: AttentionKernel = AUTO):
         norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
         D = cfg.hidden_size
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning,
