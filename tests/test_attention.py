@@ -18,7 +18,7 @@ from jaxft.errors import JaxftError
 from jaxft.formats.hf import load_pretrained
 from jaxft.generate import Sampling, generate
 from jaxft.losses import sft_loss
-from jaxft.models.attention import (NO_WINDOW, AttentionKernel, Mask, blockwise_attention, choose,
+from jaxft.models.attention import (NO_WINDOW, AttentionKernel, Mask, attend, blockwise_attention, choose,
                                     fused_attention, xla_attention)
 from jaxft.models.decoder import PLAIN
 from jaxft.optim import make_optimizer
@@ -111,6 +111,35 @@ def test_the_cudnn_call_with_xla_equals_the_reference(window):
     got = jax.jit(lambda q, k, v, m: fused_attention(q, k, v, m, 0.3, 5, "xla"))(q, k, v, mask)
     assert np.abs(np.asarray(got - want) * seen).max() <= 1e-5
     assert not np.asarray(got * (1 - seen)).any()
+
+
+def test_splash_in_the_pallas_interpreter_equals_the_reference():
+    """Pallas splash attention (the TPU kernel) run by the Pallas interpreter on CPU, through `attend`: GQA (its
+    MQA kernel vmapped over kv heads and rows), soft-cap, packing, left and right padding, a global and a local
+    layer (lax.cond on the traced window); values and gradients. Its speed can only be measured on a TPU."""
+    B, K, G, S, H = 2, 2, 2, 128, 16  # 128: splash's smallest tile
+    seg = np.ones((B, S), np.int32)
+    seg[0, :9] = 0
+    seg[1, 50:] = 2
+    seg[1, 120:] = 0
+    seen = (seg != 0)[:, None, None, :, None]
+    q, k, v = _qkv(B, K, G, S, S, H)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape) * seen, jnp.float32)
+    splash = AttentionKernel("splash", 128, 128, interpret=True)
+
+    def value_and_grads(kernel, window):
+        mask = _mask(seg, seg, np.arange(S), np.arange(S), window, aligned=True)
+        fn = lambda q, k, v: attend(kernel, q, k, v, mask, scale=0.3, softcap=2.0, sliding_window=7,  # noqa: E731
+                                    heads_major=True, backend="tpu")
+        return jax.jit(lambda *a: (fn(*a), jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))(*a)))(q, k, v)
+
+    for window in (NO_WINDOW, 7):
+        want, grads = value_and_grads(XLA, window)
+        got, g = value_and_grads(splash, window)
+        assert np.abs(np.asarray(got - want) * seen).max() <= 1e-5
+        assert not np.asarray(got * (1 - seen)).any()
+        for a, b in zip(g, grads):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_what_each_backend_runs():

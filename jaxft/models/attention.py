@@ -26,6 +26,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 NO_WINDOW = 1 << 30  # the window of a global layer: wider than any sequence, and q_slot - kv_slot cannot overflow
@@ -101,7 +103,8 @@ def cudnn_covers(q, mask: Mask, softcap) -> bool:
 def splash_covers(mask: Mask, S: int, kernel: AttentionKernel) -> bool:
     """Splash's masks are static: causal (and local) from slot 0, so only the aligned form; its tiles need S
     a multiple of 128 (the kernel's lane width)."""
-    return mask.aligned and S % 128 == 0 and S % _splash_blocks(kernel, S)[0] == 0
+    bq, bk = _splash_blocks(kernel, S)
+    return mask.aligned and S % 128 == 0 and S % bq == 0 and S % bk == 0
 
 
 def choose(kernel: AttentionKernel, q, mask: Mask, softcap, backend: str | None = None) -> str:
@@ -322,5 +325,28 @@ def _splash_blocks(kernel: AttentionKernel, S: int) -> tuple[int, int]:
 
 def splash_attention(q, k, v, mask: Mask, scale: float, softcap: float | None, sliding_window: int | None,
                      kernel: AttentionKernel):
-    """Pallas splash attention (TPU; kernel.interpret runs it anywhere) on the aligned form."""
-    raise NotImplementedError("splash attention is not wired yet")
+    """Pallas splash attention (TPU; kernel.interpret runs it in the Pallas interpreter, any backend) on the
+    aligned form: its MQA kernel (G query heads against one kv head, k / v never repeated) vmapped over kv
+    heads and rows, segment ids for packing and padding, its soft-cap, and a static causal or local mask (a
+    sliding model runs one of two kernels per layer: lax.cond on the traced window). q is scaled before the
+    kernel (splash has no scale argument). Heads-major in and out."""
+    B, K, G, S, H = q.shape
+    bq, bk = _splash_blocks(kernel, S)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                              block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+
+    def run(window):
+        shape = (S, S)
+        causal = splash_mask.CausalMask(shape) if window is None else splash_mask.LocalMask(shape, (window - 1, 0), 0)
+        fn = splash.make_splash_mqa_single_device(splash_mask.MultiHeadMask([causal] * G), block_sizes=sizes,
+                                                  attn_logits_soft_cap=softcap, interpret=kernel.interpret)
+        one = lambda q, k, v, seg: fn(q, k, v, segment_ids=splash.SegmentIds(seg, seg))  # noqa: E731 q [G, S, H]
+        per_row = jax.vmap(one, in_axes=(0, 0, 0, None))  # over kv heads
+        return jax.vmap(per_row)(q * jnp.asarray(scale, q.dtype), k, v, mask.q_seg)
+
+    if sliding_window is None:
+        out = run(None)
+    else:
+        out = jax.lax.cond(mask.window < NO_WINDOW, lambda: run(sliding_window), lambda: run(None))
+    # a padding query (segment 0) sees the padding keys in splash; here, as in the blockwise kernel, it gets 0
+    return jnp.where(mask.q_seg[:, None, None, :, None] != 0, out, 0).astype(v.dtype)
