@@ -1,8 +1,9 @@
 """XLA's attention vs the blockwise kernel on this CPU, side by side per sequence length (docs/performance.md).
 
-    python scripts/bench_attention.py [--seqs 256,512,1024,2048,4096] [--layers 4] [--repeats 3] [--block 512]
+    python scripts/bench_attention.py [--seqs 256,512,1024,2048,4096] [--layers 4] [--repeats 3] [--block 256]
+                                      [--batch 1]
 
-SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head_dim 64), fp32, batch 1. Two measurements per
+SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head_dim 64), fp32, batch 1 (--batch). Two measurements per
 T, each compiled first and then run interleaved (`--repeats` rounds, medians), so a noisy machine slows both:
   attn   forward + backward of one attention call (jaxft.models.attention.attend, q, k, v random)
   step   value and gradient of the SFT loss of a LoRA (r 16, all linears) model of SmolLM2's shape cut to
@@ -37,12 +38,12 @@ from profile_step import SMOLLM2  # noqa: E402
 IMPLS = ("xla", "blockwise")
 
 
-def attention_call(kernel: AttentionKernel, T: int):
+def attention_call(kernel: AttentionKernel, T: int, B: int):
     """(jitted fwd+bwd of one attention call, its arguments)."""
     K, G, H = SMOLLM2.num_kv_heads, SMOLLM2.num_heads // SMOLLM2.num_kv_heads, SMOLLM2.head_dim
     r = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(r.normal(size=s), jnp.float32) for s in ((1, K, G, T, H), (1, K, T, H), (1, K, T, H)))
-    slots, seg = jnp.arange(T, dtype=jnp.int32), jnp.ones((1, T), jnp.int32)
+    q, k, v = (jnp.asarray(r.normal(size=s), jnp.float32) for s in ((B, K, G, T, H), (B, K, T, H), (B, K, T, H)))
+    slots, seg = jnp.arange(T, dtype=jnp.int32), jnp.ones((B, T), jnp.int32)
     mask = Mask(seg, seg, slots, slots, jnp.asarray(NO_WINDOW, jnp.int32), aligned=True)
 
     def f(q, k, v):
@@ -52,15 +53,15 @@ def attention_call(kernel: AttentionKernel, T: int):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile(), (q, k, v)
 
 
-def lora_step(kernel: AttentionKernel, T: int, layers: int):
+def lora_step(kernel: AttentionKernel, T: int, layers: int, B: int):
     """(compiled value-and-grad of a LoRA SFT loss, its arguments)."""
     model = Decoder(dataclasses.replace(SMOLLM2, num_layers=layers, layer_types=()), rngs=nnx.Rngs(0),
                     attention=kernel)
     cfg = LoraConfig(r=16, alpha=32)
     adapters.attach(model, cfg, jax.random.key(0))
     g, p, f = adapters.split(model, cfg)
-    toks = np.random.RandomState(0).randint(0, SMOLLM2.vocab_size, (1, T)).astype(np.int32)
-    batch = dict(tokens=toks, positions=np.arange(T, dtype=np.int32)[None], segment_ids=np.ones_like(toks),
+    toks = np.random.RandomState(0).randint(0, SMOLLM2.vocab_size, (B, T)).astype(np.int32)
+    batch = dict(tokens=toks, positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)), segment_ids=np.ones_like(toks),
                  targets=toks, loss_mask=np.ones(toks.shape, np.float32))
     loss = lambda p, f, b: sft_loss(nnx.merge(g, p, f), b)[0]  # noqa: E731
     return jax.jit(jax.value_and_grad(loss)).lower(p, f, batch).compile(), (p, f, batch)
@@ -85,16 +86,18 @@ def main():
     ap.add_argument("--layers", type=int, default=4, help="layers of the LoRA step's model (0: no step)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block", type=int, default=None, help="blockwise tile (query and key); default: the CPU's")
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
     kernels = {"xla": AttentionKernel("xla"), "blockwise": AttentionKernel("blockwise", a.block, a.block)}
-    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(cpu_flags())}", flush=True)
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(cpu_flags()) or 'no avx512f / amx'}, "
+          f"batch {a.batch}", flush=True)
     rows = []
     for T in map(int, a.seqs.split(",")):
         row = dict(T=T)
-        attn = interleaved({i: attention_call(kernels[i], T) for i in IMPLS}, a.repeats)
+        attn = interleaved({i: attention_call(kernels[i], T, a.batch) for i in IMPLS}, a.repeats)
         row.update({f"attn_{i}": attn[i] for i in IMPLS})
         if a.layers:
-            compiled = {i: lora_step(kernels[i], T, a.layers) for i in IMPLS}
+            compiled = {i: lora_step(kernels[i], T, a.layers, a.batch) for i in IMPLS}
             step = interleaved(compiled, a.repeats)
             row.update({f"step_{i}": step[i] for i in IMPLS})
             row.update({f"temp_{i}": compiled[i][0].memory_analysis().temp_size_in_bytes / 1e9 for i in IMPLS})
