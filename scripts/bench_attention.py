@@ -7,7 +7,7 @@ SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head_dim 64), fp32, b
 T, each compiled first and then run interleaved (`--repeats` rounds, medians), so a noisy machine slows both:
   attn   forward + backward of one attention call (jaxft.models.attention.attend, q, k, v random)
   step   value and gradient of the SFT loss of a LoRA (r 16, all linears) model of SmolLM2's shape cut to
-         `--layers` layers (0 skips it), remat "proj", with its compiled temp memory
+         `--layers` layers (0 skips it), remat "proj", with its compiled temp memory and compile time
 Prints the CPU flags and one table: seconds and the blockwise / xla time ratio (below 1: blockwise faster).
 """
 
@@ -54,7 +54,7 @@ def attention_call(kernel: AttentionKernel, T: int, B: int):
 
 
 def lora_step(kernel: AttentionKernel, T: int, layers: int, B: int):
-    """(compiled value-and-grad of a LoRA SFT loss, its arguments)."""
+    """(compiled value-and-grad of a LoRA SFT loss, its arguments, its compile seconds)."""
     model = Decoder(dataclasses.replace(SMOLLM2, num_layers=layers, layer_types=()), rngs=nnx.Rngs(0),
                     attention=kernel)
     cfg = LoraConfig(r=16, alpha=32)
@@ -64,7 +64,9 @@ def lora_step(kernel: AttentionKernel, T: int, layers: int, B: int):
     batch = dict(tokens=toks, positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)), segment_ids=np.ones_like(toks),
                  targets=toks, loss_mask=np.ones(toks.shape, np.float32))
     loss = lambda p, f, b: sft_loss(nnx.merge(g, p, f), b)[0]  # noqa: E731
-    return jax.jit(jax.value_and_grad(loss)).lower(p, f, batch).compile(), (p, f, batch)
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(p, f, batch).compile()
+    return compiled, (p, f, batch), time.perf_counter() - t0
 
 
 def interleaved(calls: dict, repeats: int) -> dict:
@@ -98,7 +100,8 @@ def main():
         row.update({f"attn_{i}": attn[i] for i in IMPLS})
         if a.layers:
             compiled = {i: lora_step(kernels[i], T, a.layers, a.batch) for i in IMPLS}
-            step = interleaved(compiled, a.repeats)
+            step = interleaved({i: c[:2] for i, c in compiled.items()}, a.repeats)
+            row.update({f"compile_{i}": compiled[i][2] for i in IMPLS})
             row.update({f"step_{i}": step[i] for i in IMPLS})
             row.update({f"temp_{i}": compiled[i][0].memory_analysis().temp_size_in_bytes / 1e9 for i in IMPLS})
         rows.append(row)
@@ -108,7 +111,8 @@ def main():
     if a.layers:
         cols += [(f"step xla s ({a.layers} layers)", ">22.3f", "step_xla"), ("step blockwise s", ">16.3f", "step_blockwise"),
                  ("ratio", ">6", lambda r: f"{r['step_blockwise'] / r['step_xla']:.2f}x"),
-                 ("temp xla GB", ">11.3f", "temp_xla"), ("temp blockwise GB", ">17.3f", "temp_blockwise")]
+                 ("temp xla GB", ">11.3f", "temp_xla"), ("temp blockwise GB", ">17.3f", "temp_blockwise"),
+                 ("compile xla s", ">13.1f", "compile_xla"), ("compile blockwise s", ">19.1f", "compile_blockwise")]
     print("\n".join(table(cols, rows)))
 
 
