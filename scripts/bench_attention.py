@@ -1,13 +1,15 @@
 """XLA's attention vs the blockwise kernel on this CPU, side by side per sequence length (docs/performance.md).
 
     python scripts/bench_attention.py [--seqs 256,512,1024,2048,4096] [--layers 4] [--repeats 3] [--block 256]
-                                      [--batch 1]
+                                      [--batch 1] [--decode 64]
 
 SmolLM2-135M's attention shape (9 query heads, 3 kv heads, head_dim 64), fp32, batch 1 (--batch). Two measurements per
 T, each compiled first and then run interleaved (`--repeats` rounds, medians), so a noisy machine slows both:
   attn   forward + backward of one attention call (jaxft.models.attention.attend, q, k, v random)
   step   value and gradient of the SFT loss of a LoRA (r 16, all linears) model of SmolLM2's shape cut to
          `--layers` layers (0 skips it), remat "proj", with its compiled temp memory and compile time
+  decode (--decode N) greedy generation of N tokens for 4 prompts of 60-81 tokens with the whole SmolLM2-135M
+         shape (jaxft.generate: prefill, then one token a step against the KV cache), random weights
 Prints the CPU flags and one table: seconds and the blockwise / xla time ratio (below 1: blockwise faster).
 """
 
@@ -27,6 +29,7 @@ from flax import nnx
 
 from jaxft import adapters
 from jaxft.config import LoraConfig
+from jaxft.generate import Sampling, generate
 from jaxft.losses import sft_loss
 from jaxft.models.attention import NO_WINDOW, AttentionKernel, Mask, attend
 from jaxft.models.decoder import Decoder
@@ -69,6 +72,15 @@ def lora_step(kernel: AttentionKernel, T: int, layers: int, B: int):
     return compiled, (p, f, batch), time.perf_counter() - t0
 
 
+def decode_call(kernel: AttentionKernel, new_tokens: int):
+    """(a generate call of `new_tokens` greedy tokens for 4 prompts, no arguments)."""
+    graphdef, state = nnx.split(Decoder(dataclasses.replace(SMOLLM2, layer_types=()), rngs=nnx.Rngs(0),
+                                        attention=kernel))
+    prompts = [np.random.RandomState(i).randint(3, 1000, 60 + 7 * i).tolist() for i in range(4)]
+    sampling = Sampling(max_new_tokens=new_tokens)
+    return lambda: generate(graphdef, (state,), prompts, eos_ids=set(), sampling=sampling).tokens, ()
+
+
 def interleaved(calls: dict, repeats: int) -> dict:
     """Median wall seconds per call, the calls run in turn `repeats` rounds (after one warm-up call each)."""
     for fn, args in calls.values():
@@ -89,6 +101,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block", type=int, default=None, help="blockwise tile (query and key); default: the CPU's")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=0, help="also time greedy generation of N tokens (0: no)")
     a = ap.parse_args()
     kernels = {"xla": AttentionKernel("xla"), "blockwise": AttentionKernel("blockwise", a.block, a.block)}
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(cpu_flags()) or 'no avx512f / amx'}, "
@@ -114,6 +127,10 @@ def main():
                  ("temp xla GB", ">11.3f", "temp_xla"), ("temp blockwise GB", ">17.3f", "temp_blockwise"),
                  ("compile xla s", ">13.1f", "compile_xla"), ("compile blockwise s", ">19.1f", "compile_blockwise")]
     print("\n".join(table(cols, rows)))
+    if a.decode:
+        t = interleaved({i: decode_call(kernels[i], a.decode) for i in IMPLS}, a.repeats)
+        print(f"decode {a.decode} tokens x 4 prompts, 30 layers: xla {t['xla']:.2f} s, blockwise "
+              f"{t['blockwise']:.2f} s ({t['blockwise'] / t['xla']:.2f}x)")
 
 
 if __name__ == "__main__":
