@@ -154,6 +154,9 @@ def test_what_each_backend_runs():
     assert choose(auto, q16, aligned, 50.0, "tpu") == "splash"
     assert choose(auto, q16, decode, None, "tpu") == "blockwise"
     assert choose(XLA, q16, aligned, None, "gpu") == "xla"
+    assert choose(AttentionKernel("cudnn"), q16, aligned, None, "cpu") == "blockwise"  # no cuDNN on a CPU
+    assert choose(AttentionKernel("splash"), q16, aligned, None, "cpu") == "blockwise"
+    assert choose(AttentionKernel("splash", interpret=True), q16, aligned, None, "cpu") == "splash"
     with pytest.raises(ValueError, match="flash"):
         AttentionKernel("flash")
 

@@ -113,14 +113,15 @@ def choose(kernel: AttentionKernel, q, mask: Mask, softcap, backend: str | None 
     time). auto: GPU → cudnn where it covers the layer, else blockwise; TPU → splash where it covers, else
     blockwise; CPU → blockwise (scripts/bench_attention.py measured it faster than XLA's einsums at every
     length from 32 to 4096 keys, docs/performance.md, so no length switch). An explicit cudnn / splash falls
-    back to blockwise where it does not cover the layer."""
+    back to blockwise where it does not cover the layer or the backend lacks it (splash runs anywhere in the
+    Pallas interpreter: kernel.interpret)."""
     backend = backend or jax.default_backend()
     impl = kernel.impl
     if impl == "auto":
         impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "blockwise")
-    if impl == "cudnn" and not cudnn_covers(q, mask, softcap):
+    if impl == "cudnn" and not (backend in ("gpu", "cuda") and cudnn_covers(q, mask, softcap)):
         return "blockwise"
-    if impl == "splash" and not splash_covers(mask, q.shape[-2], kernel):
+    if impl == "splash" and not ((backend == "tpu" or kernel.interpret) and splash_covers(mask, q.shape[-2], kernel)):
         return "blockwise"
     return impl
 
