@@ -122,7 +122,8 @@ def main():
     cols = [("T", ">5", "T"), ("attn xla s", ">10.4f", "attn_xla"), ("attn blockwise s", ">16.4f", "attn_blockwise"),
             ("ratio", ">6", lambda r: f"{r['attn_blockwise'] / r['attn_xla']:.2f}x")]
     if a.layers:
-        cols += [(f"step xla s ({a.layers} layers)", ">22.3f", "step_xla"), ("step blockwise s", ">16.3f", "step_blockwise"),
+        cols += [(f"step xla s ({a.layers} layers)", ">22.3f", "step_xla"),
+                 ("step blockwise s", ">16.3f", "step_blockwise"),
                  ("ratio", ">6", lambda r: f"{r['step_blockwise'] / r['step_xla']:.2f}x"),
                  ("temp xla GB", ">11.3f", "temp_xla"), ("temp blockwise GB", ">17.3f", "temp_blockwise"),
                  ("compile xla s", ">13.1f", "compile_xla"), ("compile blockwise s", ">19.1f", "compile_blockwise")]
