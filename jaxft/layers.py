@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the example model's download
     ("leaves", ("jaxft", "jaxft.errors", "jaxft.files", "jaxft.metrics", "jaxft.divergence", "jaxft.example",
                 "jaxft.layers")),
-    # the one parametric decoder, its heads and name tables, and the per-call state its layers read
+    # the one parametric decoder, its heads and name tables, its attention kernels (jaxft.models.attention),
+    # and the per-call state its layers read
     ("models", ("jaxft.context", "jaxft.models")),
     # run configuration: plain Python, no jax, no objective
     ("config", ("jaxft.config",)),

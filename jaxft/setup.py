@@ -59,7 +59,8 @@ def build(run: RunConfig, mesh: jax.sharding.Mesh | None = None) -> Setup:
     place = None if mesh is None else sharding.param_sharding(mesh, run.mesh.strategy)
     model = load_pretrained(path, dtype=jnp.float32 if requant else param_dtype, compute_dtype=compute,
                             remat=run.model.remat, quant=None if requant else run.quant,
-                            tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN, sharding=place,
+                            tuning=CPU_TUNED if run.model.cpu_tuned else PLAIN, attention=run.model.attention,
+                            sharding=place,
                             head=head, pad_token_id=pad_token_id(path, tokenizer) if head == "score" else None,
                             seed=run.train.seed)
     if run.lora.enabled and run.lora.init_adapter:  # continue from an existing PEFT adapter

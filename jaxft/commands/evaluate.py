@@ -184,10 +184,10 @@ def exported_model(run: RunConfig, path: Path):
     """The exported artifact as a model: a merged HF directory or a .gguf (read as it is), or a PEFT adapter
     directory over the run's base (quantized as the run's, e.g. NF4 for QLoRA)."""
     if (path / "adapter_config.json").is_file():
-        model = load_pretrained(resolve_model(run.model.path), quant=run.quant)
+        model = load_pretrained(resolve_model(run.model.path), quant=run.quant, attention=run.model.attention)
         load_adapter(model, path)
         return model
-    return load_pretrained(path)
+    return load_pretrained(path, attention=run.model.attention)
 
 
 def compare_export_to(run: RunConfig, done, path: Path, items, progress: bool = True) -> tuple[dict, list | None]:
@@ -281,7 +281,8 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None
     lm_eval = read_lm_eval(where, lm_eval_file)
     sources = runs.expand(specs)  # names and folders, read before the model loads
     path = resolve_model(run.model.path)
-    model = load_pretrained(path, dtype=jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32)
+    model = load_pretrained(path, dtype=jnp.bfloat16 if run.model.dtype == "bf16" else jnp.float32,
+                            attention=run.model.attention)
     tokenizer = load_tokenizer(path)
     names = runs.load_bank(model, specs, base=str(path), sources=sources)
     graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)

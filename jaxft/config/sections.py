@@ -15,6 +15,8 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # parameter storage and compute dtype
     remat: Literal["none", "proj", "dots", "full"] = "proj"  # jaxft.models.decoder.REMAT_POLICIES
     cpu_tuned: bool = True  # layouts tuned on XLA:CPU (jaxft.models.decoder.Tuning); false = the plain forms
+    # the attention kernel (jaxft.models.attention; docs/models.md): auto picks per backend and sequence length
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

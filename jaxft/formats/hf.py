@@ -224,7 +224,8 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool]:
 
 def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str = "proj",
                     sharding: Callable[..., jax.sharding.Sharding] | None = None, quant=None,
-                    tuning=None, head: str = "lm", pad_token_id: int | None = None, seed: int = 0):
+                    tuning=None, attention="auto", head: str = "lm", pad_token_id: int | None = None,
+                    seed: int = 0):
     """Load a causal LM (a Decoder) from a local HF directory or a .gguf file; with head="score", a
     ScoreModel (jaxft.models.heads) instead, from a causal LM checkpoint (`lm_head` unused, the new
     `score` drawn as transformers draws it: normal(0, initializer_range), key `seed`) or from a
@@ -233,7 +234,8 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
 
     dtype: parameter dtype (fp32 or bf16); compute_dtype defaults to it.
     sharding(path, shape, axes) → the parameter's Sharding (axes: its declared logical axes); default: the
-    first device. tuning: jaxft.models.decoder.Tuning (default: the CPU-tuned layouts).
+    first device. tuning: jaxft.models.decoder.Tuning (default: the CPU-tuned layouts). attention: the
+    attention kernel (model.attention: auto | xla | blockwise | cudnn | splash, or an AttentionKernel).
     quant: a config.QuantConfig; the kernels it names are quantized on the host one HF tensor at a
     time as they stream in (jaxft.quant), so their full-precision values never reach the device.
 
@@ -244,7 +246,7 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     _check_layer_count(src, cfg, path)
     compute_dtype = compute_dtype or dtype
 
-    kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED)
+    kw = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat, tuning=tuning or CPU_TUNED, attention=attention)
     fresh = {}  # parameters the checkpoint does not hold: a new score head
     if head == "score":
         init_std = score_head(src, path, cfg.hidden_size)

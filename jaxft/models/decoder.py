@@ -12,6 +12,8 @@ parameter) and run with `jax.lax.scan`, so compile time does not grow with depth
 Attention mask from `segment_ids` [B, S]: a query attends to a key when both are in the same
 segment, the key is not padding (segment 0), the key is not in the future and, on sliding layers,
 `q - k < sliding_window` (transformers' convention). Packed documents therefore never see each other.
+The mask travels as a description (jaxft.models.attention.Mask), never as an [S, T] array: each attention
+kernel (`attention`: xla, blockwise, cudnn, splash; auto picks per backend) builds what it needs from it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.context import ON, Ctx
+from jaxft.models.attention import AUTO, NO_WINDOW, SAVED, AttentionKernel, Mask, as_kernel, attend
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
@@ -37,7 +40,8 @@ REMAT_POLICIES = {  # what a layer keeps for the backward pass (its input h is a
     "none": None,  # everything XLA wants, elementwise intermediates included
     # keeps q/k/v/o/gate/up, the adapters' x·A and the attention output: no matmul runs twice, while
     # norms, RoPE, activations and residual adds are recomputed (`scripts/ab_grad.py --remat` measures it)
-    "proj": jax.checkpoint_policies.save_only_these_names("proj"),
+    # (and the blockwise attention's output and log-sum-exp, O(S): its forward does not run again either)
+    "proj": jax.checkpoint_policies.save_only_these_names("proj", SAVED),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every unbatched matmul output
     "full": jax.checkpoint_policies.nothing_saveable,  # only h: the layer's forward runs again
 }
@@ -144,7 +148,8 @@ def _softcap(x, cap):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED,
+                 attention: AttentionKernel = AUTO):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
         self.q_proj = Linear(D, N * H, bias=cfg.qkv_bias, name="q_proj", **lin)
@@ -156,13 +161,14 @@ class Attention(nnx.Module):
             self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
         else:
             self.q_norm = self.k_norm = None
-        self.cfg, self.heads_major = cfg, tuning.heads_major
+        self.cfg, self.heads_major, self.kernel = cfg, tuning.heads_major, attention
 
-    def __call__(self, x, cos, sin, bias, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index, ctx: Ctx = ON,
-                 prefix: tuple[jax.Array, jax.Array] | None = None):
-        """x [B, S, D]; bias [B, 1, 1, S, T] fp32 (0 or -max); kv: (k, v, layer) — the whole stacked cache
-        (`init_cache`'s layout) and this layer's index in it — or None; prefix: this layer's keys and values
-        [B, K, T - S, H] (or [B, T - S, K, H]) of earlier tokens, attended to before the S new ones.
+    def __call__(self, x, cos, sin, mask: Mask, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index,
+                 ctx: Ctx = ON, prefix: tuple[jax.Array, jax.Array] | None = None):
+        """x [B, S, D]; mask: who sees whom over the T keys (jaxft.models.attention.Mask, this layer's window
+        set); kv: (k, v, layer) — the whole stacked cache (`init_cache`'s layout) and this layer's index in
+        it — or None; prefix: this layer's keys and values [B, K, T - S, H] (or [B, T - S, K, H]) of earlier
+        tokens, attended to before the S new ones.
         Returns (out, kv, (k, v) of the S new tokens in the cache layout)."""
         cfg = self.cfg
         B, S, _ = x.shape
@@ -190,27 +196,14 @@ class Attention(nnx.Module):
             k, v = (jax.lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in (k_all, v_all))
             kv = (k_all, v_all, layer)
         k, v = k.astype(q.dtype), v.astype(x.dtype)
+        run = partial(attend, self.kernel, mask=mask, scale=cfg.scale, softcap=cfg.attn_softcap,
+                      sliding_window=cfg.sliding_window, heads_major=self.heads_major)
         if self.heads_major:
-            out = _attend(q.transpose(0, 2, 3, 1, 4), k, v, bias, cfg.scale, cfg.attn_softcap,
-                          "bkgsh,bkth->bkgst", "bkgst,bkth->bkgsh")  # [B, K, G, S, H]
-            out = out.transpose(0, 3, 1, 2, 4)
+            out = run(q.transpose(0, 2, 3, 1, 4), k, v).transpose(0, 3, 1, 2, 4)  # from [B, K, G, S, H]
         else:
-            out = _attend(q, k, v, bias, cfg.scale, cfg.attn_softcap, "bskgh,btkh->bkgst", "bkgst,btkh->bskgh")
+            out = run(q, k, v)
         out = checkpoint_name(out, "proj")  # [B, S, K, G, H]
         return checkpoint_name(self.o_proj(out.reshape(B, S, N * H), ctx), "proj"), kv, new
-
-
-@partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
-def _attend(q, k, v, bias, scale: float, softcap: float | None, qk: str, pv: str):
-    """softmax(q kᵀ · scale + bias) v, fp32 softmax like HF eager; `qk` / `pv` are the einsums of the
-    layout (heads-major or sequence-major). Probabilities: [B, K, G, S, T].
-
-    Under jax.checkpoint: the backward pass recomputes the probabilities from q, k, v instead of
-    keeping them for every layer (they grow with S², the rest with S)."""
-    logits = jnp.einsum(qk, q, k) * jnp.asarray(scale, q.dtype)
-    logits = _softcap(logits.astype(jnp.float32), softcap) + bias  # additive like HF eager
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum(pv, probs, v)
 
 
 class MLP(nnx.Module):
@@ -229,10 +222,12 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs, tuning: Tuning = CPU_TUNED,
+                 attention: AttentionKernel = AUTO):
         norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
         D = cfg.hidden_size
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning,
+                                   attention=attention)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
         self.input_layernorm = RMSNorm(D, **norm)
         self.post_attention_layernorm = RMSNorm(D, **norm)
@@ -242,8 +237,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
-    def __call__(self, h, cos, sin, bias, kv, index, ctx: Ctx = ON, prefix=None):
-        a, kv, new = self.self_attn(self.input_layernorm(h), cos, sin, bias, kv, index, ctx, prefix)
+    def __call__(self, h, cos, sin, mask: Mask, kv, index, ctx: Ctx = ON, prefix=None):
+        a, kv, new = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, index, ctx, prefix)
         if self.pre_feedforward_layernorm is not None:
             h = h + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ctx)), kv, new
@@ -279,13 +274,14 @@ class Backbone(nnx.Module):
     """HF's `model.`: embed_tokens, stacked layers, final norm — and the forward pass every head shares."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, remat: str = "proj", rngs,
-                 tuning: Tuning = CPU_TUNED):
+                 tuning: Tuning = CPU_TUNED, attention: AttentionKernel | str = "auto"):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked(rngs):
-            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning)
+            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, tuning=tuning,
+                                attention=as_kernel(attention))
 
         self.layers = stacked(rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
@@ -325,12 +321,8 @@ class Backbone(nnx.Module):
             kv_slot = jnp.arange(kv_seg.shape[1])
         else:
             kv_seg, kv_slot = segment_ids, q_slot
-        mask = (segment_ids[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
-        mask &= kv_slot[None, None, :] <= q_slot[None, :, None]  # [B, S, T]
-        to_bias = lambda m: jnp.where(m, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]  # noqa: E731 [B,1,1,S,T]
-        bias = bias_local = to_bias(mask)
-        if cfg.sliding_window:
-            bias_local = to_bias(mask & (q_slot[:, None] - kv_slot[None, :] < cfg.sliding_window)[None])
+        mask = Mask(segment_ids.astype(jnp.int32), kv_seg.astype(jnp.int32), q_slot.astype(jnp.int32),
+                    kv_slot.astype(jnp.int32), jnp.asarray(NO_WINDOW, jnp.int32), aligned=cache is None and pre is None)
 
         cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
         cos_l, sin_l = (cos, sin) if cfg.rope_local is None else rope_tables(cfg.rope_local, cfg.head_dim, positions)
@@ -347,7 +339,9 @@ class Backbone(nnx.Module):
             h, kv = carry
             state, is_sliding, i, p_kv = xs
             layer = nnx.merge(graphdef, state)
-            m = jnp.where(is_sliding, bias_local, bias) if cfg.sliding_window else bias
+            m = mask
+            if cfg.sliding_window:  # traced per layer: one scanned body serves local and global layers
+                m = dataclasses.replace(mask, window=jnp.where(is_sliding, cfg.sliding_window, NO_WINDOW))
             c, s = jnp.where(is_sliding, cos_l, cos), jnp.where(is_sliding, sin_l, sin)
             p_kv = None if p_kv is None else (p_kv[0][src], p_kv[1][src])
             h, kv, new = layer(h, c, s, m, None if kv is None else (*kv, i), index, ctx.fold(i), p_kv)
@@ -373,14 +367,18 @@ class Decoder(nnx.Module):
     dtype: compute dtype (fp32 or bf16); param_dtype: storage dtype of the weights.
     remat: "none" | "proj" | "dots" | "full" — what a layer keeps for the backward pass (REMAT_POLICIES).
     tuning: the CPU-tuned layout switches (Tuning).
+    attention: "auto" | "xla" | "blockwise" | "cudnn" | "splash", or a jaxft.models.attention.AttentionKernel
+    (with block sizes) — the attention kernel (`choose` says which runs where).
     """
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
-                 tuning: Tuning = CPU_TUNED, rngs: nnx.Rngs):
+                 tuning: Tuning = CPU_TUNED, attention: AttentionKernel | str = "auto", rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat, self.tuning = cfg, dtype, remat, tuning
-        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs, tuning=tuning)
+        self.attention = as_kernel(attention)
+        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs, tuning=tuning,
+                              attention=self.attention)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             name="lm_head", tuning=tuning)

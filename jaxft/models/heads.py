@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxft.context import ON, Ctx
 from jaxft.models.config import DecoderConfig
+from jaxft.models.attention import AttentionKernel
 from jaxft.models.decoder import CPU_TUNED, REMAT_POLICIES, Backbone, Decoder, Linear, Tuning
 
 
@@ -40,11 +41,13 @@ class ScoreModel(nnx.Module):
     """
 
     def __init__(self, cfg: DecoderConfig, *, pad_id: int, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "proj", tuning: Tuning = CPU_TUNED, init_std: float = 0.02, rngs: nnx.Rngs):
+                 remat: str = "proj", tuning: Tuning = CPU_TUNED, attention: AttentionKernel | str = "auto",
+                 init_std: float = 0.02, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.remat, self.tuning, self.pad_id = cfg, dtype, remat, tuning, int(pad_id)
-        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs, tuning=tuning)
+        self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs, tuning=tuning,
+                              attention=attention)
         # fp32 compute: one [D] · [D, 1] product per row, and the loss reads differences of scores
         self.score = Linear(cfg.hidden_size, 1, bias=False, dtype=jnp.float32, param_dtype=param_dtype,
                             rngs=rngs, name="score", tuning=tuning)
@@ -74,8 +77,10 @@ class PolicyWithValue(Decoder):
     """
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "proj",
-                 tuning: Tuning = CPU_TUNED, init_std: float = 0.02, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, tuning=tuning, rngs=rngs)
+                 tuning: Tuning = CPU_TUNED, attention: AttentionKernel | str = "auto", init_std: float = 0.02,
+                 rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, tuning=tuning, attention=attention,
+                         rngs=rngs)
         self.value_head = Linear(cfg.hidden_size, 1, bias=False, dtype=jnp.float32, param_dtype=param_dtype,
                                  rngs=rngs, name="value_head", tuning=tuning)
         self.value_head.kernel[...] = (init_std * jax.random.normal(rngs.params(), (cfg.hidden_size, 1))).astype(
