@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import jaxft
+import jaxft.train
 from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
@@ -188,6 +189,19 @@ def test_nonfinite_step_is_skipped(tiny_dir):
         np.testing.assert_array_equal(np.asarray(a), b)
     state, m = step(state, frozen, good)
     assert bool(m["finite"]) and int(state["bad_steps"]) == 0 and int(state["skipped"]) == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_entry_in_any_leaf(bad):
+    """jaxft.train's finiteness check of the new weights and moments (a max |x| reduction per leaf)
+    flags a single NaN / ±Inf anywhere, in fp32 and bf16, and passes finite extremes and empty leaves."""
+    tree = {"a": jnp.full((300, 7), np.finfo(np.float32).max), "b": jnp.ones((5,), jnp.bfloat16),
+            "e": jnp.zeros((0,)), "i": jnp.arange(3)}
+    assert bool(jaxft.train._all_finite(tree))
+    for name in ("a", "b"):
+        x = np.array(tree[name], np.float32)
+        x.flat[x.size // 2] = bad
+        assert not bool(jax.jit(jaxft.train._all_finite)({**tree, name: jnp.asarray(x, tree[name].dtype)}))
 
 
 def test_loss_falls_when_memorizing(tiny_dir):
