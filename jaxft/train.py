@@ -62,7 +62,7 @@ def make_train_step(graphdef, tx, loss_fn: Callable = sft_loss, *, seed: int = 0
         denom = jnp.maximum(c, 1.0)
         loss = s / denom
         grads = jax.tree.map(lambda x: x / denom, g)
-        grad_norm = _norm(grads)
+        grad_norm = _norm(g) / denom  # of the sums: g / denom then has no third reader to be written out for
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
