@@ -1,11 +1,12 @@
-"""A/B of the whole train step (jaxft.train.make_train_step) against the same file at another commit, interleaved.
+"""A/B of the whole SFT train step (jaxft.train.make_train_step, losses.sft_loss) against another commit's, interleaved.
 
     python scripts/ab_step.py --against REV [--mode full|lora] [--layers 30] [--batch 4] [--seq 256] [--repeats 8]
 
 Model: SmolLM2-135M-shaped, random weights (scripts/profile_step.py's SMOLLM2); --mode full trains every
 weight (134.5 M), lora r=16 on every layer linear. Optimizer as scripts/bench_sft.py: AdamW, constant lr,
-no decay or clipping. `jaxft/train.py` at REV (`git show REV:jaxft/train.py`) is loaded as a second module,
-everything else is this tree's, so the two steps differ only by that file. Both are compiled, then they run
+no decay or clipping. `jaxft/train.py` and `jaxft/losses.py` at REV (`git show REV:...`) are loaded as second
+modules (the B side's step is REV's make_train_step with REV's sft_loss), everything else is this tree's, so the
+two steps differ only by those two files. Both are compiled, then they run
 in turn, `--repeats` rounds, each on its own donated state, so a noisy machine slows them alike. Prints per
 side the wall and process CPU medians, the compiled temp memory, and the largest relative difference of the
 weights after the last step against this tree's. A tiny batch (--batch 1 --seq 16) leaves mostly the
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxft.losses
 import jaxft.train
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
@@ -36,11 +38,11 @@ from profile_step import SMOLLM2
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train_module_at(rev: str) -> types.ModuleType:
-    """jaxft/train.py as it was at commit `rev`, as a module of its own (importing this tree's jaxft)."""
-    src = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{rev}:jaxft/train.py"], text=True)
-    module = types.ModuleType(f"jaxft_train_at_{rev}")
-    exec(compile(src, f"{rev}:jaxft/train.py", "exec"), module.__dict__)
+def module_at(rev: str, path: str) -> types.ModuleType:
+    """jaxft/<path> as it was at commit `rev`, as a module of its own (importing this tree's jaxft)."""
+    src = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], text=True)
+    module = types.ModuleType(f"{path.replace('/', '_')[:-3]}_at_{rev}")
+    exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
     sys.modules[module.__name__] = module
     return module
 
@@ -65,9 +67,10 @@ def main():
     tx = make_optimizer(OptimConfig(lr=1e-4, schedule="constant", warmup_steps=0, weight_decay=0.0,
                                     clip_norm=None), 10, p)
     sides = {}
-    for name, module in (("this tree", jaxft.train), (a.against, train_module_at(a.against))):
+    old = module_at(a.against, "jaxft/train.py"), module_at(a.against, "jaxft/losses.py")
+    for name, module, losses in (("this tree", jaxft.train, jaxft.losses), (a.against, *old)):
         state = module.init_state(jax.tree.map(jnp.copy, p), tx)
-        step = module.make_train_step(g, tx).lower(state, f, batch).compile()
+        step = module.make_train_step(g, tx, losses.sft_loss).lower(state, f, batch).compile()
         state, _ = step(state, f, batch)
         sides[name] = [step, jax.block_until_ready(state), []]
     for _ in range(a.repeats):
