@@ -42,8 +42,8 @@ def module_at(rev: str, path: str) -> types.ModuleType:
     """jaxft/<path> as it was at commit `rev`, as a module of its own (importing this tree's jaxft)."""
     src = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], text=True)
     module = types.ModuleType(f"{path.replace('/', '_')[:-3]}_at_{rev}")
+    sys.modules[module.__name__] = module  # before exec: a dataclass looks its module up while it is built
     exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
-    sys.modules[module.__name__] = module
     return module
 
 
