@@ -42,17 +42,49 @@ def token_logprobs(model: Decoder, h: jax.Array, targets: jax.Array, chunk: int 
     `_chunk_logprobs` for the gradient). temperature: the sampling temperature of on-policy objectives
     (the sampler's log-probs are taken under the same scaled logits).
     """
-    B, S, D = h.shape
+    B, S, _ = h.shape
     c = min(chunk or max(1, LOGITS_TOKENS // B), S)
-    n = -(-S // c)
-    pad = n * c - S
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)  # [n, B, c, D]
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)  # [n, B, c]
+    project, head = _head(model, temperature)
+    _, lp = jax.lax.scan(lambda _, xs: (None, _chunk_logprobs(project, head, *xs)), None,
+                         (_chunks(h, c), _chunks(targets, c)))
+    return _unchunk(lp, S)
+
+
+def token_logprob_sum(model: Decoder, h: jax.Array, targets: jax.Array, weights: jax.Array,
+                      chunk: int | None = None) -> jax.Array:
+    """Σ weights[b, s] · log p(targets[b, s]): a fp32 scalar, from final hidden states h [B, S, D].
+
+    The same chunked log-softmax as `token_logprobs`, for a loss that only needs the weighted sum (SFT): its
+    cotangent is then one scalar, so the forward pass computes the whole gradient of the head and of h
+    (`_logprob_sum`) and no vocab-sized matmul runs in the backward pass, trainable head or not.
+    weights [B, S] (e.g. the loss mask) are data: their gradient is log p, as for any product.
+    """
+    B, S, _ = h.shape
+    c = min(chunk or max(1, LOGITS_TOKENS // B), S)
+    project, head = _head(model, 1.0)
+    w = weights.astype(jnp.float32)
+    return _logprob_sum(project, head, _chunks(h, c), _chunks(targets, c), _chunks(w, c))
+
+
+def _head(model: Decoder, temperature: float):
+    """(_Project, the head's arrays as a plain list) — the form the hand-written gradients take."""
     graphdef, state = nnx.split(model.head)
-    head, treedef = jax.tree.flatten(state)  # its arrays, as a plain list for the custom gradient
-    project = _Project(graphdef, treedef, model.config.final_softcap, float(temperature), model.tuning.exp_barrier)
-    _, lp = jax.lax.scan(lambda _, xs: (None, _chunk_logprobs(project, head, *xs)), None, (h, t))
-    return lp.swapaxes(0, 1).reshape(B, n * c)[:, :S]
+    head, treedef = jax.tree.flatten(state)
+    return _Project(graphdef, treedef, model.config.final_softcap, float(temperature), model.tuning.exp_barrier), head
+
+
+def _chunks(x, c: int):
+    """x [B, S, ...] → [n, B, c, ...] (zero-padded to n·c positions)."""
+    B, S = x.shape[:2]
+    n = -(-S // c)
+    x = jnp.pad(x, ((0, 0), (0, n * c - S)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(B, n, c, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x, S: int):
+    """[n, B, c, ...] → [B, S, ...]: `_chunks` undone."""
+    n, B, c = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(B, n * c, *x.shape[3:])[:, :S]
 
 
 def _softmax_parts(z, barrier: bool = True):
@@ -111,12 +143,71 @@ def _chunk_bwd(project, res, g):
 _chunk_logprobs.defvjp(_chunk_fwd, _chunk_bwd, symbolic_zeros=True)
 
 
+def _onehot_minus_softmax(z, t, w, barrier: bool):
+    """(w · (onehot(t) − softmax(z)) [B, c, V] fp32: d(w · log p(t)) / dz, log p(t) [B, c]) for z [B, c, V]."""
+    e, total, lse = _softmax_parts(z, barrier)
+    p_t = _pick(e, t)[..., None] / total
+    dz = jnp.put_along_axis(-e * (w[..., None] / total), t[..., None], w[..., None] * (1.0 - p_t), axis=-1,
+                            inplace=False)
+    return dz, _pick(z, t) - lse[..., 0]
+
+
+def _sum_primal(project, head, h, t, w):
+    """Σ w · log p(t) over chunks h [n, B, c, D], t, w [n, B, c] (no gradient: evaluation)."""
+    return jax.lax.scan(lambda s, xs: (s + jnp.sum(xs[2] * _logprobs(project, head, *xs[:2])), None),
+                        jnp.zeros((), jnp.float32), (h, t, w))[0]
+
+
+# The weighted sum's hand-written gradient. Its cotangent is a scalar, so everything the backward pass
+# needs can be computed in the forward pass, chunk by chunk, while the chunk's softmax is at hand:
+# dz = w · (onehot − softmax), then dh = dz · ∂logits/∂h and, for a trainable head (full fine-tuning,
+# modules_to_save), dW = ∂logits/∂Wᵀ · dz summed over the chunks. Three vocab-sized matmuls per chunk
+# (logits, dh, dW) instead of four for autodiff of a trainable head (logits, their recomputation in the
+# backward pass, dh, dW), two for a frozen one; the backward pass only scales by the scalar cotangent.
+# The forward keeps dh [n, B, c, D], the head's gradient (the head's size) and log p [n, B, c].
+_logprob_sum = jax.custom_vjp(_sum_primal, nondiff_argnums=(0,))
+
+
+def _sum_fwd(project, head, h, t, w):
+    is_primal = lambda p: hasattr(p, "perturbed")  # noqa: E731 — symbolic_zeros wraps each argument
+    trainable = any(p.perturbed for p in jax.tree.leaves(head, is_leaf=is_primal))
+    head, h, t, w = jax.tree.map(lambda p: p.value, (head, h, t, w), is_leaf=is_primal)
+
+    def chunk(acc, xs):
+        x, t, w = xs
+        if trainable:
+            logits, pullback = jax.vjp(project, head, x)
+        else:
+            logits, pullback = jax.vjp(lambda x: project(head, x), x)
+        dz, lp = _onehot_minus_softmax(logits.astype(jnp.float32), t, w, project.barrier)
+        grads = pullback(dz.astype(logits.dtype))
+        if trainable:  # accumulated in fp32 over the chunks, as one matmul over all tokens would
+            acc = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), acc, grads[0])
+        return acc, (grads[-1], lp)
+
+    acc = [jnp.zeros(p.shape, jnp.float32) for p in head] if trainable else None
+    acc, (dh, lp) = jax.lax.scan(chunk, acc, (h, t, w))
+    dtypes = None if acc is None else [jnp.zeros((), p.dtype) for p in head]  # a bf16 head rounds once, in bwd
+    return jnp.sum(w * lp), (acc, dtypes, dh, lp)
+
+
+def _sum_bwd(project, res, g):
+    dhead, dtypes, dh, lp = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    scale = lambda x, like: (g * x.astype(jnp.float32)).astype(like.dtype)  # noqa: E731
+    dhead = None if dhead is None else [scale(d, like) for d, like in zip(dhead, dtypes)]
+    return dhead, scale(dh, dh), None, g * lp
+
+
+_logprob_sum.defvjp(_sum_fwd, _sum_bwd, symbolic_zeros=True)
+
+
 def sft_loss(model: Decoder, batch: dict, ctx: Ctx = ON) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy over the batch's trained targets → (sum of −log p, number of targets).
 
     batch: tokens, positions, segment_ids, targets [B, S] int; loss_mask [B, S] float (see jaxft.data.encode).
     """
     h, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], ctx=ctx)
-    lp = token_logprobs(model, h, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(lp * mask), jnp.sum(mask)
+    return -token_logprob_sum(model, h, batch["targets"], mask), jnp.sum(mask)

@@ -1,15 +1,19 @@
-"""A/B of the LoRA loss value + gradient, interleaved in one process: remat policies and loss heads.
+"""A/B of the SFT loss value + gradient, interleaved in one process: remat policies and loss heads.
 
-    python scripts/ab_grad.py [--remat none,proj,dots] [--head custom,autodiff] [--repeats 10]
+    python scripts/ab_grad.py [--mode lora|full] [--remat none,proj,dots] [--head sum,custom,autodiff]
+                              [--batch 4] [--seq 256] [--repeats 10]
 
 Model: SmolLM2-135M-shaped, random weights (scripts/profile_step.py's SMOLLM2), LoRA r=16 on every
-layer linear, batch 4 x 256. Every (remat, head) variant is compiled first, then the variants run in
-turn, `--repeats` rounds, so a noisy machine slows them alike. Prints per variant the wall and process
-CPU medians, the compiled temp memory, and the largest gradient difference against the first variant.
+layer linear (--mode lora) or every weight trainable (--mode full: full fine-tuning, tied embeddings).
+Every (remat, head) variant is compiled first, then the variants run in turn, `--repeats` rounds, so a
+noisy machine slows them alike. Prints per variant the wall and process CPU medians, the compiled temp
+memory, and the largest gradient difference against the first variant.
 
-head: custom = jaxft.losses.token_logprobs (hand-written head gradient); autodiff = the chunked
-log-softmax under jax.checkpoint differentiated by JAX (the implementation it replaced: the backward
-pass recomputes each chunk's logits).
+head: sum = jaxft.losses.sft_loss (token_logprob_sum: the head's and h's gradients computed in the
+forward pass); custom = Σ mask · jaxft.losses.token_logprobs (per-token hand-written gradient: dh in
+the forward for a frozen head, a trainable head recomputed in the backward pass: sft_loss before
+token_logprob_sum); autodiff = the chunked log-softmax under jax.checkpoint differentiated by JAX (the
+implementation both replaced: the backward pass recomputes each chunk's logits).
 """
 
 import argparse
@@ -48,31 +52,42 @@ def autodiff_token_logprobs(model, h, targets, chunk=128):
     return lp.swapaxes(0, 1).reshape(B, n * c)[:, :S]
 
 
-HEADS = {"custom": jaxft.losses.token_logprobs, "autodiff": autodiff_token_logprobs}
+def per_token_loss(logprobs):
+    """sft_loss with the per-token log-probs `logprobs(model, h, targets)`."""
+    def loss(model, b):
+        h, _ = model.hidden(b["tokens"], b["positions"], b["segment_ids"])
+        return -jnp.sum(logprobs(model, h, b["targets"]) * b["loss_mask"])
+    return loss
+
+
+HEADS = {"sum": lambda model, b: jaxft.losses.sft_loss(model, b)[0],
+         "custom": per_token_loss(jaxft.losses.token_logprobs), "autodiff": per_token_loss(autodiff_token_logprobs)}
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--remat", default="none,proj,dots")
-    ap.add_argument("--head", default="custom")
+    ap.add_argument("--head", default="sum")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
-    B, S = 4, 256
+    B, S = a.batch, a.seq
     toks = np.random.RandomState(0).randint(0, SMOLLM2.vocab_size, (B, S)).astype(np.int32)
     batch = dict(tokens=toks, positions=np.tile(np.arange(S, dtype=np.int32), (B, 1)), targets=toks,
                  segment_ids=np.ones_like(toks), loss_mask=np.ones(toks.shape, np.float32))
     variants = {}
     for remat, head in itertools.product(a.remat.split(","), a.head.split(",")):
         model = Decoder(dataclasses.replace(SMOLLM2, layer_types=()), rngs=nnx.Rngs(0), remat=remat)
-        cfg = LoraConfig(r=16, alpha=32)
-        adapters.attach(model, cfg, jax.random.key(0))
+        cfg = LoraConfig(r=16, alpha=32, enabled=a.mode == "lora")
+        if cfg.enabled:
+            adapters.attach(model, cfg, jax.random.key(0))
         g, p, f = adapters.split(model, cfg)
-        jaxft.losses.token_logprobs = HEADS[head]  # sft_loss looks it up when traced, i.e. in lower()
-        loss = (lambda g: lambda p, f, b: jaxft.losses.sft_loss(nnx.merge(g, p, f), b)[0])(g)
+        loss = (lambda g, fn: lambda p, f, b: fn(nnx.merge(g, p, f), b))(g, HEADS[head])
         compiled = jax.jit(jax.value_and_grad(loss)).lower(p, f, batch).compile()
         jax.block_until_ready(compiled(p, f, batch))
         variants[f"remat={remat} head={head}"] = (compiled, p, f)
-    jaxft.losses.token_logprobs = HEADS["custom"]
     times = {k: [] for k in variants}
     out = {}
     for _ in range(a.repeats):

@@ -8,11 +8,12 @@ import pytest
 from flax import nnx
 
 import jaxft
+import jaxft.train
 from jaxft.formats.hf import load_pretrained
 from jaxft import adapters
 from jaxft.config import LoraConfig, OptimConfig
 from jaxft.context import Ctx
-from jaxft.losses import sft_loss, token_logprobs
+from jaxft.losses import sft_loss, token_logprob_sum, token_logprobs
 from jaxft.optim import make_optimizer
 from jaxft.train import init_state, make_train_step
 from tiny import save_model
@@ -190,6 +191,19 @@ def test_nonfinite_step_is_skipped(tiny_dir):
     assert bool(m["finite"]) and int(state["bad_steps"]) == 0 and int(state["skipped"]) == 1
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_entry_in_any_leaf(bad):
+    """jaxft.train's finiteness check of the new weights and moments (a max |x| reduction per leaf)
+    flags a single NaN / ±Inf anywhere, in fp32 and bf16, and passes finite extremes and empty leaves."""
+    tree = {"a": jnp.full((300, 7), np.finfo(np.float32).max), "b": jnp.ones((5,), jnp.bfloat16),
+            "e": jnp.zeros((0,)), "i": jnp.arange(3)}
+    assert bool(jaxft.train._all_finite(tree))
+    for name in ("a", "b"):
+        x = np.array(tree[name], np.float32)
+        x.flat[x.size // 2] = bad
+        assert not bool(jax.jit(jaxft.train._all_finite)({**tree, name: jnp.asarray(x, tree[name].dtype)}))
+
+
 def test_loss_falls_when_memorizing(tiny_dir):
     for enabled in (True, False):
         model = load_pretrained(tiny_dir)
@@ -253,9 +267,12 @@ def test_bf16_compute_keeps_fp32_adapter_and_optimizer_state(tiny_dir):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # untied head; tied head with a final soft-cap
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_chunked_logprobs_gradients_equal_autodiff(tmp_path, arch, dtype):
-    """The hand-written head gradient (jaxft.losses._chunk_logprobs) equals autodiff of full logits,
-    for a frozen head (gradient to h only: the dh-in-forward path) and a trainable one."""
+@pytest.mark.parametrize("form", ["per_token", "sum"])
+def test_chunked_logprobs_gradients_equal_autodiff(tmp_path, arch, dtype, form):
+    """The hand-written head gradients equal autodiff of full logits, for a frozen head (gradient to h
+    only: the dh-in-forward path) and a trainable one: per token (jaxft.losses._chunk_logprobs, whose
+    trainable head recomputes in the backward pass) and the weighted sum (jaxft.losses._logprob_sum,
+    whose forward computes the head's gradient too)."""
     save_model(arch, tmp_path)
     model = load_pretrained(tmp_path, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
     b = _batch(S=19)
@@ -265,6 +282,8 @@ def test_chunked_logprobs_gradients_equal_autodiff(tmp_path, arch, dtype):
     g, state = nnx.split(model)
 
     def ours(state, h):
+        if form == "sum":
+            return token_logprob_sum(nnx.merge(g, state), h, t, w, chunk=8)
         return jnp.sum(w * token_logprobs(nnx.merge(g, state), h, t, chunk=8))
 
     def autodiff(state, h):
@@ -285,3 +304,36 @@ def test_chunked_logprobs_gradients_equal_autodiff(tmp_path, arch, dtype):
         np.testing.assert_allclose(np.asarray(x, np.float32) / scale, np.asarray(y, np.float32) / scale, **tol)
     head_grads = jax.tree.leaves(nnx.state(nnx.merge(g, both[0][0]).head))
     assert head_grads and all(float(jnp.abs(x).max()) > 0 for x in head_grads)  # the trainable path ran
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # untied head; tied embeddings with a final soft-cap
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_finetuning_gradients_equal_autodiff(tmp_path, arch, dtype):
+    """Every weight trainable: sft_loss's value and gradients (the head's from the forward pass of
+    jaxft.losses._logprob_sum; tied: added to the embedding lookup's) equal autodiff of full logits,
+    for every parameter, embeddings and head included."""
+    save_model(arch, tmp_path)
+    model = load_pretrained(tmp_path, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
+    b = jax.tree.map(jnp.asarray, _batch(S=19))
+    g, state = nnx.split(model)
+
+    def autodiff(state):
+        model = nnx.merge(g, state)
+        h, _ = model.hidden(b["tokens"], b["positions"], b["segment_ids"])
+        full = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), -1)
+        lp = jnp.take_along_axis(full, b["targets"][..., None], -1)[..., 0]
+        return -jnp.sum(lp * b["loss_mask"])
+
+    ours = lambda state: sft_loss(nnx.merge(g, state), b)[0]  # noqa: E731
+    (l0, g0), (l1, g1) = jax.value_and_grad(ours)(state), jax.value_and_grad(autodiff)(state)
+    # bf16: the chunked and the full logits' elementwise ops (soft-cap) round at other fusion boundaries,
+    # so the losses differ by bf16 roundings (2^-8 relative each) averaged over tokens
+    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-5 if dtype == "float32" else 1e-3)
+    # tolerances as test_chunked_logprobs_gradients_equal_autodiff's: fp32 exact up to reassociation, bf16 < 3 ulps
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=0, atol=2e-2)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(g1)[0]]
+    assert any("embed_tokens" in n for n in names) and (arch == "gemma2") == (not any("lm_head" in n for n in names))
+    for name, x, y in zip(names, jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        scale = max(float(jnp.abs(y.astype(jnp.float32)).max()), 1e-30)
+        np.testing.assert_allclose(np.asarray(x, np.float32) / scale, np.asarray(y, np.float32) / scale,
+                                   err_msg=name, **tol)
