@@ -87,21 +87,47 @@ def offline_env() -> dict:
     return {**OFFLINE_ENV, **os.environ}
 
 
-def run_worker(name: str, argv: list[str], script: str, label: str | None = None) -> dict:
+def run_worker(name: str, argv: list[str], script: str, label: str | None = None, *,
+               rss_budget_gb: float | None = None) -> dict:
     """Run one side (`script ARGV --worker name`) in a fresh subprocess; its figures plus wall_s, own_cpu_s and
-    others_cpu_s (the CPU seconds other processes took meanwhile). Exits if the worker fails."""
+    others_cpu_s (the CPU seconds other processes took meanwhile). Exits if the worker fails, unless
+    rss_budget_gb is given: then a worker whose RSS passes the budget is killed, and a failed or killed worker
+    gives {"failed": why} (bench_context.py looks for the longest sequence each side trains within a budget)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         print(f"[{label or name}] fresh subprocess ...", file=sys.stderr, flush=True)
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(script), *argv, "--worker", name,
-                               "--worker-out", str(out)], check=False, env=offline_env())
+        proc = subprocess.Popen([sys.executable, os.path.abspath(script), *argv, "--worker", name,
+                                 "--worker-out", str(out)], env=offline_env())
+        over = _watch_rss(proc, rss_budget_gb) if rss_budget_gb else proc.wait()
         ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
+        if over is True:
+            return dict(failed=f"RSS passed {rss_budget_gb:g} GB", wall_s=wall)
         if proc.returncode != 0 or not out.exists():
-            sys.exit(f"{Path(script).name}: the {name} worker failed (exit code {proc.returncode})")
+            why = f"the {name} worker failed (exit code {proc.returncode})"
+            if rss_budget_gb:
+                return dict(failed=why, wall_s=wall)
+            sys.exit(f"{Path(script).name}: {why}")
         own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         others = max(busy1 - busy0 - own, 0.0)
         return dict(json.loads(out.read_text()), wall_s=wall, own_cpu_s=own, others_cpu_s=others)
+
+
+def _watch_rss(proc, budget_gb: float) -> bool:
+    """Wait for proc, killing it once its RSS passes budget_gb (sampled every 0.1 s): True if killed."""
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            if p.memory_info().rss / 1e9 > budget_gb:
+                proc.kill()
+                proc.wait()
+                return True
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def run_sides(args, sides, summarize, script: str) -> tuple[list[str], dict]:
