@@ -123,7 +123,7 @@ def worker_sft(args) -> dict:
     sft_args = argparse.Namespace(mode="lora", dtype="fp32", remat="proj", rank=args.rank, alpha=args.alpha,
                                   seed=args.seed, warmup=args.warmup, steps=args.steps, lr=args.lr,
                                   batch=2 * args.batch, seq=args.prompt + args.completion, vocab=args.vocab,
-                                  quant="none", xla_memory=False)
+                                  quant="none", xla_memory=False, attention="auto")
     return dict(bench_sft.worker_jaxft(sft_args), framework=NAMES["sft"], reference_s=0.0)
 
 

@@ -2,7 +2,8 @@
 
     python scripts/bench_sft.py [--mode lora|full] [--dtype fp32|bf16] [--batch 4] [--seq 256]
                                 [--steps 5] [--warmup 2] [--rank 16] [--alpha 32] [--lr 1e-4]
-                                [--remat none|proj|dots|full] [--json OUT]
+                                [--remat none|proj|dots|full] [--attention auto|xla|blockwise]
+                                [--json OUT]
 
 Model: the embedded example SmolLM2-135M-Instruct GGUF, loaded to fp32 by both. Batch: --batch rows
 of --seq real tokens (seeded random ids, no padding, one document per row), loss on every next
@@ -64,7 +65,8 @@ def worker_jaxft(args) -> dict:
     compute = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     param_dtype = compute if args.mode == "lora" else jnp.float32
     quant = QuantConfig(base=args.quant)  # bench_qlora.py: NF4 / int8 base (QLoRA)
-    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant)
+    model = load_pretrained(path, dtype=param_dtype, compute_dtype=compute, remat=args.remat, quant=quant,
+                            attention=args.attention)
     method = getattr(args, "method", "lora")  # bench_peft_methods.py: dora | pissa | olora | ia3
     lcfg = LoraConfig(enabled=args.mode == "lora", r=args.rank, alpha=args.alpha, dropout=0.0,
                       target_modules=("all-linear",) if method == "ia3" else tuple(LORA_TARGETS),
@@ -209,6 +211,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     add_training_args(ap)
     ap.add_argument("--remat", choices=["none", "proj", "dots", "full"], default="proj", help="jaxft only")
+    ap.add_argument("--attention", choices=["auto", "xla", "blockwise", "cudnn", "splash"], default="auto",
+                    help="jaxft's model.attention")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=49152, help="random token ids are drawn below this")
     add_side_args(ap, SIDES, repeat=False)
