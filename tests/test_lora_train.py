@@ -329,6 +329,8 @@ def test_full_finetuning_gradients_equal_autodiff(tmp_path, arch, dtype):
     # bf16: the chunked and the full logits' elementwise ops (soft-cap) round at other fusion boundaries,
     # so the losses differ by bf16 roundings (2^-8 relative each) averaged over tokens
     np.testing.assert_allclose(float(l0), float(l1), rtol=1e-5 if dtype == "float32" else 1e-3)
+    # undifferentiated (evaluation) the custom gradient's primal runs instead of its forward rule: same value
+    np.testing.assert_allclose(float(ours(state)), float(l1), rtol=1e-5 if dtype == "float32" else 1e-3)
     # tolerances as test_chunked_logprobs_gradients_equal_autodiff's: fp32 exact up to reassociation, bf16 < 3 ulps
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=0, atol=2e-2)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(g1)[0]]
