@@ -154,6 +154,9 @@ def test_what_each_backend_runs():
     assert choose(auto, q16, aligned, 50.0, "tpu") == "splash"
     assert choose(auto, q16, decode, None, "tpu") == "blockwise"
     assert choose(XLA, q16, aligned, None, "gpu") == "xla"
+    assert choose(AttentionKernel("cudnn"), q16, aligned, None, "cpu") == "blockwise"  # no cuDNN on a CPU
+    assert choose(AttentionKernel("splash"), q16, aligned, None, "cpu") == "blockwise"
+    assert choose(AttentionKernel("splash", interpret=True), q16, aligned, None, "cpu") == "splash"
     with pytest.raises(ValueError, match="flash"):
         AttentionKernel("flash")
 
@@ -213,10 +216,10 @@ def test_every_kernel_equals_the_reference_and_transformers(arch, saved):
     seg_hf = mask.astype(np.int32)
     got, g = _grads(odd, toks, hpos, seg_hf)
     ours = np.abs(got - out.detach().numpy())[mask == 1].max()
-    assert ours <= 1e-4, ours  # tests/test_models.py's bound against transformers
+    assert ours <= 1e-5, ours  # measured 2e-6 to 9.6e-6 (llama), as the reference's own difference
     emb = np.asarray(g["model"]["embed_tokens"]["embedding"][...])
     theirs = hf.get_input_embeddings().weight.grad.numpy()
-    assert np.abs(emb - theirs).max() <= 1e-4 * max(np.abs(theirs).max(), 1.0)
+    assert np.abs(emb - theirs).max() <= 1e-5 * max(np.abs(theirs).max(), 1.0)  # fp32 sums in another order
 
 
 def _lora(path, kernel):

@@ -16,7 +16,8 @@ Estimates (what XLA keeps; the formulas below, c = compute dtype bytes, T = batc
                      proj: L·T·c·(D+2q+k+v+o+2F) + layer  dots: L·T·c·(D+q+k+v+o+2F+D) + layer
                    (`python scripts/ab_grad.py --remat proj` prints the compiled temp to compare with;
                     the README's memory-plan section quotes both)
-                   layer = T·c·(6D + 3·N·H + 4·K·H + 4F) + B·N·S²·(8 + c)   (projections, fp32 attention scores)
+                   layer = T·c·(6D + 3·N·H + 4·K·H + 4F) + B·N·A·(8 + c)   (projections, fp32 attention scores)
+                   A = S² with model.attention xla, else one blockwise tile's min(S, 256)² (jaxft.models.attention)
                    + logits chunk 512·V·4·3 + final hidden T·D·4 + one layer's dequantized kernels (quantized)
 """
 
@@ -154,7 +155,8 @@ def activations(cfg: DecoderConfig, run: RunConfig, c: int) -> int:
     B, S = run.train.batch_size, run.data.max_length
     T, L, D, F, V = B * S, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     NH, KH = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layer = T * c * (6 * D + 3 * NH + 4 * KH + 4 * F) + B * cfg.num_heads * S * S * (8 + c)
+    A = S * S if run.model.attention == "xla" else min(S, 256) ** 2  # the scores held at once
+    layer = T * c * (6 * D + 3 * NH + 4 * KH + 4 * F) + B * cfg.num_heads * A * (8 + c)
     saved = {"none": L * layer, "full": L * T * D * c + layer,
              "proj": L * T * c * (D + 2 * NH + 2 * KH + D + 2 * F) + layer,
              "dots": L * T * c * (D + NH + 2 * KH + D + 2 * F + D) + layer}[run.model.remat]

@@ -94,10 +94,11 @@ def _softcap(x, cap):
 
 def cudnn_covers(q, mask: Mask, softcap) -> bool:
     """cuDNN's flash attention (jax.nn.dot_product_attention, jax 0.10) takes a causal mask, one left window,
-    sequence lengths and a boolean mask, in bf16 / fp16 with head_dim ≤ 128 a multiple of 8; no logit soft-cap
-    and no query offset (a cache or a prefix)."""
-    H = q.shape[-1]
-    return softcap is None and mask.aligned and q.dtype in (jnp.bfloat16, jnp.float16) and H <= 128 and H % 8 == 0
+    sequence lengths and a bias (a boolean mask becomes one), in bf16 / fp16 with head_dim ≤ 128 a multiple of
+    8 and, with a bias in training, an even length; no logit soft-cap and no query offset (a cache, a prefix)."""
+    S, H = q.shape[-2], q.shape[-1]
+    return (softcap is None and mask.aligned and q.dtype in (jnp.bfloat16, jnp.float16) and H <= 128
+            and H % 8 == 0 and S % 2 == 0)
 
 
 def splash_covers(mask: Mask, S: int, kernel: AttentionKernel) -> bool:
@@ -112,14 +113,15 @@ def choose(kernel: AttentionKernel, q, mask: Mask, softcap, backend: str | None 
     time). auto: GPU → cudnn where it covers the layer, else blockwise; TPU → splash where it covers, else
     blockwise; CPU → blockwise (scripts/bench_attention.py measured it faster than XLA's einsums at every
     length from 32 to 4096 keys, docs/performance.md, so no length switch). An explicit cudnn / splash falls
-    back to blockwise where it does not cover the layer."""
+    back to blockwise where it does not cover the layer or the backend lacks it (splash runs anywhere in the
+    Pallas interpreter: kernel.interpret)."""
     backend = backend or jax.default_backend()
     impl = kernel.impl
     if impl == "auto":
         impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "blockwise")
-    if impl == "cudnn" and not cudnn_covers(q, mask, softcap):
+    if impl == "cudnn" and not (backend in ("gpu", "cuda") and cudnn_covers(q, mask, softcap)):
         return "blockwise"
-    if impl == "splash" and not splash_covers(mask, q.shape[-2], kernel):
+    if impl == "splash" and not ((backend == "tpu" or kernel.interpret) and splash_covers(mask, q.shape[-2], kernel)):
         return "blockwise"
     return impl
 
@@ -299,8 +301,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def fused_attention(q, k, v, mask: Mask, scale: float, sliding_window: int | None, implementation: str):
     """jax.nn.dot_product_attention on the aligned form: is_causal, the layer's left window as
     local_window_size (static, so a sliding model runs one of two calls per layer: lax.cond on the traced
-    window), packing and padding as a boolean [B, 1, S, T] mask (jax 0.10's API has no segment ids: one byte
-    per query-key pair and row, shared by the heads, where the XLA path holds four per head). implementation:
+    window), packing and padding as a boolean [B, 1, S, T] mask (jax 0.10's API has no segment ids; jax turns
+    it into an additive bias in the compute dtype: two bytes per query-key pair and row, shared by the heads,
+    where the XLA path holds four per head and pair). implementation:
     "cudnn" on a GPU; "xla" runs the same call on any backend (the tests). Heads-major in and out."""
     B, K, G, S, H = q.shape
     qs = q.transpose(0, 3, 1, 2, 4).reshape(B, S, K * G, H)  # head n = k·G + g, as q_proj's columns

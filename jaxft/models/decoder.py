@@ -163,11 +163,12 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg, self.heads_major, self.kernel = cfg, tuning.heads_major, attention
 
-    def __call__(self, x, cos, sin, mask: Mask, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index, ctx: Ctx = ON,
-                 prefix: tuple[jax.Array, jax.Array] | None = None):
-        """x [B, S, D]; mask: who sees whom over the T keys (this layer's window set); kv: (k, v, layer) — the whole stacked cache
-        (`init_cache`'s layout) and this layer's index in it — or None; prefix: this layer's keys and values
-        [B, K, T - S, H] (or [B, T - S, K, H]) of earlier tokens, attended to before the S new ones.
+    def __call__(self, x, cos, sin, mask: Mask, kv: tuple[jax.Array, jax.Array, jax.Array] | None, index,
+                 ctx: Ctx = ON, prefix: tuple[jax.Array, jax.Array] | None = None):
+        """x [B, S, D]; mask: who sees whom over the T keys (jaxft.models.attention.Mask, this layer's window
+        set); kv: (k, v, layer) — the whole stacked cache (`init_cache`'s layout) and this layer's index in
+        it — or None; prefix: this layer's keys and values [B, K, T - S, H] (or [B, T - S, K, H]) of earlier
+        tokens, attended to before the S new ones.
         Returns (out, kv, (k, v) of the S new tokens in the cache layout)."""
         cfg = self.cfg
         B, S, _ = x.shape
