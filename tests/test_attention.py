@@ -23,7 +23,7 @@ from jaxft.models.attention import (NO_WINDOW, AttentionKernel, Mask, attend, bl
 from jaxft.models.decoder import PLAIN
 from jaxft.optim import make_optimizer
 from jaxft.train import init_state, make_train_step
-from tiny import make_model, save_chat_model
+from tiny import make_model, save_chat_model, shared_prompt_rows
 
 FAMILIES = ["llama", "mistral", "qwen2_sliding", "gemma2", "gemma3_text"]  # windows, soft-cap, local / global
 ODD = AttentionKernel("blockwise", 7, 5)  # tiles that divide none of the lengths below
@@ -264,17 +264,9 @@ def test_decode_with_a_cache_equals_the_reference(arch, saved):
 def test_shared_prompt_prefix_equals_whole_rows_of_the_reference(saved):
     """GRPO's shared prompts (keys = the prompt's keys, then the row's own) under blockwise attention give the
     reference's whole-row log-probs and gradients (gemma2: soft-cap, local / global layers)."""
-    from jaxft.objectives.rollout import completion_logps, layout, prompt_sharing
+    from jaxft.objectives.rollout import completion_logps
 
-    rng = np.random.default_rng(0)
-    prompts = [[3, 4, 5, 6, 7]] * 3 + [[8, 9]] * 2 + [[10, 11, 12]] * 3
-    L = 9
-    lengths = np.asarray([9, 4, 1, 9, 6, 2, 9, 7], np.int32)
-    tokens, pos, seg = layout(prompts, rng.integers(3, 90, (8, L)).astype(np.int32), lengths)
-    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((8, L), np.float32))
-    keys = prompt_sharing(rows, L)
-    keep = np.arange(L)[None] < lengths[:, None]
-    w = jnp.asarray(rng.normal(size=(8, L)) * keep, jnp.float32)
+    rows, keys, keep, w = shared_prompt_rows()
     res = []
     for kernel, batch in ((XLA, rows), (ODD, dict(rows, **keys))):
         graphdef, params, frozen = _lora(saved["gemma2"][0], kernel)

@@ -601,8 +601,8 @@ def test_shared_prompts_give_the_whole_rows_logps_and_gradients(arch, tmp_path):
     from jaxft import adapters
     from jaxft.context import ON, Ctx
     from jaxft.config import LoraConfig
-    from jaxft.objectives.rollout import completion_logps, layout, prompt_sharing
-    from tiny import save_model
+    from jaxft.objectives.rollout import completion_logps, prompt_sharing
+    from tiny import save_model, shared_prompt_rows
 
     save_model(arch, tmp_path)
     model = load_pretrained(tmp_path)
@@ -610,17 +610,10 @@ def test_shared_prompts_give_the_whole_rows_logps_and_gradients(arch, tmp_path):
     adapters.attach(model, cfg, jax.random.key(0))
     graphdef, params, frozen = adapters.split(model, cfg)
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
-    rng = np.random.default_rng(0)
-    prompts = [[3, 4, 5, 6, 7]] * 3 + [[8, 9]] * 2 + [[10, 11, 12]] * 3
-    L = 9
-    lengths = np.asarray([9, 4, 1, 9, 6, 2, 9, 7], np.int32)
-    tokens, pos, seg = layout(prompts, rng.integers(3, 90, (8, L)).astype(np.int32), lengths)
-    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((8, L), np.float32))
-    keys = prompt_sharing(rows, L)
+    rows, keys, keep, w = shared_prompt_rows()
+    L = keep.shape[1]
     assert keys["prefix_rows"].tolist() == [0, 3, 5, 0] and keys["src"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert prompt_sharing(rows, L, ways=8) == {} and prompt_sharing(rows, L, A=2)["prefix_rows"].shape == (4,)
-    keep = np.arange(L)[None] < lengths[:, None]
-    w = jnp.asarray(rng.normal(size=(8, L)) * keep, jnp.float32)
 
     def f(p, fr, b, ctx=ON):
         lp = completion_logps(nnx.merge(graphdef, p, fr), b, ctx, 0.7)

@@ -200,3 +200,21 @@ def save_tiny_chat(path, arch: str = "llama", seed: int = 0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model
+
+
+def shared_prompt_rows(seed: int = 0):
+    """GRPO's layout of 8 completions over 3 prompts (groups of 3, 2, 3; lengths 1–9 of L = 9, random tokens):
+    (rows, prompt-sharing keys, keep [8, L] = the real completion positions, w = random weights on them)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxft.objectives.rollout import layout, prompt_sharing
+
+    rng = np.random.default_rng(seed)
+    prompts = [[3, 4, 5, 6, 7]] * 3 + [[8, 9]] * 2 + [[10, 11, 12]] * 3
+    L = 9
+    lengths = np.asarray([9, 4, 1, 9, 6, 2, 9, 7], np.int32)
+    tokens, pos, seg = layout(prompts, rng.integers(3, 90, (8, L)).astype(np.int32), lengths)
+    rows = dict(tokens=tokens, positions=pos, segment_ids=seg, mask=np.zeros((8, L), np.float32))
+    keep = np.arange(L)[None] < lengths[:, None]
+    return rows, prompt_sharing(rows, L), keep, jnp.asarray(rng.normal(size=(8, L)) * keep, jnp.float32)
