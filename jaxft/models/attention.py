@@ -85,7 +85,8 @@ def as_kernel(attention: AttentionKernel | str) -> AttentionKernel:
     return attention if isinstance(attention, AttentionKernel) else AttentionKernel(attention)
 
 
-def _softcap(x, cap):
+def soft_cap(x, cap):
+    """Gemma 2's logit soft-capping, tanh(x / cap) · cap (None: x); the decoder's final logits use it too."""
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
@@ -167,7 +168,7 @@ def xla_attention(q, k, v, mask: Mask, scale: float, softcap: float | None, qk: 
     keeping them for every layer (they grow with S², the rest with S)."""
     bias = jnp.where(mask.allowed(), 0.0, jnp.finfo(jnp.float32).min)[:, None, None]  # [B, 1, 1, S, T]
     logits = jnp.einsum(qk, q, k) * jnp.asarray(scale, q.dtype)
-    logits = _softcap(logits.astype(jnp.float32), softcap) + bias  # additive like HF eager
+    logits = soft_cap(logits.astype(jnp.float32), softcap) + bias  # additive like HF eager
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum(pv, probs, v)
 
@@ -213,7 +214,7 @@ def _scores(q, k, m: Mask, i, j, bq, bk, scale, softcap):
     """One block's soft-capped fp32 logits (masked to -inf) and the capped values' tanh for the backward:
     q [B, K, G, bq, H] (block i), k [B, K, bk, H] (block j) → [B, K, G, bq, bk]."""
     s = jnp.einsum("bkgsh,bkth->bkgst", q, k) * jnp.asarray(scale, q.dtype)  # as the reference: scale in q's dtype
-    s = _softcap(s.astype(jnp.float32), softcap)
+    s = soft_cap(s.astype(jnp.float32), softcap)
     allow = m.allowed(_block(m.q_seg, i, bq, 1), _block(m.q_slot, i, bq, 0),
                       _block(m.kv_seg, j, bk, 1), _block(m.kv_slot, j, bk, 0))[:, None, None]
     return jnp.where(allow, s, -jnp.inf), s

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.context import ON, Ctx
-from jaxft.models.attention import AUTO, NO_WINDOW, SAVED, AttentionKernel, Mask, as_kernel, attend
+from jaxft.models.attention import AUTO, NO_WINDOW, SAVED, AttentionKernel, Mask, as_kernel, attend, soft_cap
 from jaxft.models.config import DecoderConfig, RopeConfig, rope_inv_freq
 from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
 
@@ -141,10 +141,6 @@ def apply_rope(x, cos, sin):
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-
-
-def _softcap(x, cap):
-    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Attention(nnx.Module):
@@ -423,7 +419,7 @@ def cache_rows(cache: Cache, src) -> Cache:
 def head_logits(head: nnx.Module, h, softcap: float | None):
     """`Decoder.logits` given its `head` module (jaxft.losses differentiates the head by hand). The head
     runs with adapters on: the LM head itself is never adapted, only trained in full (modules_to_save)."""
-    return _softcap(head.attend(h) if isinstance(head, Embed) else head(h), softcap)
+    return soft_cap(head.attend(h) if isinstance(head, Embed) else head(h), softcap)
 
 
 def num_params(tree: Any) -> int:
