@@ -71,6 +71,14 @@ def size_bucket(n: int, least: int = 1) -> int:
     return p * 3 // 4 if p >= 4 and p * 3 // 4 >= max(n, least) else p
 
 
+def size_buckets(lo: int, hi: int) -> list[int]:
+    """Every size_bucket from size_bucket(lo) up to hi (at least that first one): the shapes a packer tries."""
+    out = [size_bucket(lo)]
+    while (n := size_bucket(out[-1] + 1)) <= hi:
+        out.append(n)
+    return out
+
+
 # ---------------------------------------------------------------- the scoring program
 
 
@@ -250,10 +258,7 @@ def pack_shared(groups: list[Group], start: int, length: int, max_rows: int, max
             out += [(r, b[1]) for b in mine]
         return out
 
-    widths, w = [], size_bucket(longest, MIN_QUERIES)
-    while w <= max(max_suffix, size_bucket(longest, MIN_QUERIES)):
-        widths.append(w)
-        w = size_bucket(w + 1)
+    widths = size_buckets(max(longest, MIN_QUERIES), max_suffix)
     Ss, suffix_rows = min(((w, bins(w)) for w in widths), key=lambda x: (rows_of(max(len(x[1]), 1)) * x[0], x[0]))
     Rp, Rs = rows_of(len(free)), rows_of(max(len(suffix_rows), 1))
     arrays = lambda R, S: [np.zeros((R, S), np.int32) for _ in range(3)]  # noqa: E731
@@ -547,10 +552,7 @@ class JaxftLM(TemplateLM):
         pack_length) that pads least per request packed."""
         top = max(self.pack_length, pow2(len(groups[k].prefix)))
         max_suffix = max(self.pack_length, pow2(max(len(x) for x in groups[k].suffixes)))
-        lengths, n = [], size_bucket(len(groups[k].prefix))
-        while n <= top:
-            lengths.append(n)
-            n = size_bucket(n + 1)
+        lengths = size_buckets(len(groups[k].prefix), top)
 
         def cost(packed):
             sp, nxt = packed
