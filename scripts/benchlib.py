@@ -99,9 +99,9 @@ def run_worker(name: str, argv: list[str], script: str, label: str | None = None
         ru0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter()
         proc = subprocess.Popen([sys.executable, os.path.abspath(script), *argv, "--worker", name,
                                  "--worker-out", str(out)], env=offline_env())
-        over = _watch_rss(proc, rss_budget_gb) if rss_budget_gb else proc.wait()
+        killed = _watch_rss(proc, rss_budget_gb) if rss_budget_gb else proc.wait() is None  # wait: an exit code
         ru1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s(), time.perf_counter() - t0
-        if over is True:
+        if killed:
             return dict(failed=f"RSS passed {rss_budget_gb:g} GB", wall_s=wall)
         if proc.returncode != 0 or not out.exists():
             why = f"the {name} worker failed (exit code {proc.returncode})"
