@@ -30,9 +30,37 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter (PEFT directory or jaxft run; a bare DIR: a PEFT multi-adapter folder or a "
                         "multi-adapter run, all its adapters); repeat for several, served from one bank")
+    _add_mesh_arg(p)
     p.add_argument("--use", action="append", default=[], metavar="NAME",
                    help="the adapter (or base) that answers: once for every prompt, or once per --prompt "
                         "(generate: default every adapter answers every prompt; chat: the first, /use NAME switches)")
+
+
+def _add_mesh_arg(p: argparse.ArgumentParser):
+    p.add_argument("--mesh", action="append", default=[], metavar="KEY=VALUE",
+                   help="device mesh / processes (mesh.KEY of a run config: data, fsdp, tensor, strategy, distributed, "
+                        "coordinator_address, num_processes, process_id); repeat for several")
+
+
+# A finished run's saved mesh says how it trained (devices, processes, a coordinator that is gone), not how a later
+# command runs: commands that read a run start from one device and take the mesh from their own --mesh.
+FRESH_MESH = ("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.distributed=false",
+              "mesh.coordinator_address=null", "mesh.num_processes=null", "mesh.process_id=null")
+
+
+def _mesh_overrides(args, fresh: bool = False) -> list[str]:
+    """`--mesh KEY=VALUE` flags as `mesh.KEY=VALUE` overrides (after FRESH_MESH when `fresh`)."""
+    for kv in args.mesh:
+        if "=" not in kv:
+            raise JaxftError(f"--mesh {kv}: expected KEY=VALUE (e.g. --mesh fsdp=-1)")
+    return [*(FRESH_MESH if fresh else ()), *(f"mesh.{kv}" for kv in args.mesh)]
+
+
+def _mesh_config(args):
+    """The MeshConfig of a command that takes no run config: the defaults (one device) changed by --mesh."""
+    from jaxft.config import load_config
+
+    return load_config(None, _mesh_overrides(args)).mesh
 
 
 INTERMIXED = ("train", "eval", "plan", "prepare", "cai")  # commands whose flags may come before, after or between
@@ -61,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--restart", action="store_true",
                        help="start over from step 0 in train.out_dir: its checkpoints directory is moved aside to "
                             "checkpoints.old-<time> (nothing is deleted)")
+    _add_mesh_arg(t)
     e = sub.add_parser("eval", help="validation loss + generation metric, base and fine-tuned side by side")
     e.add_argument("config", help="YAML run config, or a run directory (its config.json)")
     e.add_argument("overrides", nargs="*", help="section.key=value")
@@ -77,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare-export", default=None, metavar="PATH",
                    help="also judge an export of the run (merged HF directory, .gguf, PEFT adapter directory) against "
                         "the fp32 tuned model: KL, top-1 agreement and the task metric, as a column 'export'")
+    _add_mesh_arg(e)
     pr = sub.add_parser("prepare", help="clean, deduplicate and split SFT data into train/validation JSONL")
     pr.add_argument("inputs", nargs="+", help="data files (JSONL, JSON, Parquet, CSV or datasets folders)")
     pr.add_argument("--out", required=True, metavar="DIR",
@@ -103,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     x.add_argument("--strict", action="store_true",
                    help="vLLM compatibility problems are errors, not warnings (default: warnings)")
+    _add_mesh_arg(x)
     ma = sub.add_parser("merge-adapters", help="merge LoRA adapters (PEFT directories or jaxft runs) into one PEFT "
                                                "adapter, as PEFT's add_weighted_adapter")
     ma.add_argument("adapters", nargs="+", help="PEFT adapter directories and/or jaxft run directories")
@@ -119,12 +150,14 @@ def _parser() -> argparse.ArgumentParser:
     ma.add_argument("--out", required=True)
     ma.add_argument("--overwrite", action="store_true")
     ma.add_argument("--strict", action="store_true", help="vLLM compatibility problems are errors, not warnings")
+    _add_mesh_arg(ma)
     sc = sub.add_parser("score", help="score preference pairs (and their accuracy) or completions with a reward model")
     sc.add_argument("model", help="a reward run directory (train.out_dir) or a *ForSequenceClassification model directory")
     sc.add_argument("--input", required=True, help="JSONL of pairs (chosen/rejected[/prompt]) or prompt/completion rows")
     sc.add_argument("--out", default=None, help="output JSONL (default: <input>.scores.jsonl)")
     sc.add_argument("--batch-size", type=int, default=8)
     sc.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's)")
+    _add_mesh_arg(sc)
     pl = sub.add_parser("plan", help="expected device memory of a training run (weights, adapter, optimizer, "
                                      "activations), from the model's shape only")
     pl.add_argument("config", nargs="?", default=None,
@@ -145,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("stage", choices=["revise", "label", "run"])
     ca.add_argument("config", help="YAML run config with a cai: section (e.g. configs/cai_task.yaml)")
     ca.add_argument("overrides", nargs="*", help="section.key=value")
+    _add_mesh_arg(ca)
     le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model or a run (base and tuned with --base)")
     le.add_argument("model", help="HF model directory, .gguf file, 'example', or a jaxft run directory (its tuned "
                                   "weights)")
@@ -163,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--batch-size", type=int, default=16, help="generation rows per call")
     le.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     le.add_argument("--seed", type=int, default=0)
+    _add_mesh_arg(le)
     parser.commands = sub.choices  # name → sub-parser, for _parse
     return parser
 
@@ -208,7 +243,7 @@ def cmd_train(args):
     from jaxft.distributed import is_primary
     from jaxft.commands.train import train
 
-    run = _run_config(args.config, args.overrides)
+    run = _run_config(args.config, [*args.overrides, *_mesh_overrides(args)])
     if args.restart:
         from jaxft.checkpoint import set_aside
 
@@ -224,7 +259,8 @@ def cmd_train(args):
 def cmd_eval(args):
     from jaxft.commands.evaluate import GATE_EXIT, eval_dir, evaluate, format_table, gate
 
-    run = _run_config(args.config, args.overrides)
+    # a run directory's mesh is how it trained; a YAML's mesh section is this evaluation's
+    run = _run_config(args.config, [*args.overrides, *_mesh_overrides(args, fresh=Path(args.config).is_dir())])
     where = eval_dir(run, args.out, args.overwrite)
     if run.adapters and not args.adapter:  # a multi-adapter run: its adapters next to the base
         args.adapter = [run.train.out_dir]
@@ -258,7 +294,8 @@ def cmd_prepare(args):
 def cmd_export(args):
     from jaxft.commands.export import export
 
-    out, step = export(_run_config(args.run, []), args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
+    run = _run_config(args.run, _mesh_overrides(args, fresh=True))
+    out, step = export(run, args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
                        strict=args.strict, overwrite=args.overwrite)
     print(f"exported step {step} of {args.run} to {out} ({args.format})")
 
@@ -311,7 +348,7 @@ def cmd_task_data(args):
 def cmd_cai(args):
     from jaxft.commands import cai
 
-    run = _run_config(args.config, args.overrides)
+    run = _run_config(args.config, [*args.overrides, *_mesh_overrides(args)])
     if not run.cai.prompts:
         raise JaxftError("cai.prompts: no prompt file given")
     if args.stage == "run":

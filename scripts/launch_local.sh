@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# N local processes of one training run, as a multi-host run would start them: coordinator on
+# N local processes of one jaxft command, as a multi-host run would start them: coordinator on
 # 127.0.0.1, gloo collectives between the CPU processes, each process with its own simulated devices.
 #
-#   scripts/launch_local.sh N CONFIG [section.key=value ...] [--resume]
+#   scripts/launch_local.sh N CONFIG [section.key=value ...] [--resume]     # jaxft train CONFIG ...
+#   scripts/launch_local.sh N VERB ARGS...                                  # jaxft VERB ARGS ... (eval, export, ...)
+#
+# Each process gets `--mesh distributed=true --mesh coordinator_address=... --mesh num_processes=N
+# --mesh process_id=I` after ARGS (every verb that runs a model takes --mesh KEY=VALUE).
 #
 # Environment: DEVICES_PER_PROCESS (default 2), PORT (default: a free one), PYTHON (default: python).
 # Process 0 logs and writes metrics; if any process fails the others are stopped and the script fails.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  echo "usage: $0 N CONFIG [section.key=value ...] [--resume]" >&2
+  echo "usage: $0 N CONFIG [section.key=value ...] [--resume]   or   $0 N VERB ARGS..." >&2
   exit 2
 fi
 N=$1
-CONFIG=$2
-shift 2
+shift
+case $1 in
+  train|eval|export|generate|score|cai|merge-adapters|lm-eval) VERB=$1; shift ;;
+  *) VERB=train ;;  # a config file: a training run
+esac
 PY=${PYTHON:-python}
 PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
@@ -21,8 +28,8 @@ export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-
 
 pids=()
 for ((i = 0; i < N; i++)); do
-  "$PY" -m jaxft.cli train "$CONFIG" mesh.distributed=true "mesh.coordinator_address=127.0.0.1:$PORT" \
-    "mesh.num_processes=$N" "mesh.process_id=$i" "$@" &
+  "$PY" -m jaxft.cli "$VERB" "$@" --mesh distributed=true --mesh "coordinator_address=127.0.0.1:$PORT" \
+    --mesh "num_processes=$N" --mesh "process_id=$i" &
   pids+=($!)
 done
 # SIGTERM / Ctrl-C go to every process, as a scheduler's preemption would: they agree on a step, save, exit 0
