@@ -68,7 +68,7 @@ class Checkpoints:
         every one restores the same step (see `newest_agreed`)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         if restored := newest_agreed(self.dir, self.steps(), args, self._set_aside):
-            return restored[0], restored[1]
+            return restored
         if everywhere(not self.steps() and not self.damaged()):
             return None
         if self.steps():  # listed here but not on every process (a host's own copy), or not movable
@@ -89,7 +89,7 @@ class Checkpoints:
             print(f"jaxft: checkpoint {where} is damaged{on} ({describe(error)})", file=sys.stderr)
         if is_primary():
             self._move_aside(where)
-        barrier(f"jaxft:checkpoint:{where}:aside")
+        barrier(f"jaxft: step {step} moved aside")
         if where.exists():
             self._move_aside(where)
         self.manager.reload()
@@ -104,8 +104,8 @@ class Checkpoints:
         self.manager.close()
 
 
-def newest_agreed(ckpt_dir: Path, steps, args, failed) -> tuple[object, dict, int] | None:
-    """(state, meta, step) of the newest of `steps` that restores and verifies on every process, or None.
+def newest_agreed(ckpt_dir: Path, steps, args, failed) -> tuple[object, dict] | None:
+    """(state, meta) of the newest of `steps` that restores and verifies on every process, or None.
 
     Every process calls it (a collective). Only steps that every process lists are tried, newest first; each
     process restores on its own, with no barrier of Orbax's (its restore ends in one that a process whose read
@@ -123,13 +123,13 @@ def newest_agreed(ckpt_dir: Path, steps, args, failed) -> tuple[object, dict, in
                     jax.block_until_ready(out.state)
             except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
                 error = e
-            if everywhere(error is None):  # the sums are a collective: taken only where every process holds the step
+            if everywhere(error is None):  # the sums are a collective: taken once every process holds the step
                 try:
                     meta = verified(out.state, out.meta, step)
                 except Exception as e:  # noqa: BLE001 — a meta or sums that do not match: damaged
                     error = e
                 if everywhere(error is None):
-                    return out.state, meta, step
+                    return out.state, meta
             failed(step, error)
     finally:
         reader.close()
