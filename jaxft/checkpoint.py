@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxft.distributed import barrier, everywhere, is_primary, listed_everywhere
 from jaxft.errors import JaxftError
 
 
@@ -61,35 +62,84 @@ class Checkpoints:
                       key=lambda p: (int(p.name.split(".")[0]) if p.name.split(".")[0].isdigit() else -1, p.name))
 
     def restore_latest(self, abstract_state) -> tuple[object, dict] | None:
-        """The newest checkpoint that restores, or None when there is none at all; damaged ones are moved
-        aside and skipped. JaxftError when checkpoints exist (or were moved aside as damaged) but none
-        restores: resuming must not silently become a run from step 0."""
-        for step in reversed(self.steps()):
-            try:
-                with quiet_background_errors():
-                    out = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                    jax.block_until_ready(out.state)
-                meta = verified(out.state, out.meta, step)
-                return out.state, meta
-            except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
-                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-                aside = self.dir / f"{step}.damaged-{int(time.time())}"
-                print(f"jaxft: checkpoint {self.dir / str(step)} is damaged ({type(e).__name__}: {cause[:200]}); "
-                      f"moved to {aside.name}, trying the previous one", file=sys.stderr)
-                (self.dir / str(step)).rename(aside)  # kept for inspection, out of the way of new saves
-                self.manager.reload()
-        if self.steps():  # a reload still lists steps it could not move (should not happen, but never restart)
-            raise JaxftError(f"{self.dir}: no checkpoint restores (all {len(self.steps())} damaged)")
-        if damaged := self.damaged():
-            raise JaxftError(f"{self.dir}: no checkpoint restores; {len(damaged)} damaged, moved aside to "
-                             f"{', '.join(p.name for p in damaged)}; pass --restart to train from step 0 "
-                             "(the checkpoints directory is kept as checkpoints.old-<time>)")
-        return None
+        """The newest checkpoint that restores on every process, or None when there is none at all; damaged
+        ones are moved aside and skipped. JaxftError when checkpoints exist (or were moved aside as damaged)
+        but none restores: resuming must not silently become a run from step 0. With several processes,
+        every one restores the same step (see `newest_agreed`)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if restored := newest_agreed(self.dir, self.steps(), args, self._set_aside):
+            return restored
+        if everywhere(not self.steps() and not self.damaged()):
+            return None
+        if self.steps():  # listed here but not on every process (a host's own copy), or not movable
+            raise JaxftError(f"{self.dir}: no checkpoint restores on every process (steps "
+                             f"{', '.join(map(str, self.steps()))} are not listed on every process)")
+        damaged = self.damaged()
+        raise JaxftError(f"{self.dir}: no checkpoint restores; {len(damaged)} damaged, moved aside to "
+                         f"{', '.join(p.name for p in damaged) or '(on another host)'}; pass --restart to train "
+                         "from step 0 (the checkpoints directory is kept as checkpoints.old-<time>)")
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        """Step `step` failed on this process (`error`) or on another (None): process 0 moves it aside (out of
+        the way of new saves, kept for inspection); after it, a process that still sees the step moves its
+        own copy (a host's local directory)."""
+        where = self.dir / str(step)
+        if error is not None:
+            on = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+            print(f"jaxft: checkpoint {where} is damaged{on} ({describe(error)})", file=sys.stderr)
+        if is_primary():
+            self._move_aside(where)
+        barrier(f"jaxft: step {step} moved aside")
+        if where.exists():
+            self._move_aside(where)
+        self.manager.reload()
+
+    def _move_aside(self, where: Path) -> None:
+        aside = where.with_name(f"{where.name}.damaged-{int(time.time())}")
+        where.rename(aside)
+        print(f"jaxft: moved {where} to {aside.name}; trying the previous one", file=sys.stderr)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def newest_agreed(ckpt_dir: Path, steps, args, failed) -> tuple[object, dict] | None:
+    """(state, meta) of the newest of `steps` that restores and verifies on every process, or None.
+
+    Every process calls it (a collective). Only steps that every process lists are tried, newest first; each
+    process restores on its own, with no barrier of Orbax's (its restore ends in one that a process whose read
+    failed never reaches: the others would wait there for ever, or meet a process that went on to an older
+    step in the next one and mix the two), and then they agree whether all restored. A step that failed on any
+    process is `failed(step, this process's error or None)` on every process, and the previous one is tried."""
+    alone = ocp.options.MultiprocessingOptions(active_processes={jax.process_index()})
+    reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=alone)
+    try:
+        for step in reversed(listed_everywhere(steps)):
+            out, error = None, None
+            try:
+                with quiet_background_errors():
+                    out = reader.restore(ckpt_dir / str(step), args=args)
+                    jax.block_until_ready(out.state)
+            except Exception as e:  # noqa: BLE001 — any failure to read means "damaged"
+                error = e
+            if everywhere(error is None):  # the sums are a collective: taken once every process holds the step
+                try:
+                    meta = verified(out.state, out.meta, step)
+                except Exception as e:  # noqa: BLE001 — a meta or sums that do not match: damaged
+                    error = e
+                if everywhere(error is None):
+                    return out.state, meta
+            failed(step, error)
+    finally:
+        reader.close()
+    return None
+
+
+def describe(error: Exception) -> str:
+    """`Type: the first line of the message` (200 characters at most)."""
+    cause = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {cause[:200]}" if cause else type(error).__name__
 
 
 def restore_trainable(out_dir: str | Path, params_like) -> tuple[object, dict]:
@@ -97,31 +147,18 @@ def restore_trainable(out_dir: str | Path, params_like) -> tuple[object, dict]:
     (e.g. one device, whatever mesh or hosts trained it): only `state/params` is read, never the
     optimizer state. Returns (params, meta); a JaxftError when no checkpoint restores."""
     ckpt_dir = Path(out_dir).absolute() / "checkpoints"
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False)) \
-        if ckpt_dir.is_dir() else None
-    try:
-        steps = sorted(manager.all_steps()) if manager else []
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params_like)
-        item = {"params": abstract}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        errors = []
-        for step in reversed(steps):
-            try:
-                with quiet_background_errors():
-                    out = manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-                        meta=ocp.args.JsonRestore()))
-                    jax.block_until_ready(out.state)
-                meta = verified(out.state, out.meta, step)
-                return out.state["params"], meta
-            except Exception as e:  # noqa: BLE001 — a damaged checkpoint: try the previous one
-                errors.append(f"{step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        if errors:
-            raise JaxftError(f"{ckpt_dir}: no checkpoint restores ({'; '.join(errors)})")
-        raise JaxftError(f"{Path(out_dir)}: no checkpoint to read (train first)")
-    finally:
-        if manager is not None:
-            manager.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params_like)
+    item = {"params": abstract}
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore(), state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    errors = []
+    restored = newest_agreed(ckpt_dir, saved_steps(out_dir), args, lambda step, e: errors.append(
+        f"{step}: {describe(e) if e is not None else 'damaged on another process'}"))
+    if restored:
+        return restored[0]["params"], restored[1]
+    if errors:
+        raise JaxftError(f"{ckpt_dir}: no checkpoint restores ({'; '.join(errors)})")
+    raise JaxftError(f"{Path(out_dir)}: no checkpoint to read (train first)")
 
 
 CHECKSUMS = "checksums"  # meta key: {array path: [sum of its words, index-weighted sum], both mod 2**32}
@@ -129,17 +166,18 @@ CHECKSUMS = "checksums"  # meta key: {array path: [sum of its words, index-weigh
 
 def verified(state, meta, step: int) -> dict:
     """The checkpoint's meta, after checking it names `step` and that every restored array of `state` has the
-    sums written with it; ValueError (a damaged checkpoint) otherwise."""
+    sums written with it; ValueError (a damaged checkpoint) otherwise. The sums are taken first, whatever the
+    meta says: with several processes they are a collective that every process must reach."""
+    _, sums_of = _summaries(state)
     if not isinstance(meta, dict) or meta.get("step") != step or isinstance(meta.get("step"), bool):
-        got = meta.get("step") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"its meta names step {str(got)[:40]}, not {step}")
+        named = meta.get("step") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"its meta names step {str(named)[:40]}, not {step}")
     want = meta.get(CHECKSUMS)
     if want is None:  # written before the sums existed
         return dict(meta)
     if not isinstance(want, dict):
         raise ValueError(f"its meta's {CHECKSUMS} is not a mapping")
-    _, got = _summaries(state)
-    for path, sums in got.items():
+    for path, sums in sums_of.items():
         if path not in want:
             raise ValueError(f"its meta has no checksum for {path}")
         if want[path] != sums:

@@ -3,6 +3,7 @@
     init_distributed(run.mesh)     # before anything touches a device
     if is_primary(): write(...)    # process 0 writes logs, progress, plots and exports
     stop = Preemption()            # stop(step) is True at the step every process saves and stops
+    if everywhere(ok): ...         # ok on every process (a collective: every process calls it)
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import signal
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxft.config import MeshConfig
 from jaxft.errors import JaxftError
@@ -30,6 +33,31 @@ def init_distributed(cfg: MeshConfig) -> None:
 def is_primary() -> bool:
     """Process 0 writes logs, progress, plots and exports."""
     return jax.process_index() == 0
+
+
+def everywhere(ok: bool) -> bool:
+    """True when `ok` is true on every process. A collective: every process calls it at the same point, so a
+    process whose step failed reports it here instead of leaving the others waiting in the next collective."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def listed_everywhere(steps) -> list[int]:
+    """The steps (non-negative ints) that every process lists, sorted (a collective, like `everywhere`)."""
+    if jax.process_count() == 1:
+        return sorted(steps)
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(steps)))))
+    row = np.full(max(longest, 1), -1, np.int32)
+    row[:len(steps)] = sorted(steps)
+    rows = multihost_utils.process_allgather(row)  # [processes, longest]
+    return sorted(set.intersection(*(set(r.tolist()) for r in rows)) - {-1})
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (`name`: the same on all, new for each use)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 class Preemption:
@@ -65,8 +93,6 @@ class Preemption:
     def __call__(self, step: int) -> bool:
         """True at the step where the run should save and stop (call it at every step, on every process)."""
         if self.multi:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested is not None
 

@@ -409,6 +409,28 @@ def test_cli_train_resume_eval(chat_model, pair_data, tmp_path):
     assert summary["base"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_two_processes_match_one_process(chat_model, pair_data, tmp_path):
+    """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo) on one fsdp = 4 mesh equals one process with 4
+    devices, step for step: the policy and reference (LoRA-off) passes, the step and the held-out evaluation.
+    Process 0 alone writes the metrics."""
+    from jaxft.commands.train import train
+    from tiny import launch_local
+
+    o = {"train.steps": 3, "train.eval_every": 3, "train.batch_size": 4}
+    single = tmp_path / "single"  # in this process: 4 of its 8 simulated devices, the same (1, 4, 1) mesh
+    train(load_config(ROOT / "configs" / "dpo_lora.yaml", _overrides(chat_model, pair_data, single, **o,
+                                                                      **{"mesh.fsdp": 4})), progress=False)
+    r = launch_local(2, ROOT / "configs" / "dpo_lora.yaml", *_overrides(chat_model, pair_data, tmp_path / "multi",
+                                                                        **o, **{"mesh.fsdp": -1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = _rows(single), _rows(tmp_path / "multi")
+    assert [x["step"] for x in got] == [x["step"] for x in want] and "eval_loss" in want[-1]
+    for a, b in zip(want, got):
+        for k in ("loss", "grad_norm", *METRICS, "eval_loss", *[f"eval_{m}" for m in METRICS]):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
 def test_config_errors():
     with pytest.raises(JaxftError, match="dpo.reference: lora_base needs LoRA"):
         load_config(ROOT / "configs" / "dpo_lora.yaml", ["lora.enabled=false"])

@@ -413,8 +413,10 @@ def test_train_eval_and_scorer_compile_once_for_new_weights(chat_model, toy):
 
 
 def test_sharded_run_equals_one_device(chat_model, toy, tmp_path):
-    """The same reward run on one device and on 4 (fsdp, and fsdp × tensor): losses, metrics and eval agree."""
+    """The same reward run on one device and on 4 (fsdp, and fsdp × tensor): losses, metrics and eval agree; and
+    on the fsdp mesh spread over 2 processes × 2 devices, as on one process."""
     from jaxft.commands.train import train
+    from tiny import launch_local
 
     rows = {}
     for name, mesh in (("one", {}), ("fsdp", {"mesh.fsdp": 4}), ("tp", {"mesh.fsdp": 2, "mesh.tensor": 2,
@@ -423,9 +425,19 @@ def test_sharded_run_equals_one_device(chat_model, toy, tmp_path):
             "train.steps": 3, "train.eval_every": 3, "train.save_every": 3, **mesh}))
         train(run, progress=False)
         rows[name] = _rows(tmp_path / name)
+    # scripts/launch_local.sh 2: 2 processes × 2 devices (gloo) on the fsdp run's mesh; process 0 alone logs
+    r = launch_local(2, ROOT / "configs" / "reward_lora.yaml", *_overrides(chat_model, toy, tmp_path / "hosts", **{
+        "train.steps": 3, "train.eval_every": 3, "train.save_every": 3, "mesh.fsdp": -1}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows["hosts"] = _rows(tmp_path / "hosts")
     assert rows["one"][0]["loss"] != rows["one"][2]["loss"]
+    keys = ("loss", "grad_norm", *METRICS, "eval_loss", *[f"eval_{m}" for m in METRICS])
     for name in ("fsdp", "tp"):
         for a, b in zip(rows["one"], rows[name], strict=True):
-            for k in ("loss", "grad_norm", *METRICS, "eval_loss", *[f"eval_{m}" for m in METRICS]):
+            for k in keys:
                 if k in a:
                     assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, a["step"], k)
+    for a, b in zip(rows["fsdp"], rows["hosts"], strict=True):  # the same mesh: one process or two
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), ("hosts", a["step"], k)

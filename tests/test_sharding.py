@@ -240,3 +240,53 @@ def test_two_processes_with_gloo_match_one_process(chat_model, task_data, tmp_pa
     assert sorted(multi) == list(range(1, 9))
     np.testing.assert_allclose([multi[s] for s in range(1, 9)], [single[s] for s in range(1, 9)], atol=1e-5, rtol=0)
     assert r.stdout.count('"step": 8') == 1  # process 0 alone reports
+
+
+def _chunk_location(state_dir: Path, key: str) -> tuple[str, int, int]:
+    """(file, offset, length) of one value of an Orbax OCDBT checkpoint, from the tree its manifest roots."""
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "file", "path": f"{state_dir}/"}).result()
+
+    def entries(location, prefix=b""):
+        for e in ts.ocdbt.dump(kv, node=location).result().get("entries") or []:
+            if "location" in e:
+                yield from entries(e["location"], prefix + (e.get("subtree_common_prefix") or b""))
+            else:
+                yield prefix + e["key"], e
+
+    found = dict(entries(ts.ocdbt.dump(kv).result()["versions"][-1]["root"]["location"]))
+    _, where, rest = found[key.encode()]["indirect_value"].split(":", 2)  # value:<dir>:<file>:<offset>:<length>
+    name, offset, length = rest.rsplit(":", 2)
+    return where + name, int(offset), int(length)
+
+
+def test_two_processes_agree_on_the_step_to_restore(chat_model, task_data, tmp_path):
+    """2 processes × 2 devices train to step 4 (checkpoints 2 and 4); then a chunk of step 4 that only process 1
+    reads (the last quarter of an fsdp-sharded LoRA factor, written by process 1) is zeroed. Resuming, process 1
+    fails to read step 4 and process 0 does not: both restore step 2 (steps 3 and 4 are trained again, equal to
+    the first time), step 4 is moved aside once. Before the agreement, process 1 went on to step 2 alone and
+    met process 0 (holding step 4) in Orbax's barrier: a mix of the two steps that failed its checksums,
+    a crash renaming a directory already moved, and the good step 2 moved aside as damaged."""
+    from tiny import launch_local
+
+    run = tmp_path / "run"
+    o = _overrides(chat_model, task_data, run, **{"mesh.fsdp": -1, "train.save_every": 2, "lora.r": 64})
+    r = launch_local(2, CFG, *o, "train.steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = _losses(run)
+    state = run / "checkpoints" / "4" / "state"
+    name, offset, length = _chunk_location(state, "params.model.layers.self_attn.q_proj.adapter.a.value/0.3.0")
+    assert name.startswith("ocdbt.process_1/")  # written (and read back) by process 1 alone
+    with open(state / name, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(length))  # no longer a zstd frame: a read error, not other numbers
+    r = launch_local(2, CFG, *o, "train.steps=6", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/4 is damaged on process 1" in r.stderr and "is damaged on process 0" not in r.stderr
+    assert r.stderr.count("trying the previous one") == 1 and "(step 2)" in r.stderr
+    aside = [p.name for p in (run / "checkpoints").iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("4.damaged-"), aside
+    again = _losses(run)
+    assert sorted(again) == list(range(1, 7))
+    assert [again[s] for s in (3, 4)] == [first[s] for s in (3, 4)]  # both processes restored step 2
