@@ -1,0 +1,166 @@
+"""data.streaming (jaxft.data.stream): the same batches as in memory, resumable anywhere, bad rows counted,
+each process its own rows, and a file larger than an RSS budget trains within it."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxft.config import DataConfig, load_config
+from jaxft.data.encode import Batches, load_examples
+from jaxft.data.stream import Stream, records
+from jaxft.data.task import make_examples
+from jaxft.errors import JaxftError
+from test_sft import _losses, _overrides, _train_cli
+from tiny import ROOT, example_tokenizer
+
+CFG = str(ROOT / "configs" / "sft_lora.yaml")
+BAD = ['{"messages": [', '{"prompt": "only a prompt"}', '{"messages": [{"role": "user", "content": "no reply"}]}']
+
+
+def _rows(n=30, seed=5):
+    """Chat rows and prompt/completion rows (string and chat-style), mixed in one file."""
+    rows = make_examples(n, seed=seed)
+    for r in rows[::3]:
+        m = r.pop("messages")
+        r.update(prompt=m[0]["content"], completion=m[1]["content"])
+    for r in rows[1::6]:
+        m = r.pop("messages")
+        r.update(prompt=[m[0]], completion=[m[1]])
+    return rows
+
+
+def _write(path, rows, bad=()):
+    lines = [json.dumps(r) for r in rows]
+    for k, b in enumerate(bad):  # bad rows spread through the file
+        lines.insert(3 + 7 * k, b)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _blocks(stream, n):
+    out = [stream.next() for _ in range(n)]
+    stream.close()
+    return out
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_stream_that_fits_one_window_gives_the_in_memory_batches(tmp_path, packing):
+    """Same rows, seed and packing: the stream's batches over three epochs are those of encode.Batches, and the
+    epoch's report (bad rows by reason, first errors) is load_examples' report."""
+    path = _write(tmp_path / "train.jsonl", _rows(), BAD)
+    cfg = DataConfig(train=str(path), max_length=256, packing=packing, seed=3, stream_window=1000)
+    tok = example_tokenizer()
+    examples, report = load_examples(cfg, tok)
+    assert report.skipped == len(BAD)
+    memory = Batches(examples, 4, 256, packing, 3)
+    said = []
+    got = _blocks(Stream(cfg, tok, rows=4, say=said.append), 3 * len(memory))
+    for i, (block, _) in enumerate(got):
+        want = memory.batch(i)
+        assert block.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(block[k], want[k], err_msg=f"batch {i} {k}")
+    assert said[0] == f"train data, epoch 1 (streamed): {report.summary()}"
+    assert len(said) >= 2 and said[1] == said[0].replace("epoch 1", "epoch 2")  # every epoch counts alike
+
+
+def test_parquet_and_saved_folders_stream_the_jsonl_rows(tmp_path):
+    import datasets
+
+    rows = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]}
+            for r in make_examples(12, seed=2)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "t.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    _write(tmp_path / "t.jsonl", rows)
+    want = [r for r, _ in records(str(tmp_path / "t.jsonl"))]
+    for name in ("t.parquet", "saved"):
+        got = [r for r, _ in records(str(tmp_path / name))]
+        assert [r.row for r in got] == [r.row for r in want]
+        assert got[4].where == f"{tmp_path / name} row 4"
+    for name in ("t.jsonl", "t.parquet", "saved"):  # from a saved position, on two processes
+        path = str(tmp_path / name)
+        _, at = list(records(path))[4]
+        assert [r.row for r, _ in records(path, at)] == [r.row for r in want[5:]]
+        halves = [[r.row for r, _ in records(path, at, p, 2)] for p in (0, 1)]
+        assert halves == [[r.row for i, r in enumerate(want) if i >= 5 and i % 2 == p] for p in (0, 1)]
+
+
+def test_a_stream_resumed_from_any_saved_state_goes_on_exactly(tmp_path):
+    """Small windows, blocks across window and epoch ends: from each block's state a new stream (a resumed
+    process) gives the rest of the same blocks."""
+    path = _write(tmp_path / "train.jsonl", _rows(24), BAD)
+    cfg = DataConfig(train=str(path), max_length=256, packing=True, seed=1, stream_window=5)
+    tok = example_tokenizer()
+    full = _blocks(Stream(cfg, tok, rows=3), 14)
+    for k in (0, 3, 6, 11):
+        s = Stream(cfg, tok, rows=3)
+        s.restore(json.loads(json.dumps(full[k][1])))  # as a checkpoint's meta holds it
+        for (block, state), (want, want_state) in zip(_blocks(s, 14 - k - 1), full[k + 1:]):
+            assert state == want_state
+            for key in want:
+                np.testing.assert_array_equal(block[key], want[key])
+    assert {b[1]["epoch"] for b in full} >= {0, 1}  # it did cross an epoch end
+    other = DataConfig(**{**cfg.__dict__, "stream_window": 6})
+    with pytest.raises(JaxftError, match="stream_window"):
+        Stream(other, tok, rows=3).restore(full[3][1])
+
+
+def test_each_process_streams_only_its_own_rows(tmp_path):
+    path = _write(tmp_path / "train.jsonl", _rows(20), BAD)
+    cfg = DataConfig(train=str(path), max_length=256, stream_window=4)
+    tok = example_tokenizer()
+    said = {0: [], 1: []}
+    for p in (0, 1):
+        _blocks(Stream(cfg, tok, rows=2, process=p, processes=2, say=said[p].append), 12)
+    counts = [int(s[0].split(": ", 1)[1].split(" rows")[0]) for s in (said[0], said[1])]
+    assert counts == [12, 11]  # 23 rows, 3 of them bad
+    assert [r.where for r, _ in records(str(path), process=1, processes=2)] == \
+        [r.where for r, _ in records(str(path))][1::2]
+
+
+def test_streaming_refusals(tmp_path, chat_model):
+    o = [f"model.path={chat_model}", "data.streaming=true"]
+    with pytest.raises(JaxftError, match="data.streaming: objective dpo"):
+        load_config(str(ROOT / "configs" / "dpo_lora.yaml"), o)
+    with pytest.raises(JaxftError, match="data.streaming: cannot split data.validation_fraction"):
+        load_config(CFG, [*o, "data.validation_fraction=0.1"])
+    (tmp_path / "a.json").write_text("[]")
+    with pytest.raises(JaxftError, match=r"a.json: data.streaming reads .jsonl"):
+        next(records(str(tmp_path / "a.json")))
+
+
+def test_sigkill_mid_epoch_and_resume_is_bit_exact(chat_model, task_data, tmp_path):
+    """A streamed run killed at step 5 (checkpoints at 2 and 4, in the middle of an epoch and of a window)
+    resumes to the uninterrupted run's losses, bit for bit; a resume without data.streaming is refused."""
+    o = {"train.steps": 8, "train.save_every": 2, "data.streaming": "true", "data.stream_window": 7,
+         "data.validation": "null"}
+    ref = _train_cli([CFG, *_overrides(chat_model, task_data, tmp_path / "ref", **o)])
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err
+    assert "train data: streaming" in err
+    expected = _losses(tmp_path / "ref")
+    run = tmp_path / "killed"
+    p = _train_cli([CFG, *_overrides(chat_model, task_data, run, **o)])
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    r = _train_cli([CFG, *_overrides(chat_model, task_data, run, **o), "--resume"])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "resumed from" in err
+    assert _losses(run) == expected  # bit-exact on CPU
+    r = _train_cli([CFG, *_overrides(chat_model, task_data, run, **{**o, "data.streaming": "false",
+                                                                    "train.steps": 10}), "--resume"])
+    _, err = r.communicate(timeout=600)
+    assert r.returncode != 0 and "data position" in err, err
