@@ -10,12 +10,13 @@ import time
 import numpy as np
 import pytest
 
+from jaxft.commands.train import train
 from jaxft.config import DataConfig, load_config
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.stream import Stream, records
 from jaxft.data.task import make_examples
 from jaxft.errors import JaxftError
-from test_sft import _losses, _overrides, _train_cli
+from test_sft import _losses, _overrides, _train_cli, task_data  # noqa: F401 — a fixture
 from tiny import ROOT, example_tokenizer
 
 CFG = str(ROOT / "configs" / "sft_lora.yaml")
@@ -160,7 +161,8 @@ def test_sigkill_mid_epoch_and_resume_is_bit_exact(chat_model, task_data, tmp_pa
     assert r.returncode == 0, err
     assert "resumed from" in err
     assert _losses(run) == expected  # bit-exact on CPU
-    r = _train_cli([CFG, *_overrides(chat_model, task_data, run, **{**o, "data.streaming": "false",
-                                                                    "train.steps": 10}), "--resume"])
-    _, err = r.communicate(timeout=600)
-    assert r.returncode != 0 and "data position" in err, err
+    at = json.loads((run / "checkpoints" / "4" / "meta" / "metadata").read_text())["data_state"]["processes"][0]
+    assert at["epoch"] == 0 and at["window"] > 0 and at["skip"] > 0  # mid-epoch, mid-window
+    with pytest.raises(JaxftError, match="holds a data position"):  # the in-memory order is another order
+        train(load_config(CFG, _overrides(chat_model, task_data, run, **{**o, "data.streaming": "false",
+                                                                        "train.steps": 10})), resume=True)
