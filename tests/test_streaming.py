@@ -166,3 +166,33 @@ def test_sigkill_mid_epoch_and_resume_is_bit_exact(chat_model, task_data, tmp_pa
     with pytest.raises(JaxftError, match="holds a data position"):  # the in-memory order is another order
         train(load_config(CFG, _overrides(chat_model, task_data, run, **{**o, "data.streaming": "false",
                                                                         "train.steps": 10})), resume=True)
+
+
+PEAK_RSS = ("import resource, sys; from jaxft.cli import main; code = main(sys.argv[1:]); "
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def _peak_rss_mb(args) -> float:
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, "train", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return int(r.stderr.split("peak_rss_kb")[-1].split()[0]) / 1024
+
+
+def test_a_file_larger_than_the_rss_budget_trains_within_it(chat_model, tmp_path):
+    """128 MB of JSON Lines (in memory, read_rows alone grows the RSS by ~580 MB for it, before any
+    tokenizing) streams through 3 steps with a peak RSS within 48 MB of the same run's on 2,000 of its rows.
+    Two processes: a second run in the same process keeps the first one's compiled programs (+75 MB)."""
+    small = tmp_path / "small.jsonl"
+    _write(small, make_examples(2000, seed=4))
+    chunk = small.read_bytes()
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        while f.tell() < 128 << 20:
+            f.write(chunk)
+    budget_mb = 48
+    o = {"train.steps": 3, "data.streaming": "true", "data.stream_window": 512, "data.validation": "null"}
+    base, got = (_peak_rss_mb([CFG, *_overrides(chat_model, tmp_path, tmp_path / name, **o, **{"data.train": data})])
+                 for name, data in (("small", small), ("big", big)))
+    assert big.stat().st_size > 2 * (budget_mb << 20)
+    assert got - base < budget_mb, (got, base)
