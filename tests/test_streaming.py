@@ -112,6 +112,31 @@ def test_a_stream_resumed_from_any_saved_state_goes_on_exactly(tmp_path):
         Stream(other, tok, rows=3).restore(full[3][1])
 
 
+def test_the_global_batches_of_a_stream_on_a_mesh_are_its_blocks(tmp_path):
+    """On 4 devices (each a slice of every micro-batch's rows, asked for micro-batch by micro-batch), the
+    StreamSource's global batches [A, B, S] are the stream's blocks in order, and its state after step s
+    is the stream's after s*A blocks."""
+    from jaxft import sharding
+    from jaxft.config import MeshConfig
+    from jaxft.objectives.sft import StreamSource
+
+    path = _write(tmp_path / "train.jsonl", _rows(20))
+    cfg = DataConfig(train=str(path), max_length=256, stream_window=6, streaming=True)
+    run = load_config(CFG, [f"data.train={path}", "data.max_length=256", "data.stream_window=6", "data.streaming=true",
+                            "train.batch_size=4", "train.grad_accum=3", "data.validation=null"])
+    mesh = sharding.make_mesh(MeshConfig(fsdp=4))
+    tok = example_tokenizer()
+    source = StreamSource(run, tok, lambda *a: None, lambda b: sharding.ShardedBatches(b, mesh))
+    want = _blocks(Stream(cfg, tok, rows=4), 9)
+    for step in (1, 2, 3):
+        got = source(step)
+        for a in range(3):
+            for k, v in want[(step - 1) * 3 + a][0].items():
+                np.testing.assert_array_equal(np.asarray(got[k][a]), v)
+        assert source.data_state(step) == {"processes": [want[step * 3 - 1][1]]}
+    source.close()
+
+
 def test_each_process_streams_only_its_own_rows(tmp_path):
     path = _write(tmp_path / "train.jsonl", _rows(20), BAD)
     cfg = DataConfig(train=str(path), max_length=256, stream_window=4)

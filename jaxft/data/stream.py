@@ -147,6 +147,7 @@ class Stream:
         self.encoder = Encoder(tokenizer, cfg.train_on_prompt, cfg.system_prompt)
         self.start = Position()
         self.q: queue.Queue | None = None
+        self.error: BaseException | None = None
         self.stop = threading.Event()
 
     def state(self, pos: Position) -> dict:
@@ -174,9 +175,9 @@ class Stream:
         if self.q is None:
             self.q = queue.Queue(maxsize=self.depth)
             threading.Thread(target=self._work, daemon=True).start()
-        item = self.q.get()
+        item = self.error or self.q.get()
         if isinstance(item, BaseException):
-            self.q = None  # a stream that failed stays failed: the next call restarts nothing
+            self.error = item  # a stream that failed stays failed: a later call raises it again
             raise item
         return item
 
@@ -241,40 +242,44 @@ class Stream:
 
 
 class StreamBatches:
-    """`encode.Batches`' interface over a Stream, for `sharding.ShardedBatches`: global micro-batch i (read in
-    order, each once), of which this process holds rows [lo, lo + stream.rows). `state(consumed)` is the
-    stream's position after `consumed` micro-batches (JSON), kept until asked for."""
+    """`encode.Batches`' interface over a Stream, for `sharding.ShardedBatches`: global micro-batch i, of which
+    this process holds rows [lo, lo + stream.rows). Micro-batches are read from the stream in order; the last
+    `keep` stay at hand (a step's micro-batches are asked for once per device slice of its rows).
+    `state(consumed)` is the stream's position after `consumed` micro-batches (JSON), kept until asked for."""
 
     row_subsets = True
 
     def __init__(self, batch_size: int, seq_len: int):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.stream: Stream | None = None
-        self.lo, self.index, self.block = 0, -1, None
+        self.lo, self.keep, self.index = 0, 1, -1
+        self.blocks: dict[int, dict] = {}
         self.states: dict[int, dict] = {}
         self.lock = threading.Lock()  # batch() runs on the prefetch thread, state() on the loop's
 
-    def open(self, stream: Stream, lo: int = 0) -> None:
-        self.stream, self.lo, self.states = stream, lo, {0: stream.state(stream.start)}
+    def open(self, stream: Stream, lo: int = 0, keep: int = 1) -> None:
+        self.stream, self.lo, self.keep, self.states = stream, lo, keep, {0: stream.state(stream.start)}
 
     def __len__(self) -> int:
         return 0  # a stream does not know its length; checkpoints record 0 micro-batches per epoch
 
     def batch(self, i: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
-        if i != self.index:
-            if i != self.index + 1:
-                raise ValueError(f"StreamBatches: batch {i} asked for after batch {self.index}; a stream is read in "
-                                 "order")
+        while self.index < i:
             block, state = self.stream.next()
+            self.index += 1
+            self.blocks[self.index] = block
+            self.blocks.pop(self.index - self.keep, None)
             with self.lock:
-                self.states[i + 1] = state
-            self.block, self.index = block, i
+                self.states[self.index + 1] = state
+        if i not in self.blocks:
+            raise ValueError(f"StreamBatches: batch {i} asked for after batch {self.index}; a stream is read in "
+                             f"order, keeping the last {self.keep}")
         lo = (rows.start or 0) - self.lo
         hi = (self.batch_size if rows.stop is None else rows.stop) - self.lo
         if lo < 0 or hi > self.stream.rows:
             raise ValueError(f"StreamBatches: rows {rows} are not this process's rows [{self.lo}, "
                              f"{self.lo + self.stream.rows})")
-        return {k: v[lo:hi] for k, v in self.block.items()}
+        return {k: v[lo:hi] for k, v in self.blocks[i].items()}
 
     def state(self, consumed: int) -> dict:
         with self.lock:
@@ -284,4 +289,4 @@ class StreamBatches:
 
     def restore(self, state: dict, consumed: int) -> None:
         self.stream.restore(state)
-        self.index, self.states = consumed - 1, {consumed: state}
+        self.index, self.blocks, self.states = consumed - 1, {}, {consumed: state}

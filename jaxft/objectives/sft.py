@@ -61,7 +61,8 @@ class StreamSource:
         lo, hi = process_rows(batches, B)
         say(f"train data: streaming {run.data.train} ({run.data.stream_window:,}-row windows, "
             "tokenized and packed ahead of the step; counts at each epoch's end)")
-        self.local.open(Stream(run.data, tokenizer, hi - lo, jax.process_index(), jax.process_count(), say), lo)
+        self.local.open(Stream(run.data, tokenizer, hi - lo, jax.process_index(), jax.process_count(), say), lo,
+                        keep=self.accum)
         self.prefetched = Prefetched(lambda step: batches.step(step - 1, self.accum), len(batches))
 
     def __call__(self, step: int, params=None) -> dict:
