@@ -143,7 +143,8 @@ class Stream:
                  say=lambda *a: None, depth: int = 4):
         if rows < 1:
             raise ValueError(f"Stream: rows={rows} must be >= 1")
-        self.cfg, self.rows, self.process, self.processes, self.say, self.depth = cfg, rows, process, processes, say, depth
+        self.cfg, self.rows, self.process, self.processes = cfg, rows, process, processes
+        self.say, self.depth = say, depth
         self.encoder = Encoder(tokenizer, cfg.train_on_prompt, cfg.system_prompt)
         self.start = Position()
         self.q: queue.Queue | None = None
