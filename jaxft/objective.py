@@ -37,6 +37,8 @@ class BatchSource(Protocol):
 
     # Optional: `host_metrics(step) -> {name: float}`, measured by the source itself (an on-policy source's
     # rewards, completion lengths and rollout time), logged with step `step`'s row.
+    # Optional: `data_state(step) -> JSON` and `load_data_state(state, step)`: a source whose position is not a
+    # function of the step (a stream) gives it for the checkpoint of step `step`, and is put back there on resume.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -110,8 +110,11 @@ def loop(run: RunConfig, obj, step_fn, state, frozen, start: int, ckpts, log: Ru
     """for step: batch → step → log; every N: evaluate, checkpoint; SIGTERM: checkpoint and stop; Ctrl-C:
     checkpoint and raise Interrupted (a second Ctrl-C: Interrupted at once, naming the last checkpoint)."""
     t = run.train
-    meta = lambda step: dict(step=step, data_position=step * t.grad_accum,  # noqa: E731
-                             micro_batches_per_epoch=len(obj.train), config=run.to_dict())
+    def meta(step):  # a source that knows its own position (a stream) gives it: saved as it gives it
+        extra = {"data_state": obj.train.data_state(step)} if hasattr(obj.train, "data_state") else {}
+        return dict(step=step, data_position=step * t.grad_accum, micro_batches_per_epoch=len(obj.train),
+                    config=run.to_dict(), **extra)
+
     preempted = Preemption(say)  # SIGTERM / Ctrl-C → checkpoint at the next step boundary, then stop
     done, saved = start, start  # the last step completed, the last checkpoint written (start: resumed from it)
     try:

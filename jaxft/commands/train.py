@@ -66,6 +66,11 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
                           "nothing to do: raise train.steps to train further, or --restart to start over",
                           file=sys.stderr)
                 return finished_row(out, start)
+            if hasattr(obj.train, "load_data_state"):  # a stream restarts where the checkpoint's step left it
+                obj.train.load_data_state(meta.get("data_state"), start)
+            elif "data_state" in meta:
+                raise JaxftError(f"checkpoint {start} holds a data position (a streamed run's) that this run's data "
+                                 "source cannot take: resume with data.streaming=true, or --restart")
             say(f"resumed from {ckpts.dir / str(start)} (step {start})")
     step_fn = make_train_step(setup.graphdef, tx, obj.loss_fn, seed=run.train.seed,
                               dropout=run.lora.enabled and run.lora.dropout > 0,

@@ -56,6 +56,9 @@ class DataConfig:
     system_prompt: str | None = None  # added to chat examples that have none
     strict: bool = False  # a bad row stops the run instead of being skipped and counted
     seed: int = 0
+    # read data.train lazily (JSONL, Parquet, save_to_disk folders; SFT only): tokenized and packed on the fly
+    streaming: bool = False
+    stream_window: int = 8192  # streaming: rows read, shuffled and packed together (the memory held)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,22 +12,27 @@ from __future__ import annotations
 
 from jaxft.data.pairs import parse_pair
 from jaxft.data.prompts import parse_prompt
-from jaxft.data.rows import RowError, parse_row, read_rows, rows_format
+from jaxft.data.rows import RowError, parse_row, read_rows, row_format, rows_format
+from jaxft.data.stream import records as stream_records
 from jaxft.errors import JaxftError
 
 KINDS = ("sft", "pairs", "prompts")  # what the SFT, preference (DPO, reward) and RL (GRPO, RLOO, PPO) loaders read
 
 
-def check_file(path: str, kind: str, fmt: str = "auto", where: str = "") -> None:
-    """JaxftError '<where>: <path>: no usable rows (...)' when not one row of the file parses as `kind`."""
-    records = read_rows(path)
-    if kind == "sft":
+def check_file(path: str, kind: str, fmt: str = "auto", where: str = "", lazy: bool = False) -> None:
+    """JaxftError '<where>: <path>: no usable rows (...)' when not one row of the file parses as `kind`.
+    lazy (data.streaming): rows are read only up to the first usable one, each parsed as its own columns say."""
+    records = (r for r, _ in stream_records(path)) if lazy else read_rows(path)
+    if kind == "sft" and lazy:
+        parse = lambda row: parse_row(row, row_format(row, fmt, None))  # noqa: E731
+    elif kind == "sft":
         f = rows_format(records, fmt)
         parse = lambda row: parse_row(row, f)  # noqa: E731
     else:
         parse = parse_pair if kind == "pairs" else parse_prompt
-    first = None
+    first, n = None, 0
     for rec in records:
+        n += 1
         try:
             if isinstance(rec.row, RowError):
                 raise rec.row
@@ -36,5 +41,5 @@ def check_file(path: str, kind: str, fmt: str = "auto", where: str = "") -> None
         except RowError as e:
             first = first or f"{rec.where}: {e}"
     what = {"sft": "SFT rows", "pairs": "preference pairs", "prompts": "prompts"}[kind]
-    cause = f"all {len(records)} bad; first: {first}" if records else "no rows in the file"
+    cause = f"all {n} bad; first: {first}" if n else "no rows in the file"
     raise JaxftError(f"{where + ': ' if where else ''}{path}: no usable {what} ({cause})")

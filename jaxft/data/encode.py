@@ -300,8 +300,18 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
     report = DataReport(rows=len(records))
     if source is None:
         return [], report
-    fmt = rows_format(records, cfg.format)
     encoder = Encoder(tokenizer, cfg.train_on_prompt, cfg.system_prompt)
+    examples = encode_records(records, cfg, encoder, report, rows_format(records, cfg.format))
+    if not examples:
+        raise JaxftError(f"{source}: no usable rows ({why_none(report, cfg)})")
+    return examples, report
+
+
+def encode_records(records: list[Record], cfg: DataConfig, encoder: Encoder, report: DataReport,
+                   fmt: str | None) -> list[Example]:
+    """The examples of `records` in order, counting bad, cut and dropped rows and the kept examples and tokens
+    into `report` (which `jaxft.data.stream` carries from one window of rows to the next). fmt: the file's
+    format (rows_format), for rows whose own columns name none."""
     rendered = []
     for rec in records:
         try:
@@ -318,12 +328,10 @@ def load_examples(cfg: DataConfig, tokenizer, split: str = "train") -> tuple[lis
                 bad_row(cfg, report, doc.where, encoded)
             elif (example := _fit(*encoded, cfg, report)) is not None:
                 examples.append(example)
-    report.examples = len(examples)
-    report.tokens = sum(len(e.tokens) for e in examples)
-    report.target_tokens = int(sum(e.loss_mask.sum() for e in examples))
-    if not examples:
-        raise JaxftError(f"{source}: no usable rows ({_why_none(report, cfg)})")
-    return examples, report
+    report.examples += len(examples)
+    report.tokens += sum(len(e.tokens) for e in examples)
+    report.target_tokens += int(sum(e.loss_mask.sum() for e in examples))
+    return examples
 
 
 def bad_row(cfg: DataConfig, report: DataReport, where: str, error: RowError) -> None:
@@ -364,7 +372,7 @@ def _fit(ids: np.ndarray, mask: np.ndarray, cfg: DataConfig, report: DataReport)
     return Example(ids, mask)
 
 
-def _why_none(report: DataReport, cfg: DataConfig) -> str:
+def why_none(report: DataReport, cfg: DataConfig) -> str:
     if report.rows == 0:
         return "no rows in the file"
     if report.dropped:

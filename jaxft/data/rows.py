@@ -207,24 +207,29 @@ def _read_jsonl(p: Path, name: str, codec: str = "utf-8") -> list[Record]:
     """JSON Lines, one Record per line that is not blank; an undecodable line becomes a RowError record."""
     records = []
     for lineno, raw in _lines(p, name, codec):
-        if isinstance(raw, bytes):
-            if raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if raw.strip():
-                    records.append(Record(f"{name}:{lineno}", RowError(
-                        "invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})")))
-                continue
-        else:
-            line = raw.removeprefix("\ufeff")
-        if line.strip():
-            records.append(Record(f"{name}:{lineno}", _decode_line(line.rstrip("\r\n"))))
+        line = line_text(raw)
+        if line is not None:
+            records.append(Record(f"{name}:{lineno}", line if isinstance(line, RowError) else decode_line(line)))
     return records
 
 
-def _decode_line(line: str) -> Any:
+def line_text(raw: bytes | str) -> str | RowError | None:
+    """One JSON Lines line without its byte-order mark and line end; None when blank, a RowError when its
+    bytes are not UTF-8. Shared with the streaming reader (jaxft.data.stream), so both see the same rows."""
+    if isinstance(raw, bytes):
+        if raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return RowError("invalid JSON", f"invalid JSON (not UTF-8: {e.reason} at byte {e.start})") if raw.strip() \
+                else None
+    else:
+        line = raw.removeprefix("\ufeff")
+    return line.rstrip("\r\n") if line.strip() else None
+
+
+def decode_line(line: str) -> Any:
     """One JSON line's value, or a RowError saying why it cannot be decoded."""
     try:
         return json.loads(line)
@@ -340,11 +345,17 @@ def _read_with_datasets(p: Path, name: str, kind: str, codec: str | None = None)
 
 def _read_saved(p: Path, name: str, split: str | None) -> list[Record]:
     """A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory."""
+    return [Record(f"{name} row {i}", row) for i, row in enumerate(open_saved(p, name, split).to_list())]
+
+
+def open_saved(p: Path, name: str, split: str | None, keep_in_memory: bool = True):
+    """The `datasets.Dataset` of a save_to_disk directory (of `split` for a DatasetDict); keep_in_memory=False
+    leaves it memory-mapped, as the streaming reader wants."""
     import datasets
 
     try:
         with _quiet_datasets():
-            ds = datasets.load_from_disk(str(p), keep_in_memory=True)
+            ds = datasets.load_from_disk(str(p), keep_in_memory=keep_in_memory)
     except Exception as e:  # noqa: BLE001
         raise JaxftError(f"{name}: not a datasets save_to_disk directory ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -355,7 +366,7 @@ def _read_saved(p: Path, name: str, split: str | None) -> list[Record]:
             ds = ds[names[0]]
         else:
             raise JaxftError(f"{name}: holds splits {', '.join(names)}; none is named {split!r}")
-    return [Record(f"{name} row {i}", row) for i, row in enumerate(ds.to_list())]
+    return ds
 
 
 def one_line(e: BaseException) -> str:

@@ -29,7 +29,7 @@ def check_data(run, training: bool = True) -> None:
                  ("data.validation", d.validation)]
     for where, path in files:
         if path:
-            check_file(path, ROWS[run.objective], d.format, where)
+            check_file(path, ROWS[run.objective], d.format, where, lazy=d.streaming and where == "data.train")
 
 
 def make(run, setup, say=lambda *a: None, wrap=lambda b: b, train: bool = True):
