@@ -1,7 +1,9 @@
-"""export, merge-adapters and cai revise over 2 processes × 2 devices (scripts/launch_local.sh, gloo) write the
-files one process with 4 devices writes (that one run in this pytest process, on 4 of its 8 simulated devices).
+"""export and cai revise over 2 processes × 2 devices (scripts/launch_local.sh, gloo) write the files one
+process with 4 devices writes (that one run in this pytest process, on 4 of its 8 simulated devices); merge-adapters
+on a mesh writes the one-device files.
 
-One tiny LoRA run is trained once (one device) for the module; each command is one 2-process launch.
+One tiny LoRA run is trained once (one device) for the module; each 2-process launch costs ~30-60 s here, so
+there are two: export merged, cai revise.
 """
 
 import dataclasses
@@ -50,33 +52,27 @@ def _on(run_dir, mesh: MeshConfig):
 
 
 def test_export_over_two_processes_writes_the_one_process_files(lora_run, tmp_path):
-    """merged (base streamed out of its shards one layer at a time) and peft (adapter gathered): the 2-process
-    files equal one process × 4 devices' byte for byte, and those equal the one-device export's (gguf and
-    gguf-lora, whose feeding is merged's and peft's, too)."""
-    for fmt in ("merged", "peft"):
-        r = launch_local(2, "export", lora_run, "--format", fmt, "--out", tmp_path / f"multi-{fmt}", "--mesh", "fsdp=-1")
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.count("exported step 2") == 1  # process 0 alone reports
-    for fmt, out in (("merged", "m"), ("peft", "p"), ("gguf", "g.gguf"), ("gguf-lora", "l.gguf")):
+    """merged (the adapters gathered, the base streamed out of its shards one layer at a time): the 2-process
+    files equal one process × 4 devices' byte for byte, and those equal the one-device export's, as peft's and
+    gguf's do (their feeding is a part of merged's: the adapters gathered; every layer gathered)."""
+    r = launch_local(2, "export", lora_run, "--format", "merged", "--out", tmp_path / "multi", "--mesh", "fsdp=-1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("exported step 2") == 1  # process 0 alone reports
+    for fmt, out in (("merged", "m"), ("peft", "p"), ("gguf", "g.gguf")):
         for name, mesh in (("single", FSDP4), ("one-device", MeshConfig())):
             export(_on(lora_run, mesh), fmt, tmp_path / name / out)
         _same_files(tmp_path / "single" / out, tmp_path / "one-device" / out)
-        if fmt in ("merged", "peft"):
-            _same_files(tmp_path / f"multi-{fmt}", tmp_path / "single" / out)
+    _same_files(tmp_path / "multi", tmp_path / "single" / "m")
 
 
-def test_merge_adapters_over_two_processes(lora_run, tmp_path):
-    """An svd merge of the run (its model built on the mesh, the adapter gathered) and a PEFT folder: process 0
-    writes what one process writes."""
+def test_merge_adapters_on_a_mesh(lora_run, tmp_path):
+    """An svd merge of the run (its model built on 4 devices, the adapter gathered as export's peft is over
+    processes above) and a PEFT folder writes what the one-device merge writes."""
     peft = tmp_path / "peft"
     export(_on(lora_run, MeshConfig()), "peft", peft)
-    args = ([lora_run, peft], [1.0, -0.5], "svd")
-    merge_adapters(*args, tmp_path / "single", svd_rank=4, mesh=FSDP4)
-    r = launch_local(2, "merge-adapters", lora_run, peft, "--weights", "1", "-0.5", "--method", "svd",
-                     "--svd-rank", "4", "--out", tmp_path / "multi", "--mesh", "fsdp=-1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("merged 2 adapter(s)") == 1
-    _same_files(tmp_path / "multi", tmp_path / "single")
+    for name, mesh in (("fsdp4", FSDP4), ("one-device", MeshConfig())):
+        merge_adapters([lora_run, peft], [1.0, -0.5], "svd", tmp_path / name, svd_rank=4, mesh=mesh)
+    _same_files(tmp_path / "fsdp4", tmp_path / "one-device")
 
 
 def test_cai_revise_over_two_processes_resumes_to_the_same_files(chat_model, tmp_path):

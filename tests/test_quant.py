@@ -252,7 +252,7 @@ def test_skip_modules_and_lm_head(tiny128):
 
 
 def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path):
-    """A QLoRA run (NF4 base, trained on fsdp 8) exported merged = PEFT's merge_and_unload of the exported
+    """A QLoRA run (NF4 base) exported merged = PEFT's merge_and_unload of the exported
     adapter into the ORIGINAL weights (transformers loading both, logits ≤ 1e-4); merging into the 4-bit weights
     would not be. Exported on fsdp 8 (the fp32 base re-read into its 8 shards, streamed out a layer at a time),
     the files are the one-device export's byte for byte."""
@@ -275,10 +275,10 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
         f"model.path={tmp_path / 'base'}", f"data.train={tmp_path / 'train.jsonl'}", "data.validation=null",
         "data.max_length=128", "train.batch_size=2", "train.grad_accum=1", "train.steps=3", "train.eval_every=0",
         "train.save_every=0", "optim.lr=1e-2", "optim.warmup_steps=0", "lora.r=8", "lora.alpha=16",
-        f"train.out_dir={tmp_path / 'run'}", "mesh.fsdp=8"])
+        f"train.out_dir={tmp_path / 'run'}"])
     assert run.quant.base == "nf4"
     train(run, progress=False)
-    for fmt in ("peft", "merged"):  # one device (a finished run's mesh is not the export's)
+    for fmt in ("peft", "merged"):  # one device
         r = run_cli("export", tmp_path / "run", "--format", fmt, "--out", tmp_path / fmt, "--dtype", "fp32")
         assert r.returncode == 0, r.stderr
     fsdp8 = dataclasses.replace(read_config(tmp_path / "run"), mesh=MeshConfig(fsdp=8))

@@ -221,25 +221,42 @@ def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
 def iter_merged(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) of the merged model, one tensor (one layer of a stacked one) at a time, in a fixed order.
 
-    Each kernel is merged on the devices that hold it (in its shards), then one layer is gathered to the host
-    (`sharding.to_host`): a base larger than any one device is never whole on one. The gather is a collective,
-    so with several processes every one of them iterates this to the end, in step (process 0 writes)."""
+    Each layer is gathered to the host (`sharding.to_host`), then merged with its adapter on this process's
+    first device: a base larger than any one device is never whole on one, and the merge sees the same
+    [1, in, out] operands whatever the mesh (merging a stack in its shards runs other dot kernels, which round
+    differently), so the bytes are the one-device export's. The adapters are gathered first
+    (`gather_adapters`). Gathers are collectives: with several processes every one of them iterates this to
+    the end, in step (process 0 writes)."""
     if quantized_kernels(model):
         raise JaxftError("merged export from quantized base weights would round the adapter away; "
                          "reload the original weights (jaxft.quant.original_base_run)")
+    gather_adapters(model)
     kernels = {tuple(str(p) for p in path): lin for path, lin in adapters.targets(model, ("all-linear",))}
     for path, var in _base_params(model):
         names, transpose = hf_names(path, model.config.num_layers)
         value = var.get_value()
-        if path[-1] == "kernel" and path[:-1] in kernels:
-            value = adapters.merged_kernel(kernels[path[:-1]])
-        elif path[-1] == "bias" and path[:-1] in kernels:
-            value = adapters.merged_bias(kernels[path[:-1]])
-        value = value.astype(jnp.float32)
         stacked = path[:2] == ("model", "layers")
+        lin = kernels.get(path[:-1]) if path[-1] in ("kernel", "bias") else None
         for i, name in enumerate(names):
-            t = to_host(value[i] if stacked else value).astype(dtype)
+            t = to_host(value[i] if stacked else value)
+            if lin is not None and lin.adapter is not None:
+                t = _merge_layer(lin.adapter, path[-1], t, i if stacked else None)
+            t = t.astype(np.float32).astype(dtype)
             yield name, np.ascontiguousarray(t.T if transpose else t)
+
+
+def _merge_layer(adapter, leaf: str, t: np.ndarray, layer: int | None) -> np.ndarray:
+    """Layer `layer` (None: not stacked) of a kernel or bias merged with its adapter (its `merge` /
+    `merge_bias`, fp32), on this process's first device."""
+    if layer is not None:  # the adapter of that layer alone, as a stack of one
+        graphdef, state = nnx.split(adapter)
+        adapter = nnx.merge(graphdef, jax.tree.map(lambda x: x[layer:layer + 1] if np.ndim(x) else x, state))
+    w = jnp.asarray(t, jnp.float32)[None] if layer is not None else jnp.asarray(t, jnp.float32)
+    if leaf == "kernel":
+        w = adapter.merge(w)
+    elif hasattr(adapter, "merge_bias"):
+        w = adapter.merge_bias(w)
+    return np.asarray(w[0] if layer is not None else w)
 
 
 def merged_shapes(model: Decoder) -> dict[str, tuple[int, ...]]:
