@@ -293,20 +293,24 @@ def cmd_prepare(args):
 
 def cmd_export(args):
     from jaxft.commands.export import export
+    from jaxft.distributed import is_primary
 
     run = _run_config(args.run, _mesh_overrides(args, fresh=True))
     out, step = export(run, args.format, args.out, dtype=args.dtype, gguf_type=args.gguf_type,
                        strict=args.strict, overwrite=args.overwrite)
-    print(f"exported step {step} of {args.run} to {out} ({args.format})")
+    if is_primary():
+        print(f"exported step {step} of {args.run} to {out} ({args.format})")
 
 
 def cmd_merge_adapters(args):
     from jaxft.commands.merge_adapters import merge_adapters
+    from jaxft.distributed import is_primary
 
     out = merge_adapters(args.adapters, args.weights, args.method, args.out, density=args.density,
                          sign_method=args.majority_sign_method, svd_rank=args.svd_rank, seed=args.seed,
-                         overwrite=args.overwrite, strict=args.strict)
-    print(f"merged {len(args.adapters)} adapter(s) ({args.method}) into {out}")
+                         overwrite=args.overwrite, strict=args.strict, mesh=_mesh_config(args))
+    if is_primary():
+        print(f"merged {len(args.adapters)} adapter(s) ({args.method}) into {out}")
 
 
 def cmd_score(args):
@@ -357,7 +361,8 @@ def cmd_cai(args):
         run_all(run)
         return
     summary = (cai.revise if args.stage == "revise" else cai.label)(run)
-    print(json.dumps({k: v for k, v in summary.items() if k != "stats"}))
+    if summary:  # process 0's (the others write and report nothing)
+        print(json.dumps({k: v for k, v in summary.items() if k != "stats"}))
 
 
 def cmd_lm_eval(args):

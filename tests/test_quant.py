@@ -252,14 +252,20 @@ def test_skip_modules_and_lm_head(tiny128):
 
 
 def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path):
-    """A QLoRA run (NF4 base) exported merged = PEFT's merge_and_unload of the exported adapter into the
-    ORIGINAL weights (transformers loading both, logits ≤ 1e-4); merging into the 4-bit weights would not be."""
+    """A QLoRA run (NF4 base) exported merged = PEFT's merge_and_unload of the exported
+    adapter into the ORIGINAL weights (transformers loading both, logits ≤ 1e-4); merging into the 4-bit weights
+    would not be. Exported on fsdp 8 (the fp32 base re-read into its 8 shards, streamed out a layer at a time),
+    the files are the one-device export's byte for byte."""
+    import dataclasses
     import json
     from peft import PeftModel
 
-    from jaxft.config import load_config
+    from jaxft.commands.export import export
+    from jaxft.config import MeshConfig, load_config, read_config
     from jaxft.data.task import make_examples
     from jaxft.commands.train import train
+    from jaxft.runs import load_run
+    from jaxft.sharding import make_mesh
     from tiny import ROOT, run_cli, save_chat_model
 
     save_chat_model(tmp_path / "base")
@@ -272,9 +278,17 @@ def test_merged_export_of_a_qlora_run_is_original_weights_plus_adapter(tmp_path)
         f"train.out_dir={tmp_path / 'run'}"])
     assert run.quant.base == "nf4"
     train(run, progress=False)
-    for fmt in ("peft", "merged"):
+    for fmt in ("peft", "merged"):  # one device
         r = run_cli("export", tmp_path / "run", "--format", fmt, "--out", tmp_path / fmt, "--dtype", "fp32")
         assert r.returncode == 0, r.stderr
+    fsdp8 = dataclasses.replace(read_config(tmp_path / "run"), mesh=MeshConfig(fsdp=8))
+    export(fsdp8, "merged", tmp_path / "merged8", dtype="fp32")
+    files = sorted(f.name for f in (tmp_path / "merged").iterdir())
+    assert sorted(f.name for f in (tmp_path / "merged8").iterdir()) == files
+    assert [f for f in files if (tmp_path / "merged8" / f).read_bytes() != (tmp_path / "merged" / f).read_bytes()] == []
+    kernel = load_run(fsdp8, mesh=make_mesh(fsdp8.mesh), unquantized=True).setup.frozen["model"]["layers"]["mlp"][
+        "down_proj"]["kernel"].get_value()  # what that export merged from: fp32, in 8 shards
+    assert kernel.dtype == np.float32 and kernel.addressable_shards[0].data.size * 8 == kernel.size
     toks = torch.tensor(np.random.RandomState(0).randint(0, 49152, (1, 24)))
     with torch.no_grad():
         original = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()

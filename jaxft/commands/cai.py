@@ -25,6 +25,10 @@ Resume: each stage works in chunks of cai.batch_size prompts; each finished chun
 (chunks/NNNNN.jsonl, written atomically) and a re-run skips the chunks it finds, so a crash loses at most
 the chunk in flight. manifest.json holds a fingerprint of what the chunks depend on (model files,
 constitution, prompts, settings); a mismatch is an error rather than a silent mix.
+
+Processes (run.mesh.distributed): every process loads the model into its shards and runs every chunk's
+generation and scoring (collectives), with identical results on each; process 0 alone reads and writes the
+folder (manifest, chunks, trace, output, summary) and tells the others which chunks are done.
 """
 
 from __future__ import annotations
@@ -42,16 +46,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 from jaxft.config import RunConfig
 from jaxft.data.constitution import Principle, load_constitution
 from jaxft.data.rows import RowError, parse_messages, read_rows
+from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json, write_jsonl
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
 from jaxft.runs import load_run
 from jaxft.setup import build
-from jaxft.sharding import batch_spec
+from jaxft.sharding import batch_spec, make_mesh, to_host
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 FEEDBACK_INTRO = ("Here is a conversation between a user and an AI assistant, followed by two possible replies "
@@ -214,15 +221,18 @@ class Policy:
             tokens[i, P - len(p):], seg[i, P - len(p):] = p, 1
         pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
         args = (tokens, pos, seg)
-        if self.mesh is not None:
-            from jax.sharding import NamedSharding
-
-
+        if self.mesh is not None:  # every process holds the same rows; each device takes its own
             rows = NamedSharding(self.mesh, batch_spec(self.mesh, R))
-            args = tuple(jax.device_put(a, rows) for a in args)
+            args = tuple(jax.make_array_from_callback(a.shape, rows, lambda i, a=a: a[i]) for a in args)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             lp = _option_logprobs(self.weights, *args, opts, graphdef=self.graphdef)
-        return np.asarray(lp, np.float64)[:len(ids)]
+        return to_host(lp).astype(np.float64)[:len(ids)]
+
+
+def command_mesh(run: RunConfig):
+    """The mesh a stage runs on (run.mesh; with mesh.distributed, after joining the other processes)."""
+    init_distributed(run.mesh)
+    return make_mesh(run.mesh)
 
 
 def load_policy(run: RunConfig, model: str | None = None, run_dir: str | Path | None = None, mesh=None) -> Policy:
@@ -260,27 +270,35 @@ def fingerprint(**parts) -> str:
 
 
 def chunked(out_dir: Path, items: list, size: int, key: str, work, say=say_err) -> list[dict]:
-    """work(chunk index, items of the chunk) → rows, for every chunk not already on disk; all rows in order."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / "manifest.json"
+    """work(chunk index, items of the chunk) → rows, for every chunk not already on disk; all rows in order
+    (process 0's; the other processes run the same work and get [])."""
+    primary, n = is_primary(), -(-len(items) // size)
+    manifest, chunks = out_dir / "manifest.json", out_dir / "chunks"
     want = {"fingerprint": key, "chunk_size": size, "items": len(items)}
-    if manifest.is_file() and json.loads(manifest.read_text()) != want:
+    files = [chunks / f"{k:05d}.jsonl" for k in range(n)]
+    state = np.zeros(n + 1, np.int32)  # [manifest differs, chunk k on disk...]: process 0 looks, all act on it
+    if primary:
+        state[0] = manifest.is_file() and json.loads(manifest.read_text()) != want
+        state[1:] = [f.is_file() for f in files]
+    if jax.process_count() > 1:
+        state = np.asarray(multihost_utils.broadcast_one_to_all(state))
+    if state[0]:
         raise JaxftError(f"{out_dir}: holds chunks of other settings, model or data (manifest.json differs); "
                          "use another cai.out_dir or remove that folder")
-    if not manifest.is_file():
-        write_json(manifest, want, indent=None)
-    chunks = out_dir / "chunks"
-    chunks.mkdir(exist_ok=True)
-    rows, n = [], -(-len(items) // size)
-    for k in range(n):
-        f = chunks / f"{k:05d}.jsonl"
-        if f.is_file():
-            rows += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+    if primary:
+        chunks.mkdir(parents=True, exist_ok=True)
+        if not manifest.is_file():
+            write_json(manifest, want, indent=None)
+    rows = []
+    for k, f in enumerate(files):
+        if state[k + 1]:
+            rows += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()] if primary else []
             continue
         got = work(k, items[k * size:(k + 1) * size])
-        write_chunk(f, got)
-        rows += got
-        say(f"{out_dir.name}: chunk {k + 1}/{n} done")
+        if primary:
+            write_chunk(f, got)
+            rows += got
+            say(f"{out_dir.name}: chunk {k + 1}/{n} done")
     return rows
 
 
@@ -304,7 +322,7 @@ def revise(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | N
     const = load_constitution(cfg.constitution)
     principles = const.revisers()
     prompts, skipped = read_prompts(cfg.prompts, cfg.max_prompts)
-    policy = policy or load_policy(run)
+    policy = policy or load_policy(run, mesh=command_mesh(run))
     key = fingerprint(stage="revise", model=_identity(policy.name), constitution=const.sha256,
                       prompts=_identity(cfg.prompts), cfg=[cfg.max_prompts, cfg.revisions, cfg.few_shot,
                                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed])
@@ -339,6 +357,8 @@ def revise(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | N
         return rows
 
     rows = chunked(out, prompts, cfg.batch_size, key, work, say)
+    if not is_primary():
+        return {}
     sft, counts = [], dict(skipped)
     for r in rows:
         final = next((s["revision"] for s in reversed(r["steps"]) if s["revision"]), None)
@@ -387,8 +407,9 @@ def label(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | No
     const = load_constitution(cfg.feedback_constitution or cfg.constitution)
     comparers = const.comparers()
     prompts, skipped = read_prompts(cfg.label_prompts or cfg.prompts, cfg.max_prompts)
-    policy = policy or load_policy(run)
-    feedback = feedback or (load_policy(run, cfg.feedback_model) if cfg.feedback_model else policy)
+    mesh = None if policy and (feedback or not cfg.feedback_model) else command_mesh(run)
+    policy = policy or load_policy(run, mesh=mesh)
+    feedback = feedback or (load_policy(run, cfg.feedback_model, mesh=mesh) if cfg.feedback_model else policy)
     option_ids(feedback.tokenizer)  # fail before generating when the judge cannot read the options
     key = fingerprint(stage="label", model=_identity(policy.name), judge=_identity(feedback.name),
                       constitution=const.sha256, prompts=_identity(cfg.label_prompts or cfg.prompts),
@@ -414,6 +435,8 @@ def label(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | No
         return rows
 
     rows = chunked(out, prompts, cfg.batch_size, key, work, say)
+    if not is_primary():
+        return {}
     pairs, counts = [], dict(skipped)
     for r in rows:
         if r["skipped"]:

@@ -5,6 +5,11 @@ stacks load (transformers / PEFT / vLLM, llama.cpp / Ollama).
 
 Merged formats (merged, gguf) fold every adapter into its kernel in fp32 first; a QLoRA run merges into
 its original full-precision base (re-read from the checkpoint), never into the 4-bit codes.
+
+On a mesh (run.mesh, `--mesh`), across processes too: the model loads straight into its shards, each kernel
+is merged in its shards and one tensor (one layer of a stacked one) at a time is gathered to the host
+(`jaxft.formats.peft.iter_merged`); process 0 writes, the others run the same gathers beside it. The files
+are the one-device export's, byte for byte.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import numpy as np
 
 from jaxft.config import RunConfig
 from jaxft.config.objectives import head_of
+from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.formats.gguf import GGUFSource, write_gguf, write_gguf_lora
 from jaxft.formats.peft import (adapter_config, adapter_tensors, export_adapter, export_bank, export_merged,
-                                merged_tensors, serving_base, vllm_problems)
+                                gather_adapters, iter_merged, serving_base, vllm_problems)
 from jaxft.runs import load_run
+from jaxft.sharding import make_mesh
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 
@@ -53,11 +60,20 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     if Path(out).exists() and not overwrite:
         raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
     check_format(run, fmt)
-    done = load_run(run, unquantized=fmt in ("merged", "gguf"))
+    init_distributed(run.mesh)
+    merged = fmt in ("merged", "gguf")
+    done = load_run(run, mesh=make_mesh(run.mesh), unquantized=merged)
     run, setup = done.run, done.setup
     model = done.model()
     if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone
         model.value_head = None
+    if not merged:
+        gather_adapters(model)
+    if not is_primary():  # feed process 0: the same gathers, in the same order, nothing written
+        if merged:
+            for _ in iter_merged(model, np.float32):
+                pass
+        return Path(out), done.step
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     # what the adapter names as its base: an HF directory PEFT / vLLM load (a GGUF base's, written once)
     base = str(serving_base(setup.model_path, run.model.dtype, say=say)) if fmt == "peft" else ""
@@ -77,7 +93,7 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
         path = export_merged(model, setup.tokenizer, hf_config_of(setup.model_path), out, dtype=dtype,
                              overwrite=overwrite)
     elif fmt == "gguf":
-        path = write_gguf(merged_tensors(model, np.float32), hf_config_of(setup.model_path), setup.tokenizer, out,
+        path = write_gguf(iter_merged(model, np.float32), hf_config_of(setup.model_path), setup.tokenizer, out,
                           gguf_type=gguf_type, source=setup.model_path, name=Path(run.train.out_dir).name,
                           overwrite=overwrite)
     else:

@@ -604,15 +604,16 @@ def _tokenizer(w: gguf.GGUFWriter, tokenizer, hf_config, source: Path | None, ar
         special.add_to_gguf(w, quiet=True)
 
 
-def gguf_tensors(tensors: dict[str, np.ndarray], hf_config, gguf_type: str):
-    """(GGUF name, array, raw dtype or None) for every HF tensor [out, in] fp32, in llama.cpp's naming,
-    row order, norm convention and per-tensor type."""
+def gguf_tensors(tensors, hf_config, gguf_type: str):
+    """(GGUF name, array, raw dtype or None) for every HF tensor [out, in] fp32 (a dict, or (name, array) pairs
+    as `jaxft.formats.peft.iter_merged` streams them), in llama.cpp's naming, row order, norm convention and
+    per-tensor type."""
     arch, permute = export_arch(hf_config)
     qtype = GGUF_TYPES[gguf_type][0]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    for hf, x in tensors.items():
+    for hf, x in tensors.items() if isinstance(tensors, dict) else tensors:
         base, _, suffix = hf.rpartition(".")
         name = names.get_name(base)
         if name is None:
@@ -637,9 +638,9 @@ def gguf_tensors(tensors: dict[str, np.ndarray], hf_config, gguf_type: str):
         yield "rope_freqs.weight", _llama3_rope_factors(rope, head_dim), None
 
 
-def write_gguf(tensors: dict[str, np.ndarray], hf_config, tokenizer, out, *, gguf_type: str = "f16",
+def write_gguf(tensors, hf_config, tokenizer, out, *, gguf_type: str = "f16",
                source: Path | None = None, name: str = "jaxft", overwrite: bool = False) -> Path:
-    """Write a merged model (HF tensors [out, in], fp32) as one GGUF file, atomically.
+    """Write a merged model (HF tensors [out, in], fp32: a dict or (name, array) pairs) as one GGUF file, atomically.
 
     source: the base checkpoint; a GGUF base gives its tokenizer fields verbatim."""
     out = Path(out)

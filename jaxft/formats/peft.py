@@ -21,9 +21,11 @@ with overwrite=True.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shlex
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ from jaxft.models.decoder import Decoder
 from jaxft.models.heads import ScoreModel
 from jaxft.models.names import PROJECTIONS, hf_module
 from jaxft.quant import quantized_kernels
+from jaxft.sharding import to_host
 
 PREFIX = "base_model.model."
 
@@ -67,6 +70,15 @@ def adapter_tensors(model: Decoder) -> dict[str, np.ndarray]:
     if _is_score_model(model):
         out[PREFIX + "score.weight"] = np.ascontiguousarray(np.asarray(model.score.kernel[...], np.float32).T)
     return out
+
+
+def gather_adapters(model: Decoder) -> None:
+    """Every adapter variable (and a reward model's score head) whole on this process's first device, in place,
+    so that `adapter_tensors` / `export_bank` read them like a one-device model's. With several processes it is
+    a collective (every process calls it, in the same state); the adapters are small, the base stays sharded."""
+    mods = [lin.adapter for _, lin in adapters.adapted(model)] + ([model.score] if _is_score_model(model) else [])
+    for m in mods:
+        nnx.update(m, jax.tree.map(lambda x: jnp.asarray(to_host(x)), nnx.state(m)))
 
 
 def adapter_config(model: Decoder, cfg: LoraConfig, base_model: str = "") -> dict:
@@ -203,51 +215,101 @@ def load_adapter(model: Decoder, adapter_dir) -> LoraConfig:
 
 def merged_tensors(model: Decoder, dtype) -> dict[str, np.ndarray]:
     """HF tensor name → array of the model with every adapter merged in (each adapter's `merge`, in fp32, then cast)."""
+    return dict(iter_merged(model, dtype))
+
+
+def iter_merged(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) of the merged model, one tensor (one layer of a stacked one) at a time, in a fixed order.
+
+    Each layer is gathered to the host (`sharding.to_host`), then merged with its adapter on this process's
+    first device: a base larger than any one device is never whole on one, and the merge sees the same
+    [1, in, out] operands whatever the mesh (merging a stack in its shards runs other dot kernels, which round
+    differently), so the bytes are the one-device export's. The adapters are gathered first
+    (`gather_adapters`). Gathers are collectives: with several processes every one of them iterates this to
+    the end, in step (process 0 writes)."""
     if quantized_kernels(model):
         raise JaxftError("merged export from quantized base weights would round the adapter away; "
                          "reload the original weights (jaxft.quant.original_base_run)")
+    gather_adapters(model)
     kernels = {tuple(str(p) for p in path): lin for path, lin in adapters.targets(model, ("all-linear",))}
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        path = tuple(str(p) for p in path)
-        if isinstance(var, nnx.LoRAParam):
-            continue
+    for path, var in _base_params(model):
         names, transpose = hf_names(path, model.config.num_layers)
         value = var.get_value()
-        if path[-1] == "kernel" and path[:-1] in kernels:
-            value = adapters.merged_kernel(kernels[path[:-1]])
-        elif path[-1] == "bias" and path[:-1] in kernels:
-            value = adapters.merged_bias(kernels[path[:-1]])
-        value = np.asarray(value.astype(jnp.float32)).astype(dtype)
         stacked = path[:2] == ("model", "layers")
+        lin = kernels.get(path[:-1]) if path[-1] in ("kernel", "bias") else None
         for i, name in enumerate(names):
-            t = value[i] if stacked else value
-            out[name] = np.ascontiguousarray(t.T if transpose else t)
+            t = to_host(value[i] if stacked else value)
+            if lin is not None and lin.adapter is not None:
+                t = _merge_layer(lin.adapter, path[-1], t, i if stacked else None)
+            t = t.astype(np.float32).astype(dtype)
+            yield name, np.ascontiguousarray(t.T if transpose else t)
+
+
+def _merge_layer(adapter, leaf: str, t: np.ndarray, layer: int | None) -> np.ndarray:
+    """Layer `layer` (None: not stacked) of a kernel or bias merged with its adapter (its `merge` /
+    `merge_bias`, fp32), on this process's first device."""
+    if layer is not None:  # the adapter of that layer alone, as a stack of one
+        graphdef, state = nnx.split(adapter)
+        adapter = nnx.merge(graphdef, jax.tree.map(lambda x: x[layer:layer + 1] if np.ndim(x) else x, state))
+    w = jnp.asarray(t, jnp.float32)[None] if layer is not None else jnp.asarray(t, jnp.float32)
+    if leaf == "kernel":
+        w = adapter.merge(w)
+    elif hasattr(adapter, "merge_bias"):
+        w = adapter.merge_bias(w)
+    return np.asarray(w[0] if layer is not None else w)
+
+
+def merged_shapes(model: Decoder) -> dict[str, tuple[int, ...]]:
+    """HF name → shape of every tensor `iter_merged` yields, in its order (known before anything is merged)."""
+    out = {}
+    for path, var in _base_params(model):
+        names, transpose = hf_names(path, model.config.num_layers)
+        shape = var.get_value().shape[1:] if path[:2] == ("model", "layers") else var.get_value().shape
+        out.update((n, tuple(reversed(shape)) if transpose else tuple(shape)) for n in names)
     return out
+
+
+def _base_params(model: Decoder):
+    """(path, variable) of every parameter but the adapters', in nnx's order."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not isinstance(var, nnx.LoRAParam):
+            yield tuple(str(p) for p in path), var
 
 
 def export_merged(model: Decoder, tokenizer, hf_config, out_dir, *, dtype="bf16", overwrite: bool = False,
                   max_shard_bytes: int = 2 << 30) -> Path:
     """A Hugging Face model directory of the merged model: config.json, generation_config.json,
-    safetensors (sharded with an index above max_shard_bytes), tokenizer files with the chat template."""
+    safetensors (sharded with an index above max_shard_bytes), tokenizer files with the chat template.
+    Tensors stream in from `iter_merged` (with several processes, the others run `iter_merged` beside it)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:  # before the (slow) merge
         raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
-    tensors = merged_tensors(model, _NP_DTYPES[dtype])
-    return write_hf_dir(tensors.__getitem__, {k: (v.shape, v.dtype) for k, v in tensors.items()}, hf_config,
-                        tokenizer, out, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+    np_dtype = _NP_DTYPES[dtype]
+    shapes = {k: (v, np_dtype) for k, v in merged_shapes(model).items()}
+    return write_hf_dir(iter_merged(model, np_dtype), shapes, hf_config, tokenizer, out, dtype=dtype,
+                        overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                         pad_id=model.pad_id if _is_score_model(model) else None)
 
 
 _NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 
-def write_hf_dir(get, shapes: dict, hf_config, tokenizer, out_dir, *, dtype: str, overwrite: bool = False,
-                 max_shard_bytes: int = 2 << 30, pad_id: int | None = None, extra: dict | None = None) -> Path:
-    """An HF model directory, atomically: get(name) → each tensor (read one shard at a time, so a model larger
-    than memory streams through), shapes: name → (shape, dtype); config.json (+ a `*ForSequenceClassification`'s
-    keys when pad_id is given, else generation_config.json), tokenizer files; extra: more JSON files."""
+def write_hf_dir(tensors: Iterable[tuple[str, np.ndarray]], shapes: dict, hf_config, tokenizer, out_dir, *,
+                 dtype: str, overwrite: bool = False, max_shard_bytes: int = 2 << 30, pad_id: int | None = None,
+                 extra: dict | None = None) -> Path:
+    """An HF model directory, atomically: tensors, (name, array) in the order of shapes (name → (shape, dtype)),
+    are taken one safetensors shard at a time, so a model larger than memory streams through; config.json (+ a
+    `*ForSequenceClassification`'s keys when pad_id is given, else generation_config.json), tokenizer files;
+    extra: more JSON files."""
     from safetensors.numpy import save_file
+
+    items = iter(tensors)
+
+    def take(names):
+        got = dict(itertools.islice(items, len(names)))
+        if list(got) != names:
+            raise JaxftError(f"{out_dir}: the tensors came as {list(got)[:3]}..., not in the order {names[:3]}...")
+        return got
 
     with staging_dir(out_dir, overwrite) as tmp:
         shards, size = [[]], 0
@@ -259,12 +321,12 @@ def write_hf_dir(get, shapes: dict, hf_config, tokenizer, out_dir, *, dtype: str
             shards[-1].append(name)
             size += nbytes
         if len(shards) == 1:
-            save_file({n: get(n) for n in shards[0]}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(take(shards[0]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             weight_map = {}
             for k, names in enumerate(shards):
                 fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: get(n) for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                save_file(take(names), str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update({n: fname for n in names})
             total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -315,7 +377,7 @@ def serving_base(model_path, dtype: str = "fp32", *, cache_dir=None, say=print) 
     np_dtype = _NP_DTYPES[dtype]
     say(f"jaxft: writing the GGUF base {path.name} as a Hugging Face directory (dequantized, {dtype}) for "
         f"PEFT / vLLM to load adapters over, once: {out}")
-    write_hf_dir(lambda n: src.get(n).astype(np_dtype), {n: (src.shape(n), np_dtype) for n in src.keys()},
+    write_hf_dir(((n, src.get(n).astype(np_dtype)) for n in src.keys()), {n: (src.shape(n), np_dtype) for n in src.keys()},
                  src.hf_config, load_gguf_tokenizer(path), out, dtype=dtype, overwrite=True,
                  extra={GGUF_ORIGIN: {"gguf": str(path.resolve()), "dtype": dtype}})
     return out
