@@ -118,7 +118,7 @@ def qlora_table(model_dir: str):
     cfg = str(os.path.join(os.path.dirname(__file__), "..", "configs", "qlora.yaml"))
     print(f"\nPer-device memory, QLoRA ({cfg.split('/')[-1]}: NF4 + double quant base, LoRA r=16 all-linear, "
           f"AdamW), {model_dir}")
-    print(f"{'fsdp':>5} {'NF4 base MB':>12} {'LoRA+AdamW MB':>14} {'per device MB':>14} {'plan MB':>9} {'vs fsdp=1':>10}")
+    print(f"{'fsdp':>5} {'base MB':>12} {'LoRA+AdamW MB':>14} {'per device MB':>14} {'plan MB':>9} {'vs fsdp=1':>10}")
     first = None
     for n in (1, 2, 4, 8):
         run = load_config(cfg, [f"model.path={model_dir}", f"mesh.fsdp={n}", "lora.dropout=0"])
@@ -135,9 +135,9 @@ def qlora_table(model_dir: str):
         print(f"{n:>5} {base[dev] / 2**20:>12.1f} {rest.get(dev, 0) / 2**20:>14.1f} {most / 2**20:>14.1f} "
               f"{planned / 2**20:>9.1f} {most / first:>10.3f}")
         del setup, state
-    print("\n`jaxft plan configs/qlora.yaml --model M mesh.fsdp=8` (8 chips; GiB per device of the exact parts: "
-          "NF4 base, LoRA, AdamW)")
-    print(f"{'model':>11} {'NF4 base':>9} {'LoRA':>7} {'AdamW':>7} {'sum':>7} {'one device':>11}")
+    print("\n`jaxft plan configs/qlora.yaml --model M mesh.fsdp=8` (8 chips; GiB per device of the exact parts: base "
+          "(NF4 linears + bf16 embeddings, norms, lm_head), LoRA, AdamW)")
+    print(f"{'model':>11} {'base':>9} {'LoRA':>7} {'AdamW':>7} {'sum':>7} {'one device':>11}")
     for name in ("llama3-8b", "llama3-70b"):
         run = load_config(cfg, ["mesh.fsdp=8"])
         p = plan(model_config(name), run)
