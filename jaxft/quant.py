@@ -21,6 +21,8 @@ row-major [out, in] weight when in % 64 == 0 (otherwise `in` is zero-padded per 
 
 Quantization runs on the host (numpy), one HF tensor at a time, while the checkpoint streams in
 (`jaxft.formats.hf.load_pretrained(..., quant=...)`); the device only ever holds the quantized arrays.
+On a mesh each process quantizes only the blocks its devices hold (`quantize_sharded`), the arrays split
+like their kernel (`layout`), and each layer's codes are gathered as codes before it is dequantized.
 Dequantization runs inside the jitted forward, per layer inside the layers' scan, in the compute
 dtype, and under `jax.checkpoint` with the matmul so that the backward pass keeps the 4-bit codes
 (not a dequantized copy of every layer) and dequantizes again.
@@ -224,7 +226,8 @@ class QuantKernel(nnx.Module):
 
 
 def _gathered(arrays: dict):
-    """(mesh, {name: spec entries once gathered}) for arrays split over the batch mesh axes, else None."""
+    """(mesh, ((name, spec entries once gathered), ...)) when some array is split over the batch mesh axes
+    (a static, hashable attribute: it is part of the graph, not of the state), else None."""
     shardings = [getattr(v, "sharding", None) for v in arrays.values()]
     if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
         return None

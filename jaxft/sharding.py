@@ -8,7 +8,8 @@ parameters lead with `layers`; a Linear kernel [in, out] is named after its modu
 embed → heads, down_proj: mlp → embed, ...); LoRA `a` [L, in, r] takes its base's input name,
 `b` [L, r, out] its output name, the rank is never sharded. A strategy is a few lines mapping
 logical names to mesh axes. Optimizer moments are found by the same path suffix, so they shard
-like their parameter. A dimension that its mesh axes do not divide is replicated, with a warning.
+like their parameter. A dimension that its mesh axes do not divide is replicated, with a warning (a
+quantized array's is refused: jaxft.quant splits codes only on whole blocks).
 
 The batch [B, S] (and [A, B, S] for accumulation) is split over (data, fsdp); activations are
 constrained to that layout at the block boundaries (`Decoder.constrain`).
