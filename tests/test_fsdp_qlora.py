@@ -123,9 +123,7 @@ def test_qlora_on_the_mesh_equals_one_device(model512, quant):
         assert arrays.keys() == ref_arrays.keys() and len(arrays) >= 7 * 2
         for name, x in arrays.items():
             np.testing.assert_array_equal(np.asarray(x), np.asarray(ref_arrays[name]), err_msg=name)  # bit for bit
-            held = {}
-            for s in x.addressable_shards:
-                held[s.device] = held.get(s.device, 0) + s.data.nbytes
+            held = _per_device(x)
             assert len(held) == n and max(held.values()) <= x.nbytes / n + L * n * 4, (name, mesh, x.sharding.spec)
             if name.endswith(("codes", "/q")):
                 assert max(held.values()) == x.nbytes // n, (name, x.sharding.spec)
