@@ -237,7 +237,9 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     first device. tuning: jaxft.models.decoder.Tuning (default: the CPU-tuned layouts). attention: the
     attention kernel (model.attention: auto | xla | blockwise | cudnn | splash, or an AttentionKernel).
     quant: a config.QuantConfig; the kernels it names are quantized on the host one HF tensor at a
-    time as they stream in (jaxft.quant), so their full-precision values never reach the device.
+    time as they stream in (jaxft.quant), so their full-precision values never reach the device; with
+    `sharding`, each process reads and quantizes only the blocks its devices hold (called with exact=True:
+    a quantized dimension the mesh cannot split on whole blocks is refused).
 
     >>> model = load_pretrained("~/.cache/jaxft/SmolLM2-135M-Instruct.Q4_1.gguf")
     >>> logits, _ = model(jnp.array([[1, 2, 3]]))
