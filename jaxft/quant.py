@@ -21,6 +21,8 @@ row-major [out, in] weight when in % 64 == 0 (otherwise `in` is zero-padded per 
 
 Quantization runs on the host (numpy), one HF tensor at a time, while the checkpoint streams in
 (`jaxft.formats.hf.load_pretrained(..., quant=...)`); the device only ever holds the quantized arrays.
+On a mesh each process quantizes only the blocks its devices hold (`quantize_sharded`), the arrays split
+like their kernel (`layout`), and each layer's codes are gathered as codes before it is dequantized.
 Dequantization runs inside the jitted forward, per layer inside the layers' scan, in the compute
 dtype, and under `jax.checkpoint` with the matmul so that the backward pass keeps the 4-bit codes
 (not a dequantized copy of every layer) and dequantizes again.
@@ -34,6 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxft.models.names import BATCH_AXES
+from jaxft.sharding import max_over_processes, to_host
 
 
 # The 16 NF4 values of the QLoRA paper, as bitsandbytes stores them (its `get_4bit_type("nf4")`).
@@ -81,8 +87,9 @@ def _safe(absmax: np.ndarray) -> np.ndarray:
     return np.where(absmax == 0, 1.0, absmax).astype(np.float32)
 
 
-def nf4_quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarray]:
-    """w [in, out] (float) → the NF4 arrays of the module docstring (without the leading layer axis)."""
+def nf4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [in, out] (float) → (codes [nb, 32, out], absmax [nb, out]): each block of 64 on its own, so a
+    slice of rows starting on a block boundary quantizes to the same rows of codes as the whole kernel."""
     w = np.asarray(w, np.float32)
     d_in, d_out = w.shape
     nb = -(-d_in // BLOCK)
@@ -91,20 +98,38 @@ def nf4_quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarr
     blocks = blocks.reshape(nb, BLOCK, d_out)
     absmax = np.abs(blocks).max(axis=1)  # [nb, out]
     idx = _nearest(NF4, blocks / _safe(absmax)[:, None, :])  # [nb, 64, out]
-    codes = (idx[:, 0::2] << 4) | idx[:, 1::2]  # [nb, 32, out]
-    if not double_quant:
-        return dict(codes=codes, absmax=absmax)
+    return (idx[:, 0::2] << 4) | idx[:, 1::2], absmax
+
+
+def double_quantize(absmax: np.ndarray) -> dict[str, np.ndarray]:
+    """A kernel's whole absmax [nb, out] → qabsmax, absmax2, offset (the offset is a mean over all of it)."""
     offset = absmax.mean(dtype=np.float32)
     blocks2, absmax2 = _blockwise((absmax - offset).T.reshape(-1), BLOCK2)  # [m/256, 256], [m/256]
     qabsmax = _nearest(CODE8, blocks2 * (1 / _safe(absmax2))[:, None]).reshape(-1)  # x·(1/a), as bitsandbytes
-    return dict(codes=codes, qabsmax=qabsmax, absmax2=absmax2, offset=np.asarray(offset, np.float32))
+    return dict(qabsmax=qabsmax, absmax2=absmax2, offset=np.asarray(offset, np.float32))
+
+
+def nf4_quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarray]:
+    """w [in, out] (float) → the NF4 arrays of the module docstring (without the leading layer axis)."""
+    codes, absmax = nf4_blocks(w)
+    return dict(codes=codes, **(double_quantize(absmax) if double_quant else dict(absmax=absmax)))
+
+
+def int8_codes(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """w [in, out] on the per-output-channel grid `scale` [out] → int8 [in, out]."""
+    return np.clip(np.rint(np.asarray(w, np.float32) / scale), -127, 127).astype(np.int8)
+
+
+def int8_scale(colmax: np.ndarray) -> np.ndarray:
+    """absmax of each output channel [out] → its scale (absmax / 127; 1 for an all-zero channel)."""
+    return _safe(colmax / 127.0)
 
 
 def int8_quantize(w: np.ndarray) -> dict[str, np.ndarray]:
     """w [in, out] → int8 codes [in, out] and scale [out] (absmax / 127 per output channel)."""
     w = np.asarray(w, np.float32)
-    scale = _safe(np.abs(w).max(axis=0) / 127.0)
-    return dict(q=np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale=scale)
+    scale = int8_scale(np.abs(w).max(axis=0))
+    return dict(q=int8_codes(w, scale), scale=scale)
 
 
 def nf4_absmax(q: dict, nb: int, d_out: int) -> jax.Array:
@@ -135,7 +160,28 @@ CODECS = {"nf4": (nf4_quantize, nf4_dequantize), "int8": (int8_quantize, int8_de
 
 
 class QuantState(nnx.Variable):
-    """A quantized base weight's array: never a Param, so never trainable or differentiated."""
+    """A quantized base weight's array: never a Param, so never trainable or differentiated. Its `axes`
+    metadata (from the kernel's, `layout`) lets jaxft.sharding split it like the kernel it encodes."""
+
+
+FLAT = ("qabsmax", "absmax2", "scale")  # small scales split evenly over the kernel's mesh axes, gathered whole
+
+
+def layout(mode: str, d_in: int, d_out: int, double_quant: bool, axes=(None, None)) -> dict:
+    """name → (per-layer shape, logical axes) of the arrays that encode a kernel [in, out] whose logical
+    axes are `axes` = (in axis, out axis). Blocks run along `in`, so codes and absmax take the in axis on
+    their block dimension; the scales in FLAT take both (jaxft.sharding splits them over both mesh axes,
+    so that an FSDP split of `in` divides them too)."""
+    i, o = axes
+    flat = tuple(a for a in (o, i) if a is not None)
+    if mode == "int8":
+        return dict(q=((d_in, d_out), (i, o)), scale=((d_out,), (flat,)))
+    nb = -(-d_in // BLOCK)
+    out = dict(codes=((nb, BLOCK // 2, d_out), (i, None, o)))
+    if not double_quant:
+        return dict(out, absmax=((nb, d_out), (i, o)))
+    m = -(-nb * d_out // BLOCK2) * BLOCK2
+    return dict(out, qabsmax=((m,), (flat,)), absmax2=((m // BLOCK2,), (flat,)), offset=((), ()))
 
 
 class QuantKernel(nnx.Module):
@@ -144,11 +190,16 @@ class QuantKernel(nnx.Module):
     `shape` is the logical [L, in, out] (or [in, out]); `k[...]` is the dequantized kernel; `dot(x)` is
     x @ kernel with the kernel dequantized under jax.checkpoint (the backward pass recomputes it from
     the codes instead of keeping it).
+
+    On a mesh the arrays are split like the kernel (FSDP); `dot` first gathers one layer's codes and
+    scales over the batch mesh axes — 4 / 8-bit codes cross the interconnect, never the dequantized
+    kernel — keeping a tensor-parallel split of the output dimension where the kernel has one.
     """
 
-    def __init__(self, mode: str, arrays: dict, shape: tuple[int, ...], dtype):
+    def __init__(self, mode: str, arrays: dict, shape: tuple[int, ...], dtype, axes: dict | None = None):
         self.mode, self.shape, self.dtype = mode, tuple(shape), dtype
-        self.arrays = nnx.data({k: QuantState(v) for k, v in arrays.items()})
+        self.arrays = nnx.data({k: QuantState(v, axes=(axes or {}).get(k)) for k, v in arrays.items()})
+        self.gather = _gathered(arrays)
 
     def _values(self) -> dict:
         return {k: v[...] for k, v in self.arrays.items()}
@@ -157,10 +208,14 @@ class QuantKernel(nnx.Module):
         return CODECS[self.mode][1](self._values(), self.shape[-2], self.dtype)[idx]
 
     def dot(self, x):
-        dequant, d_in, dtype = CODECS[self.mode][1], self.shape[-2], self.dtype
+        dequant, d_in, dtype, gather = CODECS[self.mode][1], self.shape[-2], self.dtype, self.gather
 
-        @jax.checkpoint
+        @jax.checkpoint  # the gather too: the backward pass gathers the codes again rather than keep them
         def f(x, q):
+            if gather is not None:
+                mesh, keep = gather[0], dict(gather[1])
+                q = {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(*keep[k][len(keep[k]) - v.ndim:])))
+                     for k, v in q.items()}
             return jnp.dot(x.astype(dtype), dequant(q, d_in, dtype))
 
         return f(x, self._values())
@@ -170,18 +225,81 @@ class QuantKernel(nnx.Module):
         return int(sum(v[...].nbytes for v in self.arrays.values()))
 
 
+def _gathered(arrays: dict):
+    """(mesh, ((name, spec entries once gathered), ...)) when some array is split over the batch mesh axes
+    (a static, hashable attribute: it is part of the graph, not of the state), else None."""
+    shardings = [getattr(v, "sharding", None) for v in arrays.values()]
+    if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+        return None
+    keep, changed = {}, False
+    for (k, v), s in zip(arrays.items(), shardings):
+        spec = tuple(s.spec) + (None,) * (v.ndim - len(s.spec))
+        kept = tuple(None if k in FLAT else _without_batch_axes(e) for e in spec)
+        keep[k], changed = kept, changed or kept != spec
+    return (shardings[0].mesh, tuple(keep.items())) if changed else None  # hashable: static in the graph
+
+
+def _without_batch_axes(entry):
+    names = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in BATCH_AXES)
+    return names[0] if len(names) == 1 else (names or None)
+
+
 def quantized_kernels(model) -> list[tuple[tuple, QuantKernel]]:
     return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, QuantKernel)]
 
 
-def quantize_stacked(read_layer, num: int, mode: str, double_quant: bool) -> dict[str, np.ndarray]:
-    """Quantize the `num` per-layer kernels read_layer(i) → [in, out] one at a time; stack the codes."""
-    parts = []
-    for i in range(num):
-        w = read_layer(i)
-        parts.append(nf4_quantize(w, double_quant) if mode == "nf4" else int8_quantize(w))
-        del w
-    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+def quantize_sharded(read, shape: tuple[int, ...], mode: str, double_quant: bool, axes, dtype, where) -> QuantKernel:
+    """The QuantKernel of a kernel `shape` [L, in, out] (or [in, out]), quantized on the host straight into
+    its shards. read(i, rows, cols) → layer i's block [rows, cols] of the kernel (fp32 numpy; rows and
+    cols are (start, stop)); where(name, shape, axes) → the Sharding of each quantized array (`layout`).
+
+    Only the blocks this process's devices hold are read and quantized (a block row starts on an NF4
+    block boundary: `where` refuses a split that does not). What depends on a whole layer — double
+    quantization's offset and second-level blocks, int8's absmax over every input — is combined across
+    processes first (jaxft.sharding.max_over_processes), so each process computes the same values with the
+    same numpy operations: the arrays equal quantizing the whole kernel on one host, bit for bit."""
+    stacked = len(shape) == 3
+    lead, (d_in, d_out) = tuple(shape[:1]) if stacked else (), shape[-2:]
+    lay = layout(mode, d_in, d_out, double_quant, axes)
+    shard = {k: where(k, lead + shp, ax) for k, (shp, ax) in lay.items()}
+    main = "codes" if mode == "nf4" else "q"
+    main_shape = lead + lay[main][0]
+
+    def region(idx):  # an index of the main array → ((row start, stop), (col start, stop)) of the kernel
+        idx = idx[len(lead):]
+        r0, r1, _ = idx[0].indices(main_shape[len(lead)])
+        c0, c1, _ = idx[-1].indices(d_out)
+        if mode == "nf4":
+            r0, r1 = r0 * BLOCK, min(r1 * BLOCK, d_in)
+        return (r0, r1), (c0, c1)
+
+    regions = sorted({region(i) for i in shard[main].addressable_devices_indices_map(main_shape).values()})
+    pieces = {r: [] for r in regions}
+    small = []
+    for i in range(shape[0] if stacked else 1):
+        blocks = {(rows, cols): read(i, rows, cols) for rows, cols in regions}
+        if mode == "nf4":
+            absmax = np.full((-(-d_in // BLOCK), d_out), -1, np.float32)  # -1: held by another process
+            for (rows, cols), w in blocks.items():
+                codes, absmax[rows[0] // BLOCK:-(-rows[1] // BLOCK), cols[0]:cols[1]] = nf4_blocks(w)
+                pieces[(rows, cols)].append(codes)
+            small.append(double_quantize(max_over_processes(absmax)) if double_quant else dict(absmax=absmax))
+        else:
+            colmax = np.zeros(d_out, np.float32)
+            for (_, (c0, c1)), w in blocks.items():
+                colmax[c0:c1] = np.maximum(colmax[c0:c1], np.abs(w).max(axis=0))
+            scale = int8_scale(max_over_processes(colmax))
+            for (rows, (c0, c1)), w in blocks.items():
+                pieces[(rows, (c0, c1))].append(int8_codes(w, scale[c0:c1]))
+            small.append(dict(scale=scale))
+        del blocks
+    stack = (lambda xs: np.stack(xs)) if stacked else (lambda xs: xs[0])
+    host = {r: stack(p) for r, p in pieces.items()}
+    arrays = {main: jax.make_array_from_callback(main_shape, shard[main], lambda idx: host[region(idx)])}
+    for k in small[0]:
+        v = stack([s[k] for s in small])
+        arrays[k] = jax.make_array_from_callback(v.shape, shard[k], lambda idx, v=v: v[idx])
+    return QuantKernel(mode, arrays, shape, dtype, {k: ax for k, (_, ax) in lay.items()})
 
 
 def should_quantize(path: tuple[str, ...], cfg) -> bool:
@@ -199,9 +317,10 @@ def quantize_loaded(model, cfg, compute_dtype, place=None) -> None:
 
     The path for PiSSA / OLoRA on a quantized base: the SVD / QR needs the full-precision W, and what gets
     quantized is the residual W_res they leave in the kernel (PEFT's advice: "re-quantize the residual").
-    Each layer's kernel goes to the host and through the same codec as a streamed load (quantize_stacked).
-    place(path, shape) → the Sharding of one quantized array (default: the kernel's first device)."""
-    for path, _ in list(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+    Each layer's kernel comes to the host (gathered over processes) and goes through the same codec as a
+    streamed load (quantize_sharded). place(path, shape, axes, exact) → the Sharding of one quantized array
+    (jaxft.sharding.param_sharding; default: the kernel's first device)."""
+    for path, var in list(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         path = tuple(str(p) for p in path)
         if not should_quantize(path, cfg):
             continue
@@ -209,16 +328,20 @@ def quantize_loaded(model, cfg, compute_dtype, place=None) -> None:
         for k in path[:-1]:
             mod = getattr(mod, k)
         w = mod.kernel[...]
-        shape, first = w.shape, next(iter(w.devices()))
-        layers = [w] if w.ndim == 2 else [w[i] for i in range(shape[0])]
-        arrays = quantize_stacked(lambda i, layers=layers: np.asarray(layers[i], np.float32), len(layers),
-                                  cfg.base, cfg.double_quant)
-        if w.ndim == 2:
-            arrays = {k: v[0] for k, v in arrays.items()}
-        del w, layers
-        where = (lambda k, shp, path=path: place(path + (k,), shp)) if place else (lambda k, shp, d=first: d)
-        mod.kernel = QuantKernel(cfg.base, {k: jax.device_put(v, where(k, v.shape)) for k, v in arrays.items()},
-                                 shape, compute_dtype)
+        first = next(iter(w.devices()))
+        layer = {}  # the one layer on the host at a time
+
+        def read(i, rows, cols, w=w, layer=layer):
+            if i not in layer:
+                layer.clear()
+                layer[i] = to_host(w if w.ndim == 2 else w[i]).astype(np.float32)
+            return layer[i][slice(*rows), slice(*cols)]
+
+        where = ((lambda k, shp, ax, path=path: place(path + (k,), shp, ax, exact=True)) if place
+                 else (lambda k, shp, ax, d=first: jax.sharding.SingleDeviceSharding(d)))
+        mod.kernel = quantize_sharded(read, w.shape, cfg.base, cfg.double_quant,
+                                      var.get_metadata().get("axes") or (None, None), compute_dtype, where)
+        del w, layer
 
 
 def original_base_run(run):

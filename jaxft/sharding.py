@@ -8,7 +8,8 @@ parameters lead with `layers`; a Linear kernel [in, out] is named after its modu
 embed → heads, down_proj: mlp → embed, ...); LoRA `a` [L, in, r] takes its base's input name,
 `b` [L, r, out] its output name, the rank is never sharded. A strategy is a few lines mapping
 logical names to mesh axes. Optimizer moments are found by the same path suffix, so they shard
-like their parameter. A dimension that its mesh axes do not divide is replicated, with a warning.
+like their parameter. A dimension that its mesh axes do not divide is replicated, with a warning (a
+quantized array's is refused: jaxft.quant splits codes only on whole blocks).
 
 The batch [B, S] (and [A, B, S] for accumulation) is split over (data, fsdp); activations are
 constrained to that layout at the block boundaries (`Decoder.constrain`).
@@ -20,6 +21,7 @@ import warnings
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax import nnx
@@ -48,15 +50,26 @@ def logical_axes(names: tuple[str, ...], ndim: int, declared: tuple | None) -> t
     return axes
 
 
-def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh, strategy: str,
-         where: str = "") -> P:
+def spec(axes: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, strategy: str, where: str = "",
+         exact: bool = False) -> P:
     """PartitionSpec for logical `axes` under `strategy`; a dimension its mesh axis does not divide is
-    replicated (warned once per parameter)."""
+    replicated (warned once per parameter), or with `exact` (a quantized array, split only on whole blocks)
+    refused. A tuple of logical names (a quantized array's flattened scales) splits over all their mesh axes,
+    or is replicated when they do not divide it (it is small and gathered whole before use anyway)."""
     rules = RULES[strategy]
     out = []
     for name, n in zip(axes, shape):
+        if isinstance(name, tuple):
+            both = tuple(dict.fromkeys(a for a in map(rules.get, name) if a is not None))
+            size = int(np.prod([mesh.shape[a] for a in both]))
+            out.append(None if not both or n % size else both[0] if len(both) == 1 else both)
+            continue
         axis = rules.get(name)
         if axis is not None and n % mesh.shape[axis]:
+            if exact:
+                raise JaxftError(f"{where or name}: dimension {name}={n} does not divide mesh axis {axis}="
+                                 f"{mesh.shape[axis]}, and a quantized array is split only on whole blocks; "
+                                 f"pick a mesh that divides it or leave the module unquantized (quant.skip_modules)")
             warnings.warn(f"jaxft: {where or name}: dimension {name}={n} does not divide mesh axis "
                           f"{axis}={mesh.shape[axis]}; replicated", stacklevel=2)
             axis = None
@@ -92,9 +105,10 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, strategy: str):
 
 
 def param_sharding(mesh: jax.sharding.Mesh, strategy: str):
-    """The `sharding(path, shape, axes)` callback of `jaxft.formats.hf.load_pretrained`: each shard is read by its owner."""
-    return lambda path, shape, axes=None: NamedSharding(mesh, spec(logical_axes(tuple(path), len(shape), axes),
-                                                                   shape, mesh, strategy, "/".join(path)))
+    """The `sharding(path, shape, axes, exact=False)` callback of `jaxft.formats.hf.load_pretrained`: each shard
+    is read by its owner (`exact`: refuse a dimension the mesh cannot split, see `spec`)."""
+    return lambda path, shape, axes=None, exact=False: NamedSharding(mesh, spec(
+        logical_axes(tuple(path), len(shape), axes), shape, mesh, strategy, "/".join(path), exact))
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -149,10 +163,16 @@ def to_host(x) -> np.ndarray:
     """The whole value of an array on this host. Rows sharded over several processes are gathered (a
     collective: every process must call it for the same array, in the same order)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def max_over_processes(x: np.ndarray) -> np.ndarray:
+    """The elementwise max of a host array over every process (a collective: all call it alike); with one
+    process, x itself."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)
 
 
 class ShardedBatches:

@@ -1,9 +1,11 @@
 """Sharding figures on simulated CPU devices: per-device parameter + optimizer memory under fsdp = 1, 2,
-4, 8 (full fine-tuning: fp32 weights + AdamW moments), and the step time of sharded steps next to the
-same step on one device.
+4, 8 (full fine-tuning: fp32 weights + AdamW moments; QLoRA: the NF4 base + LoRA + AdamW, beside
+`jaxft plan`'s per-device figure and its figures for Llama-3 8B / 70B on 8 chips), and the step time of
+sharded steps next to the same step on one device.
 
     python scripts/bench_sharding.py                       # ~156M-parameter Llama-shaped model (620 MB fp32)
     python scripts/bench_sharding.py --quick               # tiny settings: checks the script end to end
+    python scripts/bench_sharding.py --only-qlora          # the QLoRA memory table alone
 
 The memory figure is the bytes of the buffers each device really holds (its addressable shards of every
 state array), not a formula. Simulated devices share this machine's cores, so the sharded step times
@@ -16,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -27,10 +30,13 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from jaxft import adapters, sharding  # noqa: E402
-from jaxft.config import LoraConfig, MeshConfig, OptimConfig  # noqa: E402
+from jaxft.commands.plan import model_config, plan  # noqa: E402
+from jaxft.config import LoraConfig, MeshConfig, OptimConfig, load_config  # noqa: E402
+from jaxft.setup import build  # noqa: E402
+from benchlib import cpu_flags  # noqa: E402
 from jaxft.models.config import DecoderConfig  # noqa: E402
 from jaxft.models.decoder import Decoder, num_params  # noqa: E402
-from jaxft.optim import make_optimizer
+from jaxft.optim import make_optimizer  # noqa: E402
 from jaxft.train import init_state, make_train_step  # noqa: E402
 
 
@@ -89,6 +95,57 @@ def memory_table(cfg: DecoderConfig):
         del state
 
 
+def save_llama(path: str, hidden: int, layers: int, vocab: int, intermediate: int) -> str:
+    """A random Llama-shaped HF checkpoint (+ the example's tokenizer, which `build` loads) in `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from jaxft.formats.hf import load_tokenizer
+    from jaxft.setup import resolve_model
+
+    heads = hidden // 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), tie_word_embeddings=False)).save_pretrained(path)
+    load_tokenizer(resolve_model("example")).save_pretrained(path)
+    return path
+
+
+def qlora_table(model_dir: str):
+    """configs/qlora.yaml (NF4 + double quantization, LoRA r=16 on every linear, bf16) on fsdp = 1, 2, 4, 8:
+    the base + LoRA + AdamW bytes the busiest device really holds, beside `jaxft plan`'s figure."""
+    cfg = str(os.path.join(os.path.dirname(__file__), "..", "configs", "qlora.yaml"))
+    print(f"\nPer-device memory, QLoRA ({cfg.split('/')[-1]}: NF4 + double quant base, LoRA r=16 all-linear, "
+          f"AdamW), {model_dir}")
+    print(f"{'fsdp':>5} {'base MB':>12} {'LoRA+AdamW MB':>14} {'per device MB':>14} {'plan MB':>9} {'vs fsdp=1':>10}")
+    first = None
+    for n in (1, 2, 4, 8):
+        run = load_config(cfg, [f"model.path={model_dir}", f"mesh.fsdp={n}", "lora.dropout=0"])
+        mesh = sharding.make_mesh(run.mesh)
+        setup = build(run, mesh)
+        tx = make_optimizer(run.optim, 10, setup.params)
+        state, _ = sharding.sharded_init(lambda p, tx=tx: init_state(p, tx), setup.params, mesh, "fsdp")
+        base, rest = per_device_bytes(setup.frozen), per_device_bytes(state)
+        dev = max(base, key=lambda d: base[d] + rest.get(d, 0))
+        most = base[dev] + rest.get(dev, 0)
+        p = plan(model_config(model_dir), run)
+        planned = sum(p.per_device[:3]) if p.per_device else p.base + p.trainable + p.optimizer
+        first = first or most
+        print(f"{n:>5} {base[dev] / 2**20:>12.1f} {rest.get(dev, 0) / 2**20:>14.1f} {most / 2**20:>14.1f} "
+              f"{planned / 2**20:>9.1f} {most / first:>10.3f}")
+        del setup, state
+    print("\n`jaxft plan configs/qlora.yaml --model M mesh.fsdp=8` (8 chips; GiB per device of the exact parts: base "
+          "(NF4 linears + bf16 embeddings, norms, lm_head), LoRA, AdamW)")
+    print(f"{'model':>11} {'base':>9} {'LoRA':>7} {'AdamW':>7} {'sum':>7} {'one device':>11}")
+    for name in ("llama3-8b", "llama3-70b"):
+        run = load_config(cfg, ["mesh.fsdp=8"])
+        p = plan(model_config(name), run)
+        b, t, o = (x / 2**30 for x in p.per_device[:3])
+        one = (p.base + p.trainable + p.optimizer) / 2**30
+        print(f"{name:>11} {b:>9.2f} {t:>7.2f} {o:>7.2f} {b + t + o:>7.2f} {one:>11.2f}")
+
+
 def step_times(cfg: DecoderConfig, lora_on: bool, batch: int, seq: int, steps: int):
     print(f"\nStep time, {'LoRA r=16' if lora_on else 'full fine-tuning'}, batch {batch} x {seq} tokens "
           f"(median of {steps} steps after compilation)")
@@ -126,14 +183,22 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--only-qlora", action="store_true", help="the QLoRA memory table alone")
     a = p.parse_args()
     if a.quick:
         mem_cfg = step_cfg = llama_config(128, 2, 512, 256)
         a.steps, a.seq = 2, 32
+        qlora_shape = (512, 2, 512, 512)  # every linear input a multiple of 64 x 8: NF4 blocks split 8 ways
     else:
         mem_cfg = llama_config(1024, 8, 32000, 2816)  # ~156M parameters: 620 MB of fp32 weights
         step_cfg = llama_config(512, 4, 32000, 1408)
-    print(f"jax {jax.__version__}, {jax.device_count()} simulated CPU devices on {os.cpu_count()} cores")
+        qlora_shape = (1024, 8, 32000, 2816)  # the same model as the full fine-tuning table
+    print(f"jax {jax.__version__}, {jax.device_count()} simulated CPU devices on {os.cpu_count()} cores; "
+          f"CPU flags: {' '.join(cpu_flags()) or 'none of avx512f / avx512_bf16 / amx'}")
+    with tempfile.TemporaryDirectory() as d:
+        qlora_table(save_llama(d, *qlora_shape))
+    if a.only_qlora:
+        return
     memory_table(mem_cfg)
     for lora_on in (True, False):
         step_times(step_cfg, lora_on, a.batch, a.seq, a.steps)

@@ -24,6 +24,9 @@ Estimates (what XLA keeps; the formulas below, c = compute dtype bytes, T = batc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import warnings
 from pathlib import Path
 
 from jaxft.adapters import METHODS, method_of
@@ -34,8 +37,9 @@ from jaxft.example import example_model
 from jaxft.formats.gguf import GGUFSource
 from jaxft.losses import LOGITS_TOKENS
 from jaxft.models.config import DecoderConfig
-from jaxft.models.names import PROJECTIONS
-from jaxft.quant import BLOCK, BLOCK2, should_quantize
+from jaxft.models.names import BATCH_AXES, HEAD_AXES, PROJECTIONS
+from jaxft.quant import BLOCK, BLOCK2, layout, should_quantize
+from jaxft.sharding import spec
 
 # Shapes of well-known checkpoints (their config.json values), to plan without downloading them.
 PRESETS = {
@@ -84,25 +88,26 @@ def kernel_bytes(d_in: int, d_out: int, mode: str, double_quant: bool, c: int) -
     return codes + m * BLOCK2 + 4 * m + 4
 
 
-def _params(cfg: DecoderConfig) -> list[tuple[tuple[str, ...], int, tuple[int, int] | None]]:
-    """(path, element count, (in, out) for kernels) of every parameter, layer parameters stacked."""
+def _params(cfg: DecoderConfig) -> list[tuple[tuple[str, ...], tuple[int, ...], tuple, tuple[int, int] | None]]:
+    """(path, shape, logical axes, (in, out) for kernels) of every parameter, layer parameters stacked."""
     L, D, V, H = cfg.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    out = [(("model", "embed_tokens", "embedding"), V * D, None), (("model", "norm", "scale"), D, None)]
+    out = [(("model", "embed_tokens", "embedding"), (V, D), ("vocab", "embed"), None),
+           (("model", "norm", "scale"), (D,), (None,), None)]
     lay = ("model", "layers")
     for name, (i, o) in linears(cfg).items():
-        block = PROJECTIONS[name][0]
+        block, axes = PROJECTIONS[name]
         mod = (block, name)
-        out.append((lay + mod + ("kernel",), L * i * o, (i, o)))
+        out.append((lay + mod + ("kernel",), (L, i, o), ("layers", *axes), (i, o)))
         bias = cfg.o_bias if name == "o_proj" else cfg.qkv_bias if block == "self_attn" else cfg.mlp_bias
         if bias:
-            out.append((lay + mod + ("bias",), L * o, None))
+            out.append((lay + mod + ("bias",), (L, o), ("layers", axes[1]), None))
     norms = ["input_layernorm", "post_attention_layernorm"]
     norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if cfg.sandwich_norm else []
-    out += [(lay + (n, "scale"), L * D, None) for n in norms]
+    out += [(lay + (n, "scale"), (L, D), ("layers", None), None) for n in norms]
     if cfg.qk_norm:
-        out += [(lay + ("self_attn", n, "scale"), L * H, None) for n in ("q_norm", "k_norm")]
+        out += [(lay + ("self_attn", n, "scale"), (L, H), ("layers", None), None) for n in ("q_norm", "k_norm")]
     if not cfg.tie_word_embeddings:
-        out.append((("lm_head", "kernel"), D * V, (D, V)))
+        out.append((("lm_head", "kernel"), (D, V), HEAD_AXES["lm_head"], (D, V)))
     return out
 
 
@@ -114,10 +119,34 @@ class Plan:
     gradients: int
     activations: int
     notes: list[str]
+    per_device: tuple[int, int, int, int, int] | None = None  # the rows above on the busiest device (a mesh)
+    devices: int = 1
 
     @property
     def total(self) -> int:
         return self.base + self.trainable + self.optimizer + self.gradients + self.activations
+
+
+class _Mesh:
+    """The mesh sizes jaxft.sharding.spec reads (no devices needed to plan for them)."""
+
+    def __init__(self, mesh):
+        self.shape = dict(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor)
+
+
+def _split(spec_) -> tuple[str, ...]:
+    return tuple(a for e in spec_ for a in ((e,) if isinstance(e, str) else e or ()))
+
+
+def _held(shape, axes, mesh, strategy, where, exact=False, drop=()) -> float:
+    """The fraction of an array a device holds under jaxft.sharding's rules (mesh axes in `drop` undone:
+    gathered); a quantized array (`exact`) the mesh cannot split on whole blocks is refused, as the loader does."""
+    if mesh is None:
+        return 1.0
+    with warnings.catch_warnings():  # replicated dims are what the loader warns about; here they only cost memory
+        warnings.simplefilter("ignore")
+        s = spec(axes, shape, mesh, strategy, where, exact)
+    return 1.0 / int(math.prod(mesh.shape[a] for a in _split(s) if a not in drop))
 
 
 def plan(cfg: DecoderConfig, run: RunConfig) -> Plan:
@@ -126,28 +155,63 @@ def plan(cfg: DecoderConfig, run: RunConfig) -> Plan:
     method = method_of(lo)
     names = METHODS[method].target_names(lo, cfg.model_type)
     wanted = set(linears(cfg)) if "all-linear" in names else set(names)
+    m = run.mesh
+    mesh = _Mesh(m) if -1 not in (m.data, m.fsdp, m.tensor) and m.data * m.fsdp * m.tensor > 1 else None
+    held = functools.partial(_held, mesh=mesh, strategy=m.strategy)
     base = trainable = dequant = 0
-    for path, n, io in _params(cfg):
-        saved = lo.enabled and any(m in path for m in lo.modules_to_save)
+    dev = dict(base=0.0, trainable=0.0, dequant=0.0)
+    for path, shape, axes, io in _params(cfg):
+        n, where = math.prod(shape), "/".join(path)
+        saved = lo.enabled and any(k in path for k in lo.modules_to_save)
+        stacked = path[:2] == ("model", "layers")
         if not lo.enabled or saved:
             trainable += 4 * n
+            dev["trainable"] += 4 * n * held(shape, axes, where=where)
         elif should_quantize(path, q):
-            layers = cfg.num_layers if path[:2] == ("model", "layers") else 1
+            layers = cfg.num_layers if stacked else 1
             base += layers * kernel_bytes(*io, q.base, q.double_quant, c)
+            for k, (shp, ax) in layout(q.base, *io, q.double_quant, axes[-2:]).items():
+                size = math.prod(shp) * (4 if k in ("absmax", "absmax2", "offset", "scale") else 1)
+                dev["base"] += layers * size * held((layers, *shp) if stacked else shp,
+                                                    (("layers",) if stacked else ()) + ax, where=f"{where}/{k}",
+                                                    exact=True)
             dequant += io[0] * io[1] * c if layers > 1 else 0
+            dev["dequant"] += io[0] * io[1] * c * held(io, axes[-2:], where=where, drop=BATCH_AXES) if layers > 1 else 0
         else:
             base += c * n
-        if lo.enabled and io is not None and path[:2] == ("model", "layers") and path[-2] in wanted:
-            L = cfg.num_layers
+            dev["base"] += c * n * held(shape, axes, where=where)
+        if lo.enabled and io is not None and stacked and path[-2] in wanted:
+            L, (i, o), (ai, ao) = cfg.num_layers, io, axes[-2:]
             if method == "ia3":  # one fp32 scale per input (feed-forward modules) or per output
-                trainable += 4 * L * (io[0] if path[-2] in feedforward(lo) else io[1])
+                ff = path[-2] in feedforward(lo)
+                trainable += 4 * L * (i if ff else o)
+                dev["trainable"] += 4 * L * (i if ff else o) * held((L, i if ff else o), ("layers", ai if ff else ao),
+                                                                    where=where)
             else:
-                trainable += 4 * L * lo.r * sum(io) + (4 * L * io[1] if method == "dora" else 0)  # DoRA: + m
-            if method == "pissa":  # the initial factors, frozen (for the original model and the export)
-                base += 4 * L * lo.r * sum(io)
-    return Plan(base, trainable, 2 * trainable, 2 * trainable, activations(cfg, run, c) + dequant,
-                [f"activations: remat {run.model.remat}, micro-batch {run.train.batch_size} x {run.data.max_length}"
-                 f" tokens, {run.train.grad_accum} micro-batch(es) per step (run one after another)"])
+                a, b = 4 * L * lo.r * i, 4 * L * lo.r * o
+                fa = held((L, i, lo.r), ("layers", ai, None), where=where)
+                fb = held((L, lo.r, o), ("layers", None, ao), where=where)
+                mag = 4 * L * o if method == "dora" else 0  # DoRA: + m
+                trainable += a + b + mag
+                dev["trainable"] += a * fa + b * fb + mag * held((L, o), ("layers", ao), where=where)
+                if method == "pissa":  # the initial factors, frozen (for the original model and the export)
+                    base += a + b
+                    dev["base"] += a * fa + b * fb
+    acts = activations(cfg, run, c)
+    plan_ = Plan(base, trainable, 2 * trainable, 2 * trainable, acts + dequant,
+                 [f"activations: remat {run.model.remat}, micro-batch {run.train.batch_size} x {run.data.max_length}"
+                  f" tokens, {run.train.grad_accum} micro-batch(es) per step (run one after another)"])
+    if mesh is not None:
+        rows = m.data * m.fsdp
+        split = rows if run.train.batch_size % rows == 0 else 1  # the batch (activations) over data x fsdp
+        t = int(dev["trainable"])
+        plan_.per_device = (int(dev["base"]), t, 2 * t, 2 * t, acts // split + int(dev["dequant"]))
+        plan_.devices = m.data * m.fsdp * m.tensor
+        plan_.notes.append(f"per device: mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} ({m.strategy}), "
+                           f"the busiest device; quantized linears gathered one layer at a time as codes")
+    elif -1 in (m.data, m.fsdp, m.tensor):
+        plan_.notes.append("per device: give every mesh size (no -1) to see the bytes each device holds")
+    return plan_
 
 
 def activations(cfg: DecoderConfig, run: RunConfig, c: int) -> int:
@@ -172,5 +236,11 @@ def format_plan(p: Plan, cfg: DecoderConfig, run: RunConfig, name: str) -> str:
             ("gradients (estimate)", p.gradients), ("activations (estimate)", p.activations), ("total", p.total)]
     head = (f"{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
             f"heads {cfg.num_heads}/{cfg.num_kv_heads}, vocab {cfg.vocab_size}; {what}, compute {run.model.dtype}")
-    lines = [head] + [f"  {k:<26}{v / GiB:>10.3f} GiB" for k, v in rows] + [f"  {n}" for n in p.notes]
+    if p.per_device is not None:
+        dev = [*p.per_device, sum(p.per_device)]
+        head += f"\n  {'':<26}{'all devices':>14}{f'per device (of {p.devices})':>24}"
+        lines = [head] + [f"  {k:<26}{v / GiB:>10.3f} GiB{d / GiB:>20.3f} GiB" for (k, v), d in zip(rows, dev)]
+    else:
+        lines = [head] + [f"  {k:<26}{v / GiB:>10.3f} GiB" for k, v in rows]
+    lines += [f"  {n}" for n in p.notes]
     return "\n".join(lines)

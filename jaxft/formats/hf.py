@@ -34,7 +34,7 @@ from jaxft.formats.gguf import GGUFSource, load_gguf_tokenizer
 from jaxft.models.config import DecoderConfig
 from jaxft.models.decoder import CPU_TUNED, Decoder
 from jaxft.models.heads import PolicyWithValue, ScoreModel
-from jaxft.quant import QuantKernel, quantize_stacked, should_quantize
+from jaxft.quant import quantize_sharded, should_quantize
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
@@ -237,7 +237,9 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
     first device. tuning: jaxft.models.decoder.Tuning (default: the CPU-tuned layouts). attention: the
     attention kernel (model.attention: auto | xla | blockwise | cudnn | splash, or an AttentionKernel).
     quant: a config.QuantConfig; the kernels it names are quantized on the host one HF tensor at a
-    time as they stream in (jaxft.quant), so their full-precision values never reach the device.
+    time as they stream in (jaxft.quant), so their full-precision values never reach the device; with
+    `sharding`, each process reads and quantizes only the blocks its devices hold (called with exact=True:
+    a quantized dimension the mesh cannot split on whole blocks is refused).
 
     >>> model = load_pretrained("~/.cache/jaxft/SmolLM2-135M-Instruct.Q4_1.gguf")
     >>> logits, _ = model(jnp.array([[1, 2, 3]]))
@@ -280,9 +282,10 @@ def load_pretrained(path, dtype=jnp.float32, *, compute_dtype=None, remat: str =
         shape, pdtype = var.get_value().shape, var.get_value().dtype
         stacked = len(names) > 1 or p[:2] == ("model", "layers")
         if should_quantize(p, quant):
-            place = (lambda k, shp, p=p: sharding(p + (k,), shp)) if sharding else (lambda k, shp: first)
-            quantized[p[:-1]] = _read_quantized(src, names, transpose, stacked, shape, quant, compute_dtype,
-                                                str(path), place)
+            place = ((lambda k, shp, ax, p=p: sharding(p + (k,), shp, ax, exact=True)) if sharding
+                     else (lambda k, shp, ax: first))
+            quantized[p[:-1]] = _read_quantized(src, names, transpose, shape, quant, compute_dtype, str(path),
+                                                place, var.get_metadata().get("axes") or (None, None))
             continue
         cb = _reader(src, names, transpose, stacked, shape, pdtype, str(path))
         where = sharding(p, shape, var.get_metadata().get("axes")) if sharding else first
@@ -358,19 +361,15 @@ def pad_token_id(path, tokenizer) -> int | None:
     return pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
 
 
-def _read_quantized(src: TensorSource, names, transpose, stacked, shape, quant, compute_dtype, where, place):
-    """One kernel → a QuantKernel: each layer's tensor read, checked and quantized on the host in turn."""
-    per = shape[1:] if stacked else shape
-    full = tuple(slice(None) for _ in per)
+def _read_quantized(src: TensorSource, names, transpose, shape, quant, compute_dtype, where, place, axes):
+    """One kernel → a QuantKernel, each process reading (and quantizing, on the host) only the blocks of each
+    layer's tensor that its devices hold (jaxft.quant.quantize_sharded)."""
+    per = shape[-2:]
 
-    def read(i):  # layer i's tensor, fp32, [in, out]
-        return _reader(src, [names[i]], transpose, False, per, np.float32, where)(full)
+    def read(i, rows, cols):  # layer i's [rows, cols] block of the kernel, fp32
+        return _reader(src, [names[i]], transpose, False, per, np.float32, where)((slice(*rows), slice(*cols)))
 
-    arrays = quantize_stacked(read, len(names), quant.base, quant.double_quant)
-    if not stacked:
-        arrays = {k: v[0] for k, v in arrays.items()}
-    return QuantKernel(quant.base, {k: jax.device_put(v, place(k, v.shape)) for k, v in arrays.items()},
-                       shape, compute_dtype)
+    return quantize_sharded(read, shape, quant.base, quant.double_quant, axes, compute_dtype, place)
 
 
 def _reader(src: TensorSource, names, transpose, stacked, shape, dtype, where):
