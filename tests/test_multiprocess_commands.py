@@ -44,9 +44,10 @@ def _launch(verb, *args) -> str:
 
 
 def _close(a, b, where):
-    """Equal JSON values, floats within 1e-5 (a sum over 4 devices adds in another order than over 2 × 2)."""
+    """Equal JSON values, floats within 1e-5, or 1e-6 of their size (fp32 sums over 4 devices add in another order
+    than over 2 × 2 with gloo: eval_ppl = exp(eval_loss) carries the loss's last bits)."""
     if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, abs=1e-5, rel=0), where
+        assert a == pytest.approx(b, abs=1e-5, rel=1e-6), where
     elif isinstance(a, dict):
         assert list(a) == list(b), where
         for k in a:
