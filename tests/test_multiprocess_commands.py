@@ -117,3 +117,10 @@ def test_lm_eval_over_processes(chat_model, tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     _close(got["results"], want["results"], "results")
     assert out == tables  # lm-eval's tables, printed by process 0 alone
+
+
+def test_chat_refuses_several_processes(chat_model, capsys):
+    """`jaxft chat` reads stdin: one process (its own devices on a mesh), said in one line before the model loads."""
+    assert cli.main(["chat", str(chat_model), "--mesh", "distributed=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat" in err and "one process" in err
