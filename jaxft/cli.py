@@ -217,14 +217,14 @@ def cmd_generate(args):
     from jaxft.commands.generate import generate_answers
 
     generate_answers(args.model, args.prompt, sampling=_sampling(args), system=args.system, raw=args.raw,
-                     dtype=args.dtype, adapters=args.adapter, use=args.use)
+                     dtype=args.dtype, adapters=args.adapter, use=args.use, mesh=_mesh_config(args))
 
 
 def cmd_chat(args):
     from jaxft.commands.generate import chat
 
     chat(args.model, sampling=_sampling(args), system=args.system, dtype=args.dtype, adapters=args.adapter,
-         use=args.use)
+         use=args.use, mesh=_mesh_config(args))
 
 
 def cmd_example_model(args):
@@ -273,10 +273,13 @@ def cmd_eval(args):
         print(format_table(results))
         print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
     else:
+        from jaxft.distributed import is_primary
+
         results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite,
                            compare_export=args.compare_export, lm_eval_file=args.lm_eval)
-        print(format_table(results))
-        print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
+        if is_primary():  # process 0 reports (every process has the same figures, and so the same exit status)
+            print(format_table(results))
+            print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
     failed = gate(run, results)
     if failed:  # the figures are written and shown; the exit status tells a script the model regressed
         print(f"jaxft: {failed}", file=sys.stderr)
@@ -315,11 +318,14 @@ def cmd_merge_adapters(args):
 
 def cmd_score(args):
     from jaxft.commands.score import score_file
+    from jaxft.distributed import is_primary
 
     if args.batch_size < 1:
         raise JaxftError(f"--batch-size must be >= 1, got {args.batch_size}")
-    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size, max_length=args.max_length)
-    print(json.dumps(summary))
+    summary = score_file(args.model, args.input, args.out, batch_size=args.batch_size, max_length=args.max_length,
+                         mesh=_mesh_config(args))
+    if is_primary():
+        print(json.dumps(summary))
 
 
 def cmd_plan(args):
@@ -378,7 +384,7 @@ def cmd_lm_eval(args):
                     limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
                     apply_chat_template=args.apply_chat_template, base=args.base, output=args.output,
                     log_samples=args.log_samples, adapters=args.adapter, use=args.use, batch_size=args.batch_size,
-                    dtype=args.dtype, seed=args.seed)
+                    dtype=args.dtype, seed=args.seed, mesh=_mesh_config(args))
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "example-model": cmd_example_model, "train": cmd_train,

@@ -277,16 +277,17 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 def answer_chats(graphdef, weights, tokenizer, prompts: list[list[dict]], *, eos: set[int], max_new_tokens: int,
                      batch_size: int, system_prompt: str | None = None, progress: str = "",
-                     adapter_ids: list[int] | None = None) -> list[str]:
+                     adapter_ids: list[int] | None = None, mesh: jax.sharding.Mesh | None = None) -> list[str]:
     """Greedy answers to chat prompts, in batches, from `nnx.merge(graphdef, *weights)`. adapter_ids: with an
-    adapter bank, prompt i is answered by adapter adapter_ids[i] (-1: the base), in mixed batches."""
+    adapter bank, prompt i is answered by adapter adapter_ids[i] (-1: the base), in mixed batches. mesh: as
+    `generate`'s (every process of a multi-process mesh gets every answer)."""
     answers = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids = [chat_prompt(tokenizer, with_system(m, system_prompt)) for m in chunk]
         ctx = ON if adapter_ids is None else Ctx(adapter_ids=jnp.asarray(adapter_ids[i:i + batch_size], jnp.int32))
         out = generate(graphdef, weights, ids, eos_ids=eos, sampling=Sampling(max_new_tokens=max_new_tokens),
-                       ctx=ctx).ids()
+                       ctx=ctx, mesh=mesh).ids()
         answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
         if progress:
             print(f"\r{progress}: {len(answers)}/{len(prompts)}", end="", file=sys.stderr, flush=True)

@@ -22,9 +22,11 @@ empty context, HFLM's left truncation to the model's context and its rolling win
   padded to a power of two, rows in batches of `batch_size`; a row also stops at a token whose text holds a
   stop string (its cut is then settled), and the text is cut at the first stop string as HFLM cuts it.
 
-Under a mesh the rows split over its (data, fsdp) axes. Over several processes each one evaluates its share of
-the requests (lm-eval shards them by `rank`) on its own devices and the results meet on process 0
-(`all_gather`, `gather_object` through jax's multihost utilities).
+Under a mesh the rows split over its (data, fsdp) axes, the weights sharded by its strategy. Over several processes
+the mesh spans them all and every process runs the same requests (process 0's, broadcast: lm-eval's request order
+is not promised to be the same in every process) through the one model sharded over all of them: lm-eval sees one
+rank (`world_size` 1), the answers equal one process's, and only process 0 reports. Not lm-eval's own split of
+the requests by rank: that needs the whole model in every process and each process to run programs of its own.
 """
 
 from __future__ import annotations
@@ -316,10 +318,11 @@ class Model:
 
 
 def load_model(model: str, *, adapters: list[str] = (), use: str | None = None, base: bool = False,
-               dtype: str = "fp32", mesh=None) -> Model:
+               dtype: str = "fp32", mesh=None, strategy: str = "dp") -> Model:
     """A model directory, .gguf or "example"; a jaxft run directory (tuned weights, and its base's); or a base
-    with a bank of --adapter sources, `use` naming the adapter every request runs with ("base": none)."""
-    place = None if mesh is None else sharding.param_sharding(mesh, "dp")
+    with a bank of --adapter sources, `use` naming the adapter every request runs with ("base": none). mesh: the
+    weights read into their shards (`strategy`; a run's own)."""
+    place = None if mesh is None else sharding.param_sharding(mesh, strategy)
     if runs.is_run(model):
         if adapters:
             raise JaxftError(f"{model}: a run directory evaluates its own weights; --adapter takes a base model")
@@ -340,6 +343,8 @@ def load_model(model: str, *, adapters: list[str] = (), use: str | None = None, 
     elif use:
         raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     graphdef, state = nnx.split(decoder)
+    if mesh is not None and adapters:  # the bank is read on one device: its factors go to their shards
+        state = sharding.place(state, sharding.tree_shardings(state, mesh, strategy))
     return Model(graphdef, (state,), tokenizer, path, adapter_id=adapter_id)
 
 
@@ -354,17 +359,18 @@ class JaxftLM(TemplateLM):
     batch_tokens: tokens per scoring call (rows x row length); pack_length: the row length requests are packed
     into (longer requests get a power of two up to max_length); batch_size: generation rows per call.
     max_length: the context (default: the model's max_position_embeddings); add_bos_token / prefix_token_id as
-    HFLM's. mesh: a jax Mesh with (data, fsdp, tensor) axes, rows split over data x fsdp (weights replicated).
+    HFLM's. mesh: a jax Mesh with (data, fsdp, tensor) axes, rows split over data x fsdp, weights sharded by
+    `strategy` (jaxft.sharding.RULES; default replicated); over several processes, see the module docstring.
     """
 
     def __init__(self, model: str | Model = "example", *, adapters: list[str] = (), use: str | None = None,
                  base: bool = False, dtype: str = "fp32", batch_size: int = 16, batch_tokens: int = 8192,
                  pack_length: int = 512, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0,
-                 mesh=None):
+                 mesh=None, strategy: str = "dp"):
         super().__init__()
         self.m = model if isinstance(model, Model) else load_model(str(model), adapters=adapters, use=use,
-                                                                   base=base, dtype=dtype, mesh=mesh)
+                                                                   base=base, dtype=dtype, mesh=mesh, strategy=strategy)
         self.weights, self.adapter_id = self.m.weights, self.m.adapter_id
         self.tokenizer = self.m.tokenizer
         self.mesh = mesh
@@ -376,8 +382,7 @@ class JaxftLM(TemplateLM):
         self.seed, self.calls = seed, 0
         self.eos = eos_token_ids(self.tokenizer, self.m.path)
         self._stop_ids: dict[tuple[str, ...], set[int]] = {}
-        if jax.process_count() > 1:
-            self._rank, self._world_size = jax.process_index(), jax.process_count()
+        self.quiet = jax.process_index() != 0  # progress bars: process 0's
 
     # ------------------------------------------------------------ what TemplateLM and the evaluator ask
 
@@ -429,36 +434,19 @@ class JaxftLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # ------------------------------------------------------------ several processes (lm-eval shards by rank)
+    # ------------------------------------------------------------ several processes (one rank to lm-eval)
 
-    def all_gather(self, tensor):
-        if self.world_size <= 1:
-            return tensor
-        import torch
-        from jax.experimental import multihost_utils
-
-        got = multihost_utils.process_allgather(np.asarray(tensor.cpu().numpy()))
-        return torch.from_numpy(np.asarray(got).reshape(-1))
-
-    def gather_object(self, obj, dst=0):
-        if self.world_size <= 1:
-            return [obj]
+    @staticmethod
+    def agreed(obj):
+        """Process 0's `obj` in every process (a pickled broadcast): the requests every process runs, in one order."""
+        if jax.process_count() == 1:
+            return obj
         from jax.experimental import multihost_utils
 
         data = np.frombuffer(pickle.dumps(obj), np.uint8)
-        n = int(np.max(multihost_utils.process_allgather(np.asarray([data.size]))))
-        buf = np.zeros(n + 8, np.uint8)
-        buf[:8] = np.frombuffer(np.int64(data.size).tobytes(), np.uint8)
-        buf[8:8 + data.size] = data
-        every = np.asarray(multihost_utils.process_allgather(buf))
-        objs = [pickle.loads(b[8:8 + int(np.frombuffer(b[:8].tobytes(), np.int64)[0])].tobytes()) for b in every]
-        return objs if self.rank == dst else None
-
-    def barrier(self):
-        if self.world_size > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jaxft.lm_eval")
+        n = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+        buf = multihost_utils.broadcast_one_to_all(data if jax.process_index() == 0 else np.zeros(n, np.uint8))
+        return pickle.loads(np.asarray(buf).tobytes())
 
     # ------------------------------------------------------------ running
 
@@ -507,7 +495,7 @@ class JaxftLM(TemplateLM):
             runs_of.setdefault(h, []).append(i)
         order = sorted(runs_of, key=lambda h: -len(keys[h]))
         out: list = [None] * len(inputs)
-        bar = tqdm(total=len(inputs), desc=progress, disable=not progress or self.rank != 0)
+        bar = tqdm(total=len(inputs), desc=progress, disable=not progress or self.quiet)
         k = 0
         while k < len(order):
             length = max(self.pack_length, pow2(len(keys[order[k]])))
@@ -566,7 +554,7 @@ class JaxftLM(TemplateLM):
         """Requests sharing a context (score_shared): per member request, its log-probs and argmax-matches."""
         groups = sorted(groups, key=lambda g: -len(g.prefix))
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        bar = tqdm(total=sum(len(g.members) for g in groups), desc=progress, disable=not progress or self.rank != 0)
+        bar = tqdm(total=sum(len(g.members) for g in groups), desc=progress, disable=not progress or self.quiet)
         k = 0
         while k < len(groups):
             sp, nxt = self._pack_shared(groups, k)
@@ -589,6 +577,7 @@ class JaxftLM(TemplateLM):
         """requests: ((context, continuation), context ids, continuation ids) → (sum of log-probs, greedy).
         Requests whose contexts (of at least MIN_SHARED tokens) have several continuations run the context once
         (score_groups); the others run packed whole (score_inputs)."""
+        requests = self.agreed(requests)
         inputs, queries, by_prefix = [], [], {}
         L = self.max_length
         for i, (_, ctx_ids, cont_ids) in enumerate(requests):
@@ -654,11 +643,11 @@ class JaxftLM(TemplateLM):
                 encoded[text] = self.tok_encode(text)
             return encoded[text]
 
-        coll = Collator([r.args for r in requests], sort_fn=lambda a: (-len(enc(a[0])), a[0]),
+        coll = Collator(self.agreed([r.args for r in requests]), sort_fn=lambda a: (-len(enc(a[0])), a[0]),
                         group_by="gen_kwargs", group_fn=lambda a: a[1])
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         res = []
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self.quiet)
         for chunk in coll.get_batched(n=self.batch_size):
             contexts, kws = zip(*chunk)
             kw = normalize_gen_kwargs(kws[0], self.max_gen_toks)

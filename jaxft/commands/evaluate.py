@@ -21,14 +21,16 @@ import math
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft import objectives, runs
+from jaxft import objectives, runs, sharding
 from jaxft.config import RunConfig, check_files
 from jaxft.config.objectives import head_of
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.prompts import few_shot, general_prompts, heldout, shot_pool, with_shots
+from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.checkpoint import require_checkpoint
 from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
@@ -64,7 +66,9 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
     """Returns {"base": {...}, "tuned": {...}}: the objective's validation measurement (the same function
     and batches as training's evaluations), the generation metric's scores and (eval.regression) the tuned
     model's reg_* figures against the base, written to `eval_dir`. compare_export: an exported artifact (merged
-    HF directory, .gguf, PEFT adapter directory) judged against the tuned model: a variant "export"."""
+    HF directory, .gguf, PEFT adapter directory) judged against the tuned model: a variant "export".
+    On run.mesh (over processes too): the weights read into their shards, validation batches and generation
+    rows split over the mesh, every figure gathered; process 0 writes and prints."""
     check_files(run, training=False)
     where = eval_dir(run, out, overwrite)
     if compare_export is not None and base_only:
@@ -80,18 +84,26 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
     lm_eval = read_lm_eval(where, lm_eval_file)
     if not base_only:
         require_checkpoint(run.train.out_dir)
+    if compare_export is not None and run.mesh.distributed:
+        raise JaxftError("--compare-export: runs on one process (the export is read whole); leave out "
+                         "mesh.distributed")
+    init_distributed(run.mesh)
+    mesh = sharding.make_mesh(run.mesh)
+    progress = progress and is_primary()
     out_dir = Path(run.train.out_dir)
-    done = load_run(run, restore=not base_only)
+    done = load_run(run, mesh=mesh, restore=not base_only)
     setup = done.setup
     variants = {"base": setup.params}
     if not base_only:
         variants["tuned"] = done.params
-        print(f"tuned: {out_dir}/checkpoints/{done.step}", file=sys.stderr)
+        if progress:
+            print(f"tuned: {out_dir}/checkpoints/{done.step}", file=sys.stderr)
     results: dict[str, dict] = {k: {} for k in variants}
-    obj = objectives.make(run, setup, train=False)
+    obj = objectives.make(run, setup, train=False, wrap=lambda b: sharding.ShardedBatches(b, mesh))
     if obj.evaluate is not None:
-        for k, params in variants.items():
-            results[k].update(obj.evaluate(params, setup.frozen))
+        with jax.set_mesh(mesh):  # as training's evaluations run (sums and counts over the whole mesh)
+            for k, params in variants.items():
+                results[k].update(obj.evaluate(params, setup.frozen))
 
     file = run.eval.file or obj.heldout
     predictions, items = {}, None
@@ -106,14 +118,14 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
             predictions[k] = answer_chats(setup.graphdef, (params, setup.frozen), setup.tokenizer, prompts, eos=eos,
                                               max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
                                               system_prompt=run.data.system_prompt,
-                                              progress=f"generating ({k})" if progress else "")
+                                              progress=f"generating ({k})" if progress else "", mesh=mesh)
             results[k].update(score(run.eval.metric, predictions[k], refs))
         if run.eval.few_shot:  # fine-tune vs prompt: the base shown K training rows first
             k = shot_name(run.eval.few_shot)
             predictions[k] = answer_chats(setup.graphdef, (setup.params, setup.frozen), setup.tokenizer, shots, eos=eos,
                                           max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
                                           system_prompt=run.data.system_prompt,
-                                          progress=f"generating ({k})" if progress else "")
+                                          progress=f"generating ({k})" if progress else "", mesh=mesh)
             results = after_base(results, k, score(run.eval.metric, predictions[k], refs))
     if run.eval.regression and not base_only and head_of(run) != "score":  # a reward model has no next token
         base = Variant(setup.graphdef, (setup.params, setup.frozen))
@@ -124,6 +136,8 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
         results["export"], exported = compare_export_to(run, done, export_path, items, progress)
         if exported is not None:
             predictions["export"] = exported
+    if not is_primary():
+        return results
     with staging_dir(where, overwrite=True) as tmp:  # one evaluation's files together, never half of two
         if items is not None:
             write_jsonl(tmp / "predictions.jsonl", [
@@ -275,6 +289,8 @@ def compare(run: RunConfig, specs: list[str], *, progress: bool = True, out=None
     check_files(run, training=False)
     if run.objective != "sft":
         raise JaxftError(f"--adapter: side-by-side adapter evaluation supports objective sft, not {run.objective}")
+    if run.mesh.distributed:
+        raise JaxftError("--adapter: side-by-side adapter evaluation runs on one process; leave out mesh.distributed")
     where = eval_dir(run, out, overwrite)
     objectives.check_data(run, training=False)
     check_few_shot(run)

@@ -2,6 +2,9 @@
 
     generate_answers("example", ["Name three colors."], sampling=Sampling(max_new_tokens=64))
     chat("runs/quickstart/merged", sampling=Sampling(temperature=0.7))
+
+On a mesh (`--mesh`, over processes too) the weights are read into their shards and the prompts' rows split over
+it; every process generates the same tokens, process 0 prints them.
 """
 
 from __future__ import annotations
@@ -10,32 +13,42 @@ import sys
 import time
 
 import jax.numpy as jnp
+from flax import nnx
 
-from jaxft import runs
+from jaxft import runs, sharding
 from jaxft.adapters import bank
+from jaxft.config import MeshConfig
+from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
 from jaxft.setup import resolve_model
 
 
-def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()):
-    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources), with the load time on stderr.
-    The adapters' names (and --use's) are checked before the model loads."""
+def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = (),
+         mesh: MeshConfig = MeshConfig()):
+    """(generator, tokenizer, eos ids) of a model (+ a bank of --adapter sources) on `mesh`, with the load time on
+    stderr. The adapters' names (and --use's) are checked before the model loads."""
     if use and not adapters:
         raise JaxftError("--use names an adapter: give the adapters with --adapter NAME=DIR")
     sources = runs.expand(list(adapters)) if adapters else []
     if use:  # an unknown name: said now, not after the model load
         bank.ids(tuple(n for n, _ in sources), list(use), where="--use")
     path = resolve_model(model)
+    init_distributed(mesh)
+    on = sharding.make_mesh(mesh)
+    say = (lambda *a: print(*a, file=sys.stderr)) if is_primary() else (lambda *a: None)
     t0 = time.perf_counter()
-    decoder = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+    decoder = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32,
+                              sharding=sharding.param_sharding(on, mesh.strategy))
     tokenizer = load_tokenizer(path)
     if adapters:
         names = runs.load_bank(decoder, list(adapters), base=str(path), sources=sources)
-        print(f"adapters: {', '.join(names)}", file=sys.stderr)
-    print(f"loaded {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return Generator(decoder), tokenizer, eos_token_ids(tokenizer, path)
+        state = nnx.state(decoder)  # the bank is read on one device: its factors go to their shards
+        nnx.update(decoder, sharding.place(state, sharding.tree_shardings(state, on, mesh.strategy)))
+        say(f"adapters: {', '.join(names)}")
+    say(f"loaded {path} in {time.perf_counter() - t0:.1f}s")
+    return Generator(decoder, mesh=on), tokenizer, eos_token_ids(tokenizer, path)
 
 
 def rows_of(gen, n_prompts: int, adapters, use) -> tuple[list[int], list[str | None]]:
@@ -59,12 +72,13 @@ def messages(system: str | None, history: list[dict]) -> list[dict]:
 
 
 def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, system: str | None = None,
-                     raw: bool = False, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = ()) -> None:
+                     raw: bool = False, dtype: str = "fp32", adapters: list[str] = (), use: list[str] = (),
+                     mesh: MeshConfig = MeshConfig()) -> None:
     """`jaxft generate`: answer each prompt (chat template applied unless raw) and print the answers; with
     adapters, the adapters named by `use` (or every adapter) answer, in mixed-adapter batches."""
     if adapters and use and len(use) not in (1, len(prompts)):  # before the model loads
         raise JaxftError(f"--use: give it once or once per --prompt ({len(prompts)}), not {len(use)} times")
-    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
+    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use, mesh=mesh)
     ids = [tok(p, add_special_tokens=True)["input_ids"] if raw
            else chat_prompt(tok, messages(system, [{"role": "user", "content": p}]))
            for p in prompts]
@@ -72,6 +86,8 @@ def generate_answers(model: str, prompts: list[str], *, sampling: Sampling, syst
     t0 = time.perf_counter()
     answers = gen([ids[i] for i in which], eos_ids=eos, sampling=sampling, adapters=use if adapters else None)
     n = sum(map(len, answers))
+    if not is_primary():
+        return
     for i, u, out in zip(which, use, answers):
         if len(answers) > 1:
             print(f"--- [{i}]{f' ({u})' if u else ''} {prompts[i]}")
@@ -105,12 +121,16 @@ CHAT_HELP = ("commands: /reset forgets the conversation, /use NAME switches the 
 
 
 def chat(model: str, *, sampling: Sampling, system: str | None = None, dtype: str = "fp32", adapters: list[str] = (),
-         use: list[str] = ()) -> None:
+         use: list[str] = (), mesh: MeshConfig = MeshConfig()) -> None:
     """`jaxft chat`: an interactive conversation (reads lines from stdin when it is not a terminal). Lines
-    starting with / are commands (CHAT_HELP), never sent to the model."""
+    starting with / are commands (CHAT_HELP), never sent to the model. On one process (it reads stdin); `mesh`
+    spreads the model over that process's devices."""
     if len(use) > 1:
         raise JaxftError(f"--use: chat takes one (the adapter that answers first), not {len(use)}")
-    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use)
+    if mesh.distributed:
+        raise JaxftError("chat: runs on one process (it reads stdin); leave out --mesh distributed=true "
+                         "(--mesh fsdp=-1 spreads the model over this process's devices)")
+    gen, tok, eos = load(model, dtype=dtype, adapters=adapters, use=use, mesh=mesh)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     who = None

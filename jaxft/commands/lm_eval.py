@@ -3,6 +3,9 @@ an adapter of a bank, through jaxft.lm_eval.JaxftLM.
 
     results = lm_eval_command("runs/quickstart", ["jaxft_extract_mc"], include_path="configs/lm_eval", base=True)
     # {"base": simple_evaluate's dict, "tuned": ...}; without base: {"tuned" | the model: ...}
+
+On a mesh (`mesh`, over processes too) the model is sharded over it and every process runs the same requests
+(jaxft.lm_eval's module docstring says why); process 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import lm_eval
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import make_table
 
+from jaxft import sharding
+from jaxft.config import MeshConfig
+from jaxft.distributed import init_distributed, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
 from jaxft.lm_eval import JaxftLM, results_dict
@@ -22,7 +28,8 @@ from jaxft.runs import is_run
 def lm_eval_command(model: str, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
                     limit: float | None = None, apply_chat_template: bool = False, base: bool = False,
                     output: str | None = None, log_samples: bool = False, adapters: list[str] = (),
-                    use: str | None = None, batch_size: int = 16, dtype: str = "fp32", seed: int = 0) -> dict:
+                    use: str | None = None, batch_size: int = 16, dtype: str = "fp32", seed: int = 0,
+                    mesh: MeshConfig = MeshConfig()) -> dict:
     """Run the tasks, print lm-eval's table per variant (and, with base, one table of both), write the results."""
     tm = TaskManager(include_path=include_path)
     known = set(tm.all_tasks) | set(tm.all_groups) | set(tm.all_tags)
@@ -32,7 +39,10 @@ def lm_eval_command(model: str, tasks: list[str], *, include_path: str | None = 
         raise JaxftError(f"--tasks: no task {unknown[0]!r} in lm-eval's tasks{where}")
     if base and not (is_run(model) or adapters):
         raise JaxftError("--base compares a run (or an --adapter) with its base model: give a run directory")
-    lm = JaxftLM(model, adapters=adapters, use=use, dtype=dtype, batch_size=batch_size, seed=seed)
+    init_distributed(mesh)
+    lm = JaxftLM(model, adapters=adapters, use=use, dtype=dtype, batch_size=batch_size, seed=seed,
+                 mesh=sharding.make_mesh(mesh), strategy=mesh.strategy)
+    say = print if is_primary() else (lambda *a, **k: None)
     tuned = use or ("tuned" if is_run(model) or adapters else "model")
     variants = {tuned: None}
     if base:
@@ -44,16 +54,14 @@ def lm_eval_command(model: str, tasks: list[str], *, include_path: str | None = 
                                       task_manager=tm, log_samples=log_samples,
                                       apply_chat_template=apply_chat_template, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        if res is None:  # another process than 0 of a multi-process evaluation
-            return {}
         out[name] = res
-        print(f"\n{name}: {model}" + (f" (adapter {use})" if use and which is None else ""))
-        print(make_table(res))
+        say(f"\n{name}: {model}" + (f" (adapter {use})" if use and which is None else ""))
+        say(make_table(res))
         if "groups" in res:
-            print(make_table(res, "groups"))
+            say(make_table(res, "groups"))
     if len(out) > 1:
-        print(side_by_side(out))
-    if output:
+        say(side_by_side(out))
+    if output and is_primary():
         got = {k: results_dict(v, log_samples) for k, v in out.items()}
         write_json(output, got[tuned] if len(got) == 1 else got)
         print(f"results: {output}", file=sys.stderr)
