@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from jaxft.config import MeshConfig
+from jaxft.distributed import init_distributed
 from jaxft.errors import JaxftError
 from jaxft.models.names import BATCH_AXES, is_stacked
 
@@ -134,6 +135,13 @@ def make_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
                          f"(set one of mesh.data / mesh.fsdp / mesh.tensor to -1)")
     return jax.make_mesh(shape, AXES, devices=jax.devices()[:used],
                          axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def command_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+    """The mesh a command runs on: with mesh.distributed, after joining the other processes (before anything
+    touches a device), then make_mesh."""
+    init_distributed(cfg)
+    return make_mesh(cfg)
 
 
 def batch_spec(mesh: jax.sharding.Mesh, rows: int, lead: int = 0) -> P:

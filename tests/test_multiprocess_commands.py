@@ -3,7 +3,6 @@ mesh) writes and prints what the same command writes and prints in one process o
 process's 8 simulated devices). One tiny LoRA SFT run, trained once in this process, serves every command."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -52,13 +52,13 @@ from jax.sharding import NamedSharding
 from jaxft.config import RunConfig
 from jaxft.data.constitution import Principle, load_constitution
 from jaxft.data.rows import RowError, parse_messages, read_rows
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json, write_jsonl
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
 from jaxft.runs import load_run
 from jaxft.setup import build
-from jaxft.sharding import batch_spec, make_mesh, to_host
+from jaxft.sharding import batch_spec, command_mesh, to_host
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 FEEDBACK_INTRO = ("Here is a conversation between a user and an AI assistant, followed by two possible replies "
@@ -229,12 +229,6 @@ class Policy:
         return to_host(lp).astype(np.float64)[:len(ids)]
 
 
-def command_mesh(run: RunConfig):
-    """The mesh a stage runs on (run.mesh; with mesh.distributed, after joining the other processes)."""
-    init_distributed(run.mesh)
-    return make_mesh(run.mesh)
-
-
 def load_policy(run: RunConfig, model: str | None = None, run_dir: str | Path | None = None, mesh=None) -> Policy:
     """A plain model (`model`, default run.model.path), or a training run's newest checkpoint (`run_dir`,
     built from its own config.json)."""
@@ -322,7 +316,7 @@ def revise(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | N
     const = load_constitution(cfg.constitution)
     principles = const.revisers()
     prompts, skipped = read_prompts(cfg.prompts, cfg.max_prompts)
-    policy = policy or load_policy(run, mesh=command_mesh(run))
+    policy = policy or load_policy(run, mesh=command_mesh(run.mesh))
     key = fingerprint(stage="revise", model=_identity(policy.name), constitution=const.sha256,
                       prompts=_identity(cfg.prompts), cfg=[cfg.max_prompts, cfg.revisions, cfg.few_shot,
                                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed])
@@ -407,7 +401,7 @@ def label(run: RunConfig, out_dir: str | Path | None = None, policy: Policy | No
     const = load_constitution(cfg.feedback_constitution or cfg.constitution)
     comparers = const.comparers()
     prompts, skipped = read_prompts(cfg.label_prompts or cfg.prompts, cfg.max_prompts)
-    mesh = None if policy and (feedback or not cfg.feedback_model) else command_mesh(run)
+    mesh = None if policy and (feedback or not cfg.feedback_model) else command_mesh(run.mesh)
     policy = policy or load_policy(run, mesh=mesh)
     feedback = feedback or (load_policy(run, cfg.feedback_model, mesh=mesh) if cfg.feedback_model else policy)
     option_ids(feedback.tokenizer)  # fail before generating when the judge cannot read the options

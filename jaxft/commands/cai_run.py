@@ -35,7 +35,7 @@ from jaxft.errors import JaxftError
 from jaxft.files import write_json, write_jsonl, write_text
 from jaxft.generate import Sampling
 from jaxft.metrics import score
-from jaxft.sharding import make_mesh
+from jaxft.sharding import command_mesh
 
 
 def stage_config(run: RunConfig, stage_dir: Path, objective: str, model: str, train_file: Path,
@@ -89,7 +89,7 @@ def run_all(run: RunConfig, say=say_err) -> dict:
     cfg = run.cai
     root = Path(cfg.out_dir)
     load_constitution(cfg.constitution)  # a bad file fails before any model loads
-    mesh = make_mesh(run.mesh)
+    mesh = command_mesh(run.mesh)
     base = load_policy(run, mesh=mesh)
     say("== revise (base model: answer, critique, revise)")
     revise(run, root / "revise", base, say)

@@ -30,7 +30,7 @@ from jaxft.config import RunConfig, check_files
 from jaxft.config.objectives import head_of
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.prompts import few_shot, general_prompts, heldout, shot_pool, with_shots
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.checkpoint import require_checkpoint
 from jaxft.files import atomic_path, staging_dir, write_json, write_jsonl
@@ -87,8 +87,7 @@ def evaluate(run: RunConfig, *, base_only: bool = False, progress: bool = True, 
     if compare_export is not None and run.mesh.distributed:
         raise JaxftError("--compare-export: runs on one process (the export is read whole); leave out "
                          "mesh.distributed")
-    init_distributed(run.mesh)
-    mesh = sharding.make_mesh(run.mesh)
+    mesh = sharding.command_mesh(run.mesh)
     progress = progress and is_primary()
     out_dir = Path(run.train.out_dir)
     done = load_run(run, mesh=mesh, restore=not base_only)

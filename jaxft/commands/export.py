@@ -21,13 +21,13 @@ import numpy as np
 
 from jaxft.config import RunConfig
 from jaxft.config.objectives import head_of
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.formats.gguf import GGUFSource, write_gguf, write_gguf_lora
 from jaxft.formats.peft import (adapter_config, adapter_tensors, export_adapter, export_bank, export_merged,
                                 gather_adapters, iter_merged, serving_base, vllm_problems)
 from jaxft.runs import load_run
-from jaxft.sharding import make_mesh
+from jaxft.sharding import command_mesh
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora")
 
@@ -60,9 +60,8 @@ def export(run: RunConfig, fmt: str, out, *, dtype: str = "bf16", gguf_type: str
     if Path(out).exists() and not overwrite:
         raise JaxftError(f"{out}: already exists (pass --overwrite to replace it)")
     check_format(run, fmt)
-    init_distributed(run.mesh)
     merged = fmt in ("merged", "gguf")
-    done = load_run(run, mesh=make_mesh(run.mesh), unquantized=merged)
+    done = load_run(run, mesh=command_mesh(run.mesh), unquantized=merged)
     run, setup = done.run, done.setup
     model = done.model()
     if getattr(model, "value_head", None) is not None:  # PPO's policy: what serves is the causal LM alone

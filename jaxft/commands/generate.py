@@ -18,7 +18,7 @@ from flax import nnx
 from jaxft import runs, sharding
 from jaxft.adapters import bank
 from jaxft.config import MeshConfig
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import Generator, Sampling, chat_prompt, eos_token_ids
@@ -35,8 +35,7 @@ def load(model: str, *, dtype: str = "fp32", adapters: list[str] = (), use: list
     if use:  # an unknown name: said now, not after the model load
         bank.ids(tuple(n for n, _ in sources), list(use), where="--use")
     path = resolve_model(model)
-    init_distributed(mesh)
-    on = sharding.make_mesh(mesh)
+    on = sharding.command_mesh(mesh)
     say = (lambda *a: print(*a, file=sys.stderr)) if is_primary() else (lambda *a: None)
     t0 = time.perf_counter()
     decoder = load_pretrained(path, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32,

@@ -18,7 +18,7 @@ from lm_eval.utils import make_table
 
 from jaxft import sharding
 from jaxft.config import MeshConfig
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
 from jaxft.lm_eval import JaxftLM, results_dict
@@ -39,9 +39,8 @@ def lm_eval_command(model: str, tasks: list[str], *, include_path: str | None = 
         raise JaxftError(f"--tasks: no task {unknown[0]!r} in lm-eval's tasks{where}")
     if base and not (is_run(model) or adapters):
         raise JaxftError("--base compares a run (or an --adapter) with its base model: give a run directory")
-    init_distributed(mesh)
     lm = JaxftLM(model, adapters=adapters, use=use, dtype=dtype, batch_size=batch_size, seed=seed,
-                 mesh=sharding.make_mesh(mesh), strategy=mesh.strategy)
+                 mesh=sharding.command_mesh(mesh), strategy=mesh.strategy)
     say = print if is_primary() else (lambda *a, **k: None)
     tuned = use or ("tuned" if is_run(model) or adapters else "model")
     variants = {tuned: None}

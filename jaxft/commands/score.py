@@ -16,7 +16,7 @@ from jaxft import sharding
 from jaxft.config import MeshConfig
 from jaxft.data.pairs import parse_pair
 from jaxft.data.rows import RowError, prompt_completion, read_rows
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.files import write_jsonl
 from jaxft.scoring import Scorer
 
@@ -27,8 +27,7 @@ def score_file(model_or_run: str, input_path: str, out_path: str | None = None, 
     prompt/completion rows (score; `messages` rows: the last message is the completion). Bad rows are
     skipped and counted. Writes `out_path` (default <input>.scores.jsonl) atomically; returns the summary."""
     kw = {} if max_length is None else {"max_length": max_length}
-    init_distributed(mesh)
-    scorer = Scorer.load(model_or_run, mesh=sharding.make_mesh(mesh), batch_size=batch_size, **kw)
+    scorer = Scorer.load(model_or_run, mesh=sharding.command_mesh(mesh), batch_size=batch_size, **kw)
     records = read_rows(input_path)
     kinds, parsed, bad = [], [], 0
     for rec in records:

@@ -20,7 +20,7 @@ from jaxft.checkpoint import Checkpoints, restore_trainable
 from jaxft.commands.evaluate import regression
 from jaxft.config import RunConfig, check_files
 from jaxft.config.objectives import head_of
-from jaxft.distributed import init_distributed, is_primary
+from jaxft.distributed import is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json
 from jaxft.optim import lr_schedules, run_optimizer
@@ -35,8 +35,7 @@ def train(run: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     directory."""
     check_files(run)
     objectives.check_data(run)  # wrong columns: said now, not after the model load
-    init_distributed(run.mesh)
-    mesh, primary = sharding.make_mesh(run.mesh), is_primary()
+    mesh, primary = sharding.command_mesh(run.mesh), is_primary()
     progress = progress and primary
     out = Path(run.train.out_dir)
     ckpts_dir = out / "checkpoints"
