@@ -2,6 +2,8 @@
 on the mesh equals one device, the compiled step gathers codes (u8 / s8), never dequantized kernels, and a
 dimension the mesh cannot split on a block boundary is refused."""
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -12,13 +14,15 @@ import pytest
 from jaxft import sharding
 from jaxft.commands.plan import model_config, plan
 from jaxft.config import load_config
+from jaxft.data.task import make_examples
 from jaxft.errors import JaxftError
 from jaxft.optim import make_optimizer
 from jaxft.quant import BLOCK, QuantKernel, quantized_kernels
 from jaxft.setup import build as build_model
 from jaxft.train import init_state, make_train_step
 from flax import nnx
-from tiny import save_chat_model
+from test_sft import _losses, _train_cli
+from tiny import launch_local, save_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs" / "sft_lora.yaml")
@@ -166,3 +170,27 @@ def test_a_dimension_the_mesh_cannot_split_on_a_block_boundary_is_refused(chat_m
                                          r"on whole blocks[^\n]*$"):
         build_model(_run(chat_model, (1, 8, 1), "fsdp", **{"quant.base": "nf4"}),
                     sharding.make_mesh(_run(chat_model, (1, 8, 1)).mesh))
+
+
+def test_two_processes_read_and_quantize_their_own_slices(tmp_path):
+    """scripts/launch_local.sh 2 (2 processes × 2 devices, gloo, fsdp 4) on an NF4 base: each process reads and
+    quantizes only its blocks of the checkpoint, the double quantization's whole-layer scales agreed across
+    processes; the run equals one process with 4 devices. Hidden 256: `in`/64 = 4 blocks split over fsdp 4."""
+    model = tmp_path / "model256"
+    save_chat_model(model, hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_examples(24, seed=3)))
+    o = {"model.path": model, "data.train": tmp_path / "train.jsonl", "data.validation": "null",
+         "data.max_length": 128, "train.batch_size": 4, "train.grad_accum": 1, "train.steps": 3,
+         "train.eval_every": 0, "quant.base": "nf4", "quant.double_quant": "true", "mesh.fsdp": -1,
+         "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0, **OPTIM, "optim.schedule": "constant",
+         "optim.warmup_steps": 0}
+    args = lambda out: [f"{k}={v}" for k, v in {**o, "train.out_dir": out}.items()]  # noqa: E731
+    p = _train_cli([CFG, *args(tmp_path / "single")],
+                   env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    r = launch_local(2, CFG, *args(tmp_path / "multi"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    single, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], atol=1e-5, rtol=0)
