@@ -258,6 +258,7 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from jaxft.commands.evaluate import GATE_EXIT, eval_dir, evaluate, format_table, gate
+    from jaxft.distributed import is_primary
 
     # a run directory's mesh is how it trained; a YAML's mesh section is this evaluation's
     run = _run_config(args.config, [*args.overrides, *_mesh_overrides(args, fresh=Path(args.config).is_dir())])
@@ -273,8 +274,6 @@ def cmd_eval(args):
         print(format_table(results))
         print(f"outputs: {where}/ (summary.json, predictions.jsonl, compare.png)")
     else:
-        from jaxft.distributed import is_primary
-
         results = evaluate(run, base_only=args.base_only, out=where, overwrite=args.overwrite,
                            compare_export=args.compare_export, lm_eval_file=args.lm_eval)
         if is_primary():  # process 0 reports (every process has the same figures, and so the same exit status)
@@ -282,7 +281,8 @@ def cmd_eval(args):
             print(f"outputs: {where}/ (summary.json, predictions.jsonl)")
     failed = gate(run, results)
     if failed:  # the figures are written and shown; the exit status tells a script the model regressed
-        print(f"jaxft: {failed}", file=sys.stderr)
+        if is_primary():
+            print(f"jaxft: {failed}", file=sys.stderr)
         return GATE_EXIT
     return 0
 
