@@ -3,11 +3,14 @@
     init_distributed(run.mesh)     # before anything touches a device
     if is_primary(): write(...)    # process 0 writes logs, progress, plots and exports
     stop = Preemption()            # stop(step) is True at the step every process saves and stops
-    if everywhere(ok): ...         # ok on every process (a collective: every process calls it)
+    if everywhere(ok): ...         # ok on every process; gathered(x), from_primary(x), max_over_processes(a):
+                                   # the other host-side collectives (every process calls them at the same point)
 """
 
 from __future__ import annotations
 
+import json
+import pickle
 import signal
 
 import jax
@@ -44,14 +47,38 @@ def everywhere(ok: bool) -> bool:
 
 
 def listed_everywhere(steps) -> list[int]:
-    """The steps (non-negative ints) that every process lists, sorted (a collective, like `everywhere`)."""
+    """The steps that every process lists, sorted (a collective, like `everywhere`)."""
+    return sorted(set.intersection(*(set(s) for s in gathered(sorted(steps)))))
+
+
+def gathered(value) -> list:
+    """[each process's `value`], in process order (JSON-able values; a collective when there are several)."""
     if jax.process_count() == 1:
-        return sorted(steps)
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(steps)))))
-    row = np.full(max(longest, 1), -1, np.int32)
-    row[:len(steps)] = sorted(steps)
-    rows = multihost_utils.process_allgather(row)  # [processes, longest]
-    return sorted(set.intersection(*(set(r.tolist()) for r in rows)) - {-1})
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([len(data)]))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:len(data)] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(r[:int(n)]).decode()) for r, n in zip(rows, np.ravel(sizes))]
+
+
+def from_primary(obj):
+    """Process 0's `obj` on every process (pickled; a collective when there are several): what process 0 alone
+    looked at or ordered (files on disk, lm-eval's requests), acted on alike everywhere."""
+    if jax.process_count() == 1:
+        return obj
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    buf = multihost_utils.broadcast_one_to_all(data if is_primary() else np.zeros(n, np.uint8))
+    return pickle.loads(np.asarray(buf).tobytes())
+
+
+def max_over_processes(x: np.ndarray) -> np.ndarray:
+    """The elementwise max of a host array over every process (a collective); with one process, x itself."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)
 
 
 def barrier(name: str) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import pickle
 from functools import partial
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from tqdm import tqdm
 
 from jaxft import runs, sharding
 from jaxft.context import ON, Ctx
+from jaxft.distributed import from_primary
 from jaxft.errors import JaxftError
 from jaxft.formats.hf import load_pretrained, load_tokenizer
 from jaxft.generate import Sampling, eos_token_ids, generate, row_bucket
@@ -434,20 +434,6 @@ class JaxftLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # ------------------------------------------------------------ several processes (one rank to lm-eval)
-
-    @staticmethod
-    def agreed(obj):
-        """Process 0's `obj` in every process (a pickled broadcast): the requests every process runs, in one order."""
-        if jax.process_count() == 1:
-            return obj
-        from jax.experimental import multihost_utils
-
-        data = np.frombuffer(pickle.dumps(obj), np.uint8)
-        n = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
-        buf = multihost_utils.broadcast_one_to_all(data if jax.process_index() == 0 else np.zeros(n, np.uint8))
-        return pickle.loads(np.asarray(buf).tobytes())
-
     # ------------------------------------------------------------ running
 
     def select(self, which: str | None) -> None:
@@ -577,7 +563,7 @@ class JaxftLM(TemplateLM):
         """requests: ((context, continuation), context ids, continuation ids) → (sum of log-probs, greedy).
         Requests whose contexts (of at least MIN_SHARED tokens) have several continuations run the context once
         (score_groups); the others run packed whole (score_inputs)."""
-        requests = self.agreed(requests)
+        requests = from_primary(requests)
         inputs, queries, by_prefix = [], [], {}
         L = self.max_length
         for i, (_, ctx_ids, cont_ids) in enumerate(requests):
@@ -643,7 +629,7 @@ class JaxftLM(TemplateLM):
                 encoded[text] = self.tok_encode(text)
             return encoded[text]
 
-        coll = Collator(self.agreed([r.args for r in requests]), sort_fn=lambda a: (-len(enc(a[0])), a[0]),
+        coll = Collator(from_primary([r.args for r in requests]), sort_fn=lambda a: (-len(enc(a[0])), a[0]),
                         group_by="gen_kwargs", group_fn=lambda a: a[1])
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         res = []

@@ -39,7 +39,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft.models.names import BATCH_AXES
-from jaxft.sharding import max_over_processes, to_host
+from jaxft.distributed import max_over_processes
+from jaxft.sharding import to_host
 
 
 # The 16 NF4 values of the QLoRA paper, as bitsandbytes stores them (its `get_4bit_type("nf4")`).
@@ -256,7 +257,7 @@ def quantize_sharded(read, shape: tuple[int, ...], mode: str, double_quant: bool
     Only the blocks this process's devices hold are read and quantized (a block row starts on an NF4
     block boundary: `where` refuses a split that does not). What depends on a whole layer — double
     quantization's offset and second-level blocks, int8's absmax over every input — is combined across
-    processes first (jaxft.sharding.max_over_processes), so each process computes the same values with the
+    processes first (jaxft.distributed.max_over_processes), so each process computes the same values with the
     same numpy operations: the arrays equal quantizing the whole kernel on one host, bit for bit."""
     stacked = len(shape) == 3
     lead, (d_in, d_out) = tuple(shape[:1]) if stacked else (), shape[-2:]

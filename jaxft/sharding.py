@@ -171,16 +171,8 @@ def to_host(x) -> np.ndarray:
     """The whole value of an array on this host. Rows sharded over several processes are gathered (a
     collective: every process must call it for the same array, in the same order)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def max_over_processes(x: np.ndarray) -> np.ndarray:
-    """The elementwise max of a host array over every process (a collective: all call it alike); with one
-    process, x itself."""
-    if jax.process_count() == 1:
-        return x
-    return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)
 
 
 class ShardedBatches:

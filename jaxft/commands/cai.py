@@ -46,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from jaxft.config import RunConfig
 from jaxft.data.constitution import Principle, load_constitution
 from jaxft.data.rows import RowError, parse_messages, read_rows
-from jaxft.distributed import is_primary
+from jaxft.distributed import from_primary, is_primary
 from jaxft.errors import JaxftError
 from jaxft.files import write_json, write_jsonl
 from jaxft.generate import Sampling, bucket, eos_token_ids, generate, row_bucket
@@ -274,8 +273,7 @@ def chunked(out_dir: Path, items: list, size: int, key: str, work, say=say_err) 
     if primary:
         state[0] = manifest.is_file() and json.loads(manifest.read_text()) != want
         state[1:] = [f.is_file() for f in files]
-    if jax.process_count() > 1:
-        state = np.asarray(multihost_utils.broadcast_one_to_all(state))
+    state = from_primary(state)
     if state[0]:
         raise JaxftError(f"{out_dir}: holds chunks of other settings, model or data (manifest.json differs); "
                          "use another cai.out_dir or remove that folder")

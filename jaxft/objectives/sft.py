@@ -3,15 +3,12 @@ data.streaming jaxft.data.stream's batches, whose position checkpoints save)."""
 
 from __future__ import annotations
 
-import json
-
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from jaxft.data.encode import Batches, load_examples
 from jaxft.data.stream import Stream, StreamBatches
+from jaxft.distributed import gathered
 from jaxft.errors import JaxftError
 from jaxft.losses import sft_loss
 from jaxft.objective import Objective, Prefetched, make_eval_step, mean_over_batches, perplexity
@@ -73,7 +70,7 @@ class StreamSource:
 
     def data_state(self, step: int) -> dict:
         """After step `step`: {"processes": [each process's stream position]} (a collective call)."""
-        return {"processes": allgather_json(self.local.state(step * self.accum))}
+        return {"processes": gathered(self.local.state(step * self.accum))}
 
     def load_data_state(self, state, step: int) -> None:
         n = jax.process_count()
@@ -102,14 +99,3 @@ def process_rows(batches, batch_size: int) -> tuple[int, int]:
                          "fsdp devices")
     return lo, hi
 
-
-def allgather_json(value) -> list:
-    """[each process's `value`] (JSON-able values; a collective call when there are several processes)."""
-    if jax.process_count() == 1:
-        return [value]
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([len(data)]))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[:len(data)] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(r[:int(n)]).decode()) for r, n in zip(rows, np.ravel(sizes))]
