@@ -6,10 +6,10 @@ stacks load (transformers / PEFT / vLLM, llama.cpp / Ollama).
 Merged formats (merged, gguf) fold every adapter into its kernel in fp32 first; a QLoRA run merges into
 its original full-precision base (re-read from the checkpoint), never into the 4-bit codes.
 
-On a mesh (run.mesh, `--mesh`), across processes too: the model loads straight into its shards, each kernel
-is merged in its shards and one tensor (one layer of a stacked one) at a time is gathered to the host
-(`jaxft.formats.peft.iter_merged`); process 0 writes, the others run the same gathers beside it. The files
-are the one-device export's, byte for byte.
+On a mesh (run.mesh, `--mesh`), across processes too: the model loads straight into its shards, and one
+tensor (one layer of a stacked one) at a time is gathered to the host and merged with its adapter on one
+device (`jaxft.formats.peft.iter_merged`); process 0 writes, the others run the same gathers beside it. The
+files are the one-device export's, byte for byte.
 """
 
 from __future__ import annotations
